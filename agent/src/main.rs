@@ -1,22 +1,44 @@
 //! `deis-backup-agent`: runs on every CoreOS host (fleet global unit) and serves the agent gRPC
-//! service defined in `proto/`.
+//! service. The binary is thin: parse flags, merge the config file, serve until SIGTERM/SIGINT.
+//!
+//! Exit codes: 0 after a clean shutdown, 1 on any error (printed as one line plus guidance).
+
+use std::process::ExitCode;
 
 use clap::Parser;
+use deis_backup_agent::{Cli, Error};
 
-/// deis-backup agent: streams the Deis database dump and store archive to the coordinator.
-#[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
-struct Args {
-    /// Address to serve gRPC on (defaults to $COREOS_PRIVATE_IPV4).
-    #[arg(long, env = "DEIS_BACKUP_AGENT_LISTEN")]
-    listen: Option<String>,
-    /// etcd v2 endpoints, comma-separated.
-    #[arg(long, env = "ETCDCTL_PEERS", default_value = "http://127.0.0.1:4001")]
-    etcd: String,
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
 }
 
-fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    eprintln!("deis-backup-agent: serving is not available in this build ({args:?})");
-    std::process::ExitCode::FAILURE
+fn run(cli: Cli) -> Result<(), Error> {
+    let config = cli.into_config()?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Config {
+        what: format!("cannot start the async runtime: {e}"),
+    })?;
+    rt.block_on(deis_backup_agent::serve(config, shutdown_signal()))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("deis-backup-agent: {e}\n  hint: {}", e.guidance());
+            ExitCode::FAILURE
+        }
+    }
 }

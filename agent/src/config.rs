@@ -1,0 +1,314 @@
+//! The agent's configuration: one struct that serves the TOML file (`--config`), the command line
+//! and the library.
+//!
+//! Invariants:
+//! - Every field is optional; the effective value comes from the accessor methods, so a default lives
+//!   in exactly one place. Command-line values override the file's.
+//! - Hooks come only from the file: the API names a hook, it never carries a command.
+//! - The struct holds no secret: the bearer token is read from `DEIS_BACKUP_TOKEN` or from the file
+//!   named by `token-file`, and never appears in `Debug` output or logs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Default Docker socket (mounted into the agent's container).
+pub const DEFAULT_DOCKER: &str = "unix:///var/run/docker.sock";
+/// Default database container, as Deis v1 names it.
+pub const DEFAULT_DATABASE_CONTAINER: &str = "deis-database";
+/// Default allow-listed store path: where store-volume mounts CephFS on every host.
+pub const DEFAULT_STORE_PATH: &str = "/var/lib/deis/store";
+/// Default etcd endpoints (Deis v1 clients use port 4001).
+pub const DEFAULT_ETCD: &str = "http://127.0.0.1:4001";
+/// Environment variable holding the bearer token.
+pub const TOKEN_ENV: &str = "DEIS_BACKUP_TOKEN";
+
+/// A command run by name inside a container (`[hooks.<name>]` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Hook {
+    /// Container to run in; the database container when absent.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// User to run as inside the container (`postgres`); the container's default when absent.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The command and its arguments, run without a shell.
+    pub command: Vec<String>,
+}
+
+/// deis-backup agent: serves the database dump, the store archive, their restores and named hooks
+/// to the coordinator over authenticated gRPC.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    /// Address to serve gRPC on [default: $COREOS_PRIVATE_IPV4:4195].
+    #[arg(long, env = "DEIS_BACKUP_AGENT_LISTEN")]
+    pub listen: Option<String>,
+    /// etcd v2 endpoints, comma-separated [default: http://127.0.0.1:4001].
+    #[arg(long, env = "ETCDCTL_PEERS")]
+    pub etcd: Option<String>,
+    /// Do not register in etcd (for running by hand).
+    #[arg(long)]
+    pub no_register: bool,
+    /// Identity of this host in etcd and Describe [default: the contents of --machine-id-file].
+    #[arg(long)]
+    pub host_id: Option<String>,
+    /// File holding the host's machine id [default: /etc/machine-id].
+    #[arg(long)]
+    pub machine_id_file: Option<PathBuf>,
+    /// File holding the bearer token; otherwise $DEIS_BACKUP_TOKEN.
+    #[arg(long, env = "DEIS_BACKUP_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate chain to serve TLS with (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Docker daemon socket [default: unix:///var/run/docker.sock].
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker: Option<String>,
+    /// Name of the database container [default: deis-database].
+    #[arg(long)]
+    pub database_container: Option<String>,
+    /// A store path the agent may archive and restore; repeat for several [default: /var/lib/deis/store].
+    #[arg(long = "store-path")]
+    pub store_paths: Vec<PathBuf>,
+    /// Default zstd level for dumps and archives [default: 3].
+    #[arg(long)]
+    pub zstd_level: Option<i32>,
+    /// zstd worker threads for archives; 0 means one per CPU [default: 0].
+    #[arg(long)]
+    pub zstd_workers: Option<u32>,
+    /// Hooks by name (config file only).
+    #[arg(skip)]
+    pub hooks: BTreeMap<String, Hook>,
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            what: format!("cannot read {}: {e}", path.display()),
+        })?;
+        toml::from_str(&text).map_err(|e| Error::Config {
+            what: format!(
+                "{} is not a valid agent config: {}",
+                path.display(),
+                e.message()
+            ),
+        })
+    }
+
+    /// This config with every value set in `over` replacing ours (command line over file).
+    #[must_use]
+    pub fn merged(mut self, over: Config) -> Self {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
+        }
+        take!(
+            listen,
+            etcd,
+            host_id,
+            machine_id_file,
+            token_file,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            docker,
+            database_container,
+            zstd_level,
+            zstd_workers
+        );
+        self.no_register |= over.no_register;
+        if !over.store_paths.is_empty() {
+            self.store_paths = over.store_paths;
+        }
+        self.hooks.extend(over.hooks);
+        self
+    }
+
+    /// The address to serve on: `--listen`, else `$COREOS_PRIVATE_IPV4:4195`.
+    pub fn listen_addr(&self) -> Result<SocketAddr> {
+        let text = if let Some(l) = &self.listen {
+            l.clone()
+        } else {
+            let ip = std::env::var("COREOS_PRIVATE_IPV4").map_err(|_| Error::Config {
+                what: "no --listen given and $COREOS_PRIVATE_IPV4 is not set; set one of them \
+                       (units read it from /etc/environment)"
+                    .into(),
+            })?;
+            format!("{ip}:{}", deis_backup_proto::DEFAULT_AGENT_PORT)
+        };
+        text.parse().map_err(|_| Error::Config {
+            what: format!("listen address '{text}' is not ip:port"),
+        })
+    }
+
+    pub fn etcd(&self) -> &str {
+        self.etcd.as_deref().unwrap_or(DEFAULT_ETCD)
+    }
+
+    pub fn register(&self) -> bool {
+        !self.no_register
+    }
+
+    pub fn docker(&self) -> &str {
+        self.docker.as_deref().unwrap_or(DEFAULT_DOCKER)
+    }
+
+    pub fn database_container(&self) -> &str {
+        self.database_container
+            .as_deref()
+            .unwrap_or(DEFAULT_DATABASE_CONTAINER)
+    }
+
+    /// The allow-listed store paths.
+    pub fn store_paths(&self) -> Vec<PathBuf> {
+        if self.store_paths.is_empty() {
+            vec![PathBuf::from(DEFAULT_STORE_PATH)]
+        } else {
+            self.store_paths.clone()
+        }
+    }
+
+    pub fn zstd_level(&self) -> i32 {
+        self.zstd_level.unwrap_or(3)
+    }
+
+    /// zstd worker threads (at least 1).
+    pub fn zstd_workers(&self) -> u32 {
+        match self.zstd_workers.unwrap_or(0) {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
+            n => n,
+        }
+    }
+
+    /// The configured hooks, with the built-in `wal-e-backup-push` unless the file redefines it.
+    pub fn hooks(&self) -> BTreeMap<String, Hook> {
+        let mut hooks = BTreeMap::from([(
+            "wal-e-backup-push".to_owned(),
+            Hook {
+                container: None,
+                user: Some("postgres".into()),
+                command: [
+                    "envdir",
+                    "/etc/wal-e.d/env",
+                    "wal-e",
+                    "backup-push",
+                    "/var/lib/postgresql/9.3/main",
+                ]
+                .map(String::from)
+                .to_vec(),
+            },
+        )]);
+        hooks.extend(self.hooks.clone());
+        hooks
+    }
+
+    /// The host id: `--host-id`, else the machine id file's first line.
+    pub fn host_id(&self) -> Result<String> {
+        if let Some(id) = &self.host_id {
+            return Ok(id.clone());
+        }
+        let path = self
+            .machine_id_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/machine-id"));
+        let id = std::fs::read_to_string(&path).map_err(|e| Error::Config {
+            what: format!(
+                "cannot read the machine id from {}: {e}; mount /etc/machine-id or pass --host-id",
+                path.display()
+            ),
+        })?;
+        let id = id.trim();
+        if id.is_empty() || id.contains('/') {
+            return Err(Error::Config {
+                what: format!("{} holds no usable machine id", path.display()),
+            });
+        }
+        Ok(id.to_owned())
+    }
+
+    /// The bearer token: the token file's first line, else `$DEIS_BACKUP_TOKEN`.
+    pub fn token(&self) -> Result<Token> {
+        let text = match &self.token_file {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| Error::Config {
+                what: format!("cannot read the token file {}: {e}", p.display()),
+            })?,
+            None => std::env::var(TOKEN_ENV).unwrap_or_default(),
+        };
+        let t = text.trim();
+        if t.len() < 16 {
+            return Err(Error::Config {
+                what: format!(
+                    "no bearer token of at least 16 characters: set ${TOKEN_ENV} or --token-file"
+                ),
+            });
+        }
+        Ok(Token(t.to_owned()))
+    }
+}
+
+/// The bearer token; `Debug` never shows it.
+#[derive(Clone)]
+pub struct Token(pub(crate) String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_command_line() {
+        let file: Config = toml::from_str(
+            r#"
+            listen = "10.0.0.1:4195"
+            store-paths = ["/var/lib/deis/store", "/srv/other"]
+            zstd-level = 9
+            [hooks.vacuum]
+            user = "postgres"
+            command = ["vacuumdb", "--all"]
+            "#,
+        )
+        .unwrap();
+        let cli = Config {
+            listen: Some("127.0.0.1:1".into()),
+            ..Config::default()
+        };
+        let c = file.merged(cli);
+        assert_eq!(c.listen_addr().unwrap().to_string(), "127.0.0.1:1");
+        assert_eq!(c.store_paths().len(), 2);
+        assert_eq!(c.zstd_level(), 9);
+        let hooks = c.hooks();
+        assert_eq!(hooks["vacuum"].command, ["vacuumdb", "--all"]);
+        assert!(hooks.contains_key("wal-e-backup-push"));
+        assert_eq!(c.database_container(), "deis-database");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<Config>("listn = \"x\"").unwrap_err();
+        assert!(e.message().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn token_is_never_shown() {
+        let t = Token("s3cr3t-s3cr3t-s3cr3t".into());
+        assert!(!format!("{t:?}").contains("s3cr3t"));
+    }
+}

@@ -1,0 +1,245 @@
+//! The Docker engine as the agent uses it: connect and negotiate the API version, look containers
+//! up by name, and run fixed commands in them with `exec`.
+//!
+//! Invariants:
+//! - Commands are never run through a shell; their argv comes from the agent's code or config.
+//! - Running as a user needs Engine API ≥ 1.19 (`User` on exec); below that the command is wrapped
+//!   as `sudo -u <user> …`, as the Deis v1 docs do.
+//! - An exec's result is its exit code from exec inspect once the process has ended; a container
+//!   or exec that vanished is an error, never success.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::query_parameters::ListContainersOptions;
+use futures::Stream;
+use tokio::io::AsyncWrite;
+
+use crate::error::{Error, Result};
+
+/// Engine API version from which `exec` takes a `User`.
+const EXEC_USER_API: (usize, usize) = (1, 19);
+
+/// What Describe reports about a container.
+#[derive(Debug, Clone)]
+pub struct ContainerInfo {
+    pub name: String,
+    pub running: bool,
+    pub image: String,
+}
+
+/// A connection to the local Docker engine, version negotiated.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    docker: Docker,
+    socket: String,
+}
+
+/// A started exec: its output stream and, when asked for, its stdin.
+pub struct Exec {
+    pub id: String,
+    pub container: String,
+    pub output: Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>,
+    pub input: Pin<Box<dyn AsyncWrite + Send>>,
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+impl Engine {
+    /// Connects to the engine at `socket` (`unix:///path` or a path) and negotiates the API version.
+    pub async fn connect(socket: &str) -> Result<Self> {
+        let err = |source| Error::Docker {
+            socket: socket.to_owned(),
+            source,
+        };
+        let path = socket.strip_prefix("unix://").unwrap_or(socket);
+        if socket.contains("://") && !socket.starts_with("unix://") {
+            return Err(Error::Config {
+                what: format!(
+                    "Docker address '{socket}' is not a unix socket (unix:///var/run/docker.sock)"
+                ),
+            });
+        }
+        let docker = Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION)
+            .map_err(err)?
+            .negotiate_version()
+            .await
+            .map_err(err)?;
+        Ok(Self {
+            docker,
+            socket: socket.to_owned(),
+        })
+    }
+
+    /// The negotiated Engine API version, e.g. `1.43`.
+    pub fn api_version(&self) -> String {
+        self.docker.client_version().to_string()
+    }
+
+    fn can_exec_as_user(&self) -> bool {
+        let v = self.docker.client_version();
+        (v.major_version, v.minor_version) >= EXEC_USER_API
+    }
+
+    /// The container named `name`, or `None` when there is none.
+    pub async fn container(&self, name: &str) -> Result<Option<ContainerInfo>> {
+        match self.docker.inspect_container(name, None).await {
+            Ok(c) => Ok(Some(ContainerInfo {
+                name: name.to_owned(),
+                running: c.state.and_then(|s| s.running).unwrap_or(false),
+                image: c.config.and_then(|c| c.image).unwrap_or_default(),
+            })),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(source) => Err(Error::Docker {
+                socket: self.socket.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Fails unless `name` exists and runs.
+    pub async fn require_running(&self, name: &str) -> Result<()> {
+        match self.container(name).await? {
+            None => Err(Error::NoContainer {
+                name: name.to_owned(),
+            }),
+            Some(c) if !c.running => Err(Error::NotRunning {
+                name: name.to_owned(),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Names of running Deis platform containers (`deis-*`, the backup agent itself excluded).
+    pub async fn platform_containers(&self) -> Result<Vec<String>> {
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions::default()))
+            .await
+            .map_err(|source| Error::Docker {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let mut names: Vec<String> = list
+            .into_iter()
+            .flat_map(|c| c.names.unwrap_or_default())
+            .map(|n| n.trim_start_matches('/').to_owned())
+            .filter(|n| n.starts_with("deis-") && !n.starts_with("deis-backup"))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Starts `argv` in `container` as `user`, with stdin attached when `stdin` is set.
+    pub async fn exec(
+        &self,
+        container: &str,
+        user: Option<&str>,
+        argv: &[String],
+        stdin: bool,
+    ) -> Result<Exec> {
+        self.require_running(container).await?;
+        let exec_err = |op, source| Error::Exec {
+            op,
+            container: container.to_owned(),
+            source,
+        };
+        let (user, cmd): (Option<String>, Vec<String>) = match user {
+            Some(u) if !self.can_exec_as_user() => (
+                None,
+                ["sudo", "-u", u]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(argv.iter().cloned())
+                    .collect(),
+            ),
+            u => (u.map(String::from), argv.to_vec()),
+        };
+        let created = self
+            .docker
+            .create_exec(
+                container,
+                CreateExecOptions {
+                    attach_stdin: Some(stdin),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(false),
+                    user,
+                    cmd: Some(cmd),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| {
+                if is_not_found(&e) {
+                    Error::NoContainer {
+                        name: container.to_owned(),
+                    }
+                } else {
+                    exec_err("create an exec", e)
+                }
+            })?;
+        let started = self
+            .docker
+            .start_exec(
+                &created.id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty: false,
+                    output_capacity: Some(64 * 1024),
+                }),
+            )
+            .await
+            .map_err(|e| exec_err("start the exec", e))?;
+        match started {
+            StartExecResults::Attached { output, input } => Ok(Exec {
+                id: created.id,
+                container: container.to_owned(),
+                output,
+                input,
+            }),
+            StartExecResults::Detached => Err(Error::BadRequest {
+                what: "Docker started the exec detached though it was asked to attach".into(),
+            }),
+        }
+    }
+
+    /// The exit code of a finished exec; waits briefly for the engine to notice the end.
+    pub async fn exit_code(&self, exec_id: &str, container: &str) -> Result<i64> {
+        for _ in 0..100 {
+            let info = self.docker.inspect_exec(exec_id).await.map_err(|e| {
+                if is_not_found(&e) {
+                    Error::NoContainer {
+                        name: container.to_owned(),
+                    }
+                } else {
+                    Error::Exec {
+                        op: "inspect the exec",
+                        container: container.to_owned(),
+                        source: e,
+                    }
+                }
+            })?;
+            if info.running != Some(true) {
+                return info.exit_code.ok_or_else(|| Error::NotRunning {
+                    name: container.to_owned(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(Error::BadRequest {
+            what: format!("the exec in '{container}' still runs after its output ended"),
+        })
+    }
+}

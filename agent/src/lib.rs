@@ -1,0 +1,148 @@
+//! `deis-backup-agent`: the per-host agent of deis-backup. It turns the host's Docker engine and
+//! store directory into the authenticated gRPC streams of `proto/deis/backup/v1/agent.proto`.
+//!
+//! Modules: `config` (flags and file), `auth` (bearer token), `container` (Docker exec),
+//! `database` (dump and restore through the database container), `store` (allow-list, filesystem
+//! identity, archive, restore), `hooks` (named commands), `registration` (etcd), `service` (gRPC).
+//!
+//! Invariants: the agent runs only the fixed jobs above, for callers holding the token; secrets
+//! never reach a log; etcd being away never stops it from serving.
+
+pub mod auth;
+pub mod chunks;
+pub mod config;
+pub mod container;
+pub mod database;
+pub mod error;
+pub mod hooks;
+pub mod registration;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+
+use deis_backup_proto::registration::Registration;
+use deis_backup_proto::v1::agent_server::AgentServer;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+pub use config::Config;
+pub use error::{Error, Result};
+
+/// deis-backup agent: serves the database dump, the store archive, their restores and named hooks
+/// to the coordinator over authenticated gRPC.
+#[derive(Debug, clap::Parser)]
+#[command(name = "deis-backup-agent", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML config file (kebab-case keys, as the flags; hooks only here).
+    #[arg(long, env = "DEIS_BACKUP_AGENT_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub opts: Config,
+}
+
+impl Cli {
+    /// The effective configuration: the file (if any) with the command line over it.
+    pub fn into_config(self) -> Result<Config> {
+        match &self.config {
+            Some(p) => Ok(Config::from_file(p)?.merged(self.opts)),
+            None => Ok(self.opts),
+        }
+    }
+}
+
+/// The agent's version, as Describe and the registration report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Config {
+        what: format!("cannot read the {what} {}: {e}", path.display()),
+    })
+}
+
+/// Serves until `shutdown` completes, registered in etcd meanwhile (unless disabled).
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let token = config.token()?;
+    let auth = auth::Authenticator::new(&token);
+    let host_id = config.host_id()?;
+    let listen = config.listen_addr()?;
+    let engine = container::Engine::connect(config.docker()).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::Config {
+            what: format!("cannot listen on {listen}: {e}"),
+        })?;
+    let local = listener
+        .local_addr()
+        .map_err(Error::io("listening on", "socket"))?;
+    let address = if local.ip().is_unspecified() {
+        std::env::var("COREOS_PRIVATE_IPV4")
+            .map_or_else(|_| local.to_string(), |ip| format!("{ip}:{}", local.port()))
+    } else {
+        local.to_string()
+    };
+    let hostname = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let settings = service::Settings {
+        host_id: host_id.clone(),
+        hostname: hostname.clone(),
+        address: address.clone(),
+        database_container: config.database_container().to_owned(),
+        store_paths: config.store_paths(),
+        zstd_level: config.zstd_level(),
+        zstd_workers: config.zstd_workers(),
+        hooks: config.hooks(),
+    };
+
+    let mut server = Server::builder();
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+            read(cert, "TLS certificate")?,
+            read(key, "TLS key")?,
+        ));
+        if let Some(ca) = &config.tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA bundle")?));
+        }
+        server = server.tls_config(tls).map_err(|e| Error::Config {
+            what: format!("TLS configuration refused: {e}"),
+        })?;
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let registration = if config.register() {
+        let etcd =
+            deis_backup_etcd::Client::from_list(config.etcd()).map_err(|e| Error::Config {
+                what: e.to_string(),
+            })?;
+        let record = Registration {
+            address: address.clone(),
+            version: VERSION.to_owned(),
+            host: hostname,
+        };
+        Some(tokio::spawn(registration::run(
+            etcd, host_id, record, stop_rx,
+        )))
+    } else {
+        None
+    };
+
+    tracing::info!(%address, version = VERSION, docker_api = %engine.api_version(), "deis-backup-agent serving");
+    let svc = service::AgentService::new(settings, engine);
+    let result = server
+        .add_service(AgentServer::with_interceptor(svc, move |req| {
+            auth.check(req)
+        }))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await;
+    let _ = stop_tx.send(true);
+    if let Some(r) = registration {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), r).await;
+    }
+    result.map_err(|e| Error::Config {
+        what: format!("the gRPC server stopped: {e}"),
+    })
+}

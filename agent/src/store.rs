@@ -1,0 +1,208 @@
+//! The store side of the agent: which directories it may touch (the allow-list), what filesystem
+//! each one is on, and the archive and restore of one such directory (`archive`, `restore`).
+//!
+//! Invariants:
+//! - A requested path is used only when it equals an allow-listed path (after removing trailing
+//!   slashes); no prefix or sub-path matching, so `..` tricks have nothing to match.
+//! - The filesystem identity follows the rule documented on `StorePath.fs_identity` in the proto:
+//!   shared (network) filesystems are named by type, statfs `f_fsid` (CephFS: derived from the Ceph
+//!   cluster fsid, or the fsid itself when the mount source names it) and the path inside them;
+//!   anything else is host-local and includes the machine id.
+
+pub mod archive;
+pub mod restore;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use deis_backup_proto::v1::StorePath;
+
+use crate::error::{Error, Result};
+
+/// Filesystem types that several hosts mount as one filesystem.
+const SHARED_TYPES: &[&str] = &[
+    "ceph",
+    "fuse.ceph-fuse",
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "glusterfs",
+    "fuse.glusterfs",
+];
+
+/// The allow-listed path equal to `requested`.
+pub fn resolve(allowed: &[PathBuf], requested: &str) -> Result<PathBuf> {
+    let norm = |s: &str| {
+        let t = s.trim_end_matches('/');
+        if t.is_empty() {
+            "/".to_owned()
+        } else {
+            t.to_owned()
+        }
+    };
+    let want = norm(requested);
+    allowed
+        .iter()
+        .find(|p| norm(&p.to_string_lossy()) == want)
+        .cloned()
+        .ok_or_else(|| Error::NotAllowed {
+            path: requested.to_owned(),
+            allowed: allowed
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mount {
+    root: String,
+    point: String,
+    fs_type: String,
+    source: String,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            && let Ok(v) = u8::try_from(
+                b[i + 1..i + 4]
+                    .iter()
+                    .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0')),
+            )
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let mut post = post.split(' ');
+            Some(Mount {
+                root: unescape(pre.get(3)?),
+                point: unescape(pre.get(4)?),
+                fs_type: post.next()?.to_owned(),
+                source: unescape(post.next().unwrap_or("")),
+            })
+        })
+        .collect()
+}
+
+/// The mount holding `path` (the last, longest mount point that is a prefix of it).
+fn mount_of<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
+    mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.point))
+        .max_by_key(|m| Path::new(&m.point).components().count())
+}
+
+/// The Ceph cluster fsid when the mount source names it (`name@<fsid>.<fs>=/path`).
+fn ceph_cluster_fsid(source: &str) -> Option<String> {
+    let after = source.split_once('@')?.1;
+    let fsid = after.split_once('.')?.0;
+    (fsid.len() == 36 && fsid.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        .then(|| fsid.to_owned())
+}
+
+/// Describes one allow-listed path for Describe.
+pub fn describe(path: &Path, machine_id: &str) -> Result<StorePath> {
+    let canon = path
+        .canonicalize()
+        .map_err(Error::io("cannot open store path", path))?;
+    let md = std::fs::metadata(&canon).map_err(Error::io("cannot stat", &canon))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse_mountinfo(&t))
+        .unwrap_or_default();
+    let mount = mount_of(&mounts, &canon).cloned();
+    let fs_type = mount
+        .as_ref()
+        .map_or_else(String::new, |m| m.fs_type.clone());
+    let shared = SHARED_TYPES.contains(&fs_type.as_str());
+    let fs_identity = if shared {
+        let vfs = rustix::fs::statvfs(&canon)
+            .map_err(|e| Error::io("cannot statfs", &canon)(e.into()))?;
+        let m = mount.as_ref().expect("a shared type came from a mount");
+        let inside = canon.strip_prefix(&m.point).unwrap_or(Path::new(""));
+        let inner = Path::new(&m.root).join(inside);
+        let id = ceph_cluster_fsid(&m.source).unwrap_or_else(|| format!("{:016x}", vfs.f_fsid));
+        format!("shared:{fs_type}:{id}:{}", inner.display())
+    } else {
+        format!("local:{machine_id}:{}:{}", md.dev(), md.ino())
+    };
+    Ok(StorePath {
+        path: path.display().to_string(),
+        fs_type,
+        fs_identity,
+        shared,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_listed_paths_resolve() {
+        let allowed = vec![PathBuf::from("/var/lib/deis/store")];
+        assert!(resolve(&allowed, "/var/lib/deis/store/").is_ok());
+        for bad in [
+            "/var/lib/deis",
+            "/var/lib/deis/store/../../..",
+            "/var/lib/deis/store/logs",
+            "/",
+        ] {
+            assert!(
+                matches!(resolve(&allowed, bad), Err(Error::NotAllowed { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn mountinfo_picks_the_innermost_mount() {
+        let text = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                    40 22 0:50 /volumes/deis /var/lib/deis/store rw - ceph 10.0.0.1:6789,10.0.0.2:6789:/ rw\n\
+                    41 22 0:51 / /mnt/with\\040space rw - ceph admin@6d2ac3f4-1f3e-4b5a-9c2d-0123456789ab.cephfs=/ rw\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m[2].point, "/mnt/with space");
+        let got = mount_of(&m, Path::new("/var/lib/deis/store/logs")).unwrap();
+        assert_eq!(
+            (got.fs_type.as_str(), got.root.as_str()),
+            ("ceph", "/volumes/deis")
+        );
+        assert_eq!(mount_of(&m, Path::new("/etc")).unwrap().fs_type, "ext4");
+        assert_eq!(
+            ceph_cluster_fsid(&m[2].source).as_deref(),
+            Some("6d2ac3f4-1f3e-4b5a-9c2d-0123456789ab")
+        );
+        assert_eq!(ceph_cluster_fsid(&m[1].source), None);
+    }
+
+    #[test]
+    fn local_identity_names_the_machine() {
+        let dir = std::env::temp_dir();
+        let a = describe(&dir, "machine-a").unwrap();
+        let b = describe(&dir, "machine-b").unwrap();
+        assert!(!a.shared);
+        assert!(a.fs_identity.starts_with("local:machine-a:"));
+        assert_ne!(a.fs_identity, b.fs_identity);
+    }
+}

@@ -1,0 +1,19 @@
+//! deis-backup's coordinator library: everything the `deis-backup` CLI does, as functions.
+//!
+//! Owns the flow from the cluster into a repository and back: [`gateway`] talks to the
+//! store-gateway (Ceph radosgw), [`repository`] stores snapshots (blobs, bucket listings, parts and
+//! a manifest written last), [`mirror`] copies buckets into a snapshot incrementally and
+//! [`bucket_restore`] puts them back.
+//! Invariants: one error type ([`Error`]) with a guidance line; secrets never reach logs, errors or
+//! stored listings and manifests.
+
+pub mod bucket_restore;
+pub mod error;
+pub mod gateway;
+pub mod lock;
+pub mod mirror;
+pub mod platform_keys;
+pub mod repository;
+pub mod retention;
+
+pub use error::{Error, ErrorKind, Result};

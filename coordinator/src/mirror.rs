@@ -1,0 +1,195 @@
+//! Mirroring gateway buckets into a snapshot, incrementally.
+//!
+//! Owns: the decision which objects to download, the download into content-addressed blobs, and
+//! the bucket listing (key, size, ETag, headers, `x-amz-meta-*`, SHA-256) handed to the snapshot.
+//! Invariants:
+//! - An object whose key, size and ETag equal the previous snapshot's entry is not downloaded
+//!   again: its entry (blob, headers) is carried over. Identical bytes under other keys or in other
+//!   snapshots end up in one blob (the repository stores by SHA-256).
+//! - What is recorded for a downloaded object is what the GET returned (size, ETag, headers), so an
+//!   object replaced between listing and download is recorded consistently.
+//! - Downloads run concurrently up to the gateway's limit; bytes stream to staging, never memory.
+//! - A listing is handed to the snapshot only when every object in it is stored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+
+use crate::error::{Error, Result};
+use crate::gateway::{ChunkSink, Gateway, ListedObject};
+use crate::repository::{BlobWriter, Manifest, ObjectEntry, Repository, SnapshotWriter};
+
+/// Told about each object as it is done; the CLI draws progress from this.
+pub trait Progress: Send + Sync {
+    /// `bucket` was listed: `objects` objects, `bytes` in all.
+    fn listed(&self, _bucket: &str, _objects: u64, _bytes: u64) {}
+    /// An object is done: `transferred` is false when it was unchanged (or already there).
+    fn object_done(&self, _bucket: &str, _key: &str, _size: u64, _transferred: bool) {}
+}
+
+/// Progress that reports nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// What one bucket's mirror did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MirrorStats {
+    /// Objects in the bucket (and in the listing).
+    pub objects: u64,
+    /// Their total size.
+    pub bytes: u64,
+    /// Objects downloaded (new or changed since the previous snapshot).
+    pub downloaded_objects: u64,
+    /// Object bytes downloaded.
+    pub downloaded_bytes: u64,
+    /// Objects carried over from the previous snapshot without a download.
+    pub unchanged_objects: u64,
+    /// Downloaded objects whose bytes were not yet in the repository.
+    pub new_blobs: u64,
+    pub new_blob_bytes: u64,
+}
+
+struct BlobSink(BlobWriter);
+
+impl ChunkSink for BlobSink {
+    async fn reset(&mut self) -> std::io::Result<()> {
+        self.0
+            .reset()
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        self.0
+            .write(chunk)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+/// Mirrors `bucket` into `repo`'s blobs and returns its listing (sorted by key). `previous` is the
+/// bucket's listing in the previous snapshot (empty for a first run).
+pub async fn mirror_bucket(
+    gateway: &Gateway,
+    repo: &Repository,
+    bucket: &str,
+    previous: &[ObjectEntry],
+    progress: &dyn Progress,
+) -> Result<(Vec<ObjectEntry>, MirrorStats)> {
+    let listed = gateway
+        .list_objects(bucket, None)
+        .await
+        .map_err(|e| e.context(format!("mirroring bucket {bucket}")))?;
+    let before: HashMap<&str, &ObjectEntry> =
+        previous.iter().map(|e| (e.key.as_str(), e)).collect();
+    let mut stats = MirrorStats {
+        objects: listed.len() as u64,
+        bytes: listed.iter().map(|o| o.size).sum(),
+        ..MirrorStats::default()
+    };
+    progress.listed(bucket, stats.objects, stats.bytes);
+
+    let mut entries = Vec::with_capacity(listed.len());
+    let mut todo: Vec<ListedObject> = Vec::new();
+    for o in listed {
+        match before.get(o.key.as_str()) {
+            Some(prev) if prev.size == o.size && !o.etag.is_empty() && prev.etag == o.etag => {
+                let mut e = (*prev).clone();
+                e.last_modified.clone_from(&o.last_modified);
+                progress.object_done(bucket, &o.key, o.size, false);
+                entries.push(e);
+            }
+            _ => todo.push(o),
+        }
+    }
+    stats.unchanged_objects = entries.len() as u64;
+
+    let downloaded = AtomicU64::new(0);
+    let new_blobs = AtomicU64::new(0);
+    let new_bytes = AtomicU64::new(0);
+    let fetched: Vec<ObjectEntry> = futures::stream::iter(todo)
+        .map(|o| {
+            let (downloaded, new_blobs, new_bytes) = (&downloaded, &new_blobs, &new_bytes);
+            async move {
+                let mut sink = BlobSink(repo.blob_writer().await?);
+                let head = gateway
+                    .get_object(bucket, &o.key, &mut sink)
+                    .await
+                    .map_err(|e| e.context(format!("mirroring bucket {bucket}")))?;
+                let stored = sink.0.finish().await?;
+                if stored.blob.size != head.size {
+                    return Err(Error::integrity(format!(
+                        "s3://{bucket}/{}: stored {} bytes, the gateway sent {}",
+                        o.key, stored.blob.size, head.size
+                    )));
+                }
+                downloaded.fetch_add(head.size, Ordering::Relaxed);
+                if stored.new {
+                    new_blobs.fetch_add(1, Ordering::Relaxed);
+                    new_bytes.fetch_add(head.size, Ordering::Relaxed);
+                }
+                progress.object_done(bucket, &o.key, head.size, true);
+                Ok::<_, Error>(ObjectEntry {
+                    key: o.key,
+                    size: head.size,
+                    etag: head.etag,
+                    sha256: stored.blob.sha256,
+                    last_modified: head.last_modified.or(o.last_modified),
+                    meta: head.meta,
+                })
+            }
+        })
+        .buffer_unordered(gateway.max_concurrency())
+        .try_collect()
+        .await?;
+    stats.downloaded_objects = fetched.len() as u64;
+    stats.downloaded_bytes = downloaded.into_inner();
+    stats.new_blobs = new_blobs.into_inner();
+    stats.new_blob_bytes = new_bytes.into_inner();
+    entries.extend(fetched);
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    // Sizes may have changed between listing and download: report what was recorded.
+    stats.bytes = entries.iter().map(|e| e.size).sum();
+    Ok((entries, stats))
+}
+
+/// Mirrors each of `buckets` into `snapshot`, incrementally against `previous` (the last
+/// snapshot's manifest, if any), and adds their listings to the snapshot.
+pub async fn mirror_buckets(
+    gateway: &Gateway,
+    snapshot: &mut SnapshotWriter,
+    buckets: &[String],
+    previous: Option<&Manifest>,
+    progress: &dyn Progress,
+) -> Result<BTreeMap<String, MirrorStats>> {
+    let repo = snapshot.repository().clone();
+    let mut out = BTreeMap::new();
+    for bucket in buckets {
+        let before = match previous {
+            Some(m) if m.buckets.contains_key(bucket) => match repo.listing(m, bucket).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(
+                        "previous listing of {bucket} unusable, downloading everything: {e}"
+                    );
+                    Vec::new()
+                }
+            },
+            _ => Vec::new(),
+        };
+        let (entries, stats) = mirror_bucket(gateway, &repo, bucket, &before, progress).await?;
+        snapshot.add_bucket(bucket, &entries).await?;
+        tracing::info!(
+            bucket,
+            objects = stats.objects,
+            downloaded = stats.downloaded_objects,
+            unchanged = stats.unchanged_objects,
+            "bucket mirrored"
+        );
+        out.insert(bucket.clone(), stats);
+    }
+    Ok(out)
+}

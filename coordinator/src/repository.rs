@@ -1,0 +1,798 @@
+//! The repository: where snapshots live, in the plain format of `docs/FORMAT.md`.
+//!
+//! Owns: the [`Backend`] trait (a flat store of named files, with a local-directory and an S3
+//! implementation), [`Repository`] (the format on top of any backend), [`BlobWriter`] (streaming,
+//! hashing, content-addressed writes) and [`SnapshotWriter`] (parts + bucket listings + a manifest).
+//! Invariants:
+//! - Blobs are written whole or not at all (staged, then moved or uploaded), named by the SHA-256
+//!   of their bytes, and stored once: a blob that exists is never rewritten.
+//! - A snapshot's manifest is written last, atomically; a snapshot without one is incomplete and
+//!   never listed as a snapshot. Deleting a snapshot removes its manifest first.
+//! - Bytes stream through staging files; no blob is held in memory whole.
+//! - Nothing stored holds a secret.
+
+pub mod format;
+pub mod local;
+pub mod s3;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::gateway::Secret;
+pub use format::{BlobRef, BucketRef, Manifest, ObjectEntry, SnapshotId};
+
+/// A flat store of named files (`a/b/c` names, `/`-separated), the only thing a repository needs.
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Where it is, for people (no secrets).
+    fn location(&self) -> String;
+    /// A local directory for staging files before [`Backend::put_file`]; on the same file system
+    /// as the store when the store is local, so a put is a rename.
+    fn staging_dir(&self) -> &Path;
+    /// The size of `name`, `None` when it does not exist.
+    async fn size(&self, name: &str) -> Result<Option<u64>>;
+    /// Stores the staged file `file` (`size` bytes) as `name`, atomically; `file` is consumed.
+    async fn put_file(&self, name: &str, file: &Path, size: u64) -> Result<()>;
+    /// Stores small `data` as `name`, atomically.
+    async fn put_bytes(&self, name: &str, data: Bytes) -> Result<()>;
+    /// The whole content of a small file (manifest, listing).
+    async fn get_bytes(&self, name: &str) -> Result<Bytes>;
+    /// A local file holding `name`'s bytes (the file itself, or a staged download).
+    async fn local_file(&self, name: &str) -> Result<LocalFile>;
+    /// Every file under `prefix`, with sizes, sorted by name.
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
+    /// Deletes the files; missing ones are fine.
+    async fn delete(&self, names: &[String]) -> Result<()>;
+}
+
+/// A local file with a blob's bytes; a staged copy is removed on drop.
+#[derive(Debug)]
+pub struct LocalFile {
+    path: PathBuf,
+    _staged: Option<tempfile::TempPath>,
+}
+
+impl LocalFile {
+    pub(crate) fn original(path: PathBuf) -> Self {
+        Self {
+            path,
+            _staged: None,
+        }
+    }
+
+    pub(crate) fn staged(temp: tempfile::TempPath) -> Self {
+        Self {
+            path: temp.to_path_buf(),
+            _staged: Some(temp),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Where the repository is. Serves the CLI, the config file and the library.
+#[derive(Debug, Clone, Deserialize, clap::Args)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RepositoryOptions {
+    /// Where snapshots live: a local directory, or s3://bucket/prefix.
+    #[arg(
+        long = "repository",
+        short = 'r',
+        env = "DEIS_BACKUP_REPOSITORY",
+        default_value = "/var/lib/deis-backup"
+    )]
+    pub location: String,
+    /// S3 endpoint of an s3:// repository. Default: https://s3.<region>.amazonaws.com.
+    #[arg(long = "repository-endpoint", env = "DEIS_BACKUP_REPOSITORY_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Region of an s3:// repository.
+    #[arg(long = "repository-region", default_value = "us-east-1")]
+    pub region: String,
+    /// Access key of an s3:// repository.
+    #[arg(
+        long = "repository-access-key",
+        env = "AWS_ACCESS_KEY_ID",
+        hide_env_values = true
+    )]
+    pub access_key: Option<Secret>,
+    /// Secret key of an s3:// repository.
+    #[arg(
+        long = "repository-secret-key",
+        env = "AWS_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    pub secret_key: Option<Secret>,
+    /// Local directory for staging files of an s3:// repository. Default: the system temp dir.
+    #[arg(long = "staging-dir")]
+    pub staging_dir: Option<PathBuf>,
+    /// Flush blobs to disk before they count as stored (local repositories).
+    #[arg(long = "fsync", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fsync: bool,
+}
+
+impl Default for RepositoryOptions {
+    fn default() -> Self {
+        Self {
+            location: "/var/lib/deis-backup".to_owned(),
+            endpoint: None,
+            region: "us-east-1".to_owned(),
+            access_key: None,
+            secret_key: None,
+            staging_dir: None,
+            fsync: true,
+        }
+    }
+}
+
+/// A repository: snapshots, their listings and parts, and the blobs they name.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    fsync: bool,
+}
+
+/// What [`Repository::prune_blobs`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    pub blobs_deleted: u64,
+    pub bytes_deleted: u64,
+    pub blobs_kept: u64,
+}
+
+impl Repository {
+    /// Opens an existing repository.
+    pub async fn open(options: &RepositoryOptions) -> Result<Self> {
+        let repo = Self::with_backend(Self::backend_for(options, false).await?, options.fsync);
+        repo.check_config().await?;
+        Ok(repo)
+    }
+
+    /// Opens the repository, creating it (directory or bucket, and its marker) when absent.
+    pub async fn open_or_init(options: &RepositoryOptions) -> Result<Self> {
+        let repo = Self::with_backend(Self::backend_for(options, true).await?, options.fsync);
+        if repo.backend.size(format::CONFIG_FILE).await?.is_none() {
+            let config = format::RepositoryConfig {
+                format: format::FORMAT.to_owned(),
+                created: format::now_rfc3339(),
+            };
+            let data = serde_json::to_vec_pretty(&config).expect("config serializes");
+            repo.backend
+                .put_bytes(format::CONFIG_FILE, Bytes::from(data))
+                .await?;
+        }
+        repo.check_config().await?;
+        Ok(repo)
+    }
+
+    /// A repository over any backend (no marker check).
+    pub fn with_backend(backend: Arc<dyn Backend>, fsync: bool) -> Self {
+        Self { backend, fsync }
+    }
+
+    async fn backend_for(options: &RepositoryOptions, create: bool) -> Result<Arc<dyn Backend>> {
+        if options.location.starts_with("s3://") {
+            Ok(Arc::new(s3::S3Backend::connect(options, create).await?))
+        } else {
+            Ok(Arc::new(
+                local::LocalBackend::open(Path::new(&options.location), create).await?,
+            ))
+        }
+    }
+
+    async fn check_config(&self) -> Result<()> {
+        let data = match self.backend.get_bytes(format::CONFIG_FILE).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::new(
+                    ErrorKind::Repository,
+                    format!("{} is not a deis-backup repository", self.location()),
+                    "check --repository, or take a first snapshot to create one",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        let config: format::RepositoryConfig = serde_json::from_slice(&data).map_err(|e| {
+            Error::repository(format!(
+                "{}: bad {}: {e}",
+                self.location(),
+                format::CONFIG_FILE
+            ))
+        })?;
+        if config.format != format::FORMAT {
+            return Err(Error::repository(format!(
+                "{} has format {}, this deis-backup reads {}",
+                self.location(),
+                config.format,
+                format::FORMAT
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn location(&self) -> String {
+        self.backend.location()
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Complete snapshots (with a manifest), oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotId>> {
+        Ok(self.snapshot_dirs().await?.0)
+    }
+
+    /// Snapshot directories without a manifest (interrupted runs), oldest first.
+    pub async fn incomplete_snapshots(&self) -> Result<Vec<SnapshotId>> {
+        Ok(self.snapshot_dirs().await?.1)
+    }
+
+    async fn snapshot_dirs(&self) -> Result<(Vec<SnapshotId>, Vec<SnapshotId>)> {
+        let files = self.backend.list(format::SNAPSHOTS_DIR).await?;
+        let mut complete = BTreeMap::new();
+        for (name, _) in files {
+            let Some(rest) = name.strip_prefix(format::SNAPSHOTS_DIR) else {
+                continue;
+            };
+            let Some((id, file)) = rest.split_once('/') else {
+                continue;
+            };
+            let Ok(id) = id.parse::<SnapshotId>() else {
+                continue;
+            };
+            let done = complete.entry(id).or_insert(false);
+            *done |= file == format::MANIFEST_FILE;
+        }
+        let (c, i): (Vec<_>, Vec<_>) = complete.into_iter().partition(|(_, done)| *done);
+        Ok((
+            c.into_iter().map(|(id, _)| id).collect(),
+            i.into_iter().map(|(id, _)| id).collect(),
+        ))
+    }
+
+    /// The manifest of snapshot `id`.
+    pub async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
+        let data = self
+            .backend
+            .get_bytes(&format::manifest_path(id))
+            .await
+            .map_err(|e| e.context(format!("snapshot {id}")))?;
+        let m: Manifest = serde_json::from_slice(&data)
+            .map_err(|e| Error::repository(format!("snapshot {id}: bad manifest: {e}")))?;
+        if m.format != format::FORMAT {
+            return Err(Error::repository(format!(
+                "snapshot {id} has format {}, this deis-backup reads {}",
+                m.format,
+                format::FORMAT
+            )));
+        }
+        Ok(m)
+    }
+
+    /// The newest complete snapshot's manifest.
+    pub async fn latest(&self) -> Result<Option<Manifest>> {
+        match self.snapshots().await?.last() {
+            Some(id) => Ok(Some(self.manifest(id).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The listing of `bucket` in a snapshot, checked against the manifest's SHA-256.
+    pub async fn listing(&self, manifest: &Manifest, bucket: &str) -> Result<Vec<ObjectEntry>> {
+        let b = manifest.buckets.get(bucket).ok_or_else(|| {
+            Error::not_found(format!("snapshot {} holds no bucket {bucket}", manifest.id))
+        })?;
+        let data = self.backend.get_bytes(&b.listing).await?;
+        let sha = hex::encode(Sha256::digest(&data));
+        if sha != b.listing_sha256 {
+            return Err(Error::integrity(format!(
+                "snapshot {}: listing {} has SHA-256 {sha}, the manifest says {}",
+                manifest.id, b.listing, b.listing_sha256
+            )));
+        }
+        format::decode_listing(&data, &b.listing)
+    }
+
+    /// The size of a blob, `None` when it is missing.
+    pub async fn blob_size(&self, sha256: &str) -> Result<Option<u64>> {
+        self.backend.size(&format::blob_path(sha256)).await
+    }
+
+    /// A local file with the blob's bytes (for uploads by range).
+    pub async fn blob_file(&self, sha256: &str) -> Result<LocalFile> {
+        self.backend
+            .local_file(&format::blob_path(sha256))
+            .await
+            .map_err(|e| e.context(format!("blob {sha256}")))
+    }
+
+    /// Streams a blob.
+    pub async fn open_blob(&self, sha256: &str) -> Result<BlobReader> {
+        let file = self.blob_file(sha256).await?;
+        let f = tokio::fs::File::open(file.path())
+            .await
+            .map_err(|e| Error::io(format!("open {}", file.path().display()), &e))?;
+        Ok(BlobReader {
+            file: f,
+            _local: file,
+        })
+    }
+
+    /// A writer for a new blob; [`BlobWriter::finish`] stores it (once).
+    pub async fn blob_writer(&self) -> Result<BlobWriter> {
+        let dir = self.backend.staging_dir().to_owned();
+        let (file, temp) = tokio::task::spawn_blocking(move || {
+            tempfile::Builder::new()
+                .prefix(".blob-")
+                .tempfile_in(&dir)
+                .map_err(|e| Error::io(format!("create a staging file in {}", dir.display()), &e))
+        })
+        .await
+        .map_err(|e| Error::repository(format!("staging task failed: {e}")))??
+        .into_parts();
+        Ok(BlobWriter {
+            repo: self.clone(),
+            file: tokio::fs::File::from_std(file),
+            temp,
+            buf: Vec::with_capacity(BUF_SIZE),
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Stores everything `reader` yields as a blob.
+    pub async fn write_blob_from<R: AsyncRead + Unpin + Send>(
+        &self,
+        mut reader: R,
+    ) -> Result<StoredBlob> {
+        let mut w = self.blob_writer().await?;
+        let mut buf = vec![0u8; BUF_SIZE];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .await
+                .map_err(|e| Error::io("read a part's stream", &e))?;
+            if n == 0 {
+                break;
+            }
+            w.write(&buf[..n]).await?;
+        }
+        w.finish().await
+    }
+
+    /// Starts a snapshot; nothing is visible as a snapshot until [`SnapshotWriter::commit`].
+    pub fn start_snapshot(&self, id: SnapshotId) -> SnapshotWriter {
+        SnapshotWriter {
+            repo: self.clone(),
+            id,
+            started: format::now_rfc3339(),
+            labels: BTreeMap::new(),
+            parts: BTreeMap::new(),
+            buckets: BTreeMap::new(),
+        }
+    }
+
+    /// Deletes a snapshot: its manifest first (so it is never half-there and complete), then the
+    /// rest of its directory. Works on incomplete snapshots too. Blobs stay until
+    /// [`Repository::prune_blobs`].
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        self.backend.delete(&[format::manifest_path(id)]).await?;
+        let rest: Vec<String> = self
+            .backend
+            .list(&format::snapshot_dir(id))
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        self.backend.delete(&rest).await
+    }
+
+    /// Every blob any complete snapshot names (parts and listed objects).
+    pub async fn referenced_blobs(&self) -> Result<HashSet<String>> {
+        let mut out = HashSet::new();
+        for id in self.snapshots().await? {
+            let m = self.manifest(&id).await?;
+            out.extend(m.parts.values().map(|b| b.sha256.clone()));
+            for bucket in m.buckets.keys() {
+                out.extend(
+                    self.listing(&m, bucket)
+                        .await?
+                        .into_iter()
+                        .map(|e| e.sha256),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every stored blob with its size.
+    pub async fn blobs(&self) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .backend
+            .list(format::BLOBS_DIR)
+            .await?
+            .into_iter()
+            .filter_map(|(name, size)| {
+                let sha = name.rsplit('/').next()?;
+                format::is_sha256(sha).then(|| (sha.to_owned(), size))
+            })
+            .collect())
+    }
+
+    /// Deletes every blob no complete snapshot names. Run it only while no snapshot is being
+    /// written (the caller holds the repository lock): an in-progress snapshot's blobs are not yet
+    /// named by any manifest.
+    pub async fn prune_blobs(&self) -> Result<PruneStats> {
+        let keep = self.referenced_blobs().await?;
+        let mut stats = PruneStats::default();
+        let mut doomed = Vec::new();
+        for (sha, size) in self.blobs().await? {
+            if keep.contains(&sha) {
+                stats.blobs_kept += 1;
+            } else {
+                stats.blobs_deleted += 1;
+                stats.bytes_deleted += size;
+                doomed.push(format::blob_path(&sha));
+            }
+        }
+        self.backend.delete(&doomed).await?;
+        Ok(stats)
+    }
+}
+
+const BUF_SIZE: usize = 1024 * 1024;
+
+/// A blob being read.
+#[derive(Debug)]
+pub struct BlobReader {
+    file: tokio::fs::File,
+    _local: LocalFile,
+}
+
+impl AsyncRead for BlobReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.file).poll_read(cx, buf)
+    }
+}
+
+/// A blob stored by [`BlobWriter::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub blob: BlobRef,
+    /// False when the same bytes were already stored.
+    pub new: bool,
+}
+
+/// Writes a blob: bytes go to a staging file while SHA-256 is computed; `finish` stores it under
+/// its hash unless a blob with that hash exists.
+#[derive(Debug)]
+pub struct BlobWriter {
+    repo: Repository,
+    file: tokio::fs::File,
+    temp: tempfile::TempPath,
+    buf: Vec<u8>,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BlobWriter {
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        if self.buf.len() + data.len() > BUF_SIZE {
+            self.flush_buf().await?;
+        }
+        if data.len() >= BUF_SIZE {
+            self.file
+                .write_all(data)
+                .await
+                .map_err(|e| Error::io(format!("write {}", self.temp.display()), &e))?;
+        } else {
+            self.buf.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    async fn flush_buf(&mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            self.file
+                .write_all(&self.buf)
+                .await
+                .map_err(|e| Error::io(format!("write {}", self.temp.display()), &e))?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Forgets everything written (a download starts over).
+    pub async fn reset(&mut self) -> Result<()> {
+        self.buf.clear();
+        self.hasher = Sha256::new();
+        self.size = 0;
+        let what = format!("truncate {}", self.temp.display());
+        self.file
+            .set_len(0)
+            .await
+            .map_err(|e| Error::io(&what, &e))?;
+        self.file
+            .seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| Error::io(&what, &e))?;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Stores the blob (unless its bytes are already stored) and returns its reference.
+    pub async fn finish(mut self) -> Result<StoredBlob> {
+        self.flush_buf().await?;
+        let what = format!("write {}", self.temp.display());
+        self.file.flush().await.map_err(|e| Error::io(&what, &e))?;
+        if self.repo.fsync {
+            self.file
+                .sync_data()
+                .await
+                .map_err(|e| Error::io(&what, &e))?;
+        }
+        drop(self.file);
+        let sha256 = hex::encode(self.hasher.finalize());
+        let blob = BlobRef {
+            sha256,
+            size: self.size,
+        };
+        let name = format::blob_path(&blob.sha256);
+        if self.repo.backend.size(&name).await? == Some(blob.size) {
+            return Ok(StoredBlob { blob, new: false });
+        }
+        self.repo
+            .backend
+            .put_file(&name, &self.temp, blob.size)
+            .await?;
+        Ok(StoredBlob { blob, new: true })
+    }
+}
+
+/// A snapshot being written: parts and bucket listings, then the manifest.
+#[derive(Debug)]
+pub struct SnapshotWriter {
+    repo: Repository,
+    id: SnapshotId,
+    started: String,
+    labels: BTreeMap<String, String>,
+    parts: BTreeMap<String, BlobRef>,
+    buckets: BTreeMap<String, BucketRef>,
+}
+
+impl SnapshotWriter {
+    pub fn id(&self) -> &SnapshotId {
+        &self.id
+    }
+
+    pub fn repository(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// Records a free-form fact in the manifest (never a secret).
+    pub fn label(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.labels.insert(key.into(), value.into());
+    }
+
+    /// Adds a stored blob as the part `name` (e.g. `database/pg_dumpall.sql.zst`).
+    pub fn add_part(&mut self, name: &str, blob: BlobRef) -> Result<()> {
+        if name.is_empty() || name.contains(['\0', '\n']) {
+            return Err(Error::config(format!("'{name}' is not a part name")));
+        }
+        if self.parts.contains_key(name) {
+            return Err(Error::config(format!(
+                "snapshot {} already has a part {name}",
+                self.id
+            )));
+        }
+        self.parts.insert(name.to_owned(), blob);
+        Ok(())
+    }
+
+    /// Streams `reader` into a blob and adds it as the part `name`.
+    pub async fn add_part_from_reader<R: AsyncRead + Unpin + Send>(
+        &mut self,
+        name: &str,
+        reader: R,
+    ) -> Result<BlobRef> {
+        let stored = self.repo.write_blob_from(reader).await?;
+        self.add_part(name, stored.blob.clone())?;
+        Ok(stored.blob)
+    }
+
+    /// Writes `bucket`'s listing (the objects' blobs must be stored already).
+    pub async fn add_bucket(&mut self, bucket: &str, entries: &[ObjectEntry]) -> Result<BucketRef> {
+        if !format::safe_name(bucket) {
+            return Err(Error::config(format!(
+                "'{bucket}' is not a bucket name this format stores"
+            )));
+        }
+        let data = format::encode_listing(entries)?;
+        let listing = format::listing_path(&self.id, bucket);
+        let b = BucketRef {
+            listing: listing.clone(),
+            listing_sha256: hex::encode(Sha256::digest(&data)),
+            objects: entries.len() as u64,
+            bytes: entries.iter().map(|e| e.size).sum(),
+        };
+        self.repo
+            .backend
+            .put_bytes(&listing, Bytes::from(data))
+            .await?;
+        self.buckets.insert(bucket.to_owned(), b.clone());
+        Ok(b)
+    }
+
+    /// Writes the manifest, last: from now on the snapshot is complete.
+    pub async fn commit(self) -> Result<Manifest> {
+        let m = Manifest {
+            format: format::FORMAT.to_owned(),
+            id: self.id,
+            started: self.started,
+            completed: format::now_rfc3339(),
+            labels: self.labels,
+            parts: self.parts,
+            buckets: self.buckets,
+        };
+        let data = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
+        self.repo
+            .backend
+            .put_bytes(&format::manifest_path(&m.id), Bytes::from(data))
+            .await?;
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn repo(dir: &Path) -> Repository {
+        Repository::open_or_init(&RepositoryOptions {
+            location: dir.join("repo").display().to_string(),
+            fsync: false,
+            ..RepositoryOptions::default()
+        })
+        .await
+        .unwrap()
+    }
+
+    fn entry(key: &str, blob: &BlobRef) -> ObjectEntry {
+        ObjectEntry {
+            key: key.into(),
+            size: blob.size,
+            etag: "x".into(),
+            sha256: blob.sha256.clone(),
+            last_modified: None,
+            meta: crate::gateway::ObjectMeta::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn repository_blobs_are_content_addressed_and_stored_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = repo(tmp.path()).await;
+        let a = r.write_blob_from(&b"hello"[..]).await.unwrap();
+        assert!(a.new);
+        assert_eq!(
+            a.blob.sha256,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        let b = r.write_blob_from(&b"hello"[..]).await.unwrap();
+        assert!(!b.new, "same bytes are stored once");
+        assert_eq!(r.blobs().await.unwrap().len(), 1);
+        let mut back = Vec::new();
+        r.open_blob(&a.blob.sha256)
+            .await
+            .unwrap()
+            .read_to_end(&mut back)
+            .await
+            .unwrap();
+        assert_eq!(back, b"hello");
+        // A reset writer forgets what it had.
+        let mut w = r.blob_writer().await.unwrap();
+        w.write(b"garbage").await.unwrap();
+        w.reset().await.unwrap();
+        w.write(b"hello").await.unwrap();
+        assert_eq!(w.finish().await.unwrap().blob, a.blob);
+        // Nothing is left in staging.
+        let staged = std::fs::read_dir(tmp.path().join("repo/tmp"))
+            .unwrap()
+            .count();
+        assert_eq!(staged, 0);
+    }
+
+    #[tokio::test]
+    async fn repository_snapshot_is_complete_only_with_its_manifest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = repo(tmp.path()).await;
+        let id: SnapshotId = "20260101T000000Z-0001".parse().unwrap();
+        let mut s = r.start_snapshot(id.clone());
+        let part = s
+            .add_part_from_reader("etcd/export.json", &b"{}"[..])
+            .await
+            .unwrap();
+        let obj = r.write_blob_from(&b"object"[..]).await.unwrap().blob;
+        s.add_bucket("db_wal", &[entry("a b+%/ü", &obj)])
+            .await
+            .unwrap();
+        assert!(r.snapshots().await.unwrap().is_empty(), "no manifest yet");
+        assert_eq!(r.incomplete_snapshots().await.unwrap(), vec![id.clone()]);
+        s.label("cluster", "local");
+        let m = s.commit().await.unwrap();
+        assert_eq!(r.snapshots().await.unwrap(), vec![id.clone()]);
+        assert!(r.incomplete_snapshots().await.unwrap().is_empty());
+        let back = r.manifest(&id).await.unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.parts["etcd/export.json"], part);
+        let listing = r.listing(&back, "db_wal").await.unwrap();
+        assert_eq!(listing[0].key, "a b+%/ü");
+        assert_eq!(r.latest().await.unwrap().unwrap().id, id);
+        // A tampered listing is caught.
+        let path = tmp
+            .path()
+            .join("repo")
+            .join(&back.buckets["db_wal"].listing);
+        std::fs::write(&path, b"{}\n").unwrap();
+        let err = r.listing(&back, "db_wal").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity);
+    }
+
+    #[tokio::test]
+    async fn repository_prune_deletes_only_unreferenced_blobs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = repo(tmp.path()).await;
+        let kept = r.write_blob_from(&b"kept"[..]).await.unwrap().blob;
+        let part = r.write_blob_from(&b"part"[..]).await.unwrap().blob;
+        let orphan = r.write_blob_from(&b"orphan"[..]).await.unwrap().blob;
+        let id: SnapshotId = "s1".parse().unwrap();
+        let mut s = r.start_snapshot(id.clone());
+        s.add_bucket("registry", &[entry("k", &kept)])
+            .await
+            .unwrap();
+        s.add_part("p", part.clone()).unwrap();
+        s.commit().await.unwrap();
+        let stats = r.prune_blobs().await.unwrap();
+        assert_eq!(stats.blobs_deleted, 1);
+        assert_eq!(stats.bytes_deleted, orphan.size);
+        assert_eq!(r.blob_size(&orphan.sha256).await.unwrap(), None);
+        assert_eq!(r.blob_size(&kept.sha256).await.unwrap(), Some(4));
+        r.delete_snapshot(&id).await.unwrap();
+        assert!(r.snapshots().await.unwrap().is_empty());
+        assert!(r.incomplete_snapshots().await.unwrap().is_empty());
+        assert_eq!(r.prune_blobs().await.unwrap().blobs_deleted, 2);
+    }
+
+    #[tokio::test]
+    async fn repository_open_refuses_a_plain_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = Repository::open(&RepositoryOptions {
+            location: tmp.path().display().to_string(),
+            ..RepositoryOptions::default()
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Repository, "{err}");
+    }
+}

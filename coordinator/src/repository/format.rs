@@ -1,0 +1,271 @@
+//! The on-disk (and in-bucket) format of a repository, described for people in `docs/FORMAT.md`.
+//!
+//! Owns: the names of every file in a repository, and the serde types of the repository config, the
+//! snapshot manifest and the bucket listings.
+//! Invariants:
+//! - Blobs are content-addressed: `blobs/sha256/<first two hex digits>/<sha256 hex>`; the name is
+//!   the SHA-256 of the bytes, so equal bytes are stored once.
+//! - A snapshot is the directory `snapshots/<id>/`; it is complete only when its `manifest.json`
+//!   exists, and the manifest is written after everything it names.
+//! - Listings are JSON Lines, one object per line, sorted by key.
+//! - Nothing here holds a secret.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::gateway::ObjectMeta;
+
+/// The format this code writes and reads.
+pub const FORMAT: &str = "deis-backup/1";
+/// The repository's marker and config, at its root.
+pub const CONFIG_FILE: &str = "deis-backup.json";
+/// Where snapshots live.
+pub const SNAPSHOTS_DIR: &str = "snapshots/";
+/// Where blobs live.
+pub const BLOBS_DIR: &str = "blobs/sha256/";
+/// The manifest's file name inside a snapshot directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The repository's marker file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RepositoryConfig {
+    pub format: String,
+    pub created: String,
+}
+
+/// A snapshot's name: `YYYYMMDDTHHMMSSZ-xxxx`, sortable by time; only `[A-Za-z0-9._-]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SnapshotId(String);
+
+impl SnapshotId {
+    /// A new id from the current UTC time and a random suffix.
+    pub fn generate() -> Self {
+        let now = time::OffsetDateTime::now_utc();
+        let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+        let stamp = now.format(&fmt).expect("a UTC time formats");
+        Self(format!("{stamp}-{:04x}", fastrand::u16(..)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for SnapshotId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        if safe_name(&s) {
+            Ok(Self(s))
+        } else {
+            Err(Error::config(format!(
+                "'{s}' is not a snapshot id (letters, digits, '.', '_', '-' only)"
+            )))
+        }
+    }
+}
+
+impl std::str::FromStr for SnapshotId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::try_from(s.to_owned())
+    }
+}
+
+impl From<SnapshotId> for String {
+    fn from(id: SnapshotId) -> Self {
+        id.0
+    }
+}
+
+/// True for names usable as one path segment everywhere: `[A-Za-z0-9._-]+`, not `.`/`..`-led.
+pub fn safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('.')
+        && s.len() <= 200
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A stored blob: its SHA-256 (lower-case hex) and size.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlobRef {
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// One object of a bucket listing: where it was, what it was, and which blob holds its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ObjectEntry {
+    pub key: String,
+    pub size: u64,
+    /// The gateway's ETag, without quotes.
+    pub etag: String,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+    #[serde(flatten)]
+    pub meta: ObjectMeta,
+}
+
+/// A bucket in a snapshot: its listing file and totals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BucketRef {
+    /// The listing's path from the repository root.
+    pub listing: String,
+    pub listing_sha256: String,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// A snapshot's manifest: the last file written, the proof the snapshot is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub id: SnapshotId,
+    /// RFC 3339 UTC.
+    pub started: String,
+    /// RFC 3339 UTC.
+    pub completed: String,
+    /// Free-form facts the coordinator records (cluster, version, ...). Never secrets.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Named parts (database dump, store archives, etcd export, ...): blobs.
+    #[serde(default)]
+    pub parts: BTreeMap<String, BlobRef>,
+    /// Mirrored buckets by name.
+    #[serde(default)]
+    pub buckets: BTreeMap<String, BucketRef>,
+}
+
+/// `blobs/sha256/ab/ab12...`.
+pub fn blob_path(sha256: &str) -> String {
+    format!("{BLOBS_DIR}{}/{sha256}", &sha256[..2.min(sha256.len())])
+}
+
+/// `snapshots/<id>/`.
+pub fn snapshot_dir(id: &SnapshotId) -> String {
+    format!("{SNAPSHOTS_DIR}{id}/")
+}
+
+/// `snapshots/<id>/manifest.json`.
+pub fn manifest_path(id: &SnapshotId) -> String {
+    format!("{SNAPSHOTS_DIR}{id}/{MANIFEST_FILE}")
+}
+
+/// `snapshots/<id>/buckets/<bucket>.jsonl`.
+pub fn listing_path(id: &SnapshotId, bucket: &str) -> String {
+    format!("{SNAPSHOTS_DIR}{id}/buckets/{bucket}.jsonl")
+}
+
+/// True for a lower-case hex SHA-256.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// RFC 3339 UTC now.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("a UTC time formats")
+}
+
+/// Encodes a listing as JSON Lines, sorted by key.
+pub fn encode_listing(entries: &[ObjectEntry]) -> Result<Vec<u8>> {
+    let mut sorted: Vec<&ObjectEntry> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut out = Vec::with_capacity(entries.len() * 200);
+    for e in sorted {
+        serde_json::to_writer(&mut out, e)
+            .map_err(|err| Error::repository(format!("encoding listing entry: {err}")))?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+/// Decodes a JSON Lines listing.
+pub fn decode_listing(data: &[u8], what: &str) -> Result<Vec<ObjectEntry>> {
+    data.split(|b| *b == b'\n')
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, l)| {
+            serde_json::from_slice(l).map_err(|e| {
+                Error::repository(format!("{what} line {}: not a listing entry: {e}", i + 1))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_safe_and_sortable() {
+        let a = SnapshotId::generate();
+        assert!(safe_name(a.as_str()), "{a}");
+        assert_eq!(a.as_str().len(), "20261124T233000Z-abcd".len());
+        assert!("../x".parse::<SnapshotId>().is_err());
+        assert!("a/b".parse::<SnapshotId>().is_err());
+        assert!("".parse::<SnapshotId>().is_err());
+    }
+
+    #[test]
+    fn paths() {
+        let id: SnapshotId = "s1".parse().unwrap();
+        assert_eq!(blob_path("abcdef"), "blobs/sha256/ab/abcdef");
+        assert_eq!(manifest_path(&id), "snapshots/s1/manifest.json");
+        assert_eq!(
+            listing_path(&id, "db_wal"),
+            "snapshots/s1/buckets/db_wal.jsonl"
+        );
+    }
+
+    #[test]
+    fn listing_round_trips_odd_keys_and_metadata() {
+        let mut meta = ObjectMeta {
+            content_type: Some("text/plain".into()),
+            ..ObjectMeta::default()
+        };
+        meta.metadata.insert("owner".into(), "deis".into());
+        let entries = vec![
+            ObjectEntry {
+                key: "z/ü a+b%20\n".into(),
+                size: 3,
+                etag: "e".into(),
+                sha256: "s".into(),
+                last_modified: None,
+                meta,
+            },
+            ObjectEntry {
+                key: "/a//b".into(),
+                size: 0,
+                etag: "e2".into(),
+                sha256: "s2".into(),
+                last_modified: Some("2026-01-01T00:00:00Z".into()),
+                meta: ObjectMeta::default(),
+            },
+        ];
+        let enc = encode_listing(&entries).unwrap();
+        let text = String::from_utf8(enc.clone()).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(text.contains("\"content-type\":\"text/plain\""), "{text}");
+        let dec = decode_listing(&enc, "t").unwrap();
+        assert_eq!(dec[0], entries[1], "sorted by key");
+        assert_eq!(dec[1], entries[0]);
+    }
+}

@@ -1,0 +1,200 @@
+//! A repository in a local directory (the default backend).
+//!
+//! Owns: the mapping of repository names to files under the root, and the staging directory
+//! `<root>/tmp/`.
+//! Invariants:
+//! - Staging is inside the root, so storing a staged file is one `rename` (atomic); small files
+//!   are written to staging, flushed to disk, then renamed.
+//! - Names are `/`-separated relative paths without `..`; nothing is written outside the root.
+
+use std::io::ErrorKind as IoKind;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt as _;
+
+use super::{Backend, LocalFile};
+use crate::error::{Error, Result};
+
+/// A repository directory.
+#[derive(Debug, Clone)]
+pub struct LocalBackend {
+    root: PathBuf,
+    staging: PathBuf,
+}
+
+impl LocalBackend {
+    /// Opens `root` (creating it with `create`).
+    pub async fn open(root: &Path, create: bool) -> Result<Self> {
+        if create {
+            tokio::fs::create_dir_all(root)
+                .await
+                .map_err(|e| Error::io(format!("create repository {}", root.display()), &e))?;
+        }
+        let meta = tokio::fs::metadata(root).await;
+        if !meta.is_ok_and(|m| m.is_dir()) {
+            return Err(Error::new(
+                crate::ErrorKind::Repository,
+                format!("{} is not a directory", root.display()),
+                "check --repository, or take a first snapshot to create one",
+            ));
+        }
+        let staging = root.join("tmp");
+        tokio::fs::create_dir_all(&staging)
+            .await
+            .map_err(|e| Error::io(format!("create {}", staging.display()), &e))?;
+        Ok(Self {
+            root: root.to_owned(),
+            staging,
+        })
+    }
+
+    fn path(&self, name: &str) -> Result<PathBuf> {
+        if name.split('/').any(|s| s == ".." || s == ".") || name.starts_with('/') {
+            return Err(Error::repository(format!(
+                "'{name}' is not a repository path"
+            )));
+        }
+        Ok(self.root.join(name))
+    }
+}
+
+async fn parent_dir(path: &Path) -> Result<()> {
+    if let Some(p) = path.parent() {
+        tokio::fs::create_dir_all(p)
+            .await
+            .map_err(|e| Error::io(format!("create {}", p.display()), &e))?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn staging_dir(&self) -> &Path {
+        &self.staging
+    }
+
+    async fn size(&self, name: &str) -> Result<Option<u64>> {
+        let p = self.path(name)?;
+        match tokio::fs::metadata(&p).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == IoKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("stat {}", p.display()), &e)),
+        }
+    }
+
+    async fn put_file(&self, name: &str, file: &Path, _size: u64) -> Result<()> {
+        let dest = self.path(name)?;
+        parent_dir(&dest).await?;
+        tokio::fs::rename(file, &dest)
+            .await
+            .map_err(|e| Error::io(format!("move {} to {}", file.display(), dest.display()), &e))
+    }
+
+    async fn put_bytes(&self, name: &str, data: Bytes) -> Result<()> {
+        let dest = self.path(name)?;
+        parent_dir(&dest).await?;
+        let (file, temp) = tempfile::Builder::new()
+            .prefix(".put-")
+            .tempfile_in(&self.staging)
+            .map_err(|e| Error::io(format!("stage {name}"), &e))?
+            .into_parts();
+        let mut file = tokio::fs::File::from_std(file);
+        let what = format!("write {}", dest.display());
+        file.write_all(&data)
+            .await
+            .map_err(|e| Error::io(&what, &e))?;
+        file.sync_all().await.map_err(|e| Error::io(&what, &e))?;
+        drop(file);
+        tokio::fs::rename(&temp, &dest)
+            .await
+            .map_err(|e| Error::io(&what, &e))?;
+        Ok(())
+    }
+
+    async fn get_bytes(&self, name: &str) -> Result<Bytes> {
+        let p = self.path(name)?;
+        match tokio::fs::read(&p).await {
+            Ok(d) => Ok(Bytes::from(d)),
+            Err(e) if e.kind() == IoKind::NotFound => {
+                Err(Error::not_found(format!("{} does not exist", p.display())))
+            }
+            Err(e) => Err(Error::io(format!("read {}", p.display()), &e)),
+        }
+    }
+
+    async fn local_file(&self, name: &str) -> Result<LocalFile> {
+        let p = self.path(name)?;
+        if tokio::fs::metadata(&p).await.is_err() {
+            return Err(Error::not_found(format!("{} does not exist", p.display())));
+        }
+        Ok(LocalFile::original(p))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let root = self.root.clone();
+        let start = self.path(prefix.trim_end_matches('/'))?;
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut stack = vec![start];
+            while let Some(dir) = stack.pop() {
+                let rd = match std::fs::read_dir(&dir) {
+                    Ok(rd) => rd,
+                    Err(e) if e.kind() == IoKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(format!("list {}", dir.display()), &e)),
+                };
+                for ent in rd {
+                    let ent = ent.map_err(|e| Error::io(format!("list {}", dir.display()), &e))?;
+                    let ft = ent
+                        .file_type()
+                        .map_err(|e| Error::io(format!("list {}", dir.display()), &e))?;
+                    let p = ent.path();
+                    if ft.is_dir() {
+                        stack.push(p);
+                    } else if ft.is_file() {
+                        let rel = p.strip_prefix(&root).unwrap_or(&p);
+                        let name = rel
+                            .components()
+                            .map(|c| c.as_os_str().to_string_lossy())
+                            .collect::<Vec<_>>()
+                            .join("/");
+                        if name.starts_with(&prefix) {
+                            let size = ent.metadata().map_or(0, |m| m.len());
+                            out.push((name, size));
+                        }
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::repository(format!("listing task failed: {e}")))?
+    }
+
+    async fn delete(&self, names: &[String]) -> Result<()> {
+        for name in names {
+            let p = self.path(name)?;
+            match tokio::fs::remove_file(&p).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == IoKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("delete {}", p.display()), &e)),
+            }
+            // Remove directories left empty (snapshot dirs, blob fan-out dirs); ignore the rest.
+            let mut dir = p.parent().map(Path::to_path_buf);
+            while let Some(d) = dir {
+                if d == self.root || tokio::fs::remove_dir(&d).await.is_err() {
+                    break;
+                }
+                dir = d.parent().map(Path::to_path_buf);
+            }
+        }
+        Ok(())
+    }
+}

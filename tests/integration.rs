@@ -1,0 +1,11 @@
+//! End-to-end tests of deis-backup against the local Deis-like cluster (`tests/cluster/up`): real
+//! etcd (v2 API), real Ceph radosgw, a real `deis-database` container and a live store directory.
+//!
+//! One test binary; each concern is a module under `tests/integration/`, sharing `support`.
+
+mod integration {
+    pub mod support;
+
+    mod agent;
+    mod smoke;
+}

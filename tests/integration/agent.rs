@@ -1,0 +1,1003 @@
+//! The agent (`deis-backup-agent`) end to end: the real binary (and its container image) on
+//! 127.0.0.1 against the local cluster's Docker engine, `deis-database` container, store directory
+//! and etcd.
+//!
+//! Invariants: every agent listens on its own free port with its own token and host id; restores
+//! go into fresh temporary directories; SQL restores touch only databases named after the test;
+//! nothing here stops or changes the shared cluster's components.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use deis_backup_proto::v1::{
+    ArchiveStoreRequest, Chunk, DescribeRequest, DumpDatabaseRequest, RestoreDatabaseHeader,
+    RestoreDatabaseRequest, RestoreStoreHeader, RestoreStoreReply, RestoreStoreRequest,
+    RunHookRequest, Trailer, agent_client::AgentClient, chunk, restore_database_request,
+    restore_store_request,
+};
+use sha2::{Digest, Sha256};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use super::support::{self, Cluster};
+
+/// A name no other test (or run) uses.
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Adds `authorization: Bearer <token>` (or nothing).
+#[derive(Clone)]
+struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        Ok(req)
+    }
+}
+
+type Client = AgentClient<InterceptedService<Channel, Bearer>>;
+
+/// Something serving the agent API on `addr`: the binary or its container.
+struct Agent {
+    addr: String,
+    token: String,
+    host_id: String,
+    child: Option<Child>,
+    container: Option<String>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts the agent binary with these extra flags.
+    async fn spawn(extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let token = unique("test-token-0123456789");
+        let host_id = unique("agent-test-host");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = dir.path().join("agent.log");
+        let cluster = Cluster::get();
+        let child = Command::new(support::binary("deis-backup-agent"))
+            .args(["--listen", &addr, "--host-id", &host_id])
+            .args(["--etcd", cluster.etcd_endpoints()])
+            .args(["--database-container", cluster.database_container()])
+            .args(extra)
+            .env("DEIS_BACKUP_TOKEN", &token)
+            .env_remove("DEIS_BACKUP_TOKEN_FILE")
+            .env_remove("DOCKER_HOST")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut agent = Agent {
+            addr,
+            token,
+            host_id,
+            child: Some(child),
+            container: None,
+            log,
+            _dir: dir,
+        };
+        agent.wait_ready().await;
+        agent
+    }
+
+    fn log_text(&self) -> String {
+        let mut s = fs::read_to_string(&self.log).unwrap_or_default();
+        if let Some(c) = &self.container {
+            let out = Command::new("docker").args(["logs", c]).output().unwrap();
+            s.push_str(&String::from_utf8_lossy(&out.stderr));
+        }
+        s
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = &mut self.child
+                && let Some(status) = c.try_wait().unwrap()
+            {
+                panic!("the agent exited with {status}:\n{}", self.log_text());
+            }
+            if tokio::net::TcpStream::connect(&self.addr).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent does not listen on {}:\n{}",
+                self.addr,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn client_with(&self, token: Option<&str>) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        AgentClient::with_interceptor(channel, Bearer(token.map(String::from)))
+            .max_decoding_message_size(16 << 20)
+    }
+
+    async fn client(&self) -> Client {
+        self.client_with(Some(&self.token.clone())).await
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("a spawned agent");
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the agent ignores SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(c) = self.container.take() {
+            let _ = Command::new("docker").args(["rm", "-f", &c]).output();
+        }
+    }
+}
+
+/// The data of a download stream and its trailer, checking the stream's invariants.
+async fn collect(mut stream: tonic::Streaming<Chunk>) -> Result<(Vec<u8>, Trailer), Status> {
+    let mut data = Vec::new();
+    let mut trailer = None;
+    while let Some(c) = stream.message().await? {
+        assert!(trailer.is_none(), "a message after the trailer");
+        match c.kind {
+            Some(chunk::Kind::Data(d)) => data.extend(d),
+            Some(chunk::Kind::Trailer(t)) => trailer = Some(t),
+            None => panic!("an empty chunk"),
+        }
+    }
+    let t = trailer.expect("the stream ended without a trailer");
+    assert_eq!(t.compressed_bytes, data.len() as u64);
+    assert_eq!(t.sha256, Sha256::digest(&data).to_vec());
+    Ok((data, t))
+}
+
+/// A dump without the lines that differ between two runs (comments, psql restrict keys).
+fn comparable(dump: &str) -> Vec<&str> {
+    dump.lines()
+        .filter(|l| {
+            !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")
+        })
+        .collect()
+}
+
+fn docker_pg_dumpall(container: &str) -> String {
+    let out = Command::new("docker")
+        .args(["exec", "-u", "postgres", container, "pg_dumpall"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn agent_dump(client: &mut Client) -> Result<(String, Trailer), Status> {
+    let stream = client
+        .dump_database(DumpDatabaseRequest { zstd_level: 0 })
+        .await?
+        .into_inner();
+    let (data, trailer) = collect(stream).await?;
+    let text = zstd::decode_all(&data[..]).unwrap();
+    assert_eq!(trailer.raw_bytes, text.len() as u64);
+    Ok((String::from_utf8(text).unwrap(), trailer))
+}
+
+/// The agent's dump equals `docker exec … pg_dumpall`; other tests may change the database between
+/// the two dumps, so a difference is retried a few times before it fails.
+async fn assert_dump_matches(client: &mut Client, container: &str) {
+    let mut last = String::new();
+    for _ in 0..3 {
+        let (ours, trailer) = agent_dump(client).await.unwrap();
+        assert!(
+            ours.contains("CREATE DATABASE deis"),
+            "the seeded database is missing"
+        );
+        assert!(trailer.compressed_bytes < trailer.raw_bytes);
+        let theirs = docker_pg_dumpall(container);
+        if comparable(&ours) == comparable(&theirs) {
+            return;
+        }
+        last = format!(
+            "agent: {} lines, docker exec: {} lines",
+            ours.lines().count(),
+            theirs.lines().count()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("the agent's dump differs from docker exec pg_dumpall ({last})");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_dump_equals_docker_exec_pg_dumpall() {
+    let cluster = Cluster::get();
+    let agent = Agent::spawn(&["--no-register"]).await;
+    let mut client = agent.client().await;
+    assert_dump_matches(&mut client, cluster.database_container()).await;
+}
+
+/// What the round trip compares of one path.
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    link: Option<PathBuf>,
+    sha: Option<Vec<u8>>,
+    /// The other paths of the same inode (hard links), relative.
+    same_inode: Vec<PathBuf>,
+}
+
+fn tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = fs::symlink_metadata(&p).unwrap();
+        let rel = p.strip_prefix(root).unwrap().to_path_buf();
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            for e in fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+            "dir"
+        } else if ft.is_symlink() {
+            "symlink"
+        } else if ft.is_file() {
+            "file"
+        } else {
+            "special"
+        };
+        if ft.is_file() && md.nlink() > 1 {
+            inodes
+                .entry((md.dev(), md.ino()))
+                .or_default()
+                .push(rel.clone());
+        }
+        out.insert(
+            rel,
+            Entry {
+                kind,
+                mode: md.permissions().mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                mtime: md.mtime(),
+                link: ft.is_symlink().then(|| fs::read_link(&p).unwrap()),
+                sha: ft
+                    .is_file()
+                    .then(|| Sha256::digest(fs::read(&p).unwrap()).to_vec()),
+                same_inode: Vec::new(),
+            },
+        );
+    }
+    for group in inodes.values() {
+        for p in group {
+            let mut others: Vec<PathBuf> = group.iter().filter(|o| *o != p).cloned().collect();
+            others.sort();
+            out.get_mut(p).unwrap().same_inode = others;
+        }
+    }
+    out
+}
+
+async fn restore_store(
+    client: &mut Client,
+    path: &Path,
+    archive: &[u8],
+    overwrite: bool,
+) -> Result<RestoreStoreReply, Status> {
+    let mut msgs = vec![RestoreStoreRequest {
+        kind: Some(restore_store_request::Kind::Header(RestoreStoreHeader {
+            path: path.display().to_string(),
+            overwrite,
+            allow_devices: false,
+            sha256: Sha256::digest(archive).to_vec(),
+        })),
+    }];
+    for piece in archive.chunks(100_000) {
+        msgs.push(RestoreStoreRequest {
+            kind: Some(restore_store_request::Kind::Data(piece.to_vec())),
+        });
+    }
+    client
+        .restore_store(futures::stream::iter(msgs))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Files the cluster's store writer appends to while the tests run.
+const LIVE_FILES: &[&str] = &["logs/deis-controller.log", "logs/myapp.log"];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_archive_then_restore_gives_the_same_tree_while_logs_grow() {
+    let cluster = Cluster::get();
+    let store = cluster.store_dir();
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("restored");
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        store.to_str().unwrap(),
+        "--store-path",
+        target.to_str().unwrap(),
+    ])
+    .await;
+    let mut client = agent.client().await;
+    let stream = client
+        .archive_store(ArchiveStoreRequest {
+            path: store.display().to_string(),
+            zstd_level: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (archive, trailer) = collect(stream).await.unwrap();
+    let counts = trailer.store.expect("store counts in the trailer");
+    assert!(
+        counts.files > 10 && counts.dirs > 5 && counts.symlinks >= 3 && counts.hardlinks >= 1,
+        "{counts:?}"
+    );
+    for w in &trailer.warnings {
+        assert!(
+            LIVE_FILES.contains(&w.path.as_str()),
+            "unexpected warning {w:?}"
+        );
+    }
+
+    // GNU tar reads it too (pax headers, long names).
+    let tar = Command::new("sh")
+        .arg("-c")
+        .arg("zstd -dc | tar -tf - | wc -l")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tar.stdin.as_ref().unwrap().write_all(&archive).unwrap();
+    let listed = tar.wait_with_output().unwrap();
+    assert!(listed.status.success());
+    let n: u64 = String::from_utf8_lossy(&listed.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        n,
+        counts.files + counts.dirs + counts.symlinks + counts.hardlinks + counts.special
+    );
+
+    let reply = restore_store(&mut client, &target, &archive, false)
+        .await
+        .unwrap();
+    assert_eq!(reply.files, counts.files + counts.special);
+    assert_eq!(reply.bytes, counts.file_bytes);
+
+    let source = tree(&store);
+    let restored = tree(&target);
+    assert_eq!(
+        source.keys().collect::<Vec<_>>(),
+        restored.keys().collect::<Vec<_>>(),
+        "the restored tree has other paths"
+    );
+    for (path, want) in &source {
+        let got = &restored[path];
+        if LIVE_FILES.iter().any(|l| Path::new(l) == path) {
+            // Appended to since: the restored bytes are a prefix of today's file.
+            let now = fs::read(store.join(path)).unwrap();
+            let then = fs::read(target.join(path)).unwrap();
+            assert!(
+                !then.is_empty() && now.starts_with(&then),
+                "{}",
+                path.display()
+            );
+            assert_eq!(
+                (got.mode, got.uid, got.gid),
+                (want.mode, want.uid, want.gid)
+            );
+            continue;
+        }
+        assert_eq!(got, want, "{} differs", path.display());
+    }
+
+    // Restoring again into the now full target needs overwrite.
+    let e = restore_store(&mut client, &target, &archive, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("not empty"), "{e}");
+    restore_store(&mut client, &target, &archive, true)
+        .await
+        .unwrap();
+    assert_eq!(tree(&target).len(), source.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_container_image_dumps_the_database() {
+    let cluster = Cluster::get();
+    let tag = format!("deis-backup/agent:{}", unique("test"));
+    let built = Command::new(support::repo_root().join("agent/image/build"))
+        .args([
+            "--binary",
+            support::binary("deis-backup-agent").to_str().unwrap(),
+            "--tag",
+            &tag,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let name = unique("deis-backup-agent-test");
+    let token = unique("test-token-0123456789");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let run = Command::new("docker")
+        .args(["run", "-d", "--name", &name, "--net", "host"])
+        .args(["-v", "/var/run/docker.sock:/var/run/docker.sock"])
+        .args(["-e", &format!("DEIS_BACKUP_TOKEN={token}")])
+        .arg(&tag)
+        .args([
+            "--listen",
+            &addr,
+            "--no-register",
+            "--host-id",
+            &name,
+            "--store-path",
+            "/tmp",
+        ])
+        .args(["--database-container", cluster.database_container()])
+        .output()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent {
+        addr,
+        token,
+        host_id: name.clone(),
+        child: None,
+        container: Some(name),
+        log: dir.path().join("none.log"),
+        _dir: dir,
+    };
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    agent.wait_ready().await;
+    let mut client = agent.client().await;
+    let described = client
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.machine_id, agent.host_id);
+    assert!(described.database.is_some_and(|d| d.running));
+    assert_dump_matches(&mut client, cluster.database_container()).await;
+    drop(agent);
+    let _ = Command::new("docker").args(["rmi", &tag]).output();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_refuses_calls_without_the_token_or_outside_its_config() {
+    let store = tempfile::tempdir().unwrap();
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        store.path().to_str().unwrap(),
+    ])
+    .await;
+
+    let mut nobody = agent.client_with(None).await;
+    let e = nobody.describe(DescribeRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("no authorization"), "{e}");
+    let e = nobody
+        .dump_database(DumpDatabaseRequest { zstd_level: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    let mut wrong = agent.client_with(Some("not-the-token-at-all")).await;
+    let e = wrong.describe(DescribeRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("wrong bearer token"), "{e}");
+    assert!(
+        !agent.log_text().contains(&agent.token),
+        "the token reached the log"
+    );
+
+    let mut client = agent.client().await;
+    for path in ["/etc", "/", &format!("{}/..", store.path().display())] {
+        let e = client
+            .archive_store(ArchiveStoreRequest {
+                path: path.into(),
+                zstd_level: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{path}: {e}");
+        assert!(e.message().contains("allow-list"), "{e}");
+    }
+    let e = restore_store(&mut client, Path::new("/etc"), b"", false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+
+    let e = client
+        .run_hook(RunHookRequest {
+            name: "rm-rf".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("no hook named 'rm-rf'"), "{e}");
+
+    let missing = unique("deis-backup-no-such-database");
+    let other = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        store.path().to_str().unwrap(),
+        "--database-container",
+        &missing,
+    ])
+    .await;
+    let e = other
+        .client()
+        .await
+        .dump_database(DumpDatabaseRequest { zstd_level: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(
+        e.message()
+            .contains(&format!("container '{missing}' does not exist")),
+        "{e}"
+    );
+}
+
+/// A tar + zstd archive of hand-made headers (name bytes written as given, unchecked).
+fn raw_archive(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, link, data) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_456_747_200);
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name);
+        old.linkname[..link.len()].copy_from_slice(link);
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_restore_refuses_malicious_archives_and_writes_nothing_outside() {
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("store");
+    let outside = work.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let agent = Agent::spawn(&["--no-register", "--store-path", target.to_str().unwrap()]).await;
+    let mut client = agent.client().await;
+    let abs = outside.join("abs-x");
+    let outside_s = outside.to_str().unwrap().as_bytes();
+    use tar::EntryType::{Block, Char, Directory, Link, Regular, Symlink};
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "climbs out",
+            raw_archive(&[
+                (b"ok", Regular, b"", b"fine"),
+                (b"../outside/dotdot-x", Regular, b"", b"pwned"),
+            ]),
+        ),
+        (
+            "absolute",
+            raw_archive(&[(abs.to_str().unwrap().as_bytes(), Regular, b"", b"pwned")]),
+        ),
+        (
+            "through a symlink",
+            raw_archive(&[
+                (b"link", Symlink, outside_s, b""),
+                (b"link/through-x", Regular, b"", b"pwned"),
+            ]),
+        ),
+        (
+            "through a symlink",
+            raw_archive(&[
+                (b"d", Directory, b"", b""),
+                (b"d/up", Symlink, b"../..", b""),
+                (b"d/up/outside/deep-x", Regular, b"", b"pwned"),
+            ]),
+        ),
+        (
+            "climbs out",
+            raw_archive(&[(b"hard", Link, b"../outside/victim", b"")]),
+        ),
+        ("device node", raw_archive(&[(b"null", Char, b"", b"")])),
+        ("device node", raw_archive(&[(b"sda", Block, b"", b"")])),
+    ];
+    fs::write(outside.join("victim"), b"victim").unwrap();
+    for (why, archive) in cases {
+        let e = restore_store(&mut client, &target, &archive, false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{why}: {e}");
+        assert!(e.message().contains(why), "{why}: {e}");
+        let left: Vec<_> = fs::read_dir(&target).unwrap().collect();
+        assert!(left.is_empty(), "{why}: the target holds {left:?}");
+        let mut outside_now: Vec<_> = fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        outside_now.sort();
+        assert_eq!(
+            outside_now,
+            ["victim"],
+            "{why}: something was written outside"
+        );
+        assert_eq!(fs::read(outside.join("victim")).unwrap(), b"victim");
+    }
+    // A damaged stream (cut short) is refused as well, with nothing written.
+    let good = raw_archive(&[(b"a", Regular, b"", &[7u8; 5000])]);
+    let e = restore_store(&mut client, &target, &good[..good.len() - 7], false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
+    // And the same archive whole is restored.
+    restore_store(&mut client, &target, &good, false)
+        .await
+        .unwrap();
+    assert_eq!(fs::read(target.join("a")).unwrap(), [7u8; 5000]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_registers_in_etcd_and_leaves_on_sigterm() {
+    let cluster = Cluster::get();
+    let store = tempfile::tempdir().unwrap();
+    let mut agent = Agent::spawn(&["--store-path", store.path().to_str().unwrap()]).await;
+    let etcd = cluster.etcd();
+    let key = deis_backup_proto::registration::key(&agent.host_id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let node = loop {
+        if let Some(n) = etcd.get_node(&key, false).await.unwrap() {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key} never appeared:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let record: deis_backup_proto::registration::Registration =
+        serde_json::from_str(node.value.as_deref().unwrap()).unwrap();
+    assert_eq!(record.address, agent.addr);
+    assert_eq!(record.version, deis_backup_agent::VERSION);
+    let ttl = node.ttl.expect("a TTL");
+    assert!(ttl > 0 && ttl <= 30, "ttl {ttl}");
+    let status = agent.terminate();
+    assert!(status.success(), "{status}:\n{}", agent.log_text());
+    assert!(
+        etcd.get_node(&key, false).await.unwrap().is_none(),
+        "{key} is still registered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_describes_its_host_store_and_containers() {
+    let cluster = Cluster::get();
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        cluster.store_dir().to_str().unwrap(),
+    ])
+    .await;
+    let d = agent
+        .client()
+        .await
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.machine_id, agent.host_id);
+    assert_eq!(d.address, agent.addr);
+    assert!(
+        !d.hostname.is_empty() && d.docker_api_version.starts_with("1."),
+        "{d:?}"
+    );
+    let db = d
+        .database
+        .clone()
+        .expect("the database container is described");
+    assert!(db.running && db.name == cluster.database_container());
+    assert!(
+        d.running_platform_containers
+            .iter()
+            .any(|c| c == cluster.database_container()),
+        "{d:?}"
+    );
+    assert!(d.hooks.iter().any(|h| h == "wal-e-backup-push"));
+    let [p] = &d.store_paths[..] else {
+        panic!("{d:?}")
+    };
+    assert!(!p.shared && !p.fs_type.is_empty(), "{p:?}");
+    assert!(
+        p.fs_identity
+            .starts_with(&format!("local:{}:", agent.host_id)),
+        "{p:?}"
+    );
+}
+
+fn psql(container: &str, sql: &str) -> String {
+    let out = Command::new("docker")
+        .args([
+            "exec", "-u", "postgres", container, "psql", "-X", "-At", "-d", "postgres", "-c", sql,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+async fn restore_sql(
+    client: &mut Client,
+    sql: &str,
+) -> Result<deis_backup_proto::v1::RestoreDatabaseReply, Status> {
+    let z = zstd::encode_all(sql.as_bytes(), 3).unwrap();
+    let mut msgs = vec![RestoreDatabaseRequest {
+        kind: Some(restore_database_request::Kind::Header(
+            RestoreDatabaseHeader {
+                sha256: Sha256::digest(&z).to_vec(),
+            },
+        )),
+    }];
+    for piece in z.chunks(1000) {
+        msgs.push(RestoreDatabaseRequest {
+            kind: Some(restore_database_request::Kind::Data(piece.to_vec())),
+        });
+    }
+    client
+        .restore_database(futures::stream::iter(msgs))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_restores_sql_and_names_the_failing_line() {
+    let cluster = Cluster::get();
+    let container = cluster.database_container();
+    let store = tempfile::tempdir().unwrap();
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        store.path().to_str().unwrap(),
+    ])
+    .await;
+    let mut client = agent.client().await;
+    let db = unique("agent_restore").replace('-', "_");
+    let sql = format!(
+        "CREATE ROLE postgres;\nCREATE DATABASE {db};\n\\connect {db}\nCREATE TABLE t (id int, name text);\n\
+         INSERT INTO t SELECT i, 'row ' || i FROM generate_series(1, 5000) AS i;\n"
+    );
+    let result = restore_sql(&mut client, &sql).await;
+    let count = psql(
+        container,
+        &format!("SELECT count(*) FROM pg_database WHERE datname = '{db}'"),
+    );
+    if count == "1" {
+        let rows = Command::new("docker")
+            .args([
+                "exec",
+                "-u",
+                "postgres",
+                container,
+                "psql",
+                "-X",
+                "-At",
+                "-d",
+                &db,
+                "-c",
+                "SELECT count(*) FROM t",
+            ])
+            .output()
+            .unwrap();
+        psql(container, &format!("DROP DATABASE {db} WITH (FORCE)"));
+        assert_eq!(String::from_utf8_lossy(&rows.stdout).trim(), "5000");
+    }
+    let reply = result.unwrap();
+    assert_eq!(reply.raw_bytes, sql.len() as u64);
+
+    let bad = "SELECT 1;\nSELECT 2;\nSELEC broken;\nSELECT 4;\n";
+    let e = restore_sql(&mut client, bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert!(e.message().contains("3: SELEC broken"), "{e}");
+    assert!(e.message().contains("syntax error"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_runs_hooks_by_name_from_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    fs::write(
+        &config,
+        r#"
+        [hooks.whoami]
+        user = "postgres"
+        command = ["id", "-un"]
+        [hooks.fails]
+        command = ["sh", "-c", "echo it broke >&2; exit 3"]
+        "#,
+    )
+    .unwrap();
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        dir.path().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await;
+    let mut client = agent.client().await;
+    let ok = client
+        .run_hook(RunHookRequest {
+            name: "whoami".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.output_tail, "postgres");
+    let e = client
+        .run_hook(RunHookRequest {
+            name: "fails".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    assert!(
+        e.message().contains("status 3") && e.message().contains("it broke"),
+        "{e}"
+    );
+}
+
+/// Joins a unit file's continuation lines and returns `key=value` pairs in order.
+fn unit_directives(text: &str) -> Vec<(String, String)> {
+    let mut joined = String::new();
+    for line in text.lines() {
+        if let Some(stripped) = line.strip_suffix('\\') {
+            joined.push_str(stripped);
+            joined.push(' ');
+        } else {
+            joined.push_str(line);
+            joined.push('\n');
+        }
+    }
+    joined
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn agent_fleet_unit_runs_the_agent_with_flags_it_has() {
+    let text =
+        fs::read_to_string(support::repo_root().join("systemd/deis-backup-agent.service")).unwrap();
+    let d = unit_directives(&text);
+    let get = |k: &str| {
+        d.iter()
+            .filter(|(dk, _)| dk == k)
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(get("EnvironmentFile"), ["/etc/environment"]);
+    assert_eq!(get("Global"), ["true"]);
+    assert!(
+        get("ExecStartPre")
+            .iter()
+            .any(|c| c.contains("docker rm -f deis-backup-agent"))
+    );
+    assert!(
+        get("ExecStartPre")
+            .iter()
+            .any(|c| c.contains("docker pull"))
+    );
+    let [start] = &get("ExecStart")[..] else {
+        panic!("one ExecStart")
+    };
+    let words: Vec<String> = start
+        .split_whitespace()
+        .map(|w| w.replace("${COREOS_PRIVATE_IPV4}", "10.1.2.3"))
+        .collect();
+    let image = get("Environment")
+        .iter()
+        .find_map(|e| e.strip_prefix("IMAGE="))
+        .expect("Environment=IMAGE=…");
+    let at = words
+        .iter()
+        .position(|w| w == "${IMAGE}")
+        .expect("ExecStart runs ${IMAGE}");
+    let docker = words[..at].join(" ");
+    for want in [
+        "/usr/bin/docker run",
+        "--name deis-backup-agent",
+        "--net=host",
+        "-v /var/run/docker.sock:/var/run/docker.sock",
+        "-v /var/lib/deis/store:/var/lib/deis/store",
+        "-v /etc/machine-id:/etc/machine-id:ro",
+    ] {
+        assert!(docker.contains(want), "docker run lacks {want}: {docker}");
+    }
+    assert!(image.starts_with("deis-backup/agent:v"), "{image}");
+    let args =
+        std::iter::once("deis-backup-agent".to_owned()).chain(words[at + 1..].iter().cloned());
+    let cli = deis_backup_agent::Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{e}"));
+    let config = cli.into_config().unwrap();
+    assert_eq!(config.listen_addr().unwrap().to_string(), "10.1.2.3:4195");
+    assert_eq!(config.store_paths(), [PathBuf::from("/var/lib/deis/store")]);
+    assert_eq!(config.etcd(), "http://10.1.2.3:4001");
+    assert!(config.token_file.is_some());
+    assert!(config.register());
+}

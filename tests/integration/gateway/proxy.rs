@@ -1,0 +1,171 @@
+//! A loopback HTTP proxy in front of the gateway that misbehaves on purpose: it stands in for Ceph
+//! Hammer (refusing `AWS4-HMAC-SHA256` requests) and for an overloaded or flaky gateway (answering
+//! `503 SlowDown`, cutting connections in the middle of a response).
+//!
+//! Invariants: it listens on 127.0.0.1 only and forwards only to the given upstream; every request
+//! gets its own upstream connection (`Connection: close` is forced), so every request is judged;
+//! faults are bounded by `max_faults` so a run always finishes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the proxy does to requests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Behaviour {
+    /// Answer 403 AccessDenied to SigV4-signed requests (Hammer does not know V4).
+    pub reject_v4: bool,
+    /// Chance of answering `503 SlowDown` instead of forwarding.
+    pub p_slow_down: f64,
+    /// Chance of cutting the connection after part of the response.
+    pub p_reset: f64,
+    /// At most this many injected faults in all.
+    pub max_faults: u64,
+}
+
+/// Counts of what the proxy did.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub requests: AtomicU64,
+    pub rejected_v4: AtomicU64,
+    pub slow_downs: AtomicU64,
+    pub resets: AtomicU64,
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub counts: Arc<Counts>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn start(upstream: SocketAddr, behaviour: Behaviour) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counts = Arc::new(Counts::default());
+        let c = Arc::clone(&counts);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let c = Arc::clone(&c);
+                tokio::spawn(async move {
+                    let _ = serve(client, upstream, behaviour, &c).await;
+                });
+            }
+        });
+        Proxy { addr, counts, task }
+    }
+}
+
+fn faults(c: &Counts) -> u64 {
+    c.slow_downs.load(Ordering::Relaxed) + c.resets.load(Ordering::Relaxed)
+}
+
+async fn serve(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    b: Behaviour,
+    c: &Counts,
+) -> std::io::Result<()> {
+    // Read the request head.
+    let mut buf = Vec::with_capacity(8192);
+    let head_end = loop {
+        let mut chunk = [0u8; 8192];
+        let n = client.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 1 << 20 {
+            return Ok(());
+        }
+    };
+    c.requests.fetch_add(1, Ordering::Relaxed);
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let rest = buf[head_end..].to_vec();
+
+    if b.reject_v4 && head.contains("AWS4-HMAC-SHA256") {
+        c.rejected_v4.fetch_add(1, Ordering::Relaxed);
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code></Error>";
+        let resp = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(resp.as_bytes()).await?;
+        return client.shutdown().await;
+    }
+    let roll = fastrand::f64();
+    let can_fault = faults(c) < b.max_faults;
+    if can_fault && roll < b.p_slow_down {
+        c.slow_downs.fetch_add(1, Ordering::Relaxed);
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+        let resp = format!(
+            "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(resp.as_bytes()).await?;
+        return client.shutdown().await;
+    }
+    let reset = can_fault && roll < b.p_slow_down + b.p_reset;
+
+    // Forward with `Connection: close`, so the next request comes on a new connection.
+    let mut forwarded = String::new();
+    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+        if line.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        forwarded.push_str(line);
+        forwarded.push_str("\r\n");
+    }
+    forwarded.push_str("Connection: close\r\n\r\n");
+    let mut up = TcpStream::connect(upstream).await?;
+    up.write_all(forwarded.as_bytes()).await?;
+    up.write_all(&rest).await?;
+    if reset {
+        c.resets.fetch_add(1, Ordering::Relaxed);
+        // Send the request body on, pass back part of the answer, then drop both sides.
+        let (mut cr, mut cw) = client.split();
+        let (mut ur, mut uw) = up.split();
+        let to_up = tokio::io::copy(&mut cr, &mut uw);
+        let cut = async {
+            let mut sent = 0usize;
+            let limit = 200 + fastrand::usize(0..4000);
+            let mut chunk = [0u8; 1024];
+            while sent < limit {
+                let n = ur.read(&mut chunk).await?;
+                if n == 0 {
+                    break;
+                }
+                let n = n.min(limit - sent);
+                cw.write_all(&chunk[..n]).await?;
+                sent += n;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::select! {
+            _ = to_up => {}
+            _ = cut => {}
+        }
+        return Ok(());
+    }
+    tokio::io::copy_bidirectional(&mut client, &mut up).await?;
+    Ok(())
+}
