@@ -7,5 +7,8 @@ mod integration {
     pub mod support;
 
     mod agent;
+    mod gateway;
+    mod mirror;
+    mod repository;
     mod smoke;
 }

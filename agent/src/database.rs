@@ -234,6 +234,8 @@ pub async fn restore(
         "ON_ERROR_STOP=1",
         "-d",
         "postgres",
+        "-f",
+        "-",
     ]
     .map(String::from)
     .to_vec();

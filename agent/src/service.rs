@@ -147,7 +147,13 @@ impl agent_server::Agent for AgentService {
             });
         let mut store_paths = Vec::new();
         for p in &s.store_paths {
-            store_paths.push(store::describe(p, &s.host_id)?);
+            store_paths.push(store::describe(p, &s.host_id).unwrap_or_else(|e| {
+                tracing::warn!(path = %p.display(), error = %e, "store path not usable here");
+                deis_backup_proto::v1::StorePath {
+                    path: p.display().to_string(),
+                    ..Default::default()
+                }
+            }));
         }
         Ok(Response::new(DescribeReply {
             machine_id: s.host_id.clone(),

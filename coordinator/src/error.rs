@@ -33,6 +33,12 @@ pub enum ErrorKind {
     Integrity,
     /// A local file system operation failed.
     Io,
+    /// An agent could not be reached, refused the call, or failed its job.
+    Agent,
+    /// Another deis-backup holds the cluster lock.
+    Locked,
+    /// A restore's preflight check failed; nothing was written.
+    Preflight,
 }
 
 /// An error of the coordinator library: a kind, a message, and a guidance line.
@@ -109,7 +115,7 @@ impl Error {
         )
     }
 
-    pub(crate) fn config(message: impl Into<String>) -> Self {
+    pub fn config(message: impl Into<String>) -> Self {
         Self::new(
             ErrorKind::Config,
             message,

@@ -121,7 +121,8 @@ pub struct GatewayOptions {
     /// Region used in V4 signatures (radosgw accepts us-east-1).
     #[arg(long = "gateway-region", default_value = "us-east-1")]
     pub region: String,
-    /// Most requests in flight at once (the adaptive limit starts at half and never exceeds this).
+    /// Most requests in flight at once (the adaptive limit starts here, halves on overload and
+    /// climbs back when the gateway is calm).
     #[arg(long = "gateway-concurrency", default_value_t = 32)]
     pub concurrency: usize,
     /// Retries of a failed request before giving up.
@@ -751,7 +752,7 @@ impl Gateway {
             next: AtomicUsize::new(0),
             signature: options.signature,
             v2_active: AtomicBool::new(options.signature == Signature::V2),
-            limiter: Limiter::new(max.div_ceil(2), 1, max),
+            limiter: Limiter::new(max, 1, max),
             bandwidth: options.bandwidth_limit.map(Bandwidth::new),
             retries: options.retries,
             multipart_threshold: options.multipart_threshold.max(MIN_PART_SIZE),

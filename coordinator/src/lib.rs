@@ -7,13 +7,18 @@
 //! Invariants: one error type ([`Error`]) with a guidance line; secrets never reach logs, errors or
 //! stored listings and manifests.
 
+pub mod agents;
 pub mod bucket_restore;
 pub mod error;
 pub mod gateway;
 pub mod lock;
 pub mod mirror;
 pub mod platform_keys;
+pub mod prune;
 pub mod repository;
+pub mod restore;
 pub mod retention;
+pub mod snapshot;
+pub mod verify;
 
 pub use error::{Error, ErrorKind, Result};

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::error::{Error, ErrorKind, Result};
+
 /// The etcd key of the lock.
 pub const KEY: &str = "/deis/backup/lock";
 /// How long the lock outlives a holder that stops refreshing it.
@@ -46,21 +48,23 @@ impl std::fmt::Display for Holder {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(
-        "another deis-backup holds the cluster lock ({0}); wait for it to finish, or if it died, \
-         for the lock to expire ({ttl} s)",
-        ttl = TTL.as_secs()
-    )]
-    Held(Holder),
-    #[error(
-        "the cluster lock at {KEY} holds something deis-backup did not write; remove it with \
-         `etcdctl rm {KEY}` if no backup runs"
-    )]
-    Foreign,
-    #[error("cannot take the cluster lock: {0}")]
-    Etcd(#[from] deis_backup_etcd::Error),
+fn held(h: &Holder) -> Error {
+    Error::new(
+        ErrorKind::Locked,
+        format!("another deis-backup holds the cluster lock: {h}"),
+        format!(
+            "wait for it to finish; if it died, the lock expires within {} s",
+            TTL.as_secs()
+        ),
+    )
+}
+
+fn foreign() -> Error {
+    Error::new(
+        ErrorKind::Locked,
+        format!("the cluster lock at {KEY} holds something deis-backup did not write"),
+        format!("if no backup runs, remove it with `etcdctl rm {KEY}`"),
+    )
 }
 
 /// A held lock. Refreshed in the background until `release` (or drop, which stops refreshing and
@@ -75,7 +79,7 @@ pub struct Lock {
 
 impl Lock {
     /// Takes the lock for `operation`, or says who holds it.
-    pub async fn acquire(etcd: &Client, operation: &str) -> Result<Lock, Error> {
+    pub async fn acquire(etcd: &Client, operation: &str) -> Result<Lock> {
         let holder = Holder {
             operation: operation.to_owned(),
             host: hostname(),
@@ -90,8 +94,8 @@ impl Lock {
                 let current = node.and_then(|n| n.value);
                 return Err(
                     match current.and_then(|v| serde_json::from_str::<Holder>(&v).ok()) {
-                        Some(h) => Error::Held(h),
-                        None => Error::Foreign,
+                        Some(h) => held(&h),
+                        None => foreign(),
                     },
                 );
             }
@@ -112,7 +116,7 @@ impl Lock {
     }
 
     /// Stops refreshing and deletes the lock if it is still ours.
-    pub async fn release(self) -> Result<(), Error> {
+    pub async fn release(self) -> Result<()> {
         self.refresher.abort();
         self.etcd.delete(KEY, Some(&self.value)).await?;
         Ok(())

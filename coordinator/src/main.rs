@@ -1,41 +1,32 @@
-//! `deis-backup`: the coordinator CLI.
+//! `deis-backup`: the coordinator CLI. Parses options (flags, environment, TOML config), runs one
+//! command from the library, prints the result, and exits with a documented code:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | the command failed (the one-line error says what and what to do) |
+//! | 2 | bad usage or configuration |
+//! | 3 | `verify` found a damaged snapshot |
+//! | 4 | another deis-backup holds the cluster lock |
+//! | 5 | `restore` refused by its preflight; nothing was written |
 
-use clap::{Parser, Subcommand};
+mod cli;
 
-/// deis-backup: cluster-wide backup and restore for Deis v1 platforms.
-#[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
-struct Cli {
-    /// etcd v2 endpoints, comma-separated.
-    #[arg(
-        long,
-        global = true,
-        env = "ETCDCTL_PEERS",
-        default_value = "http://127.0.0.1:4001"
-    )]
-    etcd: String,
-    #[command(subcommand)]
-    command: Command,
-}
+use std::process::ExitCode;
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// List the agents registered in etcd.
-    Agents,
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Agents => {
-            let etcd = deis_backup_etcd::Client::from_list(&cli.etcd)?;
-            let dir = deis_backup_proto::registration::AGENTS_DIR;
-            let node = etcd.get_node(dir, true).await?;
-            for leaf in node.iter().flat_map(|n| n.leaves()) {
-                println!("{}\t{}", leaf.name(), leaf.value.as_deref().unwrap_or(""));
-            }
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("deis-backup: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("deis-backup: {e}");
+            ExitCode::from(cli::exit_code(&e))
         }
     }
-    Ok(())
 }

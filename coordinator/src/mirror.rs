@@ -137,7 +137,9 @@ pub async fn mirror_bucket(
                     size: head.size,
                     etag: head.etag,
                     sha256: stored.blob.sha256,
-                    last_modified: head.last_modified.or(o.last_modified),
+                    // The listing's time has milliseconds, the GET's header only seconds: keep the
+                    // listing's, as carried-over entries do.
+                    last_modified: o.last_modified.or(head.last_modified),
                     meta: head.meta,
                 })
             }

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt a
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::gateway::Secret;
-pub use format::{BlobRef, BucketRef, Manifest, ObjectEntry, SnapshotId};
+pub use format::{BlobRef, BucketRef, Manifest, ObjectEntry, PartInfo, SnapshotId};
 
 /// A flat store of named files (`a/b/c` names, `/`-separated), the only thing a repository needs.
 #[async_trait]
@@ -97,10 +97,15 @@ pub struct RepositoryOptions {
     #[arg(long = "repository-endpoint", env = "DEIS_BACKUP_REPOSITORY_ENDPOINT")]
     pub endpoint: Option<String>,
     /// Region of an s3:// repository.
-    #[arg(long = "repository-region", default_value = "us-east-1")]
+    #[arg(
+        id = "repository_region",
+        long = "repository-region",
+        default_value = "us-east-1"
+    )]
     pub region: String,
     /// Access key of an s3:// repository.
     #[arg(
+        id = "repository_access_key",
         long = "repository-access-key",
         env = "AWS_ACCESS_KEY_ID",
         hide_env_values = true
@@ -108,6 +113,7 @@ pub struct RepositoryOptions {
     pub access_key: Option<Secret>,
     /// Secret key of an s3:// repository.
     #[arg(
+        id = "repository_secret_key",
         long = "repository-secret-key",
         env = "AWS_SECRET_ACCESS_KEY",
         hide_env_values = true
@@ -380,6 +386,7 @@ impl Repository {
             labels: BTreeMap::new(),
             parts: BTreeMap::new(),
             buckets: BTreeMap::new(),
+            part_info: BTreeMap::new(),
         }
     }
 
@@ -579,6 +586,7 @@ pub struct SnapshotWriter {
     labels: BTreeMap<String, String>,
     parts: BTreeMap<String, BlobRef>,
     buckets: BTreeMap<String, BucketRef>,
+    part_info: BTreeMap<String, format::PartInfo>,
 }
 
 impl SnapshotWriter {
@@ -588,6 +596,11 @@ impl SnapshotWriter {
 
     pub fn repository(&self) -> &Repository {
         &self.repo
+    }
+
+    /// Records where part `name` came from and how taking it went.
+    pub fn describe_part(&mut self, name: &str, info: format::PartInfo) {
+        self.part_info.insert(name.to_owned(), info);
     }
 
     /// Records a free-form fact in the manifest (never a secret).
@@ -654,6 +667,7 @@ impl SnapshotWriter {
             labels: self.labels,
             parts: self.parts,
             buckets: self.buckets,
+            part_info: self.part_info,
         };
         let data = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
         self.repo

@@ -85,8 +85,16 @@ impl Agent {
         let cluster = Cluster::get();
         let child = Command::new(support::binary("deis-backup-agent"))
             .args(["--listen", &addr, "--host-id", &host_id])
-            .args(["--etcd", cluster.etcd_endpoints()])
-            .args(["--database-container", cluster.database_container()])
+            .args(if extra.contains(&"--etcd") {
+                vec![]
+            } else {
+                vec!["--etcd", cluster.etcd_endpoints()]
+            })
+            .args(if extra.contains(&"--database-container") {
+                vec![]
+            } else {
+                vec!["--database-container", cluster.database_container()]
+            })
             .args(extra)
             .env("DEIS_BACKUP_TOKEN", &token)
             .env_remove("DEIS_BACKUP_TOKEN_FILE")
@@ -124,6 +132,18 @@ impl Agent {
                 && let Some(status) = c.try_wait().unwrap()
             {
                 panic!("the agent exited with {status}:\n{}", self.log_text());
+            }
+            if let Some(c) = &self.container {
+                let state = Command::new("docker")
+                    .args(["inspect", "-f", "{{.State.Running}}", c])
+                    .output()
+                    .unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&state.stdout).trim(),
+                    "true",
+                    "the agent's container stopped:\n{}",
+                    self.log_text()
+                );
             }
             if tokio::net::TcpStream::connect(&self.addr).await.is_ok() {
                 return;
@@ -611,7 +631,10 @@ async fn agent_refuses_calls_without_the_token_or_outside_its_config() {
 }
 
 /// A tar + zstd archive of hand-made headers (name bytes written as given, unchecked).
-fn raw_archive(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+/// One hand-made tar entry: name, type, link target, data.
+type RawEntry<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
+
+fn raw_archive(entries: &[RawEntry<'_>]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (name, kind, link, data) in entries {
         let mut h = tar::Header::new_ustar();
@@ -619,6 +642,8 @@ fn raw_archive(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
         h.set_mode(0o644);
         h.set_size(data.len() as u64);
         h.set_mtime(1_456_747_200);
+        h.set_uid(0);
+        h.set_gid(0);
         let old = h.as_old_mut();
         old.name[..name.len()].copy_from_slice(name);
         old.linkname[..link.len()].copy_from_slice(link);
@@ -630,6 +655,7 @@ fn raw_archive(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_restore_refuses_malicious_archives_and_writes_nothing_outside() {
+    use tar::EntryType::{Block, Char, Directory, Link, Regular, Symlink};
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("store");
     let outside = work.path().join("outside");
@@ -638,7 +664,6 @@ async fn agent_restore_refuses_malicious_archives_and_writes_nothing_outside() {
     let mut client = agent.client().await;
     let abs = outside.join("abs-x");
     let outside_s = outside.to_str().unwrap().as_bytes();
-    use tar::EntryType::{Block, Char, Directory, Link, Regular, Symlink};
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "climbs out",
@@ -1000,4 +1025,109 @@ fn agent_fleet_unit_runs_the_agent_with_flags_it_has() {
     assert_eq!(config.etcd(), "http://10.1.2.3:4001");
     assert!(config.token_file.is_some());
     assert!(config.register());
+}
+
+/// A container of our own from the database's image, running `sleep` instead of PostgreSQL, so
+/// `pg_dumpall` inside it fails; removed on drop.
+struct BrokenDatabase(String);
+
+impl BrokenDatabase {
+    fn start() -> BrokenDatabase {
+        let cluster = Cluster::get();
+        let image = Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{.Config.Image}}",
+                cluster.database_container(),
+            ])
+            .output()
+            .unwrap();
+        let image = String::from_utf8(image.stdout).unwrap().trim().to_owned();
+        let name = unique("deis-backup-test-broken-database");
+        let out = Command::new("docker")
+            .args([
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                "none",
+                "--entrypoint",
+                "sleep",
+            ])
+            .args([&image, "600"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        BrokenDatabase(name)
+    }
+}
+
+impl Drop for BrokenDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_dump_of_a_failing_pg_dumpall_is_an_error_with_its_stderr() {
+    let broken = BrokenDatabase::start();
+    let store = tempfile::tempdir().unwrap();
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        store.path().to_str().unwrap(),
+        "--database-container",
+        &broken.0,
+    ])
+    .await;
+    let mut client = agent.client().await;
+    let e = agent_dump(&mut client).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert!(e.message().contains("pg_dumpall"), "{e}");
+    assert!(e.message().contains("exited with status"), "{e}");
+    assert!(e.message().contains("connection to server"), "{e}");
+
+    // A container that stops is reported as not running.
+    let out = Command::new("docker")
+        .args(["stop", "-t", "0", &broken.0])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let e = agent_dump(&mut client).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("is not running"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_serves_while_etcd_is_away() {
+    let store = tempfile::tempdir().unwrap();
+    // An etcd endpoint that refuses connections.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let agent = Agent::spawn(&[
+        "--etcd",
+        &dead,
+        "--store-path",
+        store.path().to_str().unwrap(),
+    ])
+    .await;
+    let d = agent
+        .client()
+        .await
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.machine_id, agent.host_id);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        agent.log_text().contains("cannot refresh the registration"),
+        "{}",
+        agent.log_text()
+    );
 }

@@ -146,7 +146,8 @@ impl<W: Write> Walker<W> {
     }
 
     fn walk(&mut self, root: &Path) -> Result<()> {
-        let md = fs::symlink_metadata(root).map_err(Error::io("cannot read", root))?;
+        // The root itself may be a symlink to the store (followed); nothing below it is.
+        let md = fs::metadata(root).map_err(Error::io("cannot read", root))?;
         if !md.is_dir() {
             return Err(Error::BadRequest {
                 what: format!("store path {} is not a directory", root.display()),

@@ -150,6 +150,33 @@ pub struct Manifest {
     /// Mirrored buckets by name.
     #[serde(default)]
     pub buckets: BTreeMap<String, BucketRef>,
+    /// Where each part came from and how taking it went, by part name.
+    #[serde(default)]
+    pub part_info: BTreeMap<String, PartInfo>,
+}
+
+/// What the coordinator recorded about a part beyond its bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PartInfo {
+    /// Where the part came from, for people (`agent 3f2a… /var/lib/deis/store`).
+    pub source: String,
+    /// Bytes before compression, when the part is compressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_bytes: Option<u64>,
+    pub duration_ms: u64,
+    /// The agent's host id, for parts an agent produced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The store path, for store archives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// For store archives: whether the filesystem was shared by several hosts (CephFS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<bool>,
+    /// What the producer reported (files that changed while read, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// `blobs/sha256/ab/ab12...`.

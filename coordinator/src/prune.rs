@@ -1,0 +1,152 @@
+//! `prune`: forgets the snapshots a retention policy does not keep, then deletes every blob no
+//! remaining snapshot names.
+//!
+//! Invariants:
+//! - The caller holds the cluster lock, so no snapshot is being written: an incomplete snapshot
+//!   (no manifest) is then a dead run and is removed too.
+//! - A policy that keeps nothing is refused (see `retention`).
+//! - Snapshots go manifest first; blobs go only after every forgotten snapshot is gone, and only if
+//!   no kept snapshot names them.
+//! - `--dry-run` computes the same decisions and counts and deletes nothing.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::error::{Error, Result};
+use crate::repository::{PruneStats, Repository};
+use crate::retention::{self, Candidate, Decision, Policy};
+
+/// Options of `prune`. Serve the CLI, the config file (`[prune]`) and the library.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PruneOptions {
+    /// Keep the N newest snapshots.
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: usize,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: usize,
+    /// Keep the newest snapshot of each of the last N weeks that have one.
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: usize,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long, default_value_t = 0)]
+    pub keep_monthly: usize,
+    /// Show what would go, delete nothing.
+    #[arg(long)]
+    #[serde(skip)]
+    pub dry_run: bool,
+}
+
+impl PruneOptions {
+    pub fn policy(&self) -> Policy {
+        Policy {
+            last: self.keep_last,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+        }
+    }
+}
+
+/// What prune decided and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub dry_run: bool,
+    pub snapshots: Vec<DecisionOut>,
+    /// Incomplete snapshot directories removed.
+    pub incomplete: Vec<String>,
+    pub blobs_deleted: u64,
+    pub bytes_deleted: u64,
+    pub blobs_kept: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionOut {
+    pub id: String,
+    pub time: String,
+    pub keep: bool,
+    pub reasons: Vec<&'static str>,
+}
+
+/// Applies `options` to `repo`. The caller holds the cluster lock.
+pub async fn prune(repo: &Repository, options: &PruneOptions) -> Result<Report> {
+    let mut candidates = Vec::new();
+    for id in repo.snapshots().await? {
+        let m = repo.manifest(&id).await?;
+        let time = OffsetDateTime::parse(&m.started, &Rfc3339).map_err(|e| {
+            Error::repository(format!(
+                "snapshot {id}: bad start time '{}': {e}",
+                m.started
+            ))
+        })?;
+        candidates.push(Candidate {
+            id: id.to_string(),
+            time,
+        });
+    }
+    let decisions: Vec<Decision> = retention::apply(options.policy(), &candidates)
+        .map_err(|e| Error::config(e.to_string()))?;
+    let incomplete = repo.incomplete_snapshots().await?;
+    let times: std::collections::HashMap<&str, OffsetDateTime> =
+        candidates.iter().map(|c| (c.id.as_str(), c.time)).collect();
+    let out: Vec<DecisionOut> = decisions
+        .iter()
+        .map(|d| DecisionOut {
+            id: d.id.clone(),
+            time: times[d.id.as_str()].format(&Rfc3339).unwrap_or_default(),
+            keep: d.keep,
+            reasons: d.reasons.clone(),
+        })
+        .collect();
+
+    let stats = if options.dry_run {
+        would_delete(repo, &decisions).await?
+    } else {
+        for d in decisions.iter().filter(|d| !d.keep) {
+            repo.delete_snapshot(&d.id.parse()?).await?;
+        }
+        for id in &incomplete {
+            repo.delete_snapshot(id).await?;
+        }
+        repo.prune_blobs().await?
+    };
+    Ok(Report {
+        dry_run: options.dry_run,
+        snapshots: out,
+        incomplete: incomplete.iter().map(ToString::to_string).collect(),
+        blobs_deleted: stats.blobs_deleted,
+        bytes_deleted: stats.bytes_deleted,
+        blobs_kept: stats.blobs_kept,
+    })
+}
+
+/// The blob counts a real prune would give.
+async fn would_delete(repo: &Repository, decisions: &[Decision]) -> Result<PruneStats> {
+    let mut keep: HashSet<String> = HashSet::new();
+    for d in decisions.iter().filter(|d| d.keep) {
+        let m = repo.manifest(&d.id.parse()?).await?;
+        keep.extend(m.parts.values().map(|b| b.sha256.clone()));
+        for bucket in m.buckets.keys() {
+            keep.extend(
+                repo.listing(&m, bucket)
+                    .await?
+                    .into_iter()
+                    .map(|e| e.sha256),
+            );
+        }
+    }
+    let mut stats = PruneStats::default();
+    for (sha, size) in repo.blobs().await? {
+        if keep.contains(&sha) {
+            stats.blobs_kept += 1;
+        } else {
+            stats.blobs_deleted += 1;
+            stats.bytes_deleted += size;
+        }
+    }
+    Ok(stats)
+}

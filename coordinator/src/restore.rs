@@ -1,0 +1,492 @@
+//! `restore <id>`: puts a snapshot back onto a (fresh) cluster, in the order the Deis docs give:
+//! buckets first (so the database restores itself from `db_wal` when it starts), then the store
+//! files with their owners; optionally the SQL dump into a running database and the platform's
+//! etcd keys. The operator then runs `deisctl start platform`.
+//!
+//! Invariants:
+//! - Nothing is written before the preflight passes: the snapshot's parts re-hash to their recorded
+//!   sha256 and every object's blob exists; the gateway takes the cluster's *current* keys; no
+//!   platform container runs on any host; the target buckets are empty. `--force` overrides the
+//!   last two only.
+//! - `--dry-run` runs the preflight and prints the plan, and writes nothing.
+//! - A failure after writing began says exactly which steps completed.
+
+use std::time::Instant;
+
+use deis_backup_proto::v1::restore_database_request::Kind as DbKind;
+use deis_backup_proto::v1::restore_store_request::Kind as StoreKind;
+use deis_backup_proto::v1::{
+    RestoreDatabaseHeader, RestoreDatabaseRequest, RestoreStoreHeader, RestoreStoreRequest,
+};
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt as _;
+
+use crate::agents::{self, Agent, Described};
+use crate::bucket_restore::{self, Existing};
+use crate::error::{Error, ErrorKind, Result};
+use crate::gateway::DeisBuckets;
+use crate::platform_keys;
+use crate::repository::{Manifest, PartInfo, Repository};
+use crate::snapshot::{self, Cluster, DATABASE_PART, ETCD_PART, STORE_PREFIX};
+use crate::verify::{self, Depth};
+
+/// Platform containers that must not run while a snapshot is restored under them.
+pub const PLATFORM_CONTAINERS: &[&str] = &[
+    "deis-database",
+    "deis-registry",
+    "deis-controller",
+    "deis-logger",
+    "deis-builder",
+];
+
+/// Options of `restore`. Serve the CLI, the config file (`[restore]`) and the library.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RestoreOptions {
+    /// Run the preflight, print what would be restored, write nothing.
+    #[arg(long)]
+    #[serde(skip)]
+    pub dry_run: bool,
+    /// Restore although platform containers run or target buckets hold objects.
+    #[arg(long)]
+    #[serde(skip)]
+    pub force: bool,
+    /// What to do with a target bucket that holds objects (with --force).
+    #[arg(long, value_enum, default_value_t = Existing::Refuse)]
+    pub existing: Existing,
+    /// Replace what a non-empty store directory holds.
+    #[arg(long)]
+    pub overwrite_store: bool,
+    /// Load the SQL dump into the running deis-database (instead of letting it restore from db_wal).
+    #[arg(long)]
+    pub database_sql: bool,
+    /// Write the snapshot's platform keys back into etcd (never ephemeral ones).
+    #[arg(long)]
+    pub etcd_keys: bool,
+    /// Restore no bucket.
+    #[arg(long)]
+    pub no_buckets: bool,
+    /// Restore no store file.
+    #[arg(long)]
+    pub no_store: bool,
+}
+
+/// One step of a restore, as planned and then as done.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub what: String,
+    pub target: String,
+    pub done: bool,
+    pub detail: String,
+}
+
+/// What a restore did (or, on a dry run, would do).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub snapshot: String,
+    pub dry_run: bool,
+    pub steps: Vec<Step>,
+    /// Preflight findings overridden by --force.
+    pub forced: Vec<String>,
+    pub next: String,
+}
+
+/// Restores `manifest` onto the cluster. See the module invariants.
+pub async fn restore(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &Cluster,
+    options: &RestoreOptions,
+    progress: &dyn snapshot::Progress,
+) -> Result<Report> {
+    let (etcd, agents) = (&target.etcd, target.agents.as_slice());
+    let (gateway, target_buckets) = (target.gateway.as_ref(), target.deis_buckets.as_ref());
+    // 1. The snapshot itself must be whole.
+    let check = verify::verify(repo, manifest, Depth::Parts).await?;
+    if !check.ok() {
+        return Err(Error::integrity(format!(
+            "snapshot {} is damaged, nothing was restored: {}",
+            manifest.id,
+            check.problems.join("; ")
+        )));
+    }
+
+    // 2. Preflight on the target cluster.
+    let mut refusals = Vec::new();
+    for d in agents {
+        let mut running: Vec<&str> = d
+            .info
+            .running_platform_containers
+            .iter()
+            .map(String::as_str)
+            .filter(|c| PLATFORM_CONTAINERS.contains(c))
+            .collect();
+        // The agent's database container counts whatever its name.
+        if let Some(db) = d.info.database.as_ref().filter(|c| c.running)
+            && !running.contains(&db.name.as_str())
+        {
+            running.push(&db.name);
+        }
+        for c in running {
+            let is_database =
+                c == "deis-database" || d.info.database.as_ref().is_some_and(|db| db.name == c);
+            if !(options.database_sql && is_database) {
+                refusals.push(format!("{c} runs on {}", d.agent.host_id));
+            }
+        }
+    }
+    let mut steps = Vec::new();
+    if !options.no_buckets && !manifest.buckets.is_empty() {
+        let gw = gateway.ok_or_else(|| {
+            Error::config("the snapshot holds buckets but no gateway is configured")
+        })?;
+        for (source, b) in &manifest.buckets {
+            let bucket = &target_bucket(manifest, target_buckets, source);
+            if options.existing == Existing::Refuse
+                && gw.bucket_exists(bucket).await?
+                && !gw.bucket_is_empty(bucket).await?
+            {
+                refusals.push(format!("bucket {bucket} already holds objects"));
+            }
+            steps.push(Step {
+                what: "bucket".into(),
+                target: if bucket == source {
+                    bucket.clone()
+                } else {
+                    format!("{bucket} (was {source})")
+                },
+                done: false,
+                detail: format!("{} objects, {} bytes", b.objects, b.bytes),
+            });
+        }
+    }
+    let mut store_targets = Vec::new();
+    if !options.no_store {
+        for (name, blob) in manifest
+            .parts
+            .iter()
+            .filter(|(n, _)| n.starts_with(STORE_PREFIX))
+        {
+            let info = manifest.part_info.get(name).cloned().unwrap_or_default();
+            let agent = store_target(agents, name, &info)?;
+            steps.push(Step {
+                what: "store".into(),
+                target: format!(
+                    "{} on {}",
+                    info.path.as_deref().unwrap_or("?"),
+                    agent.host_id
+                ),
+                done: false,
+                detail: format!("{name}, {} bytes compressed", blob.size),
+            });
+            store_targets.push((name.clone(), info, agent));
+        }
+    }
+    let db_agent = if options.database_sql {
+        if !manifest.parts.contains_key(DATABASE_PART) {
+            return Err(Error::config(format!(
+                "snapshot {} holds no database dump; restore without --database-sql",
+                manifest.id
+            )));
+        }
+        let r = snapshot::database_agent(agents).map_err(|e| {
+            e.context("--database-sql needs the database running (deisctl start database)")
+        })?;
+        steps.push(Step {
+            what: "database-sql".into(),
+            target: format!("deis-database on {}", r.host),
+            done: false,
+            detail: DATABASE_PART.into(),
+        });
+        Some(find(agents, &r.host).clone())
+    } else {
+        None
+    };
+    if options.etcd_keys && manifest.parts.contains_key(ETCD_PART) {
+        steps.push(Step {
+            what: "etcd".into(),
+            target: platform_keys::ROOT.into(),
+            done: false,
+            detail: "platform keys, ephemeral ones left out".into(),
+        });
+    }
+    if !refusals.is_empty() && !options.force {
+        return Err(Error::new(
+            ErrorKind::Preflight,
+            format!(
+                "restore refused, nothing was written: {}",
+                refusals.join("; ")
+            ),
+            "restore onto a cluster where only the store components run (deisctl stop platform; \
+             start store-*), or pass --force",
+        ));
+    }
+    let mut report = Report {
+        snapshot: manifest.id.to_string(),
+        dry_run: options.dry_run,
+        steps,
+        forced: refusals,
+        next: "deisctl start platform".into(),
+    };
+    if options.dry_run {
+        return Ok(report);
+    }
+
+    // 3. Write, in the documented order.
+    let mut i = 0;
+    let fail = |report: &Report, e: Error| {
+        let done: Vec<String> = report
+            .steps
+            .iter()
+            .filter(|s| s.done)
+            .map(|s| format!("{} {}", s.what, s.target))
+            .collect();
+        e.context(format!(
+            "restore stopped part-way (completed: {})",
+            if done.is_empty() {
+                "nothing".to_owned()
+            } else {
+                done.join(", ")
+            }
+        ))
+    };
+    if !options.no_buckets {
+        for source in manifest.buckets.keys() {
+            let gw = gateway.expect("checked above");
+            let bucket = &target_bucket(manifest, target_buckets, source);
+            let r = async {
+                let listing = repo.listing(manifest, source).await?;
+                let existing = if options.existing == Existing::Refuse && options.force {
+                    Existing::Merge
+                } else {
+                    options.existing
+                };
+                bucket_restore::restore_bucket(gw, repo, &listing, bucket, existing, progress).await
+            }
+            .await;
+            match r {
+                Ok(stats) => {
+                    report.steps[i].done = true;
+                    report.steps[i].detail = format!(
+                        "{} objects, {} uploaded, {} bytes",
+                        stats.objects, stats.uploaded_objects, stats.uploaded_bytes
+                    );
+                }
+                Err(e) => return Err(fail(&report, e)),
+            }
+            i += 1;
+        }
+    }
+    for (name, info, agent) in &store_targets {
+        progress.part_started(name, &format!("agent {}", agent.host_id));
+        let r = restore_store(repo, manifest, name, info, agent, options.overwrite_store).await;
+        progress.part_finished(name, r.is_ok());
+        match r {
+            Ok(detail) => {
+                report.steps[i].done = true;
+                report.steps[i].detail = detail;
+            }
+            Err(e) => return Err(fail(&report, e)),
+        }
+        i += 1;
+    }
+    if let Some(agent) = &db_agent {
+        progress.part_started(DATABASE_PART, &format!("agent {}", agent.host_id));
+        let r = restore_database(repo, manifest, agent).await;
+        progress.part_finished(DATABASE_PART, r.is_ok());
+        match r {
+            Ok(detail) => {
+                report.steps[i].done = true;
+                report.steps[i].detail = detail;
+            }
+            Err(e) => return Err(fail(&report, e)),
+        }
+        i += 1;
+        report.next = "deisctl start platform (the database already holds the dump)".into();
+    }
+    if options.etcd_keys && manifest.parts.contains_key(ETCD_PART) {
+        let r = async {
+            let blob = &manifest.parts[ETCD_PART];
+            let mut data = Vec::new();
+            repo.open_blob(&blob.sha256)
+                .await?
+                .read_to_end(&mut data)
+                .await
+                .map_err(|e| Error::io("read the etcd export", &e))?;
+            let export: platform_keys::Export = serde_json::from_slice(&data).map_err(|e| {
+                Error::repository(format!("{ETCD_PART} is not an etcd export: {e}"))
+            })?;
+            platform_keys::import(etcd, &export, false)
+                .await
+                .map_err(Error::from)
+        }
+        .await;
+        match r {
+            Ok(r) => {
+                report.steps[i].done = true;
+                report.steps[i].detail = format!(
+                    "{} keys written, {} refused as ephemeral",
+                    r.written.len(),
+                    r.refused.len()
+                );
+            }
+            Err(e) => return Err(fail(&report, e)),
+        }
+    }
+    Ok(report)
+}
+
+/// The bucket on the target cluster for `source`: the target's bucket of the same Deis role
+/// (database, registry) when the snapshot recorded roles, else the same name.
+pub fn target_bucket(manifest: &Manifest, target: Option<&DeisBuckets>, source: &str) -> String {
+    let role = |label: &str| manifest.labels.get(label).is_some_and(|b| b == source);
+    match target {
+        Some(t) if role(snapshot::BUCKET_DATABASE_LABEL) => t.database.clone(),
+        Some(t) if role(snapshot::BUCKET_REGISTRY_LABEL) => t.registry.clone(),
+        _ => source.to_owned(),
+    }
+}
+
+/// The agent that restores store part `name`: for a shared filesystem any agent that has the path
+/// (first by host id); for a host-local directory the same host, or the only host with the path.
+fn store_target(agents: &[Described], name: &str, info: &PartInfo) -> Result<Agent> {
+    let path = info
+        .path
+        .as_deref()
+        .ok_or_else(|| Error::repository(format!("store part {name} does not record its path")))?;
+    let mut with_path: Vec<&Described> = agents
+        .iter()
+        .filter(|d| d.info.store_paths.iter().any(|p| p.path == path))
+        .collect();
+    with_path.sort_by(|a, b| a.agent.host_id.cmp(&b.agent.host_id));
+    if info.shared != Some(true) {
+        if let Some(d) = with_path
+            .iter()
+            .find(|d| Some(d.agent.host_id.as_str()) == info.host.as_deref())
+        {
+            return Ok(d.agent.clone());
+        }
+        if with_path.len() > 1 {
+            return Err(Error::new(
+                ErrorKind::Preflight,
+                format!(
+                    "store part {name} came from host-local {path} on {}, which is not in this \
+                     cluster, and several hosts have {path}",
+                    info.host.as_deref().unwrap_or("?")
+                ),
+                "restore with --agent naming the one host to restore it to",
+            ));
+        }
+    }
+    with_path.first().map(|d| d.agent.clone()).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Preflight,
+            format!("no agent allows the store path {path} (store part {name})"),
+            "start the agents with --store-path for that directory",
+        )
+    })
+}
+
+async fn restore_store(
+    repo: &Repository,
+    manifest: &Manifest,
+    name: &str,
+    info: &PartInfo,
+    agent: &Agent,
+    overwrite: bool,
+) -> Result<String> {
+    let started = Instant::now();
+    let blob = &manifest.parts[name];
+    let header = RestoreStoreRequest {
+        kind: Some(StoreKind::Header(RestoreStoreHeader {
+            path: info.path.clone().unwrap_or_default(),
+            overwrite,
+            allow_devices: false,
+            sha256: hex::decode(&blob.sha256).unwrap_or_default(),
+        })),
+    };
+    let data = blob_chunks(repo, &blob.sha256, name).await?;
+    let requests = futures::stream::iter([header]).chain(data.map(|d| RestoreStoreRequest {
+        kind: Some(StoreKind::Data(d)),
+    }));
+    let mut c = agent.client.clone();
+    let reply = c
+        .restore_store(requests)
+        .await
+        .map_err(|s| agents::status_error(agent, &format!("RestoreStore of {name}"), &s))?
+        .into_inner();
+    Ok(format!(
+        "{} files, {} dirs, {} links, {} bytes in {:.1} s{}",
+        reply.files,
+        reply.dirs,
+        reply.links,
+        reply.bytes,
+        started.elapsed().as_secs_f64(),
+        if reply.warnings.is_empty() {
+            String::new()
+        } else {
+            format!(", {} warnings", reply.warnings.len())
+        }
+    ))
+}
+
+async fn restore_database(repo: &Repository, manifest: &Manifest, agent: &Agent) -> Result<String> {
+    let blob = &manifest.parts[DATABASE_PART];
+    let header = RestoreDatabaseRequest {
+        kind: Some(DbKind::Header(RestoreDatabaseHeader {
+            sha256: hex::decode(&blob.sha256).unwrap_or_default(),
+        })),
+    };
+    let data = blob_chunks(repo, &blob.sha256, DATABASE_PART).await?;
+    let requests = futures::stream::iter([header]).chain(data.map(|d| RestoreDatabaseRequest {
+        kind: Some(DbKind::Data(d)),
+    }));
+    let mut c = agent.client.clone();
+    let reply = c
+        .restore_database(requests)
+        .await
+        .map_err(|s| agents::status_error(agent, "RestoreDatabase", &s))?
+        .into_inner();
+    Ok(format!(
+        "{} bytes of SQL in {:.1} s",
+        reply.raw_bytes,
+        reply.duration_ms as f64 / 1000.0
+    ))
+}
+
+/// A blob as a stream of 1 MiB chunks. A read error ends the stream early; the agent then sees a
+/// sha256 mismatch and refuses the data.
+async fn blob_chunks(
+    repo: &Repository,
+    sha: &str,
+    part: &str,
+) -> Result<impl futures::Stream<Item = Vec<u8>> + Send + 'static> {
+    let reader = repo.open_blob(sha).await?;
+    let part = part.to_owned();
+    Ok(futures::stream::unfold(reader, move |mut r| {
+        let part = part.clone();
+        async move {
+            let mut buf = vec![0u8; 1 << 20];
+            match r.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((buf, r))
+                }
+                Err(e) => {
+                    tracing::error!(part, "reading the snapshot failed: {e}");
+                    None
+                }
+            }
+        }
+    }))
+}
+
+fn find<'a>(agents: &'a [Described], host: &str) -> &'a Agent {
+    &agents
+        .iter()
+        .find(|d| d.agent.host_id == host)
+        .expect("the database agent is among the agents")
+        .agent
+}

@@ -1,0 +1,613 @@
+//! `snapshot`: one whole-cluster snapshot — the gateway's buckets, the database dump, the store
+//! archive of every distinct filesystem and the platform's etcd keys — written into a repository.
+//!
+//! Invariants:
+//! - Planning reads only (etcd, agents' Describe, the previous manifest); `--dry-run` stops there.
+//! - The cluster lock is held from before the first write until after the manifest.
+//! - Parts are taken concurrently; every one must succeed and match its trailer (size, sha256)
+//!   before the manifest is written. Any failure leaves no manifest, so no complete snapshot, and
+//!   the error names the part.
+//! - The shared store (CephFS, the same filesystem on every host) is archived once; each host-local
+//!   store directory once per host.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use deis_backup_proto::v1::chunk::Kind;
+use deis_backup_proto::v1::{ArchiveStoreRequest, DumpDatabaseRequest, RunHookRequest, Trailer};
+use futures::FutureExt as _;
+use serde::{Deserialize, Serialize};
+
+use crate::agents::{self, Agent, AgentOptions, Described};
+use crate::error::{Error, ErrorKind, Result};
+use crate::gateway::{DeisBuckets, Gateway, GatewayOptions};
+use crate::lock::Lock;
+use crate::mirror::{self, MirrorStats};
+use crate::platform_keys;
+use crate::repository::{BlobRef, Manifest, ObjectEntry, PartInfo, Repository, SnapshotId};
+
+/// Part name of the database dump.
+pub const DATABASE_PART: &str = "database/pg_dumpall.sql.zst";
+/// Part name of the etcd export.
+pub const ETCD_PART: &str = "etcd/deis.json";
+/// Manifest labels naming the bucket that plays each Deis role, so a restore can put it into the
+/// bucket the target cluster names for that role.
+pub const BUCKET_DATABASE_LABEL: &str = "bucket.database";
+pub const BUCKET_REGISTRY_LABEL: &str = "bucket.registry";
+/// Prefix of store archive parts.
+pub const STORE_PREFIX: &str = "store/";
+
+/// Options of `snapshot`. Serve the CLI, the config file (`[snapshot]`) and the library.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SnapshotOptions {
+    /// Print the plan (which agent does what, which buckets, what is reused) and touch nothing.
+    #[arg(long)]
+    #[serde(skip)]
+    pub dry_run: bool,
+    /// Run this agent hook on the database host first, e.g. wal-e-backup-push for a fresh WAL-E
+    /// base backup before db_wal is mirrored.
+    #[arg(long = "pre-hook", value_name = "NAME")]
+    pub pre_hook: Option<String>,
+    /// zstd level for the dump and archives [default: the agents' own].
+    #[arg(long)]
+    pub zstd_level: Option<i32>,
+    /// Take no database dump (a cluster without deis-database).
+    #[arg(long)]
+    pub no_database: bool,
+    /// Take no store archive.
+    #[arg(long)]
+    pub no_store: bool,
+    /// Mirror no bucket.
+    #[arg(long)]
+    pub no_buckets: bool,
+}
+
+/// Reports progress of the long steps; every method has a silent default.
+pub trait Progress: mirror::Progress {
+    fn part_started(&self, _part: &str, _source: &str) {}
+    fn part_bytes(&self, _part: &str, _bytes: u64) {}
+    fn part_finished(&self, _part: &str, _ok: bool) {}
+}
+
+/// No progress output.
+#[derive(Debug, Default)]
+pub struct Quiet;
+impl mirror::Progress for Quiet {}
+impl Progress for Quiet {}
+
+/// What a snapshot will do.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Agent (host id, address) that dumps the database.
+    pub database: Option<AgentRef>,
+    pub pre_hook: Option<String>,
+    pub stores: Vec<StoreTask>,
+    pub buckets: Vec<String>,
+    pub gateways: Vec<String>,
+    /// The snapshot whose listings make this one incremental.
+    pub previous: Option<String>,
+    /// Objects in the previous snapshot's listings (candidates for reuse).
+    pub reusable_objects: u64,
+    pub etcd_export: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentRef {
+    pub host: String,
+    pub address: String,
+}
+
+/// One store archive: a filesystem, the agent that reads it, and the other hosts that see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreTask {
+    pub part: String,
+    pub agent: AgentRef,
+    pub path: String,
+    pub fs_type: String,
+    pub shared: bool,
+    /// Hosts that see the same filesystem and are therefore not archived again.
+    pub also_on: Vec<String>,
+}
+
+/// The result of a snapshot.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub manifest: Manifest,
+    pub buckets: BTreeMap<String, MirrorStats>,
+}
+
+/// Everything a snapshot talks to, set up once.
+#[derive(Debug)]
+pub struct Cluster {
+    pub etcd: deis_backup_etcd::Client,
+    pub agents: Vec<Described>,
+    pub gateway: Option<Gateway>,
+    /// The database and registry buckets, as this cluster names them in etcd.
+    pub deis_buckets: Option<DeisBuckets>,
+    pub buckets: Vec<String>,
+}
+
+impl Cluster {
+    /// Discovers agents and the gateway. The gateway is connected (keys checked) unless `no_buckets`.
+    pub async fn discover(
+        etcd: deis_backup_etcd::Client,
+        agent_options: &AgentOptions,
+        gateway_options: &GatewayOptions,
+        no_buckets: bool,
+    ) -> Result<Self> {
+        let locations = agents::locate(agent_options, Some(&etcd)).await?;
+        let clients = agents::connect(agent_options, &locations)?;
+        let agents = agents::describe_required(&clients).await?;
+        let (gateway, deis_buckets) = if no_buckets {
+            (None, None)
+        } else {
+            let gw = Gateway::connect(gateway_options, Some(&etcd)).await?;
+            (Some(gw), Some(DeisBuckets::discover(&etcd).await?))
+        };
+        let buckets = deis_buckets
+            .as_ref()
+            .map(DeisBuckets::all)
+            .unwrap_or_default();
+        Ok(Self {
+            etcd,
+            agents,
+            gateway,
+            deis_buckets,
+            buckets,
+        })
+    }
+}
+
+/// Decides who does what. Reads only.
+pub async fn plan(
+    cluster: &Cluster,
+    repo: Option<&Repository>,
+    options: &SnapshotOptions,
+) -> Result<Plan> {
+    let database = if options.no_database {
+        None
+    } else {
+        Some(database_agent(&cluster.agents)?)
+    };
+    if let (Some(hook), Some(db)) = (&options.pre_hook, &database) {
+        let d = cluster
+            .agents
+            .iter()
+            .find(|d| d.agent.host_id == db.host)
+            .expect("the database agent is among the agents");
+        if !d.info.hooks.iter().any(|h| h == hook) {
+            return Err(Error::config(format!(
+                "the agent on {} defines no hook '{hook}' (it has: {})",
+                db.host,
+                list_or_none(&d.info.hooks)
+            )));
+        }
+    }
+    let stores = if options.no_store {
+        Vec::new()
+    } else {
+        store_tasks(&cluster.agents)
+    };
+    let (previous, reusable_objects) = match repo {
+        Some(r) => match r.latest().await? {
+            Some(m) => {
+                let n = m.buckets.values().map(|b| b.objects).sum();
+                (Some(m.id.to_string()), n)
+            }
+            None => (None, 0),
+        },
+        None => (None, 0),
+    };
+    Ok(Plan {
+        database,
+        pre_hook: options.pre_hook.clone(),
+        stores,
+        buckets: cluster.buckets.clone(),
+        gateways: cluster
+            .gateway
+            .as_ref()
+            .map(|g| g.endpoints().into_iter().map(str::to_owned).collect())
+            .unwrap_or_default(),
+        previous,
+        reusable_objects,
+        etcd_export: true,
+    })
+}
+
+/// Takes the snapshot the plan describes. The caller holds `lock`.
+pub async fn run(
+    cluster: &Cluster,
+    repo: &Repository,
+    plan: &Plan,
+    options: &SnapshotOptions,
+    lock: &Lock,
+    progress: &dyn Progress,
+) -> Result<Outcome> {
+    let previous = repo.latest().await?;
+    let mut snapshot = repo.start_snapshot(SnapshotId::generate());
+    snapshot.label("tool", format!("deis-backup {}", env!("CARGO_PKG_VERSION")));
+    for (k, v) in cluster_identity(cluster).await? {
+        snapshot.label(k, v);
+    }
+    if let Some(b) = &cluster.deis_buckets {
+        snapshot.label(BUCKET_DATABASE_LABEL, &b.database);
+        snapshot.label(BUCKET_REGISTRY_LABEL, &b.registry);
+    }
+
+    if let (Some(hook), Some(db)) = (&plan.pre_hook, &plan.database) {
+        run_hook(find(cluster, &db.host), hook).await?;
+    }
+
+    let level = options.zstd_level.unwrap_or(0);
+    let buckets = async {
+        match &cluster.gateway {
+            Some(gw) => mirror_all(gw, repo, &plan.buckets, previous.as_ref(), progress).await,
+            None => Ok(Vec::new()),
+        }
+    };
+    let database = async {
+        match &plan.database {
+            Some(db) => {
+                let agent = find(cluster, &db.host);
+                let part = DATABASE_PART;
+                progress.part_started(part, &format!("agent {}", db.host));
+                let r = dump_database(agent, repo, level, progress).await;
+                progress.part_finished(part, r.is_ok());
+                r.map(|p| Some((part.to_owned(), p)))
+                    .map_err(|e| e.context(format!("part {part}")))
+            }
+            None => Ok(None),
+        }
+    };
+    let stores = futures::future::try_join_all(plan.stores.iter().map(|t| {
+        async move {
+            progress.part_started(&t.part, &format!("agent {} {}", t.agent.host, t.path));
+            let r = archive_store(find(cluster, &t.agent.host), t, repo, level, progress).await;
+            progress.part_finished(&t.part, r.is_ok());
+            r.map(|p| (t.part.clone(), p))
+                .map_err(|e| e.context(format!("part {}", t.part)))
+        }
+        .boxed()
+    }));
+    let etcd = async {
+        let started = Instant::now();
+        let export = platform_keys::export(&cluster.etcd).await?;
+        let data = serde_json::to_vec_pretty(&export).expect("export serialises");
+        let stored = repo.write_blob_from(&data[..]).await?;
+        Ok::<_, Error>((
+            ETCD_PART.to_owned(),
+            (
+                stored.blob,
+                PartInfo {
+                    source: format!(
+                        "etcd {}: {} keys, {} ephemeral or cluster-specific left out",
+                        platform_keys::ROOT,
+                        export.keys.len(),
+                        export.excluded.len()
+                    ),
+                    duration_ms: millis(started.elapsed()),
+                    ..PartInfo::default()
+                },
+            ),
+        ))
+    };
+
+    let (buckets, database, stores, etcd) = tokio::try_join!(buckets, database, stores, etcd)?;
+
+    for (bucket, entries, _) in &buckets {
+        snapshot.add_bucket(bucket, entries).await?;
+    }
+    let parts: Vec<(String, Part)> = database.into_iter().chain(stores).chain([etcd]).collect();
+    for (name, (blob, info)) in parts {
+        snapshot.add_part(&name, blob)?;
+        snapshot.describe_part(&name, info);
+    }
+    if lock.is_lost() {
+        return Err(Error::new(
+            ErrorKind::Locked,
+            "the cluster lock was lost while the snapshot ran; the snapshot is not complete",
+            "check etcd's health and run the snapshot again",
+        ));
+    }
+    let manifest = snapshot.commit().await?;
+    Ok(Outcome {
+        manifest,
+        buckets: buckets.into_iter().map(|(b, _, s)| (b, s)).collect(),
+    })
+}
+
+type Part = (BlobRef, PartInfo);
+
+async fn mirror_all(
+    gw: &Gateway,
+    repo: &Repository,
+    buckets: &[String],
+    previous: Option<&Manifest>,
+    progress: &dyn Progress,
+) -> Result<Vec<(String, Vec<ObjectEntry>, MirrorStats)>> {
+    let mut out = Vec::new();
+    for bucket in buckets {
+        let before = match previous {
+            Some(m) if m.buckets.contains_key(bucket) => repo.listing(m, bucket).await?,
+            _ => Vec::new(),
+        };
+        let (entries, stats) = mirror::mirror_bucket(gw, repo, bucket, &before, progress).await?;
+        out.push((bucket.clone(), entries, stats));
+    }
+    Ok(out)
+}
+
+async fn dump_database(
+    agent: &Agent,
+    repo: &Repository,
+    level: i32,
+    progress: &dyn Progress,
+) -> Result<Part> {
+    let started = Instant::now();
+    let mut c = agent.client.clone();
+    let stream = c
+        .dump_database(DumpDatabaseRequest { zstd_level: level })
+        .await
+        .map_err(|s| agents::status_error(agent, "DumpDatabase", &s))?
+        .into_inner();
+    let (blob, trailer) =
+        pull(agent, "DumpDatabase", DATABASE_PART, stream, repo, progress).await?;
+    Ok((
+        blob,
+        PartInfo {
+            source: format!("agent {} pg_dumpall", agent.host_id),
+            raw_bytes: Some(trailer.raw_bytes),
+            duration_ms: millis(started.elapsed()),
+            host: Some(agent.host_id.clone()),
+            warnings: warnings(&trailer),
+            ..PartInfo::default()
+        },
+    ))
+}
+
+async fn archive_store(
+    agent: &Agent,
+    task: &StoreTask,
+    repo: &Repository,
+    level: i32,
+    progress: &dyn Progress,
+) -> Result<Part> {
+    let started = Instant::now();
+    let mut c = agent.client.clone();
+    let stream = c
+        .archive_store(ArchiveStoreRequest {
+            path: task.path.clone(),
+            zstd_level: level,
+        })
+        .await
+        .map_err(|s| agents::status_error(agent, "ArchiveStore", &s))?
+        .into_inner();
+    let (blob, trailer) = pull(agent, "ArchiveStore", &task.part, stream, repo, progress).await?;
+    Ok((
+        blob,
+        PartInfo {
+            source: format!("agent {} {}", agent.host_id, task.path),
+            raw_bytes: Some(trailer.raw_bytes),
+            duration_ms: millis(started.elapsed()),
+            host: Some(agent.host_id.clone()),
+            path: Some(task.path.clone()),
+            shared: Some(task.shared),
+            warnings: warnings(&trailer),
+        },
+    ))
+}
+
+/// Reads a download stream into a blob and checks it against the stream's trailer.
+async fn pull(
+    agent: &Agent,
+    call: &str,
+    part: &str,
+    mut stream: tonic::Streaming<deis_backup_proto::v1::Chunk>,
+    repo: &Repository,
+    progress: &dyn Progress,
+) -> Result<(BlobRef, Trailer)> {
+    let mut w = repo.blob_writer().await?;
+    let mut trailer = None;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|s| agents::status_error(agent, call, &s))?
+    {
+        match (chunk.kind, &trailer) {
+            (Some(Kind::Data(data)), None) => {
+                w.write(&data).await?;
+                progress.part_bytes(part, data.len() as u64);
+            }
+            (Some(Kind::Trailer(t)), None) => trailer = Some(t),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Agent,
+                    format!(
+                        "agent {} sent a malformed {call} stream (data after the trailer, or an empty message)",
+                        agent.host_id
+                    ),
+                    "make sure the agent and coordinator versions match",
+                ));
+            }
+        }
+    }
+    let Some(trailer) = trailer else {
+        return Err(Error::new(
+            ErrorKind::Agent,
+            format!(
+                "agent {} ({}) ended {call} without its trailer: the stream is incomplete",
+                agent.host_id, agent.address
+            ),
+            "the agent or its connection died; see the agent's log and run the snapshot again",
+        ));
+    };
+    let stored = w.finish().await?;
+    if stored.blob.size != trailer.compressed_bytes
+        || stored.blob.sha256 != hex::encode(&trailer.sha256)
+    {
+        return Err(Error::integrity(format!(
+            "{call} from agent {}: received {} bytes with sha256 {}, the agent sent {} bytes with sha256 {}",
+            agent.host_id,
+            stored.blob.size,
+            stored.blob.sha256,
+            trailer.compressed_bytes,
+            hex::encode(&trailer.sha256)
+        )));
+    }
+    Ok((stored.blob, trailer))
+}
+
+async fn run_hook(agent: &Agent, hook: &str) -> Result<()> {
+    let mut c = agent.client.clone();
+    let reply = c
+        .run_hook(RunHookRequest {
+            name: hook.to_owned(),
+        })
+        .await
+        .map_err(|s| {
+            agents::status_error(agent, &format!("hook {hook}"), &s).context(
+                "the pre-hook failed (fix it by running it by hand in the container, or snapshot without --pre-hook)",
+            )
+        })?
+        .into_inner();
+    tracing::info!(hook, host = %agent.host_id, ms = reply.duration_ms, "pre-hook done");
+    Ok(())
+}
+
+/// The single agent whose host runs the database container.
+pub fn database_agent(agents: &[Described]) -> Result<AgentRef> {
+    let running: Vec<&Described> = agents
+        .iter()
+        .filter(|d| d.info.database.as_ref().is_some_and(|c| c.running))
+        .collect();
+    match running.as_slice() {
+        [d] => Ok(AgentRef {
+            host: d.agent.host_id.clone(),
+            address: d.agent.address.clone(),
+        }),
+        [] => Err(Error::new(
+            ErrorKind::Agent,
+            format!(
+                "no agent reports a running database container (asked {})",
+                agents.len()
+            ),
+            "start deis-database (deisctl start database), or snapshot with --no-database",
+        )),
+        many => Err(Error::new(
+            ErrorKind::Agent,
+            format!(
+                "several hosts report a running database container: {}",
+                many.iter()
+                    .map(|d| d.agent.host_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "stop the extra database containers; Deis runs one",
+        )),
+    }
+}
+
+/// One task per distinct filesystem: the first agent (by host id) that sees it archives it.
+pub fn store_tasks(agents: &[Described]) -> Vec<StoreTask> {
+    let mut sorted: Vec<&Described> = agents.iter().collect();
+    sorted.sort_by(|a, b| a.agent.host_id.cmp(&b.agent.host_id));
+    let mut by_fs: BTreeMap<(String, String), StoreTask> = BTreeMap::new();
+    for d in sorted {
+        for p in &d.info.store_paths {
+            let key = (p.fs_identity.clone(), p.path.clone());
+            by_fs
+                .entry(key)
+                .and_modify(|t| t.also_on.push(d.agent.host_id.clone()))
+                .or_insert_with(|| StoreTask {
+                    part: store_part_name(&d.agent.host_id, &p.path, p.shared),
+                    agent: AgentRef {
+                        host: d.agent.host_id.clone(),
+                        address: d.agent.address.clone(),
+                    },
+                    path: p.path.clone(),
+                    fs_type: p.fs_type.clone(),
+                    shared: p.shared,
+                    also_on: Vec::new(),
+                });
+        }
+    }
+    by_fs.into_values().collect()
+}
+
+/// `store/shared/var-lib-deis-store.tar.zst`, or `store/<host>/...` for a host-local directory.
+pub fn store_part_name(host: &str, path: &str, shared: bool) -> String {
+    let clean = |s: &str| {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+            .trim_matches('-')
+            .to_owned()
+    };
+    let owner = if shared {
+        "shared".to_owned()
+    } else {
+        clean(host)
+    };
+    format!("{STORE_PREFIX}{owner}/{}.tar.zst", clean(path))
+}
+
+async fn cluster_identity(cluster: &Cluster) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (label, key) in [
+        ("cluster.domain", "/deis/platform/domain"),
+        ("cluster.store-fsid", "/deis/store/fsid"),
+    ] {
+        if let Some(v) = cluster.etcd.get(key).await? {
+            out.push((label.to_owned(), v));
+        }
+    }
+    let mut hosts: Vec<&str> = cluster
+        .agents
+        .iter()
+        .map(|d| d.agent.host_id.as_str())
+        .collect();
+    hosts.sort_unstable();
+    out.push(("cluster.hosts".to_owned(), hosts.join(",")));
+    Ok(out)
+}
+
+fn find<'a>(cluster: &'a Cluster, host: &str) -> &'a Agent {
+    &cluster
+        .agents
+        .iter()
+        .find(|d| d.agent.host_id == host)
+        .expect("planned agents come from the cluster")
+        .agent
+}
+
+fn warnings(t: &Trailer) -> Vec<String> {
+    t.warnings
+        .iter()
+        .map(|w| {
+            if w.path.is_empty() {
+                w.message.clone()
+            } else {
+                format!("{}: {}", w.path, w.message)
+            }
+        })
+        .collect()
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".to_owned()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

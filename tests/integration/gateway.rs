@@ -1,0 +1,355 @@
+//! The gateway client against the local cluster's radosgw: both signatures forced, `auto` with and
+//! without a gateway that refuses V4 (a proxy standing in for Ceph Hammer), faults injected by a
+//! proxy, wrong keys and an unreachable gateway.
+//!
+//! Also the helpers the mirror and repository tests share: gateway options from the cluster,
+//! fresh bucket names, and the comparison of a listing with the seed manifest.
+
+pub mod proxy;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use deis_backup_coordinator::ErrorKind;
+use deis_backup_coordinator::gateway::{
+    DeisBuckets, Gateway, GatewayOptions, ObjectMeta, Secret, Signature,
+};
+use deis_backup_coordinator::mirror::{MirrorStats, NoProgress, mirror_bucket};
+use deis_backup_coordinator::repository::{ObjectEntry, Repository, RepositoryOptions};
+
+use super::support::Cluster;
+use proxy::{Behaviour, Proxy};
+
+/// Options for the cluster's gateway with `signature`; endpoints and keys come from etcd.
+pub fn options(signature: Signature) -> GatewayOptions {
+    GatewayOptions {
+        signature,
+        concurrency: 16,
+        ..GatewayOptions::default()
+    }
+}
+
+/// A gateway client for the cluster, as the CLI makes it (etcd discovery).
+pub async fn connect(signature: Signature) -> Gateway {
+    let cluster = Cluster::get();
+    Gateway::connect(&options(signature), Some(&cluster.etcd()))
+        .await
+        .expect("gateway connects")
+}
+
+/// The gateway's address, for proxies.
+pub fn gateway_addr() -> SocketAddr {
+    let ep = Cluster::get().gateway_endpoint();
+    ep.trim_start_matches("http://")
+        .parse()
+        .expect("GATEWAY_ENDPOINT is http://ip:port")
+}
+
+/// A bucket name no other test uses (underscore included, as `db_wal` has one).
+pub fn fresh_bucket(tag: &str) -> String {
+    format!("t_{tag}_{:08x}", fastrand::u32(..))
+}
+
+/// A new local repository in a temporary directory.
+pub async fn local_repo() -> (tempfile::TempDir, Repository) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repository::open_or_init(&RepositoryOptions {
+        location: dir.path().join("repo").display().to_string(),
+        fsync: false,
+        ..RepositoryOptions::default()
+    })
+    .await
+    .unwrap();
+    (dir, repo)
+}
+
+/// The seeded buckets' names, from etcd.
+pub async fn seeded_buckets() -> Vec<String> {
+    DeisBuckets::discover(&Cluster::get().etcd())
+        .await
+        .unwrap()
+        .all()
+}
+
+/// One seeded object as the seed manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seeded {
+    pub size: u64,
+    pub etag: String,
+    pub sha256: String,
+    pub meta: ObjectMeta,
+}
+
+/// The seed manifest of `bucket`: key -> what was seeded.
+pub fn seed(bucket: &str) -> BTreeMap<String, Seeded> {
+    let manifest = Cluster::get().gateway_seed();
+    let s = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+    manifest["objects"]
+        .as_array()
+        .expect("seed objects")
+        .iter()
+        .filter(|o| o["bucket"] == bucket)
+        .map(|o| {
+            let metadata = o["metadata"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                o["key"].as_str().unwrap().to_owned(),
+                Seeded {
+                    size: o["size"].as_u64().unwrap(),
+                    etag: o["etag"].as_str().unwrap().to_owned(),
+                    sha256: o["sha256"].as_str().unwrap().to_owned(),
+                    meta: ObjectMeta {
+                        content_type: s(&o["content_type"]),
+                        cache_control: s(&o["cache_control"]),
+                        content_encoding: s(&o["content_encoding"]),
+                        metadata,
+                        ..ObjectMeta::default()
+                    },
+                },
+            )
+        })
+        .collect()
+}
+
+/// Asserts a mirrored listing is exactly the seed: keys, sizes, ETags, SHA-256, headers, metadata.
+pub fn assert_listing_matches_seed(bucket: &str, entries: &[ObjectEntry]) {
+    let want = seed(bucket);
+    assert!(!want.is_empty(), "the seed has no objects in {bucket}");
+    let got: BTreeMap<String, Seeded> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.key.clone(),
+                Seeded {
+                    size: e.size,
+                    etag: e.etag.clone(),
+                    sha256: e.sha256.clone(),
+                    meta: ObjectMeta {
+                        content_type: e.meta.content_type.clone(),
+                        cache_control: e.meta.cache_control.clone(),
+                        content_encoding: e.meta.content_encoding.clone(),
+                        metadata: e.meta.metadata.clone(),
+                        ..ObjectMeta::default()
+                    },
+                },
+            )
+        })
+        .collect();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "keys of {bucket}"
+    );
+    for (k, w) in &want {
+        assert_eq!(&got[k], w, "{bucket}/{k}");
+    }
+}
+
+/// Mirrors every seeded bucket into a fresh local repository and checks each against the seed.
+async fn mirror_seeded_and_check(gw: &Gateway) -> Vec<MirrorStats> {
+    let (_dir, repo) = local_repo().await;
+    let mut out = Vec::new();
+    for bucket in seeded_buckets().await {
+        let (entries, stats) = mirror_bucket(gw, &repo, &bucket, &[], &NoProgress)
+            .await
+            .unwrap();
+        assert_listing_matches_seed(&bucket, &entries);
+        for e in &entries {
+            assert_eq!(
+                repo.blob_size(&e.sha256).await.unwrap(),
+                Some(e.size),
+                "{bucket}/{} stored",
+                e.key
+            );
+        }
+        out.push(stats);
+    }
+    out
+}
+
+#[tokio::test]
+async fn gateway_mirror_with_v2_forced_matches_seed() {
+    let gw = connect(Signature::V2).await;
+    assert_eq!(gw.signature_in_use(), Signature::V2);
+    let stats = mirror_seeded_and_check(&gw).await;
+    assert!(stats.iter().all(|s| s.downloaded_objects == s.objects));
+    assert_eq!(
+        gw.signature_in_use(),
+        Signature::V2,
+        "forced V2 never switches"
+    );
+}
+
+#[tokio::test]
+async fn gateway_mirror_with_v4_forced_matches_seed() {
+    let gw = connect(Signature::V4).await;
+    assert_eq!(gw.signature_in_use(), Signature::V4);
+    mirror_seeded_and_check(&gw).await;
+    assert_eq!(gw.signature_in_use(), Signature::V4);
+}
+
+#[tokio::test]
+async fn gateway_auto_keeps_v4_when_the_gateway_takes_it() {
+    let gw = connect(Signature::Auto).await;
+    assert_eq!(gw.signature_in_use(), Signature::V4);
+    assert!(
+        gw.list_buckets()
+            .await
+            .unwrap()
+            .contains(&"db_wal".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn gateway_auto_falls_back_to_v2_when_v4_is_refused() {
+    let hammer = Proxy::start(
+        gateway_addr(),
+        Behaviour {
+            reject_v4: true,
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let opts = GatewayOptions {
+        endpoints: vec![hammer.endpoint()],
+        ..options(Signature::Auto)
+    };
+    let gw = Gateway::connect(&opts, Some(&Cluster::get().etcd()))
+        .await
+        .expect("auto connects to a V2-only gateway");
+    assert_eq!(gw.signature_in_use(), Signature::V2);
+    let rejected = hammer
+        .counts
+        .rejected_v4
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(rejected, 1, "V4 is tried once, then V2 is kept");
+    mirror_seeded_and_check(&gw).await;
+    assert_eq!(
+        hammer
+            .counts
+            .rejected_v4
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "no V4 request after the fallback"
+    );
+    // Forced V4 against the same gateway fails with one clear authentication error.
+    let opts = GatewayOptions {
+        endpoints: vec![hammer.endpoint()],
+        ..options(Signature::V4)
+    };
+    let err = Gateway::connect(&opts, Some(&Cluster::get().etcd()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::GatewayAuth, "{err}");
+}
+
+#[tokio::test]
+async fn gateway_faults_still_give_an_identical_mirror() {
+    let flaky = Proxy::start(
+        gateway_addr(),
+        Behaviour {
+            p_slow_down: 0.2,
+            p_reset: 0.15,
+            max_faults: 60,
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let opts = GatewayOptions {
+        endpoints: vec![flaky.endpoint()],
+        ..options(Signature::V2)
+    };
+    let gw = Gateway::connect(&opts, Some(&Cluster::get().etcd()))
+        .await
+        .unwrap();
+    mirror_seeded_and_check(&gw).await;
+    let c = &flaky.counts;
+    let slow = c.slow_downs.load(std::sync::atomic::Ordering::Relaxed);
+    let resets = c.resets.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        slow > 0 && resets > 0,
+        "faults injected: {slow} 503s, {resets} resets"
+    );
+    let stats = gw.stats();
+    assert!(stats.retries >= slow, "{stats:?}, {slow} 503s");
+    assert!(stats.overloads > 0, "{stats:?}");
+}
+
+#[tokio::test]
+async fn gateway_wrong_keys_give_one_clear_error() {
+    let cluster = Cluster::get();
+    for signature in [Signature::V2, Signature::V4, Signature::Auto] {
+        let opts = GatewayOptions {
+            secret_key: Some(Secret::new("not-the-secret-key-0123456789")),
+            ..options(signature)
+        };
+        let err = Gateway::connect(&opts, Some(&cluster.etcd()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::GatewayAuth, "{signature:?}: {err}");
+        let text = err.to_string();
+        assert!(text.contains("refused the credentials"), "{text}");
+        assert!(
+            !text.contains("not-the-secret-key"),
+            "the secret leaks: {text}"
+        );
+        let (access, _) = cluster.gateway_keys().await;
+        assert!(!text.contains(&access), "the access key leaks: {text}");
+    }
+}
+
+#[tokio::test]
+async fn gateway_unreachable_gives_one_clear_error() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let opts = GatewayOptions {
+        endpoints: vec![format!("127.0.0.1:{port}")],
+        ..options(Signature::Auto)
+    };
+    let started = std::time::Instant::now();
+    let err = Gateway::connect(&opts, Some(&Cluster::get().etcd()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::GatewayUnreachable, "{err}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "gave up in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn gateway_spreads_requests_over_every_published_gateway() {
+    // Two "gateways" (proxies to the same radosgw), as /deis/store/gateway/hosts lists several.
+    let a = Proxy::start(gateway_addr(), Behaviour::default()).await;
+    let b = Proxy::start(gateway_addr(), Behaviour::default()).await;
+    let opts = GatewayOptions {
+        endpoints: vec![a.endpoint(), b.endpoint()],
+        ..options(Signature::V2)
+    };
+    let gw = Gateway::connect(&opts, Some(&Cluster::get().etcd()))
+        .await
+        .unwrap();
+    let (_dir, repo) = local_repo().await;
+    let (entries, _) = mirror_bucket(&gw, &repo, "registry", &[], &NoProgress)
+        .await
+        .unwrap();
+    assert_listing_matches_seed("registry", &entries);
+    let ra = a.counts.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let rb = b.counts.requests.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(ra >= 10 && rb >= 10, "requests per gateway: {ra} and {rb}");
+}
