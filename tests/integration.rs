@@ -11,4 +11,5 @@ mod integration {
     mod mirror;
     mod repository;
     mod smoke;
+    mod snapshot;
 }

@@ -255,3 +255,21 @@ mod tests {
         assert_eq!(t.text(), "efgh");
     }
 }
+#[cfg(test)]
+mod jobsize_probe {
+    #[test]
+    fn probe() {
+        let data: Vec<u8> = std::fs::read("/tmp/deis-backup-bench-big/text/log-0.log").unwrap();
+        for (w, js) in [(2u32, 0u32), (2, 2 << 20), (2, 512 << 10)] {
+            let mut enc = zstd::Encoder::new(Vec::new(), 3).unwrap();
+            enc.multithread(w).unwrap();
+            if js > 0 {
+                enc.set_parameter(zstd::zstd_safe::CParameter::JobSize(js))
+                    .unwrap();
+            }
+            std::io::Write::write_all(&mut enc, &data).unwrap();
+            let out = enc.finish().unwrap();
+            eprintln!("workers {w} job {js}: {}", out.len());
+        }
+    }
+}

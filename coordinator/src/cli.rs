@@ -315,4 +315,49 @@ mod tests {
     fn the_cli_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    /// The fleet unit's command line, after the image name, as a shell would split it.
+    fn unit_args(unit: &str) -> Vec<String> {
+        let text = unit.replace("\\\n", " ");
+        let exec = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("the unit has an ExecStart");
+        exec.split_whitespace()
+            .skip_while(|w| *w != "${IMAGE}")
+            .skip(1)
+            .map(|w| w.replace("${COREOS_PRIVATE_IPV4}", "10.21.1.7"))
+            .collect()
+    }
+
+    #[test]
+    fn the_fleet_unit_runs_a_real_snapshot_command() {
+        let unit = include_str!("../../systemd/deis-backup.service");
+        let args = unit_args(unit);
+        assert!(!args.is_empty(), "no arguments after the image");
+        let cli = Cli::try_parse_from(std::iter::once("deis-backup".to_owned()).chain(args))
+            .unwrap_or_else(|e| panic!("systemd/deis-backup.service: {e}"));
+        assert_eq!(cli.etcd, "http://10.21.1.7:4001");
+        let Command::Snapshot {
+            agents, options, ..
+        } = cli.command
+        else {
+            panic!("the unit does not run `snapshot`");
+        };
+        assert_eq!(options.pre_hook.as_deref(), Some("wal-e-backup-push"));
+        assert!(!options.dry_run);
+        assert_eq!(
+            agents.token_file.as_deref(),
+            Some(std::path::Path::new("/etc/deis-backup/token"))
+        );
+        assert!(unit.contains("--entrypoint /usr/bin/deis-backup"));
+        assert!(unit.contains("Type=oneshot"));
+    }
+
+    #[test]
+    fn the_timer_lives_beside_its_service() {
+        let timer = include_str!("../../systemd/deis-backup.timer");
+        assert!(timer.contains("OnCalendar=daily"));
+        assert!(timer.contains("[X-Fleet]\nMachineOf=deis-backup.service"));
+    }
 }

@@ -159,3 +159,52 @@ hold_cluster_lock() {
   mkdir -p "$(dirname "$D")"
   DEIS_CLUSTER_LOCK_HELD=$D exec flock -o -w 1800 "$D.lock" "$@"
 }
+
+# hold_lock LOCKFILE [--shared-cluster] SCRIPT ARGS... — hold_cluster_lock for any lock file: re-executes
+# SCRIPT under an exclusive flock on LOCKFILE (held by flock itself, -o). With --shared-cluster, also
+# under a shared flock on $D.lock, so it never runs while `up` or `down` of the cluster does.
+# Returns at once inside the re-executed script.
+hold_lock() {
+  local lock=$1
+  shift
+  if [[ ${DEIS_LOCK_HELD:-} == "$lock" ]]; then
+    unset DEIS_LOCK_HELD
+    return 0
+  fi
+  mkdir -p "$(dirname "$lock")"
+  if [[ ${1:-} == --shared-cluster ]]; then
+    shift
+    DEIS_LOCK_HELD=$lock exec flock -o -s -w 1800 "$D.lock" flock -o -w 1800 "$lock" "$@"
+  fi
+  DEIS_LOCK_HELD=$lock exec flock -o -w 1800 "$lock" "$@"
+}
+
+# free_port RESERVED... — prints a loopback TCP port in 20000-29999 that nothing listens on and that
+# is not among RESERVED (ports handed out but maybe not bound yet). Callers serialise with a lock.
+free_port() {
+  python3 - "$@" <<'PY'
+import random, socket, sys
+reserved = {int(p) for p in sys.argv[1:] if p.isdigit()}
+candidates = [p for p in range(20000, 30000) if p not in reserved]
+random.shuffle(candidates)
+for port in candidates:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    print(port)
+    break
+else:
+    sys.exit("no free port in 20000-29999")
+PY
+}
+
+# etcd_put_at ENDPOINT KEY VALUE / etcd_put_file_at ENDPOINT KEY FILE — etcd_put / etcd_put_file
+# against another etcd (a target cluster's).
+etcd_put_at() {
+  curl -fsS -X PUT "$1/v2/keys$2" --data-urlencode "value=$3" >/dev/null
+}
+etcd_put_file_at() {
+  curl -fsS -X PUT "$1/v2/keys$2" --data-urlencode "value@$3" >/dev/null
+}

@@ -4,7 +4,11 @@
 //! (buckets, directories, containers) and leave the seeded data as it was. Endpoints come from the
 //! `KEY=value` lines `up` prints, secrets from etcd, exactly as the product reads them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -122,4 +126,207 @@ pub fn binary(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Runs one of the cluster scripts and parses its `KEY=value` lines.
+fn run_script(script: &str, args: &[&str]) -> HashMap<String, String> {
+    let path = repo_root().join("tests/cluster").join(script);
+    let out = Command::new(&path)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "{} {} failed:\n{}",
+        path.display(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// A fresh, empty Deis cluster to restore onto (`tests/cluster/target`): its own etcd with new
+/// gateway keys (a radosgw tenant, so its `db_wal` and `registry` are its own and start absent), an
+/// empty store directory and an empty database container. Torn down on drop.
+#[derive(Debug)]
+pub struct Target {
+    pub name: String,
+    env: HashMap<String, String>,
+}
+
+impl Target {
+    pub fn up(name: &str) -> Target {
+        Cluster::get();
+        let env = run_script("target", &["up", name]);
+        Target {
+            name: name.to_owned(),
+            env,
+        }
+    }
+
+    pub fn var(&self, key: &str) -> &str {
+        self.env
+            .get(key)
+            .unwrap_or_else(|| panic!("tests/cluster/target printed no {key}"))
+    }
+
+    pub fn etcd_endpoints(&self) -> &str {
+        self.var("TARGET_ETCD_ENDPOINTS")
+    }
+
+    pub fn etcd(&self) -> deis_backup_etcd::Client {
+        deis_backup_etcd::Client::from_list(self.etcd_endpoints()).expect("target etcd endpoints")
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        PathBuf::from(self.var("TARGET_STORE_DIR"))
+    }
+
+    pub fn database_container(&self) -> &str {
+        self.var("TARGET_DATABASE_CONTAINER")
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let path = repo_root().join("tests/cluster/target");
+        let _ = Command::new(path).args(["down", &self.name]).output();
+    }
+}
+
+/// A deis-backup-agent running as its container image (`tests/cluster/agent`), the store directory
+/// mounted at /var/lib/deis/store as on a CoreOS host. Removed on drop.
+#[derive(Debug)]
+pub struct AgentContainer {
+    pub name: String,
+    pub address: String,
+    pub token_file: PathBuf,
+}
+
+impl AgentContainer {
+    pub fn up(name: &str, etcd: &str, store: &Path, database_container: &str) -> AgentContainer {
+        let port = free_port().to_string();
+        let store = store.display().to_string();
+        let env = run_script(
+            "agent",
+            &[
+                "up",
+                name,
+                "--etcd",
+                etcd,
+                "--store",
+                &store,
+                "--port",
+                &port,
+                "--database-container",
+                database_container,
+            ],
+        );
+        AgentContainer {
+            name: name.to_owned(),
+            address: env["AGENT_ADDRESS"].clone(),
+            token_file: PathBuf::from(&env["AGENT_TOKEN_FILE"]),
+        }
+    }
+
+    /// The container's name on the Docker engine.
+    pub fn container(&self) -> String {
+        format!("deis-backup-agent-{}", self.name)
+    }
+}
+
+impl Drop for AgentContainer {
+    fn drop(&mut self) {
+        let path = repo_root().join("tests/cluster/agent");
+        let _ = Command::new(path).args(["down", &self.name]).output();
+    }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A name no other test (or run) uses.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// What the round trip compares of one path.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub link: Option<PathBuf>,
+    pub sha: Option<Vec<u8>>,
+    /// The other paths of the same inode (hard links), relative.
+    pub same_inode: Vec<PathBuf>,
+}
+
+pub fn tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = fs::symlink_metadata(&p).unwrap();
+        let rel = p.strip_prefix(root).unwrap().to_path_buf();
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            for e in fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+            "dir"
+        } else if ft.is_symlink() {
+            "symlink"
+        } else if ft.is_file() {
+            "file"
+        } else {
+            "special"
+        };
+        if ft.is_file() && md.nlink() > 1 {
+            inodes
+                .entry((md.dev(), md.ino()))
+                .or_default()
+                .push(rel.clone());
+        }
+        out.insert(
+            rel,
+            Entry {
+                kind,
+                mode: md.permissions().mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                mtime: md.mtime(),
+                link: ft.is_symlink().then(|| fs::read_link(&p).unwrap()),
+                sha: ft
+                    .is_file()
+                    .then(|| Sha256::digest(fs::read(&p).unwrap()).to_vec()),
+                same_inode: Vec::new(),
+            },
+        );
+    }
+    for group in inodes.values() {
+        for p in group {
+            let mut others: Vec<PathBuf> = group.iter().filter(|o| *o != p).cloned().collect();
+            others.sort();
+            out.get_mut(p).unwrap().same_inode = others;
+        }
+    }
+    out
 }

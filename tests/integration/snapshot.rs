@@ -1,0 +1,604 @@
+//! The product end to end: `deis-backup` (the binary) with agents running as their container
+//! image, snapshotting the local cluster into a repository and restoring onto a fresh target
+//! cluster (own etcd and gateway keys, empty buckets, empty store directory, empty database).
+//!
+//! Invariants: every test writes into its own repository and target; the source cluster is only
+//! read. Tests that take the source cluster's lock run one at a time (a process-wide mutex, and
+//! the `cluster-lock` group in `.config/nextest.toml`), since the lock is cluster-wide by design.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::support::{self, AgentContainer, Cluster, Target, unique};
+
+/// Serialises the tests that take the source cluster's lock (within one test process).
+async fn cluster_lock() -> MutexGuard<'static, ()> {
+    static M: Mutex<()> = Mutex::const_new(());
+    M.lock().await
+}
+
+/// Runs `deis-backup` with the agents' token.
+fn deis_backup(token: &Path, args: &[&str]) -> Output {
+    Command::new(support::binary("deis-backup"))
+        .args(args)
+        .env("DEIS_BACKUP_TOKEN_FILE", token)
+        .env_remove("DEIS_BACKUP_TOKEN")
+        .output()
+        .expect("deis-backup runs")
+}
+
+fn ok(out: &Output, what: &str) -> Value {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The source side: the shared cluster plus an agent container serving its store and database.
+struct Source {
+    cluster: &'static Cluster,
+    agent: AgentContainer,
+}
+
+impl Source {
+    fn new() -> Source {
+        let cluster = Cluster::get();
+        let agent = AgentContainer::up(
+            &unique("src"),
+            cluster.etcd_endpoints(),
+            &cluster.store_dir(),
+            cluster.database_container(),
+        );
+        Source { cluster, agent }
+    }
+
+    fn snapshot(&self, repo: &Path, extra: &[&str]) -> Output {
+        let repo = repo.display().to_string();
+        let mut args = vec![
+            "snapshot",
+            "--json",
+            "--etcd",
+            self.cluster.etcd_endpoints(),
+            "--agent",
+            &self.agent.address,
+            "-r",
+            &repo,
+        ];
+        args.extend_from_slice(extra);
+        deis_backup(&self.agent.token_file, &args)
+    }
+}
+
+/// A target cluster with its agent.
+struct Fresh {
+    target: Target,
+    agent: AgentContainer,
+}
+
+impl Fresh {
+    fn new() -> Fresh {
+        let target = Target::up(&unique("t"));
+        let agent = AgentContainer::up(
+            &format!("{}-agent", target.name),
+            target.etcd_endpoints(),
+            &target.store_dir(),
+            target.database_container(),
+        );
+        Fresh { target, agent }
+    }
+
+    fn restore(&self, repo: &Path, id: &str, extra: &[&str]) -> Output {
+        let repo = repo.display().to_string();
+        let mut args = vec![
+            "restore",
+            id,
+            "--json",
+            "--etcd",
+            self.target.etcd_endpoints(),
+            "--agent",
+            &self.agent.address,
+            "-r",
+            &repo,
+        ];
+        args.extend_from_slice(extra);
+        deis_backup(&self.agent.token_file, &args)
+    }
+
+    async fn s3(&self) -> aws_sdk_s3::Client {
+        let etcd = self.target.etcd();
+        let access = etcd
+            .get("/deis/store/gateway/accessKey")
+            .await
+            .unwrap()
+            .unwrap();
+        let secret = etcd
+            .get("/deis/store/gateway/secretKey")
+            .await
+            .unwrap()
+            .unwrap();
+        s3_client(&access, &secret)
+    }
+}
+
+fn s3_client(access: &str, secret: &str) -> aws_sdk_s3::Client {
+    let creds = aws_sdk_s3::config::Credentials::new(access, secret, None, None, "etcd");
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(Cluster::get().gateway_endpoint())
+        .force_path_style(true)
+        .credentials_provider(creds)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// Every object of a bucket: key -> (sha256, content type, metadata), or `None` if the bucket is
+/// absent.
+async fn bucket_contents(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+) -> Option<BTreeMap<String, (String, Option<String>, BTreeMap<String, String>)>> {
+    use sha2::Digest as _;
+    let mut keys = Vec::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let page = match s3
+            .list_objects()
+            .bucket(bucket)
+            .set_marker(marker.clone())
+            .send()
+            .await
+        {
+            Ok(p) => p,
+            Err(e) if format!("{e:?}").contains("NoSuchBucket") => return None,
+            Err(e) => panic!("listing {bucket}: {e:?}"),
+        };
+        keys.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned)),
+        );
+        if page.is_truncated() == Some(true) {
+            marker = keys.last().cloned();
+        } else {
+            break;
+        }
+    }
+    let mut out = BTreeMap::new();
+    for k in keys {
+        let o = s3.get_object().bucket(bucket).key(&k).send().await.unwrap();
+        let ct = o.content_type().map(str::to_owned);
+        let meta: BTreeMap<String, String> = o
+            .metadata()
+            .map(|m| m.iter().map(|(a, b)| (a.clone(), b.clone())).collect())
+            .unwrap_or_default();
+        let body = o.body.collect().await.unwrap().into_bytes();
+        out.insert(k, (hex::encode(sha2::Sha256::digest(&body)), ct, meta));
+    }
+    Some(out)
+}
+
+/// pg_dumpall text, minus the lines that differ between any two dumps (comments with times and
+/// versions, the random `\restrict` key).
+fn comparable_dump(container: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["exec", "-u", "postgres", container, "pg_dumpall"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_dumpall in {container}: {}",
+        stderr(&out)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            !(l.starts_with("--")
+                || l.starts_with("\\restrict")
+                || l.starts_with("\\unrestrict")
+                || l.starts_with("ALTER ROLE postgres WITH")
+                || l.trim().is_empty())
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+fn snapshot_id(v: &Value) -> String {
+    v["manifest"]["id"]
+        .as_str()
+        .expect("snapshot id")
+        .to_owned()
+}
+
+fn list_ids(token: &Path, repo: &Path) -> (Vec<String>, Vec<String>) {
+    let r = repo.display().to_string();
+    let v = ok(&deis_backup(token, &["list", "--json", "-r", &r]), "list");
+    let ids = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                s.get("id")
+                    .and_then(Value::as_str)
+                    .or_else(|| s.as_str())
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    (ids("snapshots"), ids("incomplete"))
+}
+
+fn repo_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    (dir, repo)
+}
+
+#[tokio::test]
+async fn snapshot_then_restore_onto_a_fresh_cluster_gives_back_every_object_file_and_row() {
+    let _g = cluster_lock().await;
+    let source = Source::new();
+    let (_d, repo) = repo_dir("e2e-restore");
+
+    let snap = ok(&source.snapshot(&repo, &[]), "snapshot");
+    let id = snapshot_id(&snap);
+    let r = repo.display().to_string();
+    ok(
+        &deis_backup(
+            &source.agent.token_file,
+            &["verify", &id, "--read-data", "-r", &r],
+        ),
+        "verify",
+    );
+
+    let fresh = Fresh::new();
+    let restored = ok(&fresh.restore(&repo, &id, &["--database-sql"]), "restore");
+    assert_eq!(
+        restored["next"]
+            .as_str()
+            .map(|s| s.starts_with("deisctl start platform")),
+        Some(true)
+    );
+
+    // Buckets: every object with its bytes, content type and metadata.
+    let src_s3 = Cluster::get().s3().await;
+    let dst_s3 = fresh.s3().await;
+    for bucket in ["db_wal", "registry"] {
+        let want = bucket_contents(&src_s3, bucket).await.unwrap();
+        let got = bucket_contents(&dst_s3, bucket)
+            .await
+            .expect("bucket restored");
+        assert_eq!(got, want, "bucket {bucket} differs after restore");
+    }
+
+    // Store: every file, owner, mode, mtime and link, except the live logs' growing tails.
+    let live = ["logs/deis-controller.log", "logs/myapp.log"];
+    let src_tree = support::tree(&Cluster::get().store_dir());
+    let dst_tree = support::tree(&fresh.target.store_dir());
+    assert_eq!(
+        src_tree.keys().collect::<Vec<_>>(),
+        dst_tree.keys().collect::<Vec<_>>(),
+        "the restored store holds other paths"
+    );
+    for (path, want) in &src_tree {
+        let got = &dst_tree[path];
+        if live.iter().any(|l| path == Path::new(l)) {
+            assert_eq!(
+                (got.uid, got.gid, got.mode),
+                (want.uid, want.gid, want.mode),
+                "{path:?}"
+            );
+        } else {
+            assert_eq!(got, want, "{path:?} differs after restore");
+        }
+    }
+
+    // Database: every row (the dump of the restored database equals the source's).
+    let want = comparable_dump(Cluster::get().database_container());
+    let got = comparable_dump(fresh.target.database_container());
+    assert!(
+        want.iter().any(|l| l.contains("Grüße")),
+        "the source dump lacks seeded rows"
+    );
+    assert_eq!(got, want, "the restored database differs");
+}
+
+#[tokio::test]
+async fn a_second_snapshot_of_an_unchanged_cluster_downloads_no_object() {
+    let _g = cluster_lock().await;
+    let source = Source::new();
+    let (_d, repo) = repo_dir("e2e-reuse");
+    let first = ok(&source.snapshot(&repo, &[]), "first snapshot");
+    let second = ok(&source.snapshot(&repo, &[]), "second snapshot");
+    for bucket in ["db_wal", "registry"] {
+        let a = &first["buckets"][bucket];
+        let b = &second["buckets"][bucket];
+        assert!(
+            a["downloaded_objects"].as_u64().unwrap() > 0,
+            "{bucket}: {a}"
+        );
+        assert_eq!(b["downloaded_objects"].as_u64(), Some(0), "{bucket}: {b}");
+        assert_eq!(b["downloaded_bytes"].as_u64(), Some(0), "{bucket}: {b}");
+        assert_eq!(b["unchanged_objects"], a["objects"], "{bucket}");
+    }
+    assert_ne!(snapshot_id(&first), snapshot_id(&second));
+    assert_eq!(list_ids(&source.agent.token_file, &repo).0.len(), 2);
+}
+
+#[tokio::test]
+async fn two_snapshots_at_once_one_is_refused_with_the_holder() {
+    let _g = cluster_lock().await;
+    let source = Source::new();
+    let (_d, repo_a) = repo_dir("e2e-lock-a");
+    let (_e, repo_b) = repo_dir("e2e-lock-b");
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| source.snapshot(&repo_a, &[]));
+        let b = s.spawn(|| source.snapshot(&repo_b, &[]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (won, lost) = match (a.status.success(), b.status.success()) {
+        (true, false) => (a, b),
+        (false, true) => (b, a),
+        _ => panic!(
+            "expected exactly one snapshot to succeed: {} / {}\n{}\n{}",
+            a.status,
+            b.status,
+            stderr(&a),
+            stderr(&b)
+        ),
+    };
+    ok(&won, "the winning snapshot");
+    assert_eq!(lost.status.code(), Some(4), "{}", stderr(&lost));
+    let msg = stderr(&lost);
+    assert!(
+        msg.contains("holds the cluster lock") && msg.contains("snapshot by pid"),
+        "{msg}"
+    );
+    assert_eq!(msg.trim().lines().count(), 1, "not one line: {msg}");
+}
+
+#[tokio::test]
+async fn restore_is_refused_while_a_platform_container_runs_and_writes_nothing() {
+    let _g = cluster_lock().await;
+    let source = Source::new();
+    let (_d, repo) = repo_dir("e2e-refuse");
+    let id = snapshot_id(&ok(&source.snapshot(&repo, &[]), "snapshot"));
+    let fresh = Fresh::new();
+    // The target's database container runs: the store components only must be up.
+    let out = fresh.restore(&repo, &id, &[]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let msg = stderr(&out);
+    assert!(
+        msg.contains(fresh.target.database_container()) && msg.contains("nothing was written"),
+        "{msg}"
+    );
+    let s3 = fresh.s3().await;
+    for bucket in ["db_wal", "registry"] {
+        assert!(
+            bucket_contents(&s3, bucket).await.is_none(),
+            "{bucket} was created"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(fresh.target.store_dir()).unwrap().count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_corrupted_part_fails_verify_and_restore_before_anything_is_written() {
+    let _g = cluster_lock().await;
+    let source = Source::new();
+    let (_d, repo) = repo_dir("e2e-corrupt");
+    let snap = ok(&source.snapshot(&repo, &["--no-buckets"]), "snapshot");
+    let id = snapshot_id(&snap);
+    // Flip one byte in the database dump's blob.
+    let sha = snap["manifest"]["parts"]["database/pg_dumpall.sql.zst"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let blob = repo.join("blobs/sha256").join(&sha[..2]).join(&sha);
+    let mut bytes = std::fs::read(&blob).unwrap_or_else(|e| panic!("{}: {e}", blob.display()));
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    let r = repo.display().to_string();
+    let sizes = deis_backup(&source.agent.token_file, &["verify", &id, "-r", &r]);
+    assert!(
+        sizes.status.success(),
+        "sizes are intact: {}",
+        stderr(&sizes)
+    );
+    let deep = deis_backup(
+        &source.agent.token_file,
+        &["verify", &id, "--read-data", "-r", &r],
+    );
+    assert_eq!(deep.status.code(), Some(3), "{}", stderr(&deep));
+    assert!(String::from_utf8_lossy(&deep.stdout).contains("database/pg_dumpall.sql.zst"));
+
+    let fresh = Fresh::new();
+    let out = fresh.restore(&repo, &id, &["--database-sql"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("damaged"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_dir(fresh.target.store_dir()).unwrap().count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_snapshot_leaves_no_complete_snapshot() {
+    let _g = cluster_lock().await;
+    let cluster = Cluster::get();
+    // A store big enough that its archive is still streaming when the agent dies.
+    let big = tempfile::Builder::new()
+        .prefix("e2e-big-store")
+        .tempdir()
+        .unwrap();
+    for i in 0..6 {
+        let data: Vec<u8> = (0..48u32 << 20)
+            .map(|j| (j.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0] ^ i)
+            .collect();
+        std::fs::write(big.path().join(format!("blob-{i}")), data).unwrap();
+    }
+    let agent = AgentContainer::up(
+        &unique("victim"),
+        cluster.etcd_endpoints(),
+        big.path(),
+        cluster.database_container(),
+    );
+    let (_d, repo) = repo_dir("e2e-kill");
+    let r = repo.display().to_string();
+    let child = Command::new(support::binary("deis-backup"))
+        .args([
+            "snapshot",
+            "--no-buckets",
+            "--etcd",
+            cluster.etcd_endpoints(),
+            "--agent",
+            &agent.address,
+            "-r",
+            &r,
+            "--zstd-level",
+            "19",
+        ])
+        .env("DEIS_BACKUP_TOKEN_FILE", &agent.token_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until data flows into the repository, then kill the agent's container.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let staged = std::fs::read_dir(&repo)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name().to_string_lossy().starts_with(".blob-")
+                    && e.metadata().is_ok_and(|m| m.len() > 0)
+            });
+        if staged {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no data reached the repository");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = Command::new("docker")
+        .args(["kill", &agent.container()])
+        .output()
+        .unwrap();
+    assert!(kill.status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the snapshot succeeded without its agent"
+    );
+    assert!(
+        stderr(&out).contains("part "),
+        "the error names no part: {}",
+        stderr(&out)
+    );
+    let (complete, _) = list_ids(&agent.token_file, &repo);
+    assert!(
+        complete.is_empty(),
+        "a snapshot is listed as complete: {complete:?}"
+    );
+}
+
+#[tokio::test]
+async fn prune_keeps_what_the_policy_says_and_what_is_left_verifies() {
+    let _g = cluster_lock().await;
+    let source = Source::new();
+    let (_d, repo) = repo_dir("e2e-prune");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(snapshot_id(&ok(
+            &source.snapshot(&repo, &["--no-buckets"]),
+            "snapshot",
+        )));
+    }
+    let r = repo.display().to_string();
+    let blobs = || walk_files(&repo.join("blobs"));
+    let before = blobs();
+    let dry = ok(
+        &deis_backup(
+            &source.agent.token_file,
+            &[
+                "prune",
+                "--keep-last",
+                "2",
+                "--dry-run",
+                "--json",
+                "--etcd",
+                Cluster::get().etcd_endpoints(),
+                "-r",
+                &r,
+            ],
+        ),
+        "prune --dry-run",
+    );
+    assert_eq!(blobs(), before, "a dry run deleted blobs");
+    let pruned = ok(
+        &deis_backup(
+            &source.agent.token_file,
+            &[
+                "prune",
+                "--keep-last",
+                "2",
+                "--json",
+                "--etcd",
+                Cluster::get().etcd_endpoints(),
+                "-r",
+                &r,
+            ],
+        ),
+        "prune",
+    );
+    assert_eq!(dry["blobs_deleted"], pruned["blobs_deleted"]);
+    let (left, _) = list_ids(&source.agent.token_file, &repo);
+    assert_eq!(left, ids[1..].to_vec(), "prune kept other snapshots");
+    assert!(pruned["blobs_deleted"].as_u64().unwrap() >= 1, "{pruned}");
+    assert!(blobs().len() < before.len());
+    for id in &left {
+        ok(
+            &deis_backup(
+                &source.agent.token_file,
+                &["verify", id, "--read-data", "-r", &r],
+            ),
+            "verify after prune",
+        );
+    }
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
