@@ -96,7 +96,7 @@ time_of() {
 mirror_ours() { ours --repository "$W/repo" mirror --buckets "$(IFS=,; echo "${BUCKETS[*]}")"; }
 mirror_s3cmd() { for b in "${BUCKETS[@]}"; do mkdir -p "$W/s3cmd/$b"; "$S3CMD" -c "$W/s3cfg" --no-progress sync "s3://$b/" "$W/s3cmd/$b/"; done; }
 mirror_rclone() { for b in "${BUCKETS[@]}"; do rcl sync "gw:$b" "$W/rclone/$b"; done; }
-restore_ours() { ours --repository "$W/repo" restore --suffix -bench-ours "$@"; }
+restore_ours() { ours --repository "$W/repo" restore --suffix=-bench-ours "$@"; }
 restore_s3cmd() {
   for b in "${BUCKETS[@]}"; do
     "$S3CMD" -c "$W/s3cfg" mb "s3://$b-bench-s3cmd" >/dev/null 2>&1 || true
@@ -105,7 +105,7 @@ restore_s3cmd() {
 }
 restore_rclone() { for b in "${BUCKETS[@]}"; do rcl sync "$W/rclone/$b" "gw:$b-bench-rclone"; done; }
 cleanup_restored() {
-  ours --repository "$W/repo" drop-restored --suffix -bench-ours >>"$W/log" 2>&1 || true
+  ours --repository "$W/repo" drop-restored --suffix=-bench-ours >>"$W/log" 2>&1 || true
   for b in "${BUCKETS[@]}"; do
     "$S3CMD" -c "$W/s3cfg" rb --recursive --force "s3://$b-bench-s3cmd" >>"$W/log" 2>&1 || true
     "$RCLONE" --config "$W/rclone.conf" purge "gw:$b-bench-rclone" >>"$W/log" 2>&1 || true

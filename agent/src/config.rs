@@ -20,6 +20,14 @@ use crate::error::{Error, Result};
 pub const DEFAULT_DOCKER: &str = "unix:///var/run/docker.sock";
 /// Default database container, as Deis v1 names it.
 pub const DEFAULT_DATABASE_CONTAINER: &str = "deis-database";
+/// The Deis platform containers whose running on a host makes a restore unsafe there.
+pub const DEFAULT_PLATFORM_CONTAINERS: &[&str] = &[
+    "deis-database",
+    "deis-registry",
+    "deis-controller",
+    "deis-logger",
+    "deis-builder",
+];
 /// Default allow-listed store path: where store-volume mounts CephFS on every host.
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/deis/store";
 /// Default etcd endpoints (Deis v1 clients use port 4001).
@@ -82,6 +90,11 @@ pub struct Config {
     /// A store path the agent may archive and restore; repeat for several [default: /var/lib/deis/store].
     #[arg(long = "store-path")]
     pub store_paths: Vec<PathBuf>,
+    /// A platform container Describe reports when it runs; repeat for several [default:
+    /// deis-database, deis-registry, deis-controller, deis-logger, deis-builder, and the database
+    /// container].
+    #[arg(long = "platform-container")]
+    pub platform_containers: Vec<String>,
     /// Default zstd level for dumps and archives [default: 3].
     #[arg(long)]
     pub zstd_level: Option<i32>,
@@ -132,6 +145,9 @@ impl Config {
         if !over.store_paths.is_empty() {
             self.store_paths = over.store_paths;
         }
+        if !over.platform_containers.is_empty() {
+            self.platform_containers = over.platform_containers;
+        }
         self.hooks.extend(over.hooks);
         self
     }
@@ -169,6 +185,23 @@ impl Config {
         self.database_container
             .as_deref()
             .unwrap_or(DEFAULT_DATABASE_CONTAINER)
+    }
+
+    /// The container names Describe reports as running platform containers.
+    pub fn platform_containers(&self) -> Vec<String> {
+        let mut names: Vec<String> = if self.platform_containers.is_empty() {
+            DEFAULT_PLATFORM_CONTAINERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        } else {
+            self.platform_containers.clone()
+        };
+        let db = self.database_container().to_owned();
+        if !names.contains(&db) {
+            names.push(db);
+        }
+        names
     }
 
     /// The allow-listed store paths.

@@ -121,8 +121,8 @@ impl Engine {
         }
     }
 
-    /// Names of running Deis platform containers (`deis-*`, the backup agent itself excluded).
-    pub async fn platform_containers(&self) -> Result<Vec<String>> {
+    /// Names of the `watched` containers that run on this host, sorted.
+    pub async fn platform_containers(&self, watched: &[String]) -> Result<Vec<String>> {
         let list = self
             .docker
             .list_containers(Some(ListContainersOptions::default()))
@@ -135,7 +135,7 @@ impl Engine {
             .into_iter()
             .flat_map(|c| c.names.unwrap_or_default())
             .map(|n| n.trim_start_matches('/').to_owned())
-            .filter(|n| n.starts_with("deis-") && !n.starts_with("deis-backup"))
+            .filter(|n| watched.contains(n))
             .collect();
         names.sort();
         Ok(names)

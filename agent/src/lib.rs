@@ -89,13 +89,19 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         hostname: hostname.clone(),
         address: address.clone(),
         database_container: config.database_container().to_owned(),
+        platform_containers: config.platform_containers(),
         store_paths: config.store_paths(),
         zstd_level: config.zstd_level(),
         zstd_workers: config.zstd_workers(),
         hooks: config.hooks(),
     };
 
-    let mut server = Server::builder();
+    // Restores stream into the agent: large HTTP/2 windows and frames, as for downloads on the
+    // coordinator's side.
+    let mut server = Server::builder()
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(1 << 20);
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
             read(cert, "TLS certificate")?,

@@ -39,6 +39,8 @@ pub struct Settings {
     pub hostname: String,
     pub address: String,
     pub database_container: String,
+    /// Containers Describe reports when they run (see `Config::platform_containers`).
+    pub platform_containers: Vec<String>,
     pub store_paths: Vec<PathBuf>,
     pub zstd_level: i32,
     pub zstd_workers: u32,
@@ -163,7 +165,10 @@ impl agent_server::Agent for AgentService {
             docker_api_version: self.engine.api_version(),
             database,
             store_paths,
-            running_platform_containers: self.engine.platform_containers().await?,
+            running_platform_containers: self
+                .engine
+                .platform_containers(&s.platform_containers)
+                .await?,
             hooks: s.hooks.keys().cloned().collect(),
         }))
     }

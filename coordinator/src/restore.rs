@@ -31,15 +31,6 @@ use crate::repository::{Manifest, PartInfo, Repository};
 use crate::snapshot::{self, Cluster, DATABASE_PART, ETCD_PART, STORE_PREFIX};
 use crate::verify::{self, Depth};
 
-/// Platform containers that must not run while a snapshot is restored under them.
-pub const PLATFORM_CONTAINERS: &[&str] = &[
-    "deis-database",
-    "deis-registry",
-    "deis-controller",
-    "deis-logger",
-    "deis-builder",
-];
-
 /// Options of `restore`. Serve the CLI, the config file (`[restore]`) and the library.
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -115,22 +106,10 @@ pub async fn restore(
     // 2. Preflight on the target cluster.
     let mut refusals = Vec::new();
     for d in agents {
-        let mut running: Vec<&str> = d
-            .info
-            .running_platform_containers
-            .iter()
-            .map(String::as_str)
-            .filter(|c| PLATFORM_CONTAINERS.contains(c))
-            .collect();
-        // The agent's database container counts whatever its name.
-        if let Some(db) = d.info.database.as_ref().filter(|c| c.running)
-            && !running.contains(&db.name.as_str())
-        {
-            running.push(&db.name);
-        }
-        for c in running {
-            let is_database =
-                c == "deis-database" || d.info.database.as_ref().is_some_and(|db| db.name == c);
+        // The agent reports the platform containers it watches (its config; the Deis ones and its
+        // database container by default).
+        for c in &d.info.running_platform_containers {
+            let is_database = d.info.database.as_ref().is_some_and(|db| &db.name == c);
             if !(options.database_sql && is_database) {
                 refusals.push(format!("{c} runs on {}", d.agent.host_id));
             }

@@ -483,10 +483,10 @@ async fn an_agent_killed_mid_snapshot_leaves_no_complete_snapshot() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until data flows into the repository, then kill the agent's container.
+    // Wait until data flows into the repository's staging area, then kill the agent's container.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let staged = std::fs::read_dir(&repo)
+        let staged = std::fs::read_dir(repo.join("tmp"))
             .into_iter()
             .flatten()
             .flatten()

@@ -28,6 +28,10 @@ use crate::error::{Error, Result};
 
 /// Largest value an ustar octal size field holds (11 octal digits).
 const USTAR_MAX_SIZE: u64 = 0o777_7777_7777;
+/// File contents are read in pieces of this size.
+const READ_BUFFER: usize = 1 << 20;
+/// Headers and small files are gathered into writes of this size before compression.
+const WRITE_BUFFER: usize = 256 << 10;
 /// Largest value an ustar uid/gid field holds (7 octal digits).
 const USTAR_MAX_ID: u64 = 0o777_7777;
 
@@ -37,6 +41,8 @@ struct Walker<W: Write> {
     warnings: Vec<Warning>,
     /// (dev, inode) of files with several links -> the archived path of the first one.
     links: HashMap<(u64, u64), Vec<u8>>,
+    /// Read buffer for file contents.
+    buf: Vec<u8>,
 }
 
 fn warn(kind: Kind, path: &[u8], message: impl Into<String>) -> Warning {
@@ -142,7 +148,23 @@ impl<W: Write> Walker<W> {
             old.linkname[..n].copy_from_slice(&link[..n]);
         }
         h.set_cksum();
-        self.tar.append(&h, data)
+        // The header through tar (no data, so no padding), then the data in large reads and
+        // writes of our own buffer: tar's own copy goes 8 KiB at a time.
+        self.tar.append(&h, io::empty())?;
+        let out = self.tar.get_mut();
+        let mut len = 0u64;
+        loop {
+            let n = match data.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            out.write_all(&self.buf[..n])?;
+            len += n as u64;
+        }
+        let pad = (512 - len % 512) % 512;
+        out.write_all(&[0u8; 512][..usize::try_from(pad).unwrap_or(0)])
     }
 
     fn walk(&mut self, root: &Path) -> Result<()> {
@@ -369,16 +391,24 @@ pub fn archive(root: &Path, level: i32, workers: u32, tx: ChunkTx) -> Result<Tra
     };
     let enc = encoder(ChunkSink::new(tx), level, workers).map_err(cancelled)?;
     let mut w = Walker {
-        tar: tar::Builder::new(Counting::new(enc)),
+        tar: tar::Builder::new(io::BufWriter::with_capacity(
+            WRITE_BUFFER,
+            Counting::new(enc),
+        )),
         counts: StoreCounts::default(),
         warnings: Vec::new(),
         links: HashMap::new(),
+        buf: vec![0; READ_BUFFER],
     };
     w.walk(root).map_err(|e| match e {
         Error::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe => Error::Cancelled,
         e => e,
     })?;
-    let counting = w.tar.into_inner().map_err(cancelled)?;
+    let counting = w
+        .tar
+        .into_inner()
+        .and_then(|b| b.into_inner().map_err(io::IntoInnerError::into_error))
+        .map_err(cancelled)?;
     let raw = counting.count;
     let (compressed, sha) = counting
         .inner
