@@ -132,6 +132,7 @@ T[s3cmd_restore_again]=$(time_of restore_s3cmd)
 T[rclone_restore_again]=$(time_of restore_rclone)
 cleanup_restored
 
+MAIN_BUCKETS="${BUCKETS[*]}"
 OBJECTS=$(grep -o 'op=mirror objects=[0-9]*' "$W/log" | head -1 | cut -d= -f3)
 BYTES=$(grep -o 'op=mirror objects=[0-9]* bytes=[0-9]*' "$W/log" | head -1 | sed 's/.*bytes=//')
 
@@ -144,13 +145,14 @@ if [[ -n $NOCHANGE_BUCKET ]]; then
   echo "no-change runs on $NOCHANGE_BUCKET..." >&2
   BUCKETS=("$NOCHANGE_BUCKET")
   rm -rf "$W/repo" "$W/s3cmd" "$W/rclone"
-  time_of mirror_ours >/dev/null
+  T[ours_nc_full]=$(time_of mirror_ours)
   T[ours_nc]=$(time_of mirror_ours)
-  time_of mirror_s3cmd >/dev/null
+  T[s3cmd_nc_full]=$(time_of mirror_s3cmd)
   T[s3cmd_nc]=$(time_of mirror_s3cmd)
-  time_of mirror_rclone >/dev/null
+  T[rclone_nc_full]=$(time_of mirror_rclone)
   T[rclone_nc]=$(time_of mirror_rclone)
-  NC_OBJECTS=$(grep -o 'op=mirror objects=[0-9]*' "$W/log" | tail -1 | cut -d= -f3)
+  NC_MAIN_BUCKETS="${BUCKETS[*]}"
+OBJECTS=$(grep -o 'op=mirror objects=[0-9]*' "$W/log" | tail -1 | cut -d= -f3)
 fi
 
 ratio() { python3 -c "print(f'{$1 / max($2, 0.001):.1f}×')"; }
@@ -158,7 +160,7 @@ row() { # name ours s3cmd rclone
   printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$(ratio "$3" "$2")" "$(ratio "$4" "$2")"
 }
 echo
-echo "Cluster gateway $HOST:$PORT, buckets ${BUCKETS[*]:-} ($OBJECTS objects, $BYTES bytes), transfers $TRANSFERS, $(nproc) cores."
+echo "Cluster gateway $HOST:$PORT, buckets $MAIN_BUCKETS ($OBJECTS objects, $BYTES bytes), transfers $TRANSFERS, $(nproc) cores."
 echo
 echo '| run (seconds) | deis-backup | s3cmd sync | rclone sync | vs s3cmd | vs rclone |'
 echo '| --- | ---: | ---: | ---: | ---: | ---: |'
@@ -167,5 +169,6 @@ row "no-change mirror" "${T[ours_again]}" "${T[s3cmd_again]}" "${T[rclone_again]
 row "restore into fresh buckets" "${T[ours_restore]}" "${T[s3cmd_restore]}" "${T[rclone_restore]}"
 row "no-change restore" "${T[ours_restore_again]}" "${T[s3cmd_restore_again]}" "${T[rclone_restore_again]}"
 if [[ -n $NOCHANGE_BUCKET ]]; then
-  row "no-change mirror, $NC_OBJECTS objects" "${T[ours_nc]}" "${T[s3cmd_nc]}" "${T[rclone_nc]}"
+  row "full mirror, $NOCHANGE_BUCKET ($NC_OBJECTS objects)" "${T[ours_nc_full]}" "${T[s3cmd_nc_full]}" "${T[rclone_nc_full]}"
+  row "no-change mirror, $NOCHANGE_BUCKET ($NC_OBJECTS objects)" "${T[ours_nc]}" "${T[s3cmd_nc]}" "${T[rclone_nc]}"
 fi

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 /// Size of one data chunk sent to the caller.
-pub const CHUNK_BYTES: usize = 1024 * 1024;
+pub const CHUNK_BYTES: usize = 256 * 1024;
 /// Chunks queued towards the caller before the producer blocks.
 pub const QUEUE_CHUNKS: usize = 4;
 

@@ -611,3 +611,89 @@ fn list_or_none(v: &[String]) -> String {
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deis_backup_proto::v1::{DescribeReply, StorePath};
+
+    fn described(host: &str, paths: &[(&str, &str, bool)]) -> Described {
+        let options = crate::agents::AgentOptions::default();
+        let loc = crate::agents::Location {
+            host_id: host.to_owned(),
+            address: format!("{host}:4195"),
+        };
+        // connect() reads the token; it connects lazily, so nothing is dialled here.
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t").unwrap();
+        let options = crate::agents::AgentOptions {
+            token_file: Some(token),
+            ..options
+        };
+        let agent = crate::agents::connect(&options, &[loc]).unwrap().remove(0);
+        Described {
+            agent,
+            info: DescribeReply {
+                machine_id: host.to_owned(),
+                store_paths: paths
+                    .iter()
+                    .map(|(p, id, shared)| StorePath {
+                        path: (*p).to_owned(),
+                        fs_type: if *shared { "ceph" } else { "ext4" }.to_owned(),
+                        fs_identity: (*id).to_owned(),
+                        shared: *shared,
+                    })
+                    .collect(),
+                ..DescribeReply::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn the_shared_store_is_archived_once_and_local_ones_per_host() {
+        let store = "/var/lib/deis/store";
+        let agents = [
+            described("c", &[(store, "shared:ceph:ab:/", true)]),
+            described(
+                "a",
+                &[
+                    (store, "shared:ceph:ab:/", true),
+                    ("/srv/x", "local:a:1:2", false),
+                ],
+            ),
+            described(
+                "b",
+                &[
+                    (store, "shared:ceph:ab:/", true),
+                    ("/srv/x", "local:b:1:2", false),
+                ],
+            ),
+        ];
+        let tasks = store_tasks(&agents);
+        let got: Vec<(&str, &str, bool, Vec<String>)> = tasks
+            .iter()
+            .map(|t| {
+                (
+                    t.part.as_str(),
+                    t.agent.host.as_str(),
+                    t.shared,
+                    t.also_on.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("store/a/srv-x.tar.zst", "a", false, vec![]),
+                ("store/b/srv-x.tar.zst", "b", false, vec![]),
+                (
+                    "store/shared/var-lib-deis-store.tar.zst",
+                    "a",
+                    true,
+                    vec!["b".to_owned(), "c".to_owned()]
+                ),
+            ]
+        );
+    }
+}

@@ -267,13 +267,43 @@ async fn snapshot_then_restore_onto_a_fresh_cluster_gives_back_every_object_file
     );
 
     let fresh = Fresh::new();
-    let restored = ok(&fresh.restore(&repo, &id, &["--database-sql"]), "restore");
+    let target_etcd = fresh.target.etcd();
+    let kept_keys = [
+        "/deis/platform/domain",
+        "/deis/store/gateway/accessKey",
+        "/deis/database/initId",
+    ];
+    let mut before = Vec::new();
+    for k in kept_keys {
+        before.push(target_etcd.get(k).await.unwrap());
+    }
+    let restored = ok(
+        &fresh.restore(&repo, &id, &["--database-sql", "--etcd-keys"]),
+        "restore",
+    );
     assert_eq!(
         restored["next"]
             .as_str()
             .map(|s| s.starts_with("deisctl start platform")),
         Some(true)
     );
+
+    // etcd: the platform's keys came back; the new cluster's own (ephemeral, cluster-specific) stayed.
+    let source_etcd = Cluster::get().etcd();
+    for k in ["/deis/controller/registrationMode", "/deis/router/bodySize"] {
+        assert_eq!(
+            target_etcd.get(k).await.unwrap(),
+            source_etcd.get(k).await.unwrap(),
+            "{k} was not restored"
+        );
+    }
+    for (k, was) in kept_keys.iter().zip(before) {
+        assert_eq!(
+            target_etcd.get(k).await.unwrap(),
+            was,
+            "{k} was overwritten"
+        );
+    }
 
     // Buckets: every object with its bytes, content type and metadata.
     let src_s3 = Cluster::get().s3().await;

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Headline benchmark: the Deis docs' manual backup procedure, run as a script exactly as the docs
+# give it (one step after another: `s3cmd sync` of both gateway buckets with SigV2, `tar cpzf` of the
+# store directory, `docker exec deis-database sudo -u postgres pg_dumpall`), against one
+# `deis-backup snapshot`, on whatever cluster `tests/cluster/up` runs (use `--size large` for the
+# figures in docs/BENCHMARKS.md); then both again with nothing changed.
+#
+# Usage: bench/snapshot.sh            (after tests/cluster/up --size large)
+# Env: VENV (default ~/.cache/deis-backup/venv, holding s3cmd), BENCH_DIR (default
+#      /tmp/deis-backup-bench-snapshot), DEIS_CLUSTER_DIR (default /tmp/deis-backup-cluster).
+#
+# Builds the release binaries, runs the agent as its container image, prints a Markdown table of
+# seconds and ratios (procedure / deis-backup). Secrets go to 0600 files, never to argv or stdout.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-$HOME/.cache/deis-backup/venv}
+W=${BENCH_DIR:-/tmp/deis-backup-bench-snapshot}
+CLUSTER_ENV=${DEIS_CLUSTER_DIR:-/tmp/deis-backup-cluster}/cluster.env
+[[ -f $CLUSTER_ENV ]] || { echo "no cluster: run tests/cluster/up --size large first" >&2; exit 1; }
+# shellcheck disable=SC1090
+source <(sed 's/^/export /' "$CLUSTER_ENV")
+ETCD=${ETCD_ENDPOINTS%%,*}
+S3CMD=$VENV/bin/s3cmd
+[[ -x $S3CMD ]] || { echo "no s3cmd in $VENV (tests/cluster/up installs it)" >&2; exit 1; }
+
+etcd_get() {
+  curl -fsS "$ETCD/v2/keys$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["node"]["value"])'
+}
+DB_BUCKET=$(etcd_get /deis/database/bucketName)
+REG_BUCKET=$(etcd_get /deis/registry/bucketName)
+GW=$(etcd_get /deis/store/gateway/host):$(etcd_get /deis/store/gateway/port)
+
+echo "building release binaries" >&2
+(cd "$ROOT" && cargo build --release --workspace --bins -q)
+BIN=$ROOT/target/release/deis-backup
+
+rm -rf "$W"
+mkdir -p "$W/manual"
+cleanup() {
+  "$ROOT/tests/cluster/agent" down bench-source >/dev/null 2>&1 || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+(
+  umask 077
+  printf '%s\n' "[default]" \
+    "access_key = $(etcd_get /deis/store/gateway/accessKey)" \
+    "secret_key = $(etcd_get /deis/store/gateway/secretKey)" \
+    "host_base = $GW" "host_bucket = $GW" "use_https = False" "signature_v2 = True" \
+    "bucket_location = us-east-1" >"$W/s3cfg"
+)
+eval "$("$ROOT/tests/cluster/agent" up bench-source --etcd "$ETCD" --store "$STORE_DIR" --port 4292 \
+  --database-container "$DATABASE_CONTAINER" --binary "$ROOT/target/release/deis-backup-agent" | sed 's/^/export /')"
+
+now() { date +%s.%N; }
+# The procedure of the Deis docs, step by step, into $W/manual.
+procedure() {
+  local t0 rc=0
+  t0=$(now)
+  (cd "$W/manual" && "$S3CMD" -c "$W/s3cfg" --no-progress -q sync "s3://$DB_BUCKET" . &&
+    "$S3CMD" -c "$W/s3cfg" --no-progress -q sync "s3://$REG_BUCKET" .)
+  # tar exits 1 for "file changed as we read it" (the live logs), as the docs show.
+  (cd "$STORE_DIR" && tar cpzf "$W/manual/store_file_backup.tar.gz" . 2>/dev/null) || rc=$?
+  ((rc <= 1)) || { echo "tar failed ($rc)" >&2; exit 1; }
+  docker exec "$DATABASE_CONTAINER" sudo -u postgres pg_dumpall >"$W/manual/dump_all.sql"
+  echo "$(now) - $t0" | bc
+}
+ours() {
+  local t0
+  t0=$(now)
+  DEIS_BACKUP_TOKEN_FILE=$AGENT_TOKEN_FILE "$BIN" snapshot --etcd "$ETCD" --agent "$AGENT_ADDRESS" \
+    -r "$W/repository" --json >"$W/ours.json"
+  echo "$(now) - $t0" | bc
+}
+
+echo "first run: the procedure" >&2
+p1=$(procedure)
+echo "first run: deis-backup snapshot" >&2
+o1=$(ours)
+echo "nothing changed: the procedure" >&2
+p2=$(procedure)
+echo "nothing changed: deis-backup snapshot" >&2
+o2=$(ours)
+
+sum() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sum(b[sys.argv[2]] for b in d["buckets"].values()))' "$W/ours.json" "$1"; }
+objects=$(sum objects)
+downloaded=$(sum downloaded_objects)
+bucket_bytes=$(du -sb --exclude=store_file_backup.tar.gz --exclude=dump_all.sql "$W/manual" | cut -f1)
+store_bytes=$(du -sb "$STORE_DIR" | cut -f1)
+dump_bytes=$(stat -c %s "$W/manual/dump_all.sql")
+ratio() { printf '%.1fx' "$(echo "$1 / $2" | bc -l)"; }
+secs() { printf '%.1f' "$1"; }
+echo "Cluster: $CLUSTER_SIZE seed: $objects gateway objects ($((bucket_bytes / 1048576)) MiB), store $((store_bytes / 1048576)) MiB, pg_dumpall $((dump_bytes / 1048576)) MiB; $(nproc) cores."
+echo
+echo "| run | Deis docs' procedure (s) | deis-backup snapshot (s) | speed-up |"
+echo "|---|---|---|---|"
+echo "| first snapshot | $(secs "$p1") | $(secs "$o1") | $(ratio "$p1" "$o1") |"
+echo "| nothing changed | $(secs "$p2") | $(secs "$o2") | $(ratio "$p2" "$o2") |"
+echo
+echo "The unchanged deis-backup run downloaded $downloaded of $objects objects."
