@@ -147,11 +147,16 @@ pub fn describe(path: &Path, machine_id: &str) -> Result<StorePath> {
     } else {
         format!("local:{machine_id}:{}:{}", md.dev(), md.ino())
     };
+    let empty = std::fs::read_dir(&canon)
+        .map_err(Error::io("cannot list", &canon))?
+        .next()
+        .is_none();
     Ok(StorePath {
         path: path.display().to_string(),
         fs_type,
         fs_identity,
         shared,
+        empty,
     })
 }
 

@@ -336,22 +336,14 @@ impl Repository {
     }
 
     /// A writer for a new blob; [`BlobWriter::finish`] stores it (once).
+    // Async and fallible for callers' sake: a backend may need to prepare staging; today the
+    // staging file is only created once a blob outgrows the in-memory buffer.
+    #[allow(clippy::unused_async)]
     pub async fn blob_writer(&self) -> Result<BlobWriter> {
-        let dir = self.backend.staging_dir().to_owned();
-        let (file, temp) = tokio::task::spawn_blocking(move || {
-            tempfile::Builder::new()
-                .prefix(".blob-")
-                .tempfile_in(&dir)
-                .map_err(|e| Error::io(format!("create a staging file in {}", dir.display()), &e))
-        })
-        .await
-        .map_err(|e| Error::repository(format!("staging task failed: {e}")))??
-        .into_parts();
         Ok(BlobWriter {
             repo: self.clone(),
-            file: tokio::fs::File::from_std(file),
-            temp,
-            buf: Vec::with_capacity(BUF_SIZE),
+            staged: None,
+            buf: Vec::with_capacity(64 * 1024),
             hasher: Sha256::new(),
             size: 0,
         })
@@ -485,13 +477,13 @@ pub struct StoredBlob {
     pub new: bool,
 }
 
-/// Writes a blob: bytes go to a staging file while SHA-256 is computed; `finish` stores it under
-/// its hash unless a blob with that hash exists.
+/// Writes a blob while computing its SHA-256; `finish` stores it under its hash unless a blob
+/// with that hash exists. Up to 1 MiB stays in a buffer (small objects never touch a staging file
+/// and are stored with one atomic write); larger blobs stream through a staging file.
 #[derive(Debug)]
 pub struct BlobWriter {
     repo: Repository,
-    file: tokio::fs::File,
-    temp: tempfile::TempPath,
+    staged: Option<(tokio::fs::File, tempfile::TempPath)>,
     buf: Vec<u8>,
     hasher: Sha256,
     size: u64,
@@ -505,22 +497,43 @@ impl BlobWriter {
             self.flush_buf().await?;
         }
         if data.len() >= BUF_SIZE {
-            self.file
-                .write_all(data)
+            let (file, temp) = self.staging_file().await?;
+            file.write_all(data)
                 .await
-                .map_err(|e| Error::io(format!("write {}", self.temp.display()), &e))?;
+                .map_err(|e| Error::io(format!("write {}", temp.display()), &e))?;
         } else {
             self.buf.extend_from_slice(data);
         }
         Ok(())
     }
 
+    async fn staging_file(&mut self) -> Result<&mut (tokio::fs::File, tempfile::TempPath)> {
+        if self.staged.is_none() {
+            let dir = self.repo.backend.staging_dir().to_owned();
+            let (file, temp) = tokio::task::spawn_blocking(move || {
+                tempfile::Builder::new()
+                    .prefix(".blob-")
+                    .tempfile_in(&dir)
+                    .map_err(|e| {
+                        Error::io(format!("create a staging file in {}", dir.display()), &e)
+                    })
+            })
+            .await
+            .map_err(|e| Error::repository(format!("staging task failed: {e}")))??
+            .into_parts();
+            self.staged = Some((tokio::fs::File::from_std(file), temp));
+        }
+        Ok(self.staged.as_mut().expect("just created"))
+    }
+
     async fn flush_buf(&mut self) -> Result<()> {
         if !self.buf.is_empty() {
-            self.file
-                .write_all(&self.buf)
+            let buf = std::mem::take(&mut self.buf);
+            let (file, temp) = self.staging_file().await?;
+            file.write_all(&buf)
                 .await
-                .map_err(|e| Error::io(format!("write {}", self.temp.display()), &e))?;
+                .map_err(|e| Error::io(format!("write {}", temp.display()), &e))?;
+            self.buf = buf;
             self.buf.clear();
         }
         Ok(())
@@ -531,15 +544,13 @@ impl BlobWriter {
         self.buf.clear();
         self.hasher = Sha256::new();
         self.size = 0;
-        let what = format!("truncate {}", self.temp.display());
-        self.file
-            .set_len(0)
-            .await
-            .map_err(|e| Error::io(&what, &e))?;
-        self.file
-            .seek(std::io::SeekFrom::Start(0))
-            .await
-            .map_err(|e| Error::io(&what, &e))?;
+        if let Some((file, temp)) = &mut self.staged {
+            let what = format!("truncate {}", temp.display());
+            file.set_len(0).await.map_err(|e| Error::io(&what, &e))?;
+            file.seek(std::io::SeekFrom::Start(0))
+                .await
+                .map_err(|e| Error::io(&what, &e))?;
+        }
         Ok(())
     }
 
@@ -550,29 +561,29 @@ impl BlobWriter {
 
     /// Stores the blob (unless its bytes are already stored) and returns its reference.
     pub async fn finish(mut self) -> Result<StoredBlob> {
-        self.flush_buf().await?;
-        let what = format!("write {}", self.temp.display());
-        self.file.flush().await.map_err(|e| Error::io(&what, &e))?;
-        if self.repo.fsync {
-            self.file
-                .sync_data()
-                .await
-                .map_err(|e| Error::io(&what, &e))?;
-        }
-        drop(self.file);
-        let sha256 = hex::encode(self.hasher.finalize());
         let blob = BlobRef {
-            sha256,
+            sha256: hex::encode(self.hasher.finalize_reset()),
             size: self.size,
         };
         let name = format::blob_path(&blob.sha256);
         if self.repo.backend.size(&name).await? == Some(blob.size) {
             return Ok(StoredBlob { blob, new: false });
         }
-        self.repo
-            .backend
-            .put_file(&name, &self.temp, blob.size)
-            .await?;
+        if self.staged.is_none() {
+            // Small: one atomic (and durable) write, no staging file of our own.
+            let data = Bytes::from(std::mem::take(&mut self.buf));
+            self.repo.backend.put_bytes(&name, data).await?;
+            return Ok(StoredBlob { blob, new: true });
+        }
+        self.flush_buf().await?;
+        let (mut file, temp) = self.staged.take().expect("staged above");
+        let what = format!("write {}", temp.display());
+        file.flush().await.map_err(|e| Error::io(&what, &e))?;
+        if self.repo.fsync {
+            file.sync_data().await.map_err(|e| Error::io(&what, &e))?;
+        }
+        drop(file);
+        self.repo.backend.put_file(&name, &temp, blob.size).await?;
         Ok(StoredBlob { blob, new: true })
     }
 }
@@ -730,6 +741,27 @@ mod tests {
         w.reset().await.unwrap();
         w.write(b"hello").await.unwrap();
         assert_eq!(w.finish().await.unwrap().blob, a.blob);
+        // A blob larger than the buffer goes through a staging file, reset included.
+        let big: Vec<u8> = (0..3 * BUF_SIZE + 7)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+        let mut w = r.blob_writer().await.unwrap();
+        w.write(&big[..=BUF_SIZE]).await.unwrap();
+        w.reset().await.unwrap();
+        for chunk in big.chunks(100_000) {
+            w.write(chunk).await.unwrap();
+        }
+        let stored = w.finish().await.unwrap();
+        assert_eq!(stored.blob.size, big.len() as u64);
+        assert_eq!(stored.blob.sha256, hex::encode(Sha256::digest(&big)));
+        let mut back = Vec::new();
+        r.open_blob(&stored.blob.sha256)
+            .await
+            .unwrap()
+            .read_to_end(&mut back)
+            .await
+            .unwrap();
+        assert!(back == big, "big blob round-trips");
         // Nothing is left in staging.
         let staged = std::fs::read_dir(tmp.path().join("repo/tmp"))
             .unwrap()

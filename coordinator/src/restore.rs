@@ -6,8 +6,8 @@
 //! Invariants:
 //! - Nothing is written before the preflight passes: the snapshot's parts re-hash to their recorded
 //!   sha256 and every object's blob exists; the gateway takes the cluster's *current* keys; no
-//!   platform container runs on any host; the target buckets are empty. `--force` overrides the
-//!   last two only.
+//!   platform container runs on any host; the target buckets and store directories are empty.
+//!   `--force` overrides the last three only.
 //! - `--dry-run` runs the preflight and prints the plan, and writes nothing.
 //! - A failure after writing began says exactly which steps completed.
 
@@ -149,6 +149,18 @@ pub async fn restore(
         {
             let info = manifest.part_info.get(name).cloned().unwrap_or_default();
             let agent = store_target(agents, name, &info)?;
+            let path = info.path.as_deref().unwrap_or_default();
+            let target_is_empty = agents
+                .iter()
+                .filter(|d| d.agent.host_id == agent.host_id)
+                .flat_map(|d| &d.info.store_paths)
+                .any(|p| p.path == path && p.empty);
+            if !target_is_empty && !options.overwrite_store {
+                refusals.push(format!(
+                    "store directory {path} on {} is not empty (--overwrite-store replaces it)",
+                    agent.host_id
+                ));
+            }
             steps.push(Step {
                 what: "store".into(),
                 target: format!(
@@ -259,7 +271,15 @@ pub async fn restore(
     }
     for (name, info, agent) in &store_targets {
         progress.part_started(name, &format!("agent {}", agent.host_id));
-        let r = restore_store(repo, manifest, name, info, agent, options.overwrite_store).await;
+        let r = restore_store(
+            repo,
+            manifest,
+            name,
+            info,
+            agent,
+            options.overwrite_store || options.force,
+        )
+        .await;
         progress.part_finished(name, r.is_ok());
         match r {
             Ok(detail) => {

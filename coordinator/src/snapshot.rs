@@ -643,6 +643,7 @@ mod tests {
                         fs_type: if *shared { "ceph" } else { "ext4" }.to_owned(),
                         fs_identity: (*id).to_owned(),
                         shared: *shared,
+                        empty: false,
                     })
                     .collect(),
                 ..DescribeReply::default()

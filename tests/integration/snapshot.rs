@@ -428,6 +428,18 @@ async fn restore_is_refused_while_a_platform_container_runs_and_writes_nothing()
         std::fs::read_dir(fresh.target.store_dir()).unwrap().count(),
         0
     );
+
+    // With the database allowed (--database-sql), a non-empty store directory still refuses.
+    std::fs::write(fresh.target.store_dir().join("left-over"), b"x").unwrap();
+    let out = fresh.restore(&repo, &id, &["--database-sql"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not empty"), "{}", stderr(&out));
+    for bucket in ["db_wal", "registry"] {
+        assert!(
+            bucket_contents(&s3, bucket).await.is_none(),
+            "{bucket} was created"
+        );
+    }
 }
 
 #[tokio::test]

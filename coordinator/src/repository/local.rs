@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt as _;
+use std::io::Write as _;
 
 use super::{Backend, LocalFile};
 use crate::error::{Error, Result};
@@ -98,23 +98,25 @@ impl Backend for LocalBackend {
 
     async fn put_bytes(&self, name: &str, data: Bytes) -> Result<()> {
         let dest = self.path(name)?;
-        parent_dir(&dest).await?;
-        let (file, temp) = tempfile::Builder::new()
-            .prefix(".put-")
-            .tempfile_in(&self.staging)
-            .map_err(|e| Error::io(format!("stage {name}"), &e))?
-            .into_parts();
-        let mut file = tokio::fs::File::from_std(file);
-        let what = format!("write {}", dest.display());
-        file.write_all(&data)
-            .await
-            .map_err(|e| Error::io(&what, &e))?;
-        file.sync_all().await.map_err(|e| Error::io(&what, &e))?;
-        drop(file);
-        tokio::fs::rename(&temp, &dest)
-            .await
-            .map_err(|e| Error::io(&what, &e))?;
-        Ok(())
+        let staging = self.staging.clone();
+        // One blocking task for the whole write: stage, flush to disk, rename into place.
+        tokio::task::spawn_blocking(move || {
+            let what = format!("write {}", dest.display());
+            if let Some(p) = dest.parent() {
+                std::fs::create_dir_all(p)
+                    .map_err(|e| Error::io(format!("create {}", p.display()), &e))?;
+            }
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".put-")
+                .tempfile_in(&staging)
+                .map_err(|e| Error::io(&what, &e))?;
+            tmp.write_all(&data).map_err(|e| Error::io(&what, &e))?;
+            tmp.as_file().sync_all().map_err(|e| Error::io(&what, &e))?;
+            tmp.persist(&dest).map_err(|e| Error::io(&what, &e.error))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::repository(format!("write task failed: {e}")))?
     }
 
     async fn get_bytes(&self, name: &str) -> Result<Bytes> {
