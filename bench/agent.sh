@@ -76,7 +76,6 @@ export DEIS_BACKUP_TOKEN=bench-token-$RANDOM$RANDOM$RANDOM
   --store-path "$store" --store-path "$big" 2>"$work/agent.log" &
 agent_pid=$!
 for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
 
 # best TIME_VAR CMD... — the fastest of three runs (the machine may be shared), in seconds.
 best() {
@@ -91,14 +90,14 @@ best() {
   printf -v "$var" '%s' "$b"
 }
 archive_gz() { tar -C "$1" -cpzf "$work/$2.tgz" . 2>/dev/null || true; }
-archive_zst() { tar -C "$1" -cf - . 2>/dev/null | zstd -q -f -T0 -3 -o "$work/$2.tar.zst"; }
+archive_zst() { { tar -C "$1" -cf - . 2>/dev/null || true; } | zstd -q -f -T0 -3 -o "$work/$2.tar.zst"; }
 archive_agent() { "$pull" "127.0.0.1:$port" archive "$1" >"$work/$2.agent.tar.zst" 2>"$work/$2.trailer"; }
 dump_exec() { docker exec -u postgres "$container" pg_dumpall >"$work/dump.sql"; }
 dump_agent() { "$pull" "127.0.0.1:$port" dump >"$work/dump.sql.zst" 2>"$work/dump.trailer"; }
 
 # Every contender reads from the page cache: one untimed read of each tree first.
-tar -C "$store" -cf - . | cat >/dev/null
-tar -C "$big" -cf - . | cat >/dev/null
+{ tar -C "$store" -cf - . 2>/dev/null || true; } | cat >/dev/null
+{ tar -C "$big" -cf - . 2>/dev/null || true; } | cat >/dev/null
 best t_gz archive_gz "$store" store
 best t_zst archive_zst "$store" store
 best t_agent archive_agent "$store" store

@@ -12,6 +12,7 @@
 # Builds the release binaries, runs the agent as its container image, prints a Markdown table of
 # seconds and ratios (procedure / deis-backup). Secrets go to 0600 files, never to argv or stdout.
 set -euo pipefail
+shopt -s inherit_errexit
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$HOME/.cache/deis-backup/venv}
@@ -58,8 +59,10 @@ now() { date +%s.%N; }
 procedure() {
   local t0 rc=0
   t0=$(now)
-  (cd "$W/manual" && "$S3CMD" -c "$W/s3cfg" --no-progress -q sync "s3://$DB_BUCKET" . &&
-    "$S3CMD" -c "$W/s3cfg" --no-progress -q sync "s3://$REG_BUCKET" .)
+  for b in "$DB_BUCKET" "$REG_BUCKET"; do
+    mkdir -p "$W/manual/$b"
+    "$S3CMD" -c "$W/s3cfg" --no-progress sync "s3://$b/" "$W/manual/$b/" >/dev/null
+  done
   # tar exits 1 for "file changed as we read it" (the live logs), as the docs show.
   (cd "$STORE_DIR" && tar cpzf "$W/manual/store_file_backup.tar.gz" . 2>/dev/null) || rc=$?
   ((rc <= 1)) || { echo "tar failed ($rc)" >&2; exit 1; }
