@@ -237,11 +237,14 @@ async fn cmd_snapshot(
         out.plan(&plan, &repository.location);
         return Ok(ExitCode::SUCCESS);
     }
-    let repo = Repository::open_or_init(repository).await?;
-    let plan = snapshot::plan(&cluster, Some(&repo), options).await?;
     let lock = Lock::acquire(&cluster.etcd, "snapshot").await?;
     let progress = progress::Bars::new(out.is_json());
-    let result = snapshot::run(&cluster, &repo, &plan, options, &lock, &progress).await;
+    let result = async {
+        let repo = Repository::open_or_init(repository).await?;
+        let plan = snapshot::plan(&cluster, Some(&repo), options).await?;
+        snapshot::run(&cluster, &repo, &plan, options, &lock, &progress).await
+    }
+    .await;
     progress.finish();
     lock.release().await?;
     let outcome = result?;

@@ -376,23 +376,35 @@ async fn two_snapshots_at_once_one_is_refused_with_the_holder() {
     let source = Source::new();
     let (_d, repo_a) = repo_dir("e2e-lock-a");
     let (_e, repo_b) = repo_dir("e2e-lock-b");
-    let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| source.snapshot(&repo_a, &[]));
-        let b = s.spawn(|| source.snapshot(&repo_b, &[]));
-        (a.join().unwrap(), b.join().unwrap())
-    });
-    let (won, lost) = match (a.status.success(), b.status.success()) {
-        (true, false) => (a, b),
-        (false, true) => (b, a),
-        _ => panic!(
-            "expected exactly one snapshot to succeed: {} / {}\n{}\n{}",
-            a.status,
-            b.status,
-            stderr(&a),
-            stderr(&b)
-        ),
-    };
-    ok(&won, "the winning snapshot");
+    // The first snapshot is slowed down (bandwidth cap) so the second surely starts while it runs.
+    let a = Command::new(support::binary("deis-backup"))
+        .args([
+            "snapshot",
+            "--etcd",
+            source.cluster.etcd_endpoints(),
+            "--agent",
+        ])
+        .arg(&source.agent.address)
+        .arg("-r")
+        .arg(&repo_a)
+        .args(["--bandwidth-limit", "8MiB"])
+        .env("DEIS_BACKUP_TOKEN_FILE", &source.agent.token_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let etcd = source.cluster.etcd();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while etcd.get("/deis/backup/lock").await.unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the first snapshot never took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lost = source.snapshot(&repo_b, &[]);
+    let won = a.wait_with_output().unwrap();
+    ok(&won, "the first snapshot");
     assert_eq!(lost.status.code(), Some(4), "{}", stderr(&lost));
     let msg = stderr(&lost);
     assert!(
@@ -400,6 +412,14 @@ async fn two_snapshots_at_once_one_is_refused_with_the_holder() {
         "{msg}"
     );
     assert_eq!(msg.trim().lines().count(), 1, "not one line: {msg}");
+    assert!(
+        !repo_b.exists(),
+        "the refused snapshot created its repository"
+    );
+    assert!(
+        etcd.get("/deis/backup/lock").await.unwrap().is_none(),
+        "the lock was not released"
+    );
 }
 
 #[tokio::test]
