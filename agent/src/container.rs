@@ -217,7 +217,7 @@ impl Engine {
 
     /// The exit code of a finished exec; waits briefly for the engine to notice the end.
     pub async fn exit_code(&self, exec_id: &str, container: &str) -> Result<i64> {
-        for _ in 0..100 {
+        for attempt in 0..200u64 {
             let info = self.docker.inspect_exec(exec_id).await.map_err(|e| {
                 if is_not_found(&e) {
                     Error::NoContainer {
@@ -236,7 +236,7 @@ impl Engine {
                     name: container.to_owned(),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(5 * attempt.min(10))).await;
         }
         Err(Error::BadRequest {
             what: format!("the exec in '{container}' still runs after its output ended"),

@@ -689,7 +689,7 @@ impl Gateway {
         etcd: Option<&deis_backup_etcd::Client>,
     ) -> Result<Self> {
         let target = options.resolve(etcd).await?;
-        let gw = Self::new(&target, options)?;
+        let mut gw = Self::new(&target, options)?;
         gw.probe().await?;
         Ok(gw)
     }
@@ -798,20 +798,20 @@ impl Gateway {
 
     /// Checks every endpoint with ListBuckets; drops the unreachable ones (with a warning) as long
     /// as one answers; settles `auto` to V4 or V2.
-    async fn probe(&self) -> Result<()> {
-        let mut reachable = 0;
+    async fn probe(&mut self) -> Result<()> {
+        let mut reachable = vec![false; self.endpoints.len()];
         let mut last = None;
-        for (i, ep) in self.endpoints.iter().enumerate() {
+        for (i, ok) in reachable.iter_mut().enumerate() {
             match self.probe_endpoint(i).await {
-                Ok(()) => reachable += 1,
+                Ok(()) => *ok = true,
                 Err(e) if e.kind() == ErrorKind::GatewayUnreachable => {
-                    tracing::warn!(endpoint = %ep.url, "gateway unreachable; using the others");
+                    tracing::warn!(endpoint = %self.endpoints[i].url, "gateway unreachable; using the others");
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
             }
         }
-        if reachable == 0 {
+        if !reachable.contains(&true) {
             let what = self.endpoints().join(", ");
             let e = last.expect("at least one endpoint");
             return Err(Error::new(
@@ -820,6 +820,8 @@ impl Gateway {
                 e.guidance().to_owned(),
             ));
         }
+        let mut keep = reachable.into_iter();
+        self.endpoints.retain(|_| keep.next().unwrap_or(false));
         Ok(())
     }
 

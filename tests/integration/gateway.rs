@@ -353,3 +353,24 @@ async fn gateway_spreads_requests_over_every_published_gateway() {
     let rb = b.counts.requests.load(std::sync::atomic::Ordering::Relaxed);
     assert!(ra >= 10 && rb >= 10, "requests per gateway: {ra} and {rb}");
 }
+
+#[tokio::test]
+async fn gateway_drops_an_unreachable_gateway_and_uses_the_others() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("http://127.0.0.1:{port}");
+    let live = Cluster::get().gateway_endpoint().to_owned();
+    let opts = GatewayOptions {
+        endpoints: vec![dead, live.clone()],
+        ..options(Signature::V2)
+    };
+    let gw = Gateway::connect(&opts, Some(&Cluster::get().etcd()))
+        .await
+        .unwrap();
+    assert_eq!(gw.endpoints(), vec![live.as_str()]);
+    assert!(gw.bucket_exists("registry").await.unwrap());
+    assert!(!gw.bucket_exists(&fresh_bucket("absent")).await.unwrap());
+}

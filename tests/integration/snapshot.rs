@@ -664,3 +664,34 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+#[tokio::test]
+async fn the_agent_image_carries_the_coordinator_the_fleet_unit_runs() {
+    let source = Source::new();
+    let image = Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{.Config.Image}}",
+            &source.agent.container(),
+        ])
+        .output()
+        .unwrap();
+    let image = String::from_utf8(image.stdout).unwrap().trim().to_owned();
+    assert!(!image.is_empty());
+    // The same entrypoint and subcommand as systemd/deis-backup.service.
+    let out = Command::new("docker")
+        .args([
+            "run",
+            "--rm",
+            "--entrypoint",
+            "/usr/bin/deis-backup",
+            &image,
+            "snapshot",
+            "--help",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--pre-hook"));
+}
