@@ -1,6 +1,7 @@
-# The deis-backup-agent image: the agent binary and the few shared libraries it links, on an empty
-# base (no distribution, no shell, nothing to pull). The build context is a root filesystem that
-# agent/image/build assembles from a built binary; build with that script, not `docker build .`:
+# The deis-backup image: the agent binary (the entrypoint), the coordinator CLI `deis-backup` when it
+# was built beside it, and the few shared libraries they link, on an empty base (no distribution, no
+# shell, nothing to pull). The build context is a root filesystem that agent/image/build assembles
+# from built binaries; build with that script, not `docker build .`:
 #
 #   cargo build --release -p deis-backup-agent
 #   agent/image/build --binary target/release/deis-backup-agent --tag deis-backup/agent:v0.1.0

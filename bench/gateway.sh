@@ -151,8 +151,7 @@ if [[ -n $NOCHANGE_BUCKET ]]; then
   T[s3cmd_nc]=$(time_of mirror_s3cmd)
   T[rclone_nc_full]=$(time_of mirror_rclone)
   T[rclone_nc]=$(time_of mirror_rclone)
-  NC_MAIN_BUCKETS="${BUCKETS[*]}"
-OBJECTS=$(grep -o 'op=mirror objects=[0-9]*' "$W/log" | tail -1 | cut -d= -f3)
+  NC_OBJECTS=$(grep -o 'op=mirror objects=[0-9]*' "$W/log" | tail -1 | cut -d= -f3)
 fi
 
 ratio() { python3 -c "print(f'{$1 / max($2, 0.001):.1f}×')"; }

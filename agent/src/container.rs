@@ -56,6 +56,26 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
     )
 }
 
+/// The exec's `User` and argv: the user as given where the engine takes one, else a
+/// `sudo -u <user>` prefix (Engine API < 1.19).
+fn command_for(
+    exec_as_user: bool,
+    user: Option<&str>,
+    argv: &[String],
+) -> (Option<String>, Vec<String>) {
+    match user {
+        Some(u) if !exec_as_user => (
+            None,
+            ["sudo", "-u", u]
+                .into_iter()
+                .map(String::from)
+                .chain(argv.iter().cloned())
+                .collect(),
+        ),
+        u => (u.map(String::from), argv.to_vec()),
+    }
+}
+
 impl Engine {
     /// Connects to the engine at `socket` (`unix:///path` or a path) and negotiates the API version.
     pub async fn connect(socket: &str) -> Result<Self> {
@@ -155,17 +175,7 @@ impl Engine {
             container: container.to_owned(),
             source,
         };
-        let (user, cmd): (Option<String>, Vec<String>) = match user {
-            Some(u) if !self.can_exec_as_user() => (
-                None,
-                ["sudo", "-u", u]
-                    .into_iter()
-                    .map(String::from)
-                    .chain(argv.iter().cloned())
-                    .collect(),
-            ),
-            u => (u.map(String::from), argv.to_vec()),
-        };
+        let (user, cmd) = command_for(self.can_exec_as_user(), user, argv);
         let created = self
             .docker
             .create_exec(
@@ -241,5 +251,29 @@ impl Engine {
         Err(Error::BadRequest {
             what: format!("the exec in '{container}' still runs after its output ended"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_engines_get_sudo() {
+        let argv = vec!["pg_dumpall".to_owned()];
+        assert_eq!(
+            command_for(true, Some("postgres"), &argv),
+            (Some("postgres".into()), argv.clone())
+        );
+        assert_eq!(
+            command_for(false, Some("postgres"), &argv),
+            (
+                None,
+                ["sudo", "-u", "postgres", "pg_dumpall"]
+                    .map(String::from)
+                    .to_vec()
+            )
+        );
+        assert_eq!(command_for(false, None, &argv), (None, argv.clone()));
     }
 }

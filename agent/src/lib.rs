@@ -103,6 +103,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         .initial_connection_window_size(16 << 20)
         .max_frame_size(1 << 20);
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        // Both ring and aws-lc-rs may be linked in; the agent uses ring. An already installed
+        // provider (when embedded in another program) is kept.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
             read(cert, "TLS certificate")?,
             read(key, "TLS key")?,

@@ -191,11 +191,17 @@ pub async fn describe_all(agents: &[Agent]) -> Vec<(Agent, Result<DescribeReply>
     futures::future::join_all(calls).await
 }
 
-/// All agents, described; an agent that does not answer is an error naming it.
+/// All agents, described, each known by the host id it reports; an agent that does not answer is
+/// an error naming it.
 pub async fn describe_required(agents: &[Agent]) -> Result<Vec<Described>> {
     let mut out = Vec::new();
-    for (agent, r) in describe_all(agents).await {
-        out.push(Described { agent, info: r? });
+    for (mut agent, r) in describe_all(agents).await {
+        let info = r?;
+        // The host's own id, however the agent was found (etcd key or a static address).
+        if !info.machine_id.is_empty() {
+            agent.host_id.clone_from(&info.machine_id);
+        }
+        out.push(Described { agent, info });
     }
     Ok(out)
 }

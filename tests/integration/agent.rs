@@ -1131,3 +1131,233 @@ async fn agent_serves_while_etcd_is_away() {
         agent.log_text()
     );
 }
+
+/// Runs openssl in `dir`, failing the test on error.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
+fn make_certificates(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=deis-backup test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for name in ["server", "client"] {
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        let subject = format!("/CN={name}");
+        openssl(
+            dir,
+            &[
+                "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject, "-keyout", &key, "-out",
+                &csr,
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &pem,
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_with_mutual_tls_accepts_only_clients_with_a_certificate() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        certs.path().to_str().unwrap(),
+        "--tls-cert",
+        &p("server.pem"),
+        "--tls-key",
+        &p("server.key"),
+        "--tls-client-ca",
+        &p("ca.pem"),
+    ])
+    .await;
+    let ca = Certificate::from_pem(fs::read(p("ca.pem")).unwrap());
+    let url = format!("https://{}", agent.addr);
+    let with_cert = ClientTlsConfig::new()
+        .ca_certificate(ca.clone())
+        .domain_name("localhost")
+        .identity(Identity::from_pem(
+            fs::read(p("client.pem")).unwrap(),
+            fs::read(p("client.key")).unwrap(),
+        ));
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(with_cert)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = AgentClient::with_interceptor(channel, Bearer(Some(agent.token.clone())));
+    let d = client
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.machine_id, agent.host_id);
+
+    // Without a client certificate the handshake (or the first call) fails.
+    let without = ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .domain_name("localhost");
+    let refused = match Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(without)
+        .unwrap()
+        .connect()
+        .await
+    {
+        Err(_) => true,
+        Ok(ch) => AgentClient::with_interceptor(ch, Bearer(Some(agent.token.clone())))
+            .describe(DescribeRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+    // Plain HTTP/2 is not served either.
+    let plain = Channel::from_shared(format!("http://{}", agent.addr))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        let r = AgentClient::with_interceptor(ch, Bearer(Some(agent.token.clone())))
+            .describe(DescribeRequest {})
+            .await;
+        assert!(r.is_err(), "plain text was served");
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_dump_is_bounded_by_a_slow_reader_and_fails_when_the_container_vanishes() {
+    let broken = BrokenDatabase::start();
+    // An endless, poorly compressible "pg_dumpall" ahead of the real one on PATH.
+    let fake = "printf '#!/bin/sh\\nexec od -An -tx1 /dev/urandom\\n' >/usr/local/bin/pg_dumpall && chmod 755 /usr/local/bin/pg_dumpall";
+    let out = Command::new("docker")
+        .args(["exec", "-u", "0", &broken.0, "sh", "-c", fake])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = tempfile::tempdir().unwrap();
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        store.path().to_str().unwrap(),
+        "--database-container",
+        &broken.0,
+    ])
+    .await;
+    let pid = agent.child.as_ref().unwrap().id();
+    let mut stream = agent
+        .client()
+        .await
+        .dump_database(DumpDatabaseRequest { zstd_level: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = 0usize;
+    while got < 2 << 20 {
+        match stream.message().await.unwrap().unwrap().kind {
+            Some(chunk::Kind::Data(d)) => got += d.len(),
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+    // A reader that stops reading stalls the dump; the agent's memory stays bounded meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let peak = peak_rss_kib(pid);
+    assert!(
+        peak < 64 * 1024,
+        "agent peak RSS {peak} KiB with a stalled reader"
+    );
+
+    let out = Command::new("docker")
+        .args(["rm", "-f", &broken.0])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let e = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the stream goes on after the container is gone"
+        );
+        match stream.message().await {
+            Ok(Some(Chunk {
+                kind: Some(chunk::Kind::Data(_)),
+            })) => {}
+            Ok(other) => panic!("the dump of a vanished container ended with {other:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert!(e.message().contains("pg_dumpall"), "{e}");
+}

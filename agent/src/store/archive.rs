@@ -427,3 +427,151 @@ pub fn archive(root: &Path, level: i32, workers: u32, tx: ChunkTx) -> Result<Tra
         store: Some(w.counts),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use deis_backup_proto::v1::{Chunk, chunk};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// Incompressible bytes (xorshift), so compressed output flows while a file is read.
+    fn noise(n: usize, mut x: u64) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[0]
+            })
+            .collect()
+    }
+
+    const BIG: usize = 8 << 20;
+
+    /// Archives `dir` (a 8 MiB file `a`, a small `z`), running `change` once the first chunk is
+    /// out, i.e. while `a` is being read and before `z` is reached; returns the archive and trailer.
+    fn archive_while(dir: &Path, change: impl FnOnce()) -> (Vec<u8>, Trailer) {
+        let (tx, mut rx) = mpsc::channel::<Result<Chunk, tonic::Status>>(1);
+        let root = dir.to_path_buf();
+        let walker = std::thread::spawn(move || archive(&root, 3, 0, tx));
+        let mut data = Vec::new();
+        let mut change = Some(change);
+        while let Some(c) = rx.blocking_recv() {
+            if let Some(chunk::Kind::Data(d)) = c.unwrap().kind {
+                data.extend(d);
+            }
+            if let Some(f) = change.take() {
+                f();
+            }
+        }
+        (data, walker.join().unwrap().unwrap())
+    }
+
+    fn entries(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let mut tar = tar::Archive::new(zstd::Decoder::new(archive).unwrap());
+        tar.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+                let mut body = Vec::new();
+                e.read_to_end(&mut body).unwrap();
+                (name, body)
+            })
+            .collect()
+    }
+
+    fn kinds(t: &Trailer) -> Vec<(Kind, String)> {
+        t.warnings
+            .iter()
+            .map(|w| (w.kind(), w.path.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_growing_file_is_cut_and_a_vanished_one_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = noise(BIG, 1);
+        fs::write(dir.path().join("a"), &a).unwrap();
+        fs::write(dir.path().join("z"), b"soon gone").unwrap();
+        let (archive, trailer) = archive_while(dir.path(), || {
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(dir.path().join("a"))
+                .unwrap();
+            f.write_all(&noise(1 << 20, 2)).unwrap();
+            fs::remove_file(dir.path().join("z")).unwrap();
+        });
+        assert_eq!(
+            kinds(&trailer),
+            [(Kind::FileGrew, "a".into()), (Kind::Vanished, "z".into())]
+        );
+        let e = entries(&archive);
+        assert_eq!(
+            e.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["./", "a"]
+        );
+        assert_eq!(e[1].1, a, "the archive holds the size the header announced");
+        assert_eq!(trailer.store.unwrap().file_bytes, BIG as u64);
+    }
+
+    #[test]
+    fn a_shrinking_file_is_padded_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a"), noise(BIG, 3)).unwrap();
+        fs::write(dir.path().join("z"), b"stays").unwrap();
+        let (archive, trailer) = archive_while(dir.path(), || {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join("a"))
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+        });
+        assert_eq!(kinds(&trailer), [(Kind::FileShrank, "a".into())]);
+        let e = entries(&archive);
+        assert_eq!(e.len(), 3, "the archive stays a valid tar with every entry");
+        assert_eq!(e[1].1.len(), BIG);
+        assert!(e[1].1.ends_with(&[0u8; 4096]), "padded with zeros");
+        assert_eq!(e[2], ("z".to_owned(), b"stays".to_vec()));
+    }
+
+    #[test]
+    fn long_and_non_utf8_names_sockets_and_fifos() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "d".repeat(120);
+        fs::create_dir(dir.path().join(&long)).unwrap();
+        fs::write(dir.path().join(&long).join("f"), b"x").unwrap();
+        let odd = std::ffi::OsStr::from_bytes(b"caf\xe9");
+        fs::write(dir.path().join(odd), b"latin-1").unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o640),
+            0,
+        )
+        .unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(dir.path().join("sock")).unwrap();
+        let (archive, trailer) = archive_while(dir.path(), || {});
+        assert_eq!(kinds(&trailer), [(Kind::SocketSkipped, "sock".into())]);
+        let names: Vec<Vec<u8>> = {
+            let mut tar = tar::Archive::new(zstd::Decoder::new(&archive[..]).unwrap());
+            tar.entries()
+                .unwrap()
+                .map(|e| e.unwrap().path_bytes().into_owned())
+                .collect()
+        };
+        assert!(
+            names.contains(&format!("{long}/f").into_bytes()),
+            "{names:?}"
+        );
+        assert!(names.contains(&b"caf\xe9".to_vec()), "{names:?}");
+        assert!(names.contains(&b"fifo".to_vec()), "{names:?}");
+        let counts = trailer.store.unwrap();
+        assert_eq!((counts.files, counts.dirs, counts.special), (2, 2, 1));
+    }
+}

@@ -11,7 +11,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub struct Bars {
     multi: MultiProgress,
-    bars: Mutex<HashMap<String, ProgressBar>>,
+    by_name: Mutex<HashMap<String, ProgressBar>>,
+    /// Per bucket: objects done, objects listed.
+    objects: Mutex<HashMap<String, (u64, u64)>>,
 }
 
 impl Bars {
@@ -23,12 +25,13 @@ impl Bars {
         };
         Self {
             multi: MultiProgress::with_draw_target(target),
-            bars: Mutex::new(HashMap::new()),
+            by_name: Mutex::new(HashMap::new()),
+            objects: Mutex::new(HashMap::new()),
         }
     }
 
     fn bar(&self, name: &str, make: impl FnOnce() -> ProgressBar) -> ProgressBar {
-        let mut bars = self.bars.lock().expect("progress lock");
+        let mut bars = self.by_name.lock().expect("progress lock");
         bars.entry(name.to_owned())
             .or_insert_with(|| {
                 let b = self.multi.add(make());
@@ -39,7 +42,7 @@ impl Bars {
     }
 
     pub fn finish(&self) {
-        for b in self.bars.lock().expect("progress lock").values() {
+        for b in self.by_name.lock().expect("progress lock").values() {
             b.finish();
         }
     }
@@ -58,13 +61,19 @@ impl mirror::Progress for Bars {
         b.set_prefix(format!("bucket {bucket}"));
         b.set_length(bytes);
         b.set_message(format!("0/{objects} objects"));
+        self.objects
+            .lock()
+            .expect("progress lock")
+            .insert(bucket.to_owned(), (0, objects));
     }
 
     fn object_done(&self, bucket: &str, _key: &str, size: u64, _transferred: bool) {
         let b = self.bar(bucket, ProgressBar::no_length);
         b.inc(size);
-        let done = b.position();
-        b.set_message(format!("{done} B done"));
+        let mut objects = self.objects.lock().expect("progress lock");
+        let entry = objects.entry(bucket.to_owned()).or_default();
+        entry.0 += 1;
+        b.set_message(format!("{}/{} objects", entry.0, entry.1));
     }
 }
 
