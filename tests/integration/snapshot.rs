@@ -538,7 +538,7 @@ async fn an_agent_killed_mid_snapshot_leaves_no_complete_snapshot() {
             "-r",
             &r,
             "--zstd-level",
-            "19",
+            "3",
         ])
         .env("DEIS_BACKUP_TOKEN_FILE", &agent.token_file)
         .stdout(std::process::Stdio::piped())
@@ -546,7 +546,7 @@ async fn an_agent_killed_mid_snapshot_leaves_no_complete_snapshot() {
         .spawn()
         .unwrap();
     // Wait until data flows into the repository's staging area, then kill the agent's container.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let staged = std::fs::read_dir(repo.join("tmp"))
             .into_iter()
