@@ -6,13 +6,11 @@
 //! go into fresh temporary directories; SQL restores touch only databases named after the test;
 //! nothing here stops or changes the shared cluster's components.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -27,25 +25,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use super::support::{self, Cluster};
-
-/// A name no other test (or run) uses.
-fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use super::support::{self, Cluster, free_port, tree, unique};
 
 /// Adds `authorization: Bearer <token>` (or nothing).
 #[derive(Clone)]
@@ -288,72 +268,6 @@ async fn agent_dump_equals_docker_exec_pg_dumpall() {
     let agent = Agent::spawn(&["--no-register"]).await;
     let mut client = agent.client().await;
     assert_dump_matches(&mut client, cluster.database_container()).await;
-}
-
-/// What the round trip compares of one path.
-#[derive(Debug, PartialEq, Eq)]
-struct Entry {
-    kind: &'static str,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: i64,
-    link: Option<PathBuf>,
-    sha: Option<Vec<u8>>,
-    /// The other paths of the same inode (hard links), relative.
-    same_inode: Vec<PathBuf>,
-}
-
-fn tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
-    let mut out = BTreeMap::new();
-    let mut inodes: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let md = fs::symlink_metadata(&p).unwrap();
-        let rel = p.strip_prefix(root).unwrap().to_path_buf();
-        let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            for e in fs::read_dir(&p).unwrap() {
-                stack.push(e.unwrap().path());
-            }
-            "dir"
-        } else if ft.is_symlink() {
-            "symlink"
-        } else if ft.is_file() {
-            "file"
-        } else {
-            "special"
-        };
-        if ft.is_file() && md.nlink() > 1 {
-            inodes
-                .entry((md.dev(), md.ino()))
-                .or_default()
-                .push(rel.clone());
-        }
-        out.insert(
-            rel,
-            Entry {
-                kind,
-                mode: md.permissions().mode() & 0o7777,
-                uid: md.uid(),
-                gid: md.gid(),
-                mtime: md.mtime(),
-                link: ft.is_symlink().then(|| fs::read_link(&p).unwrap()),
-                sha: ft
-                    .is_file()
-                    .then(|| Sha256::digest(fs::read(&p).unwrap()).to_vec()),
-                same_inode: Vec::new(),
-            },
-        );
-    }
-    for group in inodes.values() {
-        for p in group {
-            let mut others: Vec<PathBuf> = group.iter().filter(|o| *o != p).cloned().collect();
-            others.sort();
-            out.get_mut(p).unwrap().same_inode = others;
-        }
-    }
-    out
 }
 
 async fn restore_store(
