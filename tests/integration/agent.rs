@@ -203,28 +203,6 @@ async fn collect(mut stream: tonic::Streaming<Chunk>) -> Result<(Vec<u8>, Traile
     Ok((data, t))
 }
 
-/// A dump without the lines that differ between two runs (comments, psql restrict keys).
-fn comparable(dump: &str) -> Vec<&str> {
-    dump.lines()
-        .filter(|l| {
-            !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")
-        })
-        .collect()
-}
-
-fn docker_pg_dumpall(container: &str) -> String {
-    let out = Command::new("docker")
-        .args(["exec", "-u", "postgres", container, "pg_dumpall"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 async fn agent_dump(client: &mut Client) -> Result<(String, Trailer), Status> {
     let stream = client
         .dump_database(DumpDatabaseRequest { zstd_level: 0 })
@@ -247,8 +225,8 @@ async fn assert_dump_matches(client: &mut Client, container: &str) {
             "the seeded database is missing"
         );
         assert!(trailer.compressed_bytes < trailer.raw_bytes);
-        let theirs = docker_pg_dumpall(container);
-        if comparable(&ours) == comparable(&theirs) {
+        let theirs = support::pg_dumpall(container);
+        if support::comparable_dump(&ours) == support::comparable_dump(&theirs) {
             return;
         }
         last = format!(

@@ -191,28 +191,12 @@ async fn bucket_contents(
     Some(out)
 }
 
-/// pg_dumpall text, minus the lines that differ between any two dumps (comments with times and
-/// versions, the random `\restrict` key).
+/// The comparable lines of a `pg_dumpall`, minus the superuser's password line (a restored dump
+/// sets the source's) and blank lines.
 fn comparable_dump(container: &str) -> Vec<String> {
-    let out = Command::new("docker")
-        .args(["exec", "-u", "postgres", container, "pg_dumpall"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_dumpall in {container}: {}",
-        stderr(&out)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter(|l| {
-            !(l.starts_with("--")
-                || l.starts_with("\\restrict")
-                || l.starts_with("\\unrestrict")
-                || l.starts_with("ALTER ROLE postgres WITH")
-                || l.trim().is_empty())
-        })
+    support::comparable_dump(&support::pg_dumpall(container))
+        .into_iter()
+        .filter(|l| !(l.starts_with("ALTER ROLE postgres WITH") || l.trim().is_empty()))
         .map(str::to_owned)
         .collect()
 }

@@ -330,3 +330,26 @@ pub fn tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
     }
     out
 }
+
+/// A dump without the lines that differ between two runs (comments, psql restrict keys).
+pub fn comparable_dump(dump: &str) -> Vec<&str> {
+    dump.lines()
+        .filter(|l| {
+            !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")
+        })
+        .collect()
+}
+
+/// `pg_dumpall` run in `container` as postgres, as the Deis docs run it.
+pub fn pg_dumpall(container: &str) -> String {
+    let out = Command::new("docker")
+        .args(["exec", "-u", "postgres", container, "pg_dumpall"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
