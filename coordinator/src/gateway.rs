@@ -10,8 +10,9 @@
 //! - `signature = auto` starts with V4 and, on the first authentication failure, switches to V2 once
 //!   for the whole process (Hammer only speaks V2); `v2` and `v4` never switch.
 //! - Listing is ListObjects **v1** paged with the last key as marker (Hammer has no v2 listing).
-//! - Bodies stream: a download goes chunk by chunk into a [`ChunkSink`], an upload reads its file
-//!   by ranges; no object is held in memory whole.
+//! - Bodies stream: a download goes chunk by chunk into a [`ChunkSink`] (or, for large objects,
+//!   concurrent ranged GETs write at offsets of a staging file, pinned to one version with
+//!   `If-Match`), an upload reads its file by ranges; no object is held in memory whole.
 //! - Every request passes through the adaptive [`load::Limiter`] and the optional bandwidth cap;
 //!   transient failures are retried with jittered exponential backoff, up to `retries` times.
 //! - A download is checked against its `Content-Length` and, where the ETag is an MD5, its MD5; an
@@ -45,6 +46,9 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use crate::error::{Error, ErrorKind, Result};
 use load::{Bandwidth, Limiter};
+
+/// Objects larger than this are downloaded with concurrent ranged GETs of this size.
+pub const DOWNLOAD_RANGE: u64 = 8 * 1024 * 1024;
 
 /// S3 never takes a multipart part below 5 MiB (except the last).
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -598,6 +602,31 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+fn head_of(o: &aws_sdk_s3::operation::get_object::GetObjectOutput, size: u64) -> ObjectHead {
+    let metadata = o
+        .metadata()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    ObjectHead {
+        size,
+        etag: unquote(o.e_tag().unwrap_or_default()),
+        last_modified: fmt_time(o.last_modified()),
+        meta: ObjectMeta {
+            content_type: o.content_type().map(str::to_owned),
+            cache_control: o.cache_control().map(str::to_owned),
+            content_encoding: o.content_encoding().map(str::to_owned),
+            content_disposition: o.content_disposition().map(str::to_owned),
+            content_language: o.content_language().map(str::to_owned),
+            expires: o.expires_string().map(str::to_owned),
+            metadata,
+        },
+    }
+}
+
 fn fmt_time(t: Option<&DateTime>) -> Option<String> {
     t.and_then(|t| t.fmt(DateTimeFormat::DateTime).ok())
 }
@@ -1119,6 +1148,125 @@ impl Gateway {
         }
     }
 
+    /// Downloads an object into the file at `path` with concurrent ranged GETs of
+    /// [`DOWNLOAD_RANGE`] bytes (for large objects: one slow stream no longer sets the pace). The
+    /// first range learns the size, ETag and headers; the others are sent with `If-Match` so an
+    /// object replaced mid-download fails instead of mixing versions. Each range is retried on its
+    /// own. The whole file is checked against a plain-MD5 ETag.
+    pub async fn get_object_ranged(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &Path,
+    ) -> Result<ObjectHead> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        let what = format!("downloading s3://{bucket}/{key}");
+        let first = self.get_range(bucket, key, path, 0, None, &what).await?;
+        let (head, total) = first;
+        let ranges: Vec<u64> = (1..total.div_ceil(DOWNLOAD_RANGE))
+            .map(|i| i * DOWNLOAD_RANGE)
+            .collect();
+        let etag = head.etag.clone();
+        futures::stream::iter(ranges)
+            .map(|offset| self.get_range(bucket, key, path, offset, Some(&etag), &what))
+            .buffer_unordered(4)
+            .try_for_each(|(_, t)| {
+                let what = &what;
+                async move {
+                    if t == total {
+                        Ok(())
+                    } else {
+                        Err(Error::new(
+                            ErrorKind::Gateway,
+                            format!("{what}: the object changed size during the download"),
+                            "run again",
+                        ))
+                    }
+                }
+            })
+            .await?;
+        if etag_is_md5(&etag) {
+            let md5 = md5_of_range(path, 0, total).await?;
+            if hex::encode(md5) != etag.to_ascii_lowercase() {
+                return Err(Error::integrity(format!(
+                    "{what}: the bytes received do not match the object's MD5 ETag"
+                )));
+            }
+        }
+        Ok(ObjectHead {
+            size: total,
+            ..head
+        })
+    }
+
+    /// One range `[offset, offset + DOWNLOAD_RANGE)` of an object written at `offset` of `path`;
+    /// returns the object's head and total size (from `Content-Range`).
+    async fn get_range(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &Path,
+        offset: u64,
+        if_match: Option<&str>,
+        what: &str,
+    ) -> Result<(ObjectHead, u64)> {
+        self.call(what, |c| async move {
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .await
+                .map_err(|e| Failure::new(Class::Local, format!("open {}: {e}", path.display())))?;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .map_err(|e| Failure::new(Class::Local, format!("seek {}: {e}", path.display())))?;
+            let mut o = c
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .range(format!("bytes={offset}-{}", offset + DOWNLOAD_RANGE - 1))
+                .set_if_match(if_match.map(|e| format!("\"{e}\"")))
+                .send()
+                .await
+                .map_err(|e| Failure::from_sdk(&e))?;
+            let len = to_u64(o.content_length());
+            let total = o
+                .content_range()
+                .and_then(|r| r.rsplit('/').next())
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(len);
+            let mut got = 0u64;
+            while let Some(chunk) = o.body.next().await {
+                let chunk = chunk.map_err(|e| {
+                    Failure::new(
+                        Class::Overload,
+                        format!("body cut short after {got} bytes: {e}"),
+                    )
+                })?;
+                if let Some(bw) = &self.bandwidth {
+                    bw.take(chunk.len()).await;
+                }
+                got += chunk.len() as u64;
+                self.counters
+                    .bytes_downloaded
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                    .await
+                    .map_err(|e| Failure::new(Class::Local, e.to_string()))?;
+            }
+            tokio::io::AsyncWriteExt::flush(&mut file)
+                .await
+                .map_err(|e| Failure::new(Class::Local, e.to_string()))?;
+            if got != len || (total > 0 && got != DOWNLOAD_RANGE.min(total - offset.min(total))) {
+                return Err(Failure::new(
+                    Class::Transient,
+                    format!("range at {offset}: got {got} bytes, Content-Length said {len}"),
+                ));
+            }
+            Ok((head_of(&o, total), total))
+        })
+        .await
+    }
+
     /// Streams an object into `sink`, checking its length and (MD5 ETags) its MD5; a failed attempt
     /// resets the sink and starts over.
     pub async fn get_object<S: ChunkSink>(
@@ -1178,28 +1326,7 @@ impl Gateway {
                         "the bytes received do not match the object's MD5 ETag",
                     ));
                 }
-                let metadata = o
-                    .metadata()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Ok(ObjectHead {
-                    size,
-                    etag,
-                    last_modified: fmt_time(o.last_modified()),
-                    meta: ObjectMeta {
-                        content_type: o.content_type().map(str::to_owned),
-                        cache_control: o.cache_control().map(str::to_owned),
-                        content_encoding: o.content_encoding().map(str::to_owned),
-                        content_disposition: o.content_disposition().map(str::to_owned),
-                        content_language: o.content_language().map(str::to_owned),
-                        expires: o.expires_string().map(str::to_owned),
-                        metadata,
-                    },
-                })
+                Ok(head_of(&o, size))
             }
         })
         .await

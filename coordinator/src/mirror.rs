@@ -8,7 +8,8 @@
 //!   snapshots end up in one blob (the repository stores by SHA-256).
 //! - What is recorded for a downloaded object is what the GET returned (size, ETag, headers), so an
 //!   object replaced between listing and download is recorded consistently.
-//! - Downloads run concurrently up to the gateway's limit; bytes stream to staging, never memory.
+//! - Downloads run concurrently up to the gateway's limit; bytes stream to staging, never memory;
+//!   objects above [`DOWNLOAD_RANGE`] come in concurrent ranges.
 //! - A listing is handed to the snapshot only when every object in it is stored.
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::error::{Error, Result};
-use crate::gateway::{ChunkSink, Gateway, ListedObject};
+use crate::gateway::{ChunkSink, DOWNLOAD_RANGE, Gateway, ListedObject};
 use crate::repository::{BlobWriter, Manifest, ObjectEntry, Repository, SnapshotWriter};
 
 /// Told about each object as it is done; the CLI draws progress from this.
@@ -114,12 +115,23 @@ pub async fn mirror_bucket(
         .map(|o| {
             let (downloaded, new_blobs, new_bytes) = (&downloaded, &new_blobs, &new_bytes);
             async move {
-                let mut sink = BlobSink(repo.blob_writer().await?);
-                let head = gateway
-                    .get_object(bucket, &o.key, &mut sink)
-                    .await
-                    .map_err(|e| e.context(format!("mirroring bucket {bucket}")))?;
-                let stored = sink.0.finish().await?;
+                let ctx = |e: Error| e.context(format!("mirroring bucket {bucket}"));
+                let (head, stored) = if o.size > DOWNLOAD_RANGE {
+                    // Large: concurrent ranged GETs into a staging file, hashed afterwards.
+                    let temp = repo.staging_file().await?;
+                    let head = gateway
+                        .get_object_ranged(bucket, &o.key, &temp)
+                        .await
+                        .map_err(ctx)?;
+                    (head, repo.store_staged(temp).await?)
+                } else {
+                    let mut sink = BlobSink(repo.blob_writer().await?);
+                    let head = gateway
+                        .get_object(bucket, &o.key, &mut sink)
+                        .await
+                        .map_err(ctx)?;
+                    (head, sink.0.finish().await?)
+                };
                 if stored.blob.size != head.size {
                     return Err(Error::integrity(format!(
                         "s3://{bucket}/{}: stored {} bytes, the gateway sent {}",
@@ -168,9 +180,9 @@ pub async fn mirror_buckets(
     progress: &dyn Progress,
 ) -> Result<BTreeMap<String, MirrorStats>> {
     let repo = snapshot.repository().clone();
-    let mut out = BTreeMap::new();
+    let mut before = Vec::with_capacity(buckets.len());
     for bucket in buckets {
-        let before = match previous {
+        before.push(match previous {
             Some(m) if m.buckets.contains_key(bucket) => match repo.listing(m, bucket).await {
                 Ok(l) => l,
                 Err(e) => {
@@ -181,8 +193,19 @@ pub async fn mirror_buckets(
                 }
             },
             _ => Vec::new(),
-        };
-        let (entries, stats) = mirror_bucket(gateway, &repo, bucket, &before, progress).await?;
+        });
+    }
+    // All buckets at once: the gateway's limiter bounds the requests in flight, and one bucket's
+    // last large object no longer delays the next bucket.
+    let mirrored = futures::future::try_join_all(
+        buckets
+            .iter()
+            .zip(&before)
+            .map(|(bucket, before)| mirror_bucket(gateway, &repo, bucket, before, progress)),
+    )
+    .await?;
+    let mut out = BTreeMap::new();
+    for (bucket, (entries, stats)) in buckets.iter().zip(mirrored) {
         snapshot.add_bucket(bucket, &entries).await?;
         tracing::info!(
             bucket,

@@ -315,6 +315,33 @@ impl Repository {
         self.backend.size(&format::blob_path(sha256)).await
     }
 
+    /// Reads a blob whole and checks it: present, of `size` bytes, with the SHA-256 it is named by.
+    pub async fn check_blob(&self, blob: &BlobRef) -> Result<BlobCheck> {
+        match self.blob_size(&blob.sha256).await? {
+            None => return Ok(BlobCheck::Missing),
+            Some(n) if n != blob.size => return Ok(BlobCheck::WrongSize(n)),
+            Some(_) => {}
+        }
+        let mut reader = self.open_blob(&blob.sha256).await?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; BUF_SIZE];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .await
+                .map_err(|e| Error::io(format!("read blob {}", blob.sha256), &e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(if hex::encode(h.finalize()) == blob.sha256 {
+            BlobCheck::Intact
+        } else {
+            BlobCheck::Corrupt
+        })
+    }
+
     /// A local file with the blob's bytes (for uploads by range).
     pub async fn blob_file(&self, sha256: &str) -> Result<LocalFile> {
         self.backend
@@ -347,6 +374,55 @@ impl Repository {
             hasher: Sha256::new(),
             size: 0,
         })
+    }
+
+    /// A new empty file in the staging directory, for downloads that write at offsets; hand it to
+    /// [`Repository::store_staged`]. Removed on drop if not stored.
+    pub async fn staging_file(&self) -> Result<tempfile::TempPath> {
+        let dir = self.backend.staging_dir().to_owned();
+        tokio::task::spawn_blocking(move || {
+            tempfile::Builder::new()
+                .prefix(".blob-")
+                .tempfile_in(&dir)
+                .map(tempfile::NamedTempFile::into_temp_path)
+                .map_err(|e| Error::io(format!("create a staging file in {}", dir.display()), &e))
+        })
+        .await
+        .map_err(|e| Error::repository(format!("staging task failed: {e}")))?
+    }
+
+    /// Hashes a staged file and stores it as a blob (unless those bytes are stored already).
+    pub async fn store_staged(&self, temp: tempfile::TempPath) -> Result<StoredBlob> {
+        let fsync = self.fsync;
+        let (temp, blob) = tokio::task::spawn_blocking(move || {
+            use std::io::Read as _;
+            let what = format!("read {}", temp.display());
+            let mut f = std::fs::File::open(&temp).map_err(|e| Error::io(&what, &e))?;
+            if fsync {
+                f.sync_data().map_err(|e| Error::io(&what, &e))?;
+            }
+            let mut h = Sha256::new();
+            let mut size = 0u64;
+            let mut buf = vec![0u8; BUF_SIZE];
+            loop {
+                let n = f.read(&mut buf).map_err(|e| Error::io(&what, &e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                size += n as u64;
+            }
+            let sha256 = hex::encode(h.finalize());
+            Ok::<_, Error>((temp, BlobRef { sha256, size }))
+        })
+        .await
+        .map_err(|e| Error::repository(format!("hashing task failed: {e}")))??;
+        let name = format::blob_path(&blob.sha256);
+        if self.backend.size(&name).await? == Some(blob.size) {
+            return Ok(StoredBlob { blob, new: false });
+        }
+        self.backend.put_file(&name, &temp, blob.size).await?;
+        Ok(StoredBlob { blob, new: true })
     }
 
     /// Stores everything `reader` yields as a blob.
@@ -451,6 +527,17 @@ impl Repository {
 }
 
 const BUF_SIZE: usize = 1024 * 1024;
+
+/// What [`Repository::check_blob`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobCheck {
+    Intact,
+    Missing,
+    /// Present with this many bytes instead of the recorded size.
+    WrongSize(u64),
+    /// The right size, but the bytes do not hash to the blob's name.
+    Corrupt,
+}
 
 /// A blob being read.
 #[derive(Debug)]
@@ -819,10 +906,20 @@ mod tests {
             .unwrap();
         s.add_part("p", part.clone()).unwrap();
         s.commit().await.unwrap();
+        assert_eq!(r.check_blob(&kept).await.unwrap(), BlobCheck::Intact);
+        let wrong = BlobRef {
+            size: 5,
+            ..kept.clone()
+        };
+        assert_eq!(r.check_blob(&wrong).await.unwrap(), BlobCheck::WrongSize(4));
+        let path = tmp.path().join("repo").join(format::blob_path(&orphan.sha256));
+        std::fs::write(&path, b"ORPHAN").unwrap();
+        assert_eq!(r.check_blob(&orphan).await.unwrap(), BlobCheck::Corrupt);
         let stats = r.prune_blobs().await.unwrap();
         assert_eq!(stats.blobs_deleted, 1);
         assert_eq!(stats.bytes_deleted, orphan.size);
         assert_eq!(r.blob_size(&orphan.sha256).await.unwrap(), None);
+        assert_eq!(r.check_blob(&orphan).await.unwrap(), BlobCheck::Missing);
         assert_eq!(r.blob_size(&kept.sha256).await.unwrap(), Some(4));
         r.delete_snapshot(&id).await.unwrap();
         assert!(r.snapshots().await.unwrap().is_empty());
