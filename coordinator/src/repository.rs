@@ -912,7 +912,10 @@ mod tests {
             ..kept.clone()
         };
         assert_eq!(r.check_blob(&wrong).await.unwrap(), BlobCheck::WrongSize(4));
-        let path = tmp.path().join("repo").join(format::blob_path(&orphan.sha256));
+        let path = tmp
+            .path()
+            .join("repo")
+            .join(format::blob_path(&orphan.sha256));
         std::fs::write(&path, b"ORPHAN").unwrap();
         assert_eq!(r.check_blob(&orphan).await.unwrap(), BlobCheck::Corrupt);
         let stats = r.prune_blobs().await.unwrap();
