@@ -319,6 +319,7 @@ pub async fn run(
 
 type Part = (BlobRef, PartInfo);
 
+/// Mirrors every bucket at once (they share the gateway's adaptive concurrency limit).
 async fn mirror_all(
     gw: &Gateway,
     repo: &Repository,
@@ -326,16 +327,15 @@ async fn mirror_all(
     previous: Option<&Manifest>,
     progress: &dyn Progress,
 ) -> Result<Vec<(String, Vec<ObjectEntry>, MirrorStats)>> {
-    let mut out = Vec::new();
-    for bucket in buckets {
+    futures::future::try_join_all(buckets.iter().map(|bucket| async move {
         let before = match previous {
             Some(m) if m.buckets.contains_key(bucket) => repo.listing(m, bucket).await?,
             _ => Vec::new(),
         };
         let (entries, stats) = mirror::mirror_bucket(gw, repo, bucket, &before, progress).await?;
-        out.push((bucket.clone(), entries, stats));
-    }
-    Ok(out)
+        Ok::<_, Error>((bucket.clone(), entries, stats))
+    }))
+    .await
 }
 
 async fn dump_database(
