@@ -41,9 +41,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The size of `name`, `None` when it does not exist.
     async fn size(&self, name: &str) -> Result<Option<u64>>;
     /// Stores the staged file `file` (`size` bytes) as `name`, atomically; `file` is consumed.
-    async fn put_file(&self, name: &str, file: &Path, size: u64) -> Result<()>;
-    /// Stores small `data` as `name`, atomically.
-    async fn put_bytes(&self, name: &str, data: Bytes) -> Result<()>;
+    /// False when `name` already existed (another writer stored the same name first).
+    async fn put_file(&self, name: &str, file: &Path, size: u64) -> Result<bool>;
+    /// Stores small `data` as `name`, atomically; false when `name` already existed, which is
+    /// then kept (every name a repository writes is content-addressed or written once).
+    async fn put_bytes(&self, name: &str, data: Bytes) -> Result<bool>;
     /// The whole content of a small file (manifest, listing).
     async fn get_bytes(&self, name: &str) -> Result<Bytes>;
     /// A local file holding `name`'s bytes (the file itself, or a staged download).
@@ -421,8 +423,8 @@ impl Repository {
         if self.backend.size(&name).await? == Some(blob.size) {
             return Ok(StoredBlob { blob, new: false });
         }
-        self.backend.put_file(&name, &temp, blob.size).await?;
-        Ok(StoredBlob { blob, new: true })
+        let new = self.backend.put_file(&name, &temp, blob.size).await?;
+        Ok(StoredBlob { blob, new })
     }
 
     /// Stores everything `reader` yields as a blob.
@@ -659,8 +661,8 @@ impl BlobWriter {
         if self.staged.is_none() {
             // Small: one atomic (and durable) write, no staging file of our own.
             let data = Bytes::from(std::mem::take(&mut self.buf));
-            self.repo.backend.put_bytes(&name, data).await?;
-            return Ok(StoredBlob { blob, new: true });
+            let new = self.repo.backend.put_bytes(&name, data).await?;
+            return Ok(StoredBlob { blob, new });
         }
         self.flush_buf().await?;
         let (mut file, temp) = self.staged.take().expect("staged above");
@@ -670,8 +672,8 @@ impl BlobWriter {
             file.sync_data().await.map_err(|e| Error::io(&what, &e))?;
         }
         drop(file);
-        self.repo.backend.put_file(&name, &temp, blob.size).await?;
-        Ok(StoredBlob { blob, new: true })
+        let new = self.repo.backend.put_file(&name, &temp, blob.size).await?;
+        Ok(StoredBlob { blob, new })
     }
 }
 

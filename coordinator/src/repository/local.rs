@@ -88,15 +88,28 @@ impl Backend for LocalBackend {
         }
     }
 
-    async fn put_file(&self, name: &str, file: &Path, _size: u64) -> Result<()> {
+    async fn put_file(&self, name: &str, file: &Path, _size: u64) -> Result<bool> {
         let dest = self.path(name)?;
         parent_dir(&dest).await?;
-        tokio::fs::rename(file, &dest)
-            .await
-            .map_err(|e| Error::io(format!("move {} to {}", file.display(), dest.display()), &e))
+        // A hard link, not a rename: it fails when `dest` exists, so of two writers of the same
+        // content-addressed name exactly one learns it created it.
+        let created = match tokio::fs::hard_link(file, &dest).await {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("link {} to {}", file.display(), dest.display()),
+                    &e,
+                ));
+            }
+        };
+        if let Err(e) = tokio::fs::remove_file(file).await {
+            tracing::debug!("removing staged {}: {e}", file.display());
+        }
+        Ok(created)
     }
 
-    async fn put_bytes(&self, name: &str, data: Bytes) -> Result<()> {
+    async fn put_bytes(&self, name: &str, data: Bytes) -> Result<bool> {
         let dest = self.path(name)?;
         let staging = self.staging.clone();
         // One blocking task for the whole write: stage, flush to disk, rename into place.
@@ -112,8 +125,11 @@ impl Backend for LocalBackend {
                 .map_err(|e| Error::io(&what, &e))?;
             tmp.write_all(&data).map_err(|e| Error::io(&what, &e))?;
             tmp.as_file().sync_all().map_err(|e| Error::io(&what, &e))?;
-            tmp.persist(&dest).map_err(|e| Error::io(&what, &e.error))?;
-            Ok(())
+            match tmp.persist_noclobber(&dest) {
+                Ok(_) => Ok(true),
+                Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(Error::io(&what, &e.error)),
+            }
         })
         .await
         .map_err(|e| Error::repository(format!("write task failed: {e}")))?

@@ -137,7 +137,7 @@ impl Backend for S3Backend {
             .map(|(size, _)| size))
     }
 
-    async fn put_file(&self, name: &str, file: &Path, size: u64) -> Result<()> {
+    async fn put_file(&self, name: &str, file: &Path, size: u64) -> Result<bool> {
         self.gateway
             .put_file(
                 &self.bucket,
@@ -150,13 +150,15 @@ impl Backend for S3Backend {
         if let Err(e) = tokio::fs::remove_file(file).await {
             tracing::debug!("removing staged {}: {e}", file.display());
         }
-        Ok(())
+        // S3 has no create-if-absent: the caller's size check decided that it was missing.
+        Ok(true)
     }
 
-    async fn put_bytes(&self, name: &str, data: Bytes) -> Result<()> {
+    async fn put_bytes(&self, name: &str, data: Bytes) -> Result<bool> {
         self.gateway
             .put_bytes(&self.bucket, &self.key(name), data)
-            .await
+            .await?;
+        Ok(true)
     }
 
     async fn get_bytes(&self, name: &str) -> Result<Bytes> {
