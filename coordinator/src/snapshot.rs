@@ -87,6 +87,9 @@ pub struct Plan {
     pub gateways: Vec<String>,
     /// The snapshot whose listings make this one incremental.
     pub previous: Option<String>,
+    /// The previous snapshot's manifest, read once here and reused by `run`.
+    #[serde(skip)]
+    pub previous_manifest: Option<Manifest>,
     /// Objects in the previous snapshot's listings (candidates for reuse).
     pub reusable_objects: u64,
     pub etcd_export: bool,
@@ -189,16 +192,14 @@ pub async fn plan(
     } else {
         store_tasks(&cluster.agents)
     };
-    let (previous, reusable_objects) = match repo {
-        Some(r) => match r.latest().await? {
-            Some(m) => {
-                let n = m.buckets.values().map(|b| b.objects).sum();
-                (Some(m.id.to_string()), n)
-            }
-            None => (None, 0),
-        },
-        None => (None, 0),
+    let previous_manifest = match repo {
+        Some(r) => r.latest().await?,
+        None => None,
     };
+    let previous = previous_manifest.as_ref().map(|m| m.id.to_string());
+    let reusable_objects = previous_manifest
+        .as_ref()
+        .map_or(0, |m| m.buckets.values().map(|b| b.objects).sum());
     Ok(Plan {
         database,
         pre_hook: options.pre_hook.clone(),
@@ -210,6 +211,7 @@ pub async fn plan(
             .map(|g| g.endpoints().into_iter().map(str::to_owned).collect())
             .unwrap_or_default(),
         previous,
+        previous_manifest,
         reusable_objects,
         etcd_export: true,
     })
@@ -224,7 +226,6 @@ pub async fn run(
     lock: &Lock,
     progress: &dyn Progress,
 ) -> Result<Outcome> {
-    let previous = repo.latest().await?;
     let mut snapshot = repo.start_snapshot(SnapshotId::generate());
     snapshot.label("tool", format!("deis-backup {}", env!("CARGO_PKG_VERSION")));
     for (k, v) in cluster_identity(cluster).await? {
@@ -242,7 +243,16 @@ pub async fn run(
     let level = options.zstd_level.unwrap_or(0);
     let buckets = async {
         match &cluster.gateway {
-            Some(gw) => mirror_all(gw, repo, &plan.buckets, previous.as_ref(), progress).await,
+            Some(gw) => {
+                mirror_all(
+                    gw,
+                    repo,
+                    &plan.buckets,
+                    plan.previous_manifest.as_ref(),
+                    progress,
+                )
+                .await
+            }
             None => Ok(Vec::new()),
         }
     };

@@ -22,14 +22,37 @@ async fn cluster_lock() -> MutexGuard<'static, ()> {
     M.lock().await
 }
 
-/// Runs `deis-backup` with the agents' token.
-fn deis_backup(token: &Path, args: &[&str]) -> Output {
-    Command::new(support::binary("deis-backup"))
-        .args(args)
+/// `deis-backup` with these arguments and the agents' token.
+fn command(token: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(support::binary("deis-backup"));
+    c.args(args)
         .env("DEIS_BACKUP_TOKEN_FILE", token)
-        .env_remove("DEIS_BACKUP_TOKEN")
-        .output()
-        .expect("deis-backup runs")
+        .env_remove("DEIS_BACKUP_TOKEN");
+    c
+}
+
+/// Runs `deis-backup` to completion.
+fn deis_backup(token: &Path, args: &[&str]) -> Output {
+    command(token, args).output().expect("deis-backup runs")
+}
+
+/// Starts `deis-backup` in the background, its output captured.
+fn spawn_deis_backup(token: &Path, args: &[&str]) -> std::process::Child {
+    command(token, args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("deis-backup starts")
+}
+
+/// Neither bucket exists on the target: nothing was restored into it.
+async fn assert_no_buckets(s3: &aws_sdk_s3::Client) {
+    for bucket in ["db_wal", "registry"] {
+        assert!(
+            bucket_contents(s3, bucket).await.is_none(),
+            "{bucket} was created"
+        );
+    }
 }
 
 fn ok(out: &Output, what: &str) -> Value {
@@ -361,22 +384,21 @@ async fn two_snapshots_at_once_one_is_refused_with_the_holder() {
     let (_d, repo_a) = repo_dir("e2e-lock-a");
     let (_e, repo_b) = repo_dir("e2e-lock-b");
     // The first snapshot is slowed down (bandwidth cap) so the second surely starts while it runs.
-    let a = Command::new(support::binary("deis-backup"))
-        .args([
+    let repo_a_arg = repo_a.display().to_string();
+    let a = spawn_deis_backup(
+        &source.agent.token_file,
+        &[
             "snapshot",
             "--etcd",
             source.cluster.etcd_endpoints(),
             "--agent",
-        ])
-        .arg(&source.agent.address)
-        .arg("-r")
-        .arg(&repo_a)
-        .args(["--bandwidth-limit", "8MiB"])
-        .env("DEIS_BACKUP_TOKEN_FILE", &source.agent.token_file)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+            &source.agent.address,
+            "-r",
+            &repo_a_arg,
+            "--bandwidth-limit",
+            "8MiB",
+        ],
+    );
     let etcd = source.cluster.etcd();
     let deadline = Instant::now() + Duration::from_secs(30);
     while etcd.get("/deis/backup/lock").await.unwrap().is_none() {
@@ -422,12 +444,7 @@ async fn restore_is_refused_while_a_platform_container_runs_and_writes_nothing()
         "{msg}"
     );
     let s3 = fresh.s3().await;
-    for bucket in ["db_wal", "registry"] {
-        assert!(
-            bucket_contents(&s3, bucket).await.is_none(),
-            "{bucket} was created"
-        );
-    }
+    assert_no_buckets(&s3).await;
     assert_eq!(
         std::fs::read_dir(fresh.target.store_dir()).unwrap().count(),
         0
@@ -438,12 +455,7 @@ async fn restore_is_refused_while_a_platform_container_runs_and_writes_nothing()
     let out = fresh.restore(&repo, &id, &["--database-sql"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(stderr(&out).contains("is not empty"), "{}", stderr(&out));
-    for bucket in ["db_wal", "registry"] {
-        assert!(
-            bucket_contents(&s3, bucket).await.is_none(),
-            "{bucket} was created"
-        );
-    }
+    assert_no_buckets(&s3).await;
 }
 
 #[tokio::test]
@@ -511,8 +523,9 @@ async fn an_agent_killed_mid_snapshot_leaves_no_complete_snapshot() {
     );
     let (_d, repo) = repo_dir("e2e-kill");
     let r = repo.display().to_string();
-    let child = Command::new(support::binary("deis-backup"))
-        .args([
+    let child = spawn_deis_backup(
+        &agent.token_file,
+        &[
             "snapshot",
             "--no-buckets",
             "--etcd",
@@ -523,12 +536,8 @@ async fn an_agent_killed_mid_snapshot_leaves_no_complete_snapshot() {
             &r,
             "--zstd-level",
             "3",
-        ])
-        .env("DEIS_BACKUP_TOKEN_FILE", &agent.token_file)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     // Wait until data flows into the repository's staging area, then kill the agent's container.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
