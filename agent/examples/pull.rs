@@ -37,7 +37,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .max_decoding_message_size(16 << 20);
     let mut stream = match what {
         "dump" => client
-            .dump_database(DumpDatabaseRequest { zstd_level: 0 })
+            .dump_database(DumpDatabaseRequest {
+                zstd_level: 0,
+                ..Default::default()
+            })
             .await?
             .into_inner(),
         "archive" => {
@@ -45,7 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             client
                 .archive_store(ArchiveStoreRequest {
                     path,
-                    zstd_level: 0,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner()
@@ -53,18 +56,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("unknown request {other}").into()),
     };
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    // The dump's trailer covers all its data; an archive's segment ends cover their own data.
     let mut sha = Sha256::new();
+    let mut segment = Sha256::new();
+    let mut segments = 0u64;
     let mut n = 0u64;
     while let Some(c) = stream.message().await? {
         match c.kind {
             Some(chunk::Kind::Data(d)) => {
                 sha.update(&d);
+                segment.update(&d);
                 n += d.len() as u64;
                 out.write_all(&d)?;
             }
+            Some(chunk::Kind::SegmentEnd(e)) => {
+                segments += 1;
+                if e.sha256 != segment.finalize_reset().to_vec() {
+                    return Err("a segment does not match its data".into());
+                }
+            }
             Some(chunk::Kind::Trailer(t)) => {
                 out.flush()?;
-                if t.sha256 != sha.finalize().to_vec() || t.compressed_bytes != n {
+                let whole_ok = segments > 0 || t.sha256 == sha.finalize().to_vec();
+                if !whole_ok || t.compressed_bytes != n || t.segments != segments {
                     return Err("the trailer does not match the data".into());
                 }
                 eprintln!(

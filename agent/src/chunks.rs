@@ -4,7 +4,8 @@
 //! Invariants:
 //! - Memory is bounded: a sink holds at most one chunk (`CHUNK_BYTES`) and blocks on a bounded channel
 //!   when the caller reads slowly, which stalls the producer (backpressure end to end).
-//! - The SHA-256 and byte count of a sink cover exactly the bytes handed to the caller as data chunks.
+//! - The SHA-256 and byte count a sink reports cover exactly the bytes it handed to the caller as
+//!   data chunks since the previous report (one segment), or since it was made.
 //! - A sink whose receiver is gone fails with `BrokenPipe`, which stops the producer.
 //! - These types block: they run on blocking threads, never on the async runtime's workers.
 
@@ -31,7 +32,10 @@ pub struct ChunkSink {
     tx: ChunkTx,
     buf: Vec<u8>,
     hasher: Sha256,
+    /// Bytes sent since the last `end_segment`.
     sent: u64,
+    /// Bytes sent in all.
+    total: u64,
 }
 
 impl ChunkSink {
@@ -41,6 +45,7 @@ impl ChunkSink {
             buf: Vec::with_capacity(CHUNK_BYTES),
             hasher: Sha256::new(),
             sent: 0,
+            total: 0,
         }
     }
 
@@ -51,6 +56,7 @@ impl ChunkSink {
         let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
         self.hasher.update(&data);
         self.sent += data.len() as u64;
+        self.total += data.len() as u64;
         self.tx
             .blocking_send(Ok(Chunk {
                 kind: Some(chunk::Kind::Data(data)),
@@ -60,8 +66,28 @@ impl ChunkSink {
 
     /// Sends what is buffered; returns the byte count and SHA-256 of everything sent.
     pub fn finish(mut self) -> io::Result<(u64, [u8; 32])> {
+        self.end_segment()
+    }
+
+    /// Sends what is buffered; returns the byte count and SHA-256 of what was sent since the
+    /// previous call (or since the start), and starts counting afresh.
+    pub fn end_segment(&mut self) -> io::Result<(u64, [u8; 32])> {
         self.send_buf()?;
-        Ok((self.sent, self.hasher.finalize().into()))
+        let n = std::mem::take(&mut self.sent);
+        Ok((n, self.hasher.finalize_reset().into()))
+    }
+
+    /// Sends what is buffered, then `kind` as a message of its own.
+    pub fn send(&mut self, kind: chunk::Kind) -> io::Result<()> {
+        self.send_buf()?;
+        self.tx
+            .blocking_send(Ok(Chunk { kind: Some(kind) }))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the caller went away"))
+    }
+
+    /// Bytes sent as data chunks in all.
+    pub fn total(&self) -> u64 {
+        self.total
     }
 }
 

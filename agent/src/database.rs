@@ -4,6 +4,9 @@
 //! - Both run as OS user `postgres` inside the container, via exec (see `container`).
 //! - A dump is complete only when `pg_dumpall` exited 0 as exec inspect reports it; otherwise the
 //!   stream ends with an error carrying the tail of its stderr, never with a trailer.
+//! - The database state (see `DumpDatabaseRequest.unchanged_since` in the proto) is read before
+//!   `pg_dumpall` starts, so a change made during the dump moves the next state. A state that
+//!   cannot be read is empty and never equals anything: the dump is taken.
 //! - Memory stays bounded whatever the size: bounded channels on both sides of the compressor.
 //! - A restore stops at the first failing statement (`ON_ERROR_STOP`) and reports psql's message
 //!   with the input line it names. The only line changed on the way in is `CREATE ROLE postgres;`
@@ -17,7 +20,7 @@ use std::time::Instant;
 
 use bollard::container::LogOutput;
 use bytes::Bytes;
-use deis_backup_proto::v1::{RestoreDatabaseReply, Trailer};
+use deis_backup_proto::v1::{RestoreDatabaseReply, Trailer, Warning, warning};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -38,9 +41,101 @@ fn join_error(e: &tokio::task::JoinError) -> Error {
     }
 }
 
+/// Reads the state as one line: the WAL function's name differs before PostgreSQL 10, so psql
+/// picks it (`\gset` works in every psql Deis ships).
+const STATE_SQL: &str = "SELECT CASE WHEN current_setting('server_version_num')::int >= 100000 \
+THEN 'pg_current_wal_lsn' ELSE 'pg_current_xlog_location' END AS wal_fn \\gset
+SELECT 'started=' || extract(epoch FROM pg_postmaster_start_time()) || ' wal=' || :wal_fn() \
+|| ' next-xid=' || txid_snapshot_xmax(txid_current_snapshot()) \
+|| ' version=' || current_setting('server_version_num');
+";
+
+/// The database state (server start, WAL position, next transaction id) of `container`.
+pub async fn state(engine: &Engine, container: &str) -> Result<String> {
+    let argv: Vec<String> = [
+        "psql",
+        "-X",
+        "-A",
+        "-t",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        "postgres",
+        "-f",
+        "-",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut exec = engine
+        .exec(container, Some("postgres"), &argv, true)
+        .await?;
+    let mut input = exec.input;
+    let feeder = tokio::spawn(async move {
+        input.write_all(STATE_SQL.as_bytes()).await?;
+        input.shutdown().await
+    });
+    let mut out = Tail::new(STDERR_TAIL);
+    let mut stderr = Tail::new(STDERR_TAIL);
+    while let Some(item) = exec.output.next().await {
+        match item {
+            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                out.push(&message);
+            }
+            Ok(LogOutput::StdErr { message }) => stderr.push(&message),
+            Ok(LogOutput::StdIn { .. }) => {}
+            Err(_) => break,
+        }
+    }
+    feeder.abort();
+    exec.input = Box::pin(tokio::io::sink());
+    let code = engine.exit_code(&exec.id, &exec.container).await?;
+    let line = out.text();
+    if code != 0 || !line.starts_with("started=") || line.lines().count() != 1 {
+        return Err(Error::CommandFailed {
+            what: "psql (reading the database state)".into(),
+            container: container.to_owned(),
+            how: format!("exited with status {code}"),
+            stderr: stderr.text(),
+        });
+    }
+    Ok(line)
+}
+
 /// Streams `pg_dumpall` of `container` as zstd data chunks on `tx`; returns the trailer to send.
-pub async fn dump(engine: &Engine, container: &str, level: i32, tx: ChunkTx) -> Result<Trailer> {
+/// When the database is still in state `unchanged_since`, sends nothing and says so.
+pub async fn dump(
+    engine: &Engine,
+    container: &str,
+    level: i32,
+    unchanged_since: &str,
+    tx: ChunkTx,
+) -> Result<Trailer> {
     let start = Instant::now();
+    let mut warnings = Vec::new();
+    let state = match state(engine, container).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the database state; dumping in full");
+            warnings.push(Warning {
+                kind: warning::Kind::Other.into(),
+                path: String::new(),
+                message: format!(
+                    "the database state could not be read ({e}); the next snapshot dumps in full too"
+                ),
+            });
+            String::new()
+        }
+    };
+    if !state.is_empty() && state == unchanged_since {
+        tracing::info!(%state, "database unchanged since the caller's dump");
+        return Ok(Trailer {
+            duration_ms: millis(start),
+            state,
+            unchanged: true,
+            ..Trailer::default()
+        });
+    }
     let mut exec = engine
         .exec(
             container,
@@ -106,8 +201,9 @@ pub async fn dump(engine: &Engine, container: &str, level: i32, tx: ChunkTx) -> 
         compressed_bytes: compressed,
         sha256: sha.to_vec(),
         duration_ms: millis(start),
-        warnings: Vec::new(),
-        store: None,
+        warnings,
+        state,
+        ..Trailer::default()
     })
 }
 

@@ -180,12 +180,13 @@ impl agent_server::Agent for AgentService {
         request: Request<DumpDatabaseRequest>,
     ) -> Result<Response<Self::DumpDatabaseStream>, Status> {
         let level = self.level(request.get_ref().zstd_level)?;
+        let unchanged_since = request.into_inner().unchanged_since;
         let container = self.settings.database_container.clone();
         self.engine.require_running(&container).await?;
         let engine = self.engine.clone();
         tracing::info!(%container, level, "database dump starts");
         Ok(Response::new(Self::download(move |tx| async move {
-            database::dump(&engine, &container, level, tx).await
+            database::dump(&engine, &container, level, &unchanged_since, tx).await
         })))
     }
 
@@ -199,9 +200,10 @@ impl agent_server::Agent for AgentService {
         let root = store::resolve(&self.settings.store_paths, &req.path)?;
         let level = self.level(req.zstd_level)?;
         let workers = self.settings.zstd_workers;
-        tracing::info!(path = %root.display(), level, workers, "store archive starts");
+        let opts = store::archive::Options::new(level, workers, req.reusable.into_iter().collect());
+        tracing::info!(path = %root.display(), level, workers, reusable = opts.reusable.len(), "store archive starts");
         Ok(Response::new(Self::download(move |tx| async move {
-            tokio::task::spawn_blocking(move || store::archive::archive(&root, level, workers, tx))
+            tokio::task::spawn_blocking(move || store::archive::archive(&root, opts, tx))
                 .await
                 .map_err(|e| Error::BadRequest {
                     what: format!("the archive worker failed: {e}"),
@@ -233,7 +235,11 @@ impl agent_server::Agent for AgentService {
         let opts = store::restore::Options {
             overwrite: header.overwrite,
             allow_devices: header.allow_devices,
-            sha256: header.sha256,
+            segments: header
+                .segments
+                .into_iter()
+                .map(|d| (d.size, d.sha256))
+                .collect(),
         };
         tracing::info!(path = %target.display(), overwrite = opts.overwrite, "store restore starts");
         let reply = tokio::task::spawn_blocking(move || {

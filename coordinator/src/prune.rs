@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::error::{Error, Result};
-use crate::repository::{PruneStats, Repository};
+use crate::repository::{PartRef, PruneStats, Repository};
 use crate::retention::{self, Candidate, Decision, Policy};
 
 /// Options of `prune`. Serve the CLI, the config file (`[prune]`) and the library.
@@ -129,7 +129,7 @@ async fn would_delete(repo: &Repository, decisions: &[Decision]) -> Result<Prune
     let mut keep: HashSet<String> = HashSet::new();
     for d in decisions.iter().filter(|d| d.keep) {
         let m = repo.manifest(&d.id.parse()?).await?;
-        keep.extend(m.parts.values().map(|b| b.sha256.clone()));
+        keep.extend(m.parts.values().flat_map(PartRef::blobs).map(|b| b.sha256));
         for bucket in m.buckets.keys() {
             keep.extend(
                 repo.listing(&m, bucket)

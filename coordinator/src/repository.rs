@@ -28,7 +28,9 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt a
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::gateway::Secret;
-pub use format::{BlobRef, BucketRef, Manifest, ObjectEntry, PartInfo, SnapshotId};
+pub use format::{
+    BlobRef, BucketRef, Manifest, ObjectEntry, PartInfo, PartRef, SegmentRef, SnapshotId,
+};
 
 /// A flat store of named files (`a/b/c` names, `/`-separated), the only thing a repository needs.
 #[async_trait]
@@ -480,7 +482,7 @@ impl Repository {
         let mut out = HashSet::new();
         for id in self.snapshots().await? {
             let m = self.manifest(&id).await?;
-            out.extend(m.parts.values().map(|b| b.sha256.clone()));
+            out.extend(m.parts.values().flat_map(PartRef::blobs).map(|b| b.sha256));
             for bucket in m.buckets.keys() {
                 out.extend(
                     self.listing(&m, bucket)
@@ -684,7 +686,7 @@ pub struct SnapshotWriter {
     id: SnapshotId,
     started: String,
     labels: BTreeMap<String, String>,
-    parts: BTreeMap<String, BlobRef>,
+    parts: BTreeMap<String, PartRef>,
     buckets: BTreeMap<String, BucketRef>,
     part_info: BTreeMap<String, format::PartInfo>,
 }
@@ -708,8 +710,8 @@ impl SnapshotWriter {
         self.labels.insert(key.into(), value.into());
     }
 
-    /// Adds a stored blob as the part `name` (e.g. `database/pg_dumpall.sql.zst`).
-    pub fn add_part(&mut self, name: &str, blob: BlobRef) -> Result<()> {
+    /// Adds stored blobs as the part `name` (e.g. `database/pg_dumpall.sql.zst`).
+    pub fn add_part(&mut self, name: &str, part: impl Into<PartRef>) -> Result<()> {
         if name.is_empty() || name.contains(['\0', '\n']) {
             return Err(Error::config(format!("'{name}' is not a part name")));
         }
@@ -719,7 +721,7 @@ impl SnapshotWriter {
                 self.id
             )));
         }
-        self.parts.insert(name.to_owned(), blob);
+        self.parts.insert(name.to_owned(), part.into());
         Ok(())
     }
 
@@ -880,7 +882,7 @@ mod tests {
         assert!(r.incomplete_snapshots().await.unwrap().is_empty());
         let back = r.manifest(&id).await.unwrap();
         assert_eq!(back, m);
-        assert_eq!(back.parts["etcd/export.json"], part);
+        assert_eq!(back.parts["etcd/export.json"], PartRef::blob(part));
         let listing = r.listing(&back, "db_wal").await.unwrap();
         assert_eq!(listing[0].key, "a b+%/ü");
         assert_eq!(r.latest().await.unwrap().unwrap().id, id);

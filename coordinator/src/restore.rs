@@ -16,7 +16,7 @@ use std::time::Instant;
 use deis_backup_proto::v1::restore_database_request::Kind as DbKind;
 use deis_backup_proto::v1::restore_store_request::Kind as StoreKind;
 use deis_backup_proto::v1::{
-    RestoreDatabaseHeader, RestoreDatabaseRequest, RestoreStoreHeader, RestoreStoreRequest,
+    Digest, RestoreDatabaseHeader, RestoreDatabaseRequest, RestoreStoreHeader, RestoreStoreRequest,
 };
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
@@ -27,7 +27,7 @@ use crate::bucket_restore::{self, Existing};
 use crate::error::{Error, ErrorKind, Result};
 use crate::gateway::DeisBuckets;
 use crate::platform_keys;
-use crate::repository::{Manifest, PartInfo, Repository};
+use crate::repository::{BlobReader, BlobRef, Manifest, PartInfo, Repository};
 use crate::snapshot::{self, Cluster, DATABASE_PART, ETCD_PART, STORE_PREFIX};
 use crate::verify::{self, Depth};
 
@@ -306,7 +306,7 @@ pub async fn restore(
     }
     if options.etcd_keys && manifest.parts.contains_key(ETCD_PART) {
         let r = async {
-            let blob = &manifest.parts[ETCD_PART];
+            let blob = single_blob(manifest, ETCD_PART)?;
             let mut data = Vec::new();
             repo.open_blob(&blob.sha256)
                 .await?
@@ -396,16 +396,22 @@ async fn restore_store(
     overwrite: bool,
 ) -> Result<String> {
     let started = Instant::now();
-    let blob = &manifest.parts[name];
+    let blobs = manifest.parts[name].blobs();
     let header = RestoreStoreRequest {
         kind: Some(StoreKind::Header(RestoreStoreHeader {
             path: info.path.clone().unwrap_or_default(),
             overwrite,
             allow_devices: false,
-            sha256: hex::decode(&blob.sha256).unwrap_or_default(),
+            segments: blobs
+                .iter()
+                .map(|b| Digest {
+                    size: b.size,
+                    sha256: hex::decode(&b.sha256).unwrap_or_default(),
+                })
+                .collect(),
         })),
     };
-    let data = blob_chunks(repo, &blob.sha256, name).await?;
+    let data = blob_chunks(repo, blobs, name);
     let requests = futures::stream::iter([header]).chain(data.map(|d| RestoreStoreRequest {
         kind: Some(StoreKind::Data(d)),
     }));
@@ -431,13 +437,13 @@ async fn restore_store(
 }
 
 async fn restore_database(repo: &Repository, manifest: &Manifest, agent: &Agent) -> Result<String> {
-    let blob = &manifest.parts[DATABASE_PART];
+    let blob = single_blob(manifest, DATABASE_PART)?;
     let header = RestoreDatabaseRequest {
         kind: Some(DbKind::Header(RestoreDatabaseHeader {
             sha256: hex::decode(&blob.sha256).unwrap_or_default(),
         })),
     };
-    let data = blob_chunks(repo, &blob.sha256, DATABASE_PART).await?;
+    let data = blob_chunks(repo, vec![blob], DATABASE_PART);
     let requests = futures::stream::iter([header]).chain(data.map(|d| RestoreDatabaseRequest {
         kind: Some(DbKind::Data(d)),
     }));
@@ -454,32 +460,57 @@ async fn restore_database(repo: &Repository, manifest: &Manifest, agent: &Agent)
     ))
 }
 
-/// A blob as a stream of 1 MiB chunks. A read error ends the stream early; the agent then sees a
-/// sha256 mismatch and refuses the data.
-async fn blob_chunks(
+/// The one blob of part `name`.
+fn single_blob(manifest: &Manifest, name: &str) -> Result<BlobRef> {
+    manifest.parts[name].single().ok_or_else(|| {
+        Error::repository(format!(
+            "part {name} of snapshot {} is segmented, but this part is always one blob",
+            manifest.id
+        ))
+    })
+}
+
+/// Blobs, one after another, as a stream of 1 MiB chunks. A failure to open or read one ends the
+/// stream early (logged); the agent then sees the data fall short of its digests and refuses it.
+fn blob_chunks(
     repo: &Repository,
-    sha: &str,
+    blobs: Vec<BlobRef>,
     part: &str,
-) -> Result<impl futures::Stream<Item = Vec<u8>> + Send + 'static> {
-    let reader = repo.open_blob(sha).await?;
+) -> impl futures::Stream<Item = Vec<u8>> + Send + 'static {
+    let repo = repo.clone();
     let part = part.to_owned();
-    Ok(futures::stream::unfold(reader, move |mut r| {
+    let state = (std::collections::VecDeque::from(blobs), None::<BlobReader>);
+    futures::stream::unfold(state, move |(mut rest, mut reader)| {
+        let repo = repo.clone();
         let part = part.clone();
         async move {
-            let mut buf = vec![0u8; 1 << 20];
-            match r.read(&mut buf).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((buf, r))
+            loop {
+                if reader.is_none() {
+                    let blob = rest.pop_front()?;
+                    match repo.open_blob(&blob.sha256).await {
+                        Ok(r) => reader = Some(r),
+                        Err(e) => {
+                            tracing::error!(part, "reading the snapshot failed: {e}");
+                            return None;
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(part, "reading the snapshot failed: {e}");
-                    None
+                let r = reader.as_mut().expect("opened above");
+                let mut buf = vec![0u8; 1 << 20];
+                match r.read(&mut buf).await {
+                    Ok(0) => reader = None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        return Some((buf, (rest, reader)));
+                    }
+                    Err(e) => {
+                        tracing::error!(part, "reading the snapshot failed: {e}");
+                        return None;
+                    }
                 }
             }
         }
-    }))
+    })
 }
 
 fn find<'a>(agents: &'a [Described], host: &str) -> &'a Agent {

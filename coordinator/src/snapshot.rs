@@ -9,13 +9,17 @@
 //!   the error names the part.
 //! - The shared store (CephFS, the same filesystem on every host) is archived once; each host-local
 //!   store directory once per host.
+//! - Reuse (unless `--full`): only blobs of the previous complete snapshot that are present in the
+//!   repository with their recorded size are offered — the dump when the database is still in the
+//!   state it was taken in, store segments whose fingerprints the agent finds again. The agent
+//!   decides what is unchanged; the coordinator never assumes it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use deis_backup_proto::v1::chunk::Kind;
 use deis_backup_proto::v1::{ArchiveStoreRequest, DumpDatabaseRequest, RunHookRequest, Trailer};
-use futures::FutureExt as _;
+use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 
 use crate::agents::{self, Agent, AgentOptions, Described};
@@ -24,7 +28,9 @@ use crate::gateway::{DeisBuckets, Gateway, GatewayOptions};
 use crate::lock::Lock;
 use crate::mirror::{self, MirrorStats};
 use crate::platform_keys;
-use crate::repository::{BlobRef, Manifest, ObjectEntry, PartInfo, Repository, SnapshotId};
+use crate::repository::{
+    BlobRef, Manifest, ObjectEntry, PartInfo, PartRef, Repository, SegmentRef, SnapshotId,
+};
 
 /// Part name of the database dump.
 pub const DATABASE_PART: &str = "database/pg_dumpall.sql.zst";
@@ -61,6 +67,10 @@ pub struct SnapshotOptions {
     /// Mirror no bucket.
     #[arg(long)]
     pub no_buckets: bool,
+    /// Take the database dump and every store segment afresh, reusing none from the previous
+    /// snapshot (bucket objects are still compared by key, size and ETag).
+    #[arg(long)]
+    pub full: bool,
 }
 
 /// Reports progress of the long steps; every method has a silent default.
@@ -92,7 +102,21 @@ pub struct Plan {
     pub previous_manifest: Option<Manifest>,
     /// Objects in the previous snapshot's listings (candidates for reuse).
     pub reusable_objects: u64,
+    /// Whether the previous dump is offered for reuse (taken if the database is still in its state).
+    pub reusable_dump: bool,
+    /// What the previous snapshot offers, every blob checked present.
+    #[serde(skip)]
+    pub reuse: Reuse,
     pub etcd_export: bool,
+}
+
+/// Parts of the previous snapshot offered for reuse; every blob named here is in the repository.
+#[derive(Debug, Clone, Default)]
+pub struct Reuse {
+    /// The previous dump, its info, and the snapshot that first took it.
+    pub database: Option<(PartRef, PartInfo, String)>,
+    /// Per store part: fingerprint (raw bytes) -> the segment holding it.
+    pub segments: BTreeMap<String, HashMap<Vec<u8>, SegmentRef>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,6 +135,8 @@ pub struct StoreTask {
     pub shared: bool,
     /// Hosts that see the same filesystem and are therefore not archived again.
     pub also_on: Vec<String>,
+    /// Segments of the previous snapshot's archive offered for reuse.
+    pub reusable_segments: usize,
 }
 
 /// The result of a snapshot.
@@ -187,7 +213,7 @@ pub async fn plan(
             )));
         }
     }
-    let stores = if options.no_store {
+    let mut stores = if options.no_store {
         Vec::new()
     } else {
         store_tasks(&cluster.agents)
@@ -196,6 +222,13 @@ pub async fn plan(
         Some(r) => r.latest().await?,
         None => None,
     };
+    let reuse = match (repo, &previous_manifest) {
+        (Some(r), Some(m)) if !options.full => reusable_parts(r, m).await?,
+        _ => Reuse::default(),
+    };
+    for t in &mut stores {
+        t.reusable_segments = reuse.segments.get(&t.part).map_or(0, HashMap::len);
+    }
     let previous = previous_manifest.as_ref().map(|m| m.id.to_string());
     let reusable_objects = previous_manifest
         .as_ref()
@@ -213,8 +246,62 @@ pub async fn plan(
         previous,
         previous_manifest,
         reusable_objects,
+        reusable_dump: reuse.database.is_some(),
+        reuse,
         etcd_export: true,
     })
+}
+
+/// What `previous` offers for reuse: its dump (when it recorded the database state) and its store
+/// segments with fingerprints, each only if its blob is in `repo` with the recorded size.
+async fn reusable_parts(repo: &Repository, previous: &Manifest) -> Result<Reuse> {
+    let present = async |blobs: Vec<BlobRef>| {
+        let sizes = futures::stream::iter(blobs)
+            .map(
+                |b| async move { Ok::<_, Error>(repo.blob_size(&b.sha256).await? == Some(b.size)) },
+            )
+            .buffer_unordered(16)
+            .try_collect::<Vec<bool>>()
+            .await?;
+        Ok::<_, Error>(sizes.into_iter().all(|ok| ok))
+    };
+    let mut reuse = Reuse::default();
+    if let (Some(part), Some(info)) = (
+        previous.parts.get(DATABASE_PART),
+        previous.part_info.get(DATABASE_PART),
+    ) && info.state.is_some()
+        && present(part.blobs()).await?
+    {
+        let taken_in = info
+            .taken_in
+            .clone()
+            .unwrap_or_else(|| previous.id.to_string());
+        reuse.database = Some((part.clone(), info.clone(), taken_in));
+    }
+    for (name, part) in previous
+        .parts
+        .iter()
+        .filter(|(n, _)| n.starts_with(STORE_PREFIX))
+    {
+        let mut offered = HashMap::new();
+        for seg in &part.segments {
+            let Some(fp) = seg.fingerprint.as_deref().and_then(|f| hex::decode(f).ok()) else {
+                continue;
+            };
+            offered.insert(fp, seg.clone());
+        }
+        let blobs = offered
+            .values()
+            .map(|s| BlobRef {
+                sha256: s.sha256.clone(),
+                size: s.size,
+            })
+            .collect();
+        if !offered.is_empty() && present(blobs).await? {
+            reuse.segments.insert(name.clone(), offered);
+        }
+    }
+    Ok(reuse)
 }
 
 /// Takes the snapshot the plan describes. The caller holds `lock`.
@@ -262,7 +349,8 @@ pub async fn run(
                 let agent = find(cluster, &db.host);
                 let part = DATABASE_PART;
                 progress.part_started(part, &format!("agent {}", db.host));
-                let r = dump_database(agent, repo, level, progress).await;
+                let r =
+                    dump_database(agent, repo, level, plan.reuse.database.as_ref(), progress).await;
                 progress.part_finished(part, r.is_ok());
                 r.map(|p| Some((part.to_owned(), p)))
                     .map_err(|e| e.context(format!("part {part}")))
@@ -273,7 +361,16 @@ pub async fn run(
     let stores = futures::future::try_join_all(plan.stores.iter().map(|t| {
         async move {
             progress.part_started(&t.part, &format!("agent {} {}", t.agent.host, t.path));
-            let r = archive_store(find(cluster, &t.agent.host), t, repo, level, progress).await;
+            let reusable = plan.reuse.segments.get(&t.part);
+            let r = archive_store(
+                find(cluster, &t.agent.host),
+                t,
+                repo,
+                level,
+                reusable,
+                progress,
+            )
+            .await;
             progress.part_finished(&t.part, r.is_ok());
             r.map(|p| (t.part.clone(), p))
                 .map_err(|e| e.context(format!("part {}", t.part)))
@@ -288,7 +385,7 @@ pub async fn run(
         Ok::<_, Error>((
             ETCD_PART.to_owned(),
             (
-                stored.blob,
+                PartRef::blob(stored.blob),
                 PartInfo {
                     source: format!(
                         "etcd {}: {} keys, {} ephemeral or cluster-specific left out",
@@ -327,7 +424,7 @@ pub async fn run(
     })
 }
 
-type Part = (BlobRef, PartInfo);
+type Part = (PartRef, PartInfo);
 
 /// Mirrors every bucket at once (they share the gateway's adaptive concurrency limit).
 async fn mirror_all(
@@ -352,28 +449,43 @@ async fn dump_database(
     agent: &Agent,
     repo: &Repository,
     level: i32,
+    previous: Option<&(PartRef, PartInfo, String)>,
     progress: &dyn Progress,
 ) -> Result<Part> {
     let started = Instant::now();
+    let unchanged_since = previous
+        .and_then(|(_, info, _)| info.state.clone())
+        .unwrap_or_default();
     let mut c = agent.client.clone();
     let stream = c
-        .dump_database(DumpDatabaseRequest { zstd_level: level })
+        .dump_database(DumpDatabaseRequest {
+            zstd_level: level,
+            unchanged_since,
+        })
         .await
         .map_err(|s| agents::status_error(agent, "DumpDatabase", &s))?
         .into_inner();
     let (blob, trailer) =
         pull(agent, "DumpDatabase", DATABASE_PART, stream, repo, progress).await?;
-    Ok((
-        blob,
-        PartInfo {
-            source: format!("agent {} pg_dumpall", agent.host_id),
-            raw_bytes: Some(trailer.raw_bytes),
-            duration_ms: millis(started.elapsed()),
-            host: Some(agent.host_id.clone()),
-            warnings: warnings(&trailer),
-            ..PartInfo::default()
-        },
-    ))
+    let state = (!trailer.state.is_empty()).then(|| trailer.state.clone());
+    let mut info = PartInfo {
+        source: format!("agent {} pg_dumpall", agent.host_id),
+        raw_bytes: Some(trailer.raw_bytes),
+        duration_ms: millis(started.elapsed()),
+        host: Some(agent.host_id.clone()),
+        warnings: warnings(&trailer),
+        state,
+        ..PartInfo::default()
+    };
+    match (blob, trailer.unchanged, previous) {
+        (Some(blob), false, _) => Ok((PartRef::blob(blob), info)),
+        (None, true, Some((part, before, taken_in))) => {
+            info.raw_bytes = before.raw_bytes;
+            info.taken_in = Some(taken_in.clone());
+            Ok((part.clone(), info))
+        }
+        _ => Err(malformed(agent, "DumpDatabase")),
+    }
 }
 
 async fn archive_store(
@@ -381,43 +493,26 @@ async fn archive_store(
     task: &StoreTask,
     repo: &Repository,
     level: i32,
+    reusable: Option<&HashMap<Vec<u8>, SegmentRef>>,
     progress: &dyn Progress,
 ) -> Result<Part> {
     let started = Instant::now();
+    let empty = HashMap::new();
+    let reusable = reusable.unwrap_or(&empty);
     let mut c = agent.client.clone();
-    let stream = c
+    let mut stream = c
         .archive_store(ArchiveStoreRequest {
             path: task.path.clone(),
             zstd_level: level,
+            reusable: reusable.keys().cloned().collect(),
         })
         .await
         .map_err(|s| agents::status_error(agent, "ArchiveStore", &s))?
         .into_inner();
-    let (blob, trailer) = pull(agent, "ArchiveStore", &task.part, stream, repo, progress).await?;
-    Ok((
-        blob,
-        PartInfo {
-            source: format!("agent {} {}", agent.host_id, task.path),
-            raw_bytes: Some(trailer.raw_bytes),
-            duration_ms: millis(started.elapsed()),
-            host: Some(agent.host_id.clone()),
-            path: Some(task.path.clone()),
-            shared: Some(task.shared),
-            warnings: warnings(&trailer),
-        },
-    ))
-}
-
-/// Reads a download stream into a blob and checks it against the stream's trailer.
-async fn pull(
-    agent: &Agent,
-    call: &str,
-    part: &str,
-    mut stream: tonic::Streaming<deis_backup_proto::v1::Chunk>,
-    repo: &Repository,
-    progress: &dyn Progress,
-) -> Result<(BlobRef, Trailer)> {
-    let mut w = repo.blob_writer().await?;
+    let call = "ArchiveStore";
+    let mut segments = Vec::new();
+    let mut reused = 0u64;
+    let mut writer = None;
     let mut trailer = None;
     while let Some(chunk) = stream
         .message()
@@ -426,46 +521,138 @@ async fn pull(
     {
         match (chunk.kind, &trailer) {
             (Some(Kind::Data(data)), None) => {
+                if writer.is_none() {
+                    writer = Some(repo.blob_writer().await?);
+                }
+                let w = writer.as_mut().expect("just made");
                 w.write(&data).await?;
-                progress.part_bytes(part, data.len() as u64);
+                progress.part_bytes(&task.part, data.len() as u64);
+            }
+            (Some(Kind::SegmentEnd(end)), None) if end.reused => {
+                let seg = reusable
+                    .get(&end.fingerprint)
+                    .filter(|_| writer.is_none())
+                    .ok_or_else(|| malformed(agent, call))?;
+                segments.push(seg.clone());
+                reused += 1;
+            }
+            (Some(Kind::SegmentEnd(end)), None) => {
+                let w = writer.take().ok_or_else(|| malformed(agent, call))?;
+                let stored = w.finish().await?;
+                check_digest(agent, call, &stored.blob, end.compressed_bytes, &end.sha256)?;
+                segments.push(SegmentRef {
+                    sha256: stored.blob.sha256,
+                    size: stored.blob.size,
+                    fingerprint: (!end.fingerprint.is_empty())
+                        .then(|| hex::encode(&end.fingerprint)),
+                });
             }
             (Some(Kind::Trailer(t)), None) => trailer = Some(t),
-            _ => {
-                return Err(Error::new(
-                    ErrorKind::Agent,
-                    format!(
-                        "agent {} sent a malformed {call} stream (data after the trailer, or an empty message)",
-                        agent.host_id
-                    ),
-                    "make sure the agent and coordinator versions match",
-                ));
-            }
+            _ => return Err(malformed(agent, call)),
         }
     }
     let Some(trailer) = trailer else {
-        return Err(Error::new(
-            ErrorKind::Agent,
-            format!(
-                "agent {} ({}) ended {call} without its trailer: the stream is incomplete",
-                agent.host_id, agent.address
-            ),
-            "the agent or its connection died; see the agent's log and run the snapshot again",
-        ));
+        return Err(incomplete(agent, call));
+    };
+    if writer.is_some() || segments.is_empty() || trailer.segments != segments.len() as u64 {
+        return Err(malformed(agent, call));
+    }
+    Ok((
+        PartRef::segmented(segments),
+        PartInfo {
+            source: format!("agent {} {}", agent.host_id, task.path),
+            raw_bytes: Some(trailer.raw_bytes),
+            duration_ms: millis(started.elapsed()),
+            host: Some(agent.host_id.clone()),
+            path: Some(task.path.clone()),
+            shared: Some(task.shared),
+            warnings: warnings(&trailer),
+            segments_reused: Some(reused),
+            ..PartInfo::default()
+        },
+    ))
+}
+
+fn malformed(agent: &Agent, call: &str) -> Error {
+    Error::new(
+        ErrorKind::Agent,
+        format!(
+            "agent {} sent a malformed {call} stream (out of order, or naming a segment it was not offered)",
+            agent.host_id
+        ),
+        "make sure the agent and coordinator versions match",
+    )
+}
+
+fn incomplete(agent: &Agent, call: &str) -> Error {
+    Error::new(
+        ErrorKind::Agent,
+        format!(
+            "agent {} ({}) ended {call} without its trailer: the stream is incomplete",
+            agent.host_id, agent.address
+        ),
+        "the agent or its connection died; see the agent's log and run the snapshot again",
+    )
+}
+
+/// Checks a stored blob against the size and sha256 the agent announced for it.
+fn check_digest(agent: &Agent, call: &str, got: &BlobRef, size: u64, sha256: &[u8]) -> Result<()> {
+    if got.size == size && got.sha256 == hex::encode(sha256) {
+        return Ok(());
+    }
+    Err(Error::integrity(format!(
+        "{call} from agent {}: received {} bytes with sha256 {}, the agent sent {size} bytes with sha256 {}",
+        agent.host_id,
+        got.size,
+        got.sha256,
+        hex::encode(sha256)
+    )))
+}
+
+/// Reads a single-stream download (the dump) into a blob and checks it against the stream's
+/// trailer; no blob when the stream carried no data.
+async fn pull(
+    agent: &Agent,
+    call: &str,
+    part: &str,
+    mut stream: tonic::Streaming<deis_backup_proto::v1::Chunk>,
+    repo: &Repository,
+    progress: &dyn Progress,
+) -> Result<(Option<BlobRef>, Trailer)> {
+    let mut writer = None;
+    let mut trailer = None;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|s| agents::status_error(agent, call, &s))?
+    {
+        match (chunk.kind, &trailer) {
+            (Some(Kind::Data(data)), None) => {
+                if writer.is_none() {
+                    writer = Some(repo.blob_writer().await?);
+                }
+                writer.as_mut().expect("just made").write(&data).await?;
+                progress.part_bytes(part, data.len() as u64);
+            }
+            (Some(Kind::Trailer(t)), None) => trailer = Some(t),
+            _ => return Err(malformed(agent, call)),
+        }
+    }
+    let Some(trailer) = trailer else {
+        return Err(incomplete(agent, call));
+    };
+    let Some(w) = writer else {
+        return Ok((None, trailer));
     };
     let stored = w.finish().await?;
-    if stored.blob.size != trailer.compressed_bytes
-        || stored.blob.sha256 != hex::encode(&trailer.sha256)
-    {
-        return Err(Error::integrity(format!(
-            "{call} from agent {}: received {} bytes with sha256 {}, the agent sent {} bytes with sha256 {}",
-            agent.host_id,
-            stored.blob.size,
-            stored.blob.sha256,
-            trailer.compressed_bytes,
-            hex::encode(&trailer.sha256)
-        )));
-    }
-    Ok((stored.blob, trailer))
+    check_digest(
+        agent,
+        call,
+        &stored.blob,
+        trailer.compressed_bytes,
+        &trailer.sha256,
+    )?;
+    Ok((Some(stored.blob), trailer))
 }
 
 async fn run_hook(agent: &Agent, hook: &str) -> Result<()> {
@@ -539,6 +726,7 @@ pub fn store_tasks(agents: &[Described]) -> Vec<StoreTask> {
                     fs_type: p.fs_type.clone(),
                     shared: p.shared,
                     also_on: Vec::new(),
+                    reusable_segments: 0,
                 });
         }
     }

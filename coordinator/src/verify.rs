@@ -53,12 +53,24 @@ pub async fn verify(repo: &Repository, manifest: &Manifest, depth: Depth) -> Res
     };
     // blob -> (size, what names it, re-hash?)
     let mut blobs: BTreeMap<String, (u64, String, bool)> = BTreeMap::new();
-    for (name, blob) in &manifest.parts {
+    for (name, part) in &manifest.parts {
         report.parts += 1;
-        blobs.insert(
-            blob.sha256.clone(),
-            (blob.size, format!("part {name}"), depth != Depth::Sizes),
-        );
+        let all = part.blobs();
+        if all.iter().map(|b| b.size).sum::<u64>() != part.size || all.is_empty() {
+            report.problems.push(format!(
+                "part {name}: its blobs do not add up to its size of {} bytes",
+                part.size
+            ));
+        }
+        let n = all.len();
+        for (i, blob) in all.into_iter().enumerate() {
+            let what = if n > 1 {
+                format!("part {name} segment {} of {n}", i + 1)
+            } else {
+                format!("part {name}")
+            };
+            blobs.insert(blob.sha256, (blob.size, what, depth != Depth::Sizes));
+        }
     }
     for bucket in manifest.buckets.keys() {
         let listing = match repo.listing(manifest, bucket).await {

@@ -189,23 +189,42 @@ impl Drop for Agent {
 async fn collect(mut stream: tonic::Streaming<Chunk>) -> Result<(Vec<u8>, Trailer), Status> {
     let mut data = Vec::new();
     let mut trailer = None;
+    let mut segment_start = 0;
+    let mut segments = 0u64;
     while let Some(c) = stream.message().await? {
         assert!(trailer.is_none(), "a message after the trailer");
         match c.kind {
             Some(chunk::Kind::Data(d)) => data.extend(d),
+            Some(chunk::Kind::SegmentEnd(e)) => {
+                // Nothing is offered for reuse here, so every segment comes with its data.
+                assert!(!e.reused);
+                let piece = &data[segment_start..];
+                assert_eq!(e.compressed_bytes, piece.len() as u64);
+                assert_eq!(e.sha256, Sha256::digest(piece).to_vec());
+                segment_start = data.len();
+                segments += 1;
+            }
             Some(chunk::Kind::Trailer(t)) => trailer = Some(t),
             None => panic!("an empty chunk"),
         }
     }
     let t = trailer.expect("the stream ended without a trailer");
     assert_eq!(t.compressed_bytes, data.len() as u64);
-    assert_eq!(t.sha256, Sha256::digest(&data).to_vec());
+    if segments == 0 {
+        assert_eq!(t.sha256, Sha256::digest(&data).to_vec());
+    } else {
+        assert_eq!(segment_start, data.len(), "data after the last segment");
+        assert_eq!((t.segments, t.reused_segments), (segments, 0));
+    }
     Ok((data, t))
 }
 
 async fn agent_dump(client: &mut Client) -> Result<(String, Trailer), Status> {
     let stream = client
-        .dump_database(DumpDatabaseRequest { zstd_level: 0 })
+        .dump_database(DumpDatabaseRequest {
+            zstd_level: 0,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let (data, trailer) = collect(stream).await?;
@@ -258,7 +277,11 @@ async fn restore_store(
             path: path.display().to_string(),
             overwrite,
             allow_devices: false,
-            sha256: Sha256::digest(archive).to_vec(),
+            // The whole archive as one segment: any split into segments must match its digests.
+            segments: vec![deis_backup_proto::v1::Digest {
+                size: archive.len() as u64,
+                sha256: Sha256::digest(archive).to_vec(),
+            }],
         })),
     }];
     for piece in archive.chunks(100_000) {
@@ -294,6 +317,7 @@ async fn agent_archive_then_restore_gives_the_same_tree_while_logs_grow() {
         .archive_store(ArchiveStoreRequest {
             path: store.display().to_string(),
             zstd_level: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -458,7 +482,10 @@ async fn agent_refuses_calls_without_the_token_or_outside_its_config() {
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("no authorization"), "{e}");
     let e = nobody
-        .dump_database(DumpDatabaseRequest { zstd_level: 0 })
+        .dump_database(DumpDatabaseRequest {
+            zstd_level: 0,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
@@ -478,6 +505,7 @@ async fn agent_refuses_calls_without_the_token_or_outside_its_config() {
             .archive_store(ArchiveStoreRequest {
                 path: path.into(),
                 zstd_level: 0,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -510,7 +538,10 @@ async fn agent_refuses_calls_without_the_token_or_outside_its_config() {
     let e = other
         .client()
         .await
-        .dump_database(DumpDatabaseRequest { zstd_level: 0 })
+        .dump_database(DumpDatabaseRequest {
+            zstd_level: 0,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
@@ -1211,7 +1242,10 @@ async fn agent_dump_is_bounded_by_a_slow_reader_and_fails_when_the_container_van
     let mut stream = agent
         .client()
         .await
-        .dump_database(DumpDatabaseRequest { zstd_level: 0 })
+        .dump_database(DumpDatabaseRequest {
+            zstd_level: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -1,26 +1,40 @@
-//! The store archive: a tar stream of one directory tree, zstd-compressed, sent as chunks.
+//! The store archive: a tar stream of one directory tree in segments, each segment one zstd frame,
+//! sent as chunks (the segment rules are documented on `ArchiveStoreRequest` in the proto).
 //!
 //! Invariants:
-//! - Entries are written in a fixed order (depth first, names sorted bytewise), the root first as
+//! - Entries are listed in a fixed order (depth first, names sorted bytewise), the root first as
 //!   `./`, every other path relative to the root, directories with a trailing `/`.
+//! - Segments are cut by the listing alone (never by what reading finds): a file of `BIG_FILE`
+//!   bytes or more is a segment by itself; otherwise a segment ends at an entry whose path hashes
+//!   to a cut point once it holds `MIN_SEGMENT` tar bytes, or at `MAX_SEGMENT`. An unchanged tree
+//!   therefore gives the same segments and fingerprints; a change moves only nearby cuts.
+//! - A segment's fingerprint is taken from the listing, before any of its files is read, so a
+//!   change made while it is read shows up in the next listing. Segments with entries changed in
+//!   the last `VOLATILE` have none and are always sent.
+//! - A segment the caller holds (its fingerprint is in `reusable`) is neither read nor sent.
+//! - Segments carry no end-of-archive blocks; a last segment holds only those, so the segments
+//!   concatenated in order are one valid tar + zstd archive.
 //! - Headers are ustar; a pax extended header carries what ustar cannot: paths or link targets longer
 //!   than 100 bytes or not UTF-8 (with `hdrcharset=BINARY`), sizes ≥ 8 GiB, ids ≥ 2^21.
 //! - Owners are numeric uid/gid; modes keep setuid/setgid/sticky; mtimes are whole seconds.
 //! - Live files: a file's header size is its size when opened, and exactly that many bytes follow.
 //!   A file that grows is cut at that size, one that shrinks is padded with zeros; both, and files
 //!   that vanish between listing and reading, become trailer warnings. The tar stays valid.
-//! - A second path to an already archived inode (nlink > 1) is a hard link entry to the first path.
+//! - A second path to an inode listed before (nlink > 1) is a hard link entry to the first path.
 //! - Sockets are skipped and reported; fifos and device nodes are recorded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, Metadata};
-use std::io::{self, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use deis_backup_proto::v1::{StoreCounts, Trailer, Warning, warning::Kind};
+use deis_backup_proto::v1::{
+    SegmentEnd, StoreCounts, Trailer, Warning, chunk, warning::Kind as WarningKind,
+};
+use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
 use crate::chunks::{ChunkSink, ChunkTx, Counting, encoder};
@@ -28,24 +42,27 @@ use crate::error::{Error, Result};
 
 /// Largest value an ustar octal size field holds (11 octal digits).
 const USTAR_MAX_SIZE: u64 = 0o777_7777_7777;
+/// Largest value an ustar uid/gid field holds (7 octal digits).
+const USTAR_MAX_ID: u64 = 0o777_7777;
 /// File contents are read in pieces of this size.
 const READ_BUFFER: usize = 1 << 20;
 /// Headers and small files are gathered into writes of this size before compression.
 const WRITE_BUFFER: usize = 256 << 10;
-/// Largest value an ustar uid/gid field holds (7 octal digits).
-const USTAR_MAX_ID: u64 = 0o777_7777;
+/// A file at least this big is a segment of its own.
+const BIG_FILE: u64 = 8 << 20;
+/// A segment ends at a cut point only once it holds this many tar bytes.
+const MIN_SEGMENT: u64 = 1 << 20;
+/// A segment ends once it holds this many tar bytes, cut point or not.
+const MAX_SEGMENT: u64 = 16 << 20;
+/// One entry path in this many is a cut point.
+const CUT_ONE_IN: u64 = 8;
+/// Entries changed this recently may change again within one timestamp tick: their segment gets
+/// no fingerprint.
+const VOLATILE: Duration = Duration::from_secs(5);
+/// Names the rules above and the tar layout: fingerprints from other rules never match.
+const FORMAT_TAG: &[u8] = b"deis-backup-agent store segment v1\0";
 
-struct Walker<W: Write> {
-    tar: tar::Builder<W>,
-    counts: StoreCounts,
-    warnings: Vec<Warning>,
-    /// (dev, inode) of files with several links -> the archived path of the first one.
-    links: HashMap<(u64, u64), Vec<u8>>,
-    /// Read buffer for file contents.
-    buf: Vec<u8>,
-}
-
-fn warn(kind: Kind, path: &[u8], message: impl Into<String>) -> Warning {
+fn warn(kind: WarningKind, path: &[u8], message: impl Into<String>) -> Warning {
     Warning {
         kind: kind.into(),
         path: String::from_utf8_lossy(path).into_owned(),
@@ -55,6 +72,91 @@ fn warn(kind: Kind, path: &[u8], message: impl Into<String>) -> Warning {
 
 fn vanished(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound
+}
+
+/// What a listed entry becomes in the tar.
+#[derive(Debug)]
+enum Kind {
+    Dir,
+    File,
+    Symlink(Vec<u8>),
+    /// A further path to an inode listed before: a hard link to that first path.
+    HardLink(Vec<u8>),
+    Special(EntryType),
+}
+
+/// One listed entry: its metadata as listed, before anything is read.
+#[derive(Debug)]
+struct Listed {
+    abs: PathBuf,
+    /// The tar name (`./` for the root, a trailing `/` for directories).
+    name: Vec<u8>,
+    md: Metadata,
+    kind: Kind,
+}
+
+impl Listed {
+    /// The tar bytes this entry takes at most (header plus padded data; pax headers left out).
+    fn tar_bytes(&self) -> u64 {
+        let data = match self.kind {
+            Kind::File => self.md.len().div_ceil(512) * 512,
+            _ => 0,
+        };
+        512 + data
+    }
+
+    fn hash_into(&self, h: &mut Sha256) {
+        let md = &self.md;
+        h.update((self.name.len() as u64).to_le_bytes());
+        h.update(&self.name);
+        let (tag, extra): (u8, &[u8]) = match &self.kind {
+            Kind::Dir => (b'd', b""),
+            Kind::File => (b'f', b""),
+            Kind::Symlink(t) => (b'l', t),
+            Kind::HardLink(t) => (b'h', t),
+            Kind::Special(_) => (b's', b""),
+        };
+        h.update([tag]);
+        h.update((extra.len() as u64).to_le_bytes());
+        h.update(extra);
+        for v in [
+            u64::from(md.mode()),
+            u64::from(md.uid()),
+            u64::from(md.gid()),
+            md.len(),
+            md.mtime().cast_unsigned(),
+            md.mtime_nsec().cast_unsigned(),
+            md.ctime().cast_unsigned(),
+            md.ctime_nsec().cast_unsigned(),
+            md.dev(),
+            md.ino(),
+            md.nlink(),
+            md.rdev(),
+        ] {
+            h.update(v.to_le_bytes());
+        }
+    }
+
+    /// Whether the entry changed so recently (or, by its clock, in the future) that it may change
+    /// again without its timestamps moving.
+    fn volatile(&self, now: SystemTime, window: Duration) -> bool {
+        let recent = |secs: i64, nanos: i64| {
+            let t = UNIX_EPOCH
+                + Duration::from_secs(secs.max(0).cast_unsigned())
+                + Duration::from_nanos(nanos.max(0).cast_unsigned());
+            now.duration_since(t).map_or(true, |age| age < window)
+        };
+        recent(self.md.ctime(), self.md.ctime_nsec())
+            || recent(self.md.mtime(), self.md.mtime_nsec())
+    }
+}
+
+/// Whether `name` is a cut point (FNV-1a of the path).
+fn cut_point(name: &[u8]) -> bool {
+    let h = name.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    h % CUT_ONE_IN == 0
 }
 
 /// Reads exactly `left` bytes: the file's own, then zeros if it ended early.
@@ -88,83 +190,438 @@ impl Read for Live {
     }
 }
 
-impl<W: Write> Walker<W> {
-    fn header(
-        md: &Metadata,
-        kind: EntryType,
-        size: u64,
-        pax: &mut Vec<(&'static str, Vec<u8>)>,
-    ) -> Header {
-        let mut h = Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(md.mode() & 0o7777);
-        let (uid, gid) = (u64::from(md.uid()), u64::from(md.gid()));
-        h.set_uid(uid);
-        h.set_gid(gid);
-        if uid > USTAR_MAX_ID {
-            pax.push(("uid", uid.to_string().into_bytes()));
+/// A pax extended header's data: `"<len> <key>=<value>\n"` records.
+fn pax_records(records: &[(&'static str, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, value) in records {
+        // " key=value\n" plus the decimal length, which counts its own digits.
+        let rest = key.len() + value.len() + 3;
+        let mut len = rest + 1;
+        while rest + len.to_string().len() != len {
+            len = rest + len.to_string().len();
         }
-        if gid > USTAR_MAX_ID {
-            pax.push(("gid", gid.to_string().into_bytes()));
+        out.extend_from_slice(format!("{len} {key}=").as_bytes());
+        out.extend_from_slice(value);
+        out.push(b'\n');
+    }
+    out
+}
+
+fn header(
+    md: &Metadata,
+    kind: EntryType,
+    size: u64,
+    pax: &mut Vec<(&'static str, Vec<u8>)>,
+) -> Header {
+    let mut h = Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_mode(md.mode() & 0o7777);
+    let (uid, gid) = (u64::from(md.uid()), u64::from(md.gid()));
+    h.set_uid(uid);
+    h.set_gid(gid);
+    if uid > USTAR_MAX_ID {
+        pax.push(("uid", uid.to_string().into_bytes()));
+    }
+    if gid > USTAR_MAX_ID {
+        pax.push(("gid", gid.to_string().into_bytes()));
+    }
+    h.set_mtime(u64::try_from(md.mtime()).unwrap_or(0));
+    h.set_size(size);
+    if size > USTAR_MAX_SIZE {
+        pax.push(("size", size.to_string().into_bytes()));
+    }
+    h
+}
+
+/// Writes `bytes` and the zeros that pad it to a 512-byte block.
+fn write_padded(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    out.write_all(bytes)?;
+    let pad = (512 - bytes.len() % 512) % 512;
+    out.write_all(&[0u8; 512][..pad])
+}
+
+/// Writes `h` named `name` (and linking to `link`), with a pax header first where needed, then the
+/// entry's data in large reads and writes of `buf`.
+fn append(
+    out: &mut impl Write,
+    buf: &mut [u8],
+    mut h: Header,
+    name: &[u8],
+    link: Option<&[u8]>,
+    mut pax: Vec<(&'static str, Vec<u8>)>,
+    data: &mut dyn Read,
+) -> io::Result<()> {
+    let mut binary = false;
+    for (key, value) in [("path", Some(name)), ("linkpath", link)] {
+        let Some(value) = value else { continue };
+        let utf8 = std::str::from_utf8(value).is_ok();
+        if value.len() > 100 || !utf8 {
+            binary |= !utf8;
+            pax.push((key, value.to_vec()));
         }
-        h.set_mtime(u64::try_from(md.mtime()).unwrap_or(0));
-        h.set_size(size);
-        if size > USTAR_MAX_SIZE {
-            pax.push(("size", size.to_string().into_bytes()));
-        }
-        h
+    }
+    if binary {
+        pax.insert(0, ("hdrcharset", b"BINARY".to_vec()));
+    }
+    if !pax.is_empty() {
+        let records = pax_records(&pax);
+        let mut ph = Header::new_ustar();
+        ph.set_entry_type(EntryType::XHeader);
+        let pax_name = b"././@PaxHeader";
+        ph.as_old_mut().name[..pax_name.len()].copy_from_slice(pax_name);
+        ph.set_mode(0o644);
+        ph.set_uid(0);
+        ph.set_gid(0);
+        ph.set_mtime(0);
+        ph.set_size(records.len() as u64);
+        ph.set_cksum();
+        out.write_all(ph.as_bytes())?;
+        write_padded(out, &records)?;
+    }
+    let old = h.as_old_mut();
+    let n = name.len().min(100);
+    old.name[..n].copy_from_slice(&name[..n]);
+    if let Some(link) = link {
+        let n = link.len().min(100);
+        old.linkname[..n].copy_from_slice(&link[..n]);
+    }
+    h.set_cksum();
+    out.write_all(h.as_bytes())?;
+    let mut len = 0u64;
+    loop {
+        let n = match data.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write_all(&buf[..n])?;
+        len += n as u64;
+    }
+    let pad = (512 - len % 512) % 512;
+    out.write_all(&[0u8; 512][..usize::try_from(pad).unwrap_or(0)])
+}
+
+/// Turns listed segments into segment frames (or reuse notices) on the caller's stream.
+struct Segments {
+    sink: Option<ChunkSink>,
+    level: i32,
+    workers: u32,
+    reusable: HashSet<Vec<u8>>,
+    counts: StoreCounts,
+    warnings: Vec<Warning>,
+    /// Tar bytes of the segments sent.
+    raw: u64,
+    sent_or_reused: u64,
+    reused: u64,
+    /// First paths of multi-link inodes that vanished before they were read -> the path that holds
+    /// the inode's data instead (once one of its other links was archived as a file).
+    lost_links: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    buf: Vec<u8>,
+}
+
+impl Segments {
+    fn sink(&mut self) -> &mut ChunkSink {
+        self.sink
+            .as_mut()
+            .expect("the sink is back between segments")
     }
 
-    /// Writes `h` named `name` (and linking to `link`), with a pax header first where needed.
-    fn append(
+    fn count_listed(&mut self, e: &Listed) {
+        let c = &mut self.counts;
+        match e.kind {
+            Kind::Dir => c.dirs += 1,
+            Kind::File => {
+                c.files += 1;
+                c.file_bytes += e.md.len();
+            }
+            Kind::Symlink(_) => c.symlinks += 1,
+            Kind::HardLink(_) => c.hardlinks += 1,
+            Kind::Special(_) => c.special += 1,
+        }
+    }
+
+    /// Sends one segment: `entries`, then (for the last segment) the end-of-archive blocks.
+    fn emit(
         &mut self,
-        mut h: Header,
-        name: &[u8],
-        link: Option<&[u8]>,
-        mut pax: Vec<(&'static str, Vec<u8>)>,
-        data: &mut dyn Read,
+        entries: &[Listed],
+        fingerprint: Option<[u8; 32]>,
+        end: bool,
     ) -> io::Result<()> {
-        let mut binary = false;
-        for (key, value) in [("path", Some(name)), ("linkpath", link)] {
-            let Some(value) = value else { continue };
-            let utf8 = std::str::from_utf8(value).is_ok();
-            if value.len() > 100 || !utf8 {
-                binary |= !utf8;
-                pax.push((key, value.to_vec()));
+        self.sent_or_reused += 1;
+        let fp = fingerprint.map(|f| f.to_vec()).unwrap_or_default();
+        if !fp.is_empty() && self.reusable.contains(&fp) {
+            for e in entries {
+                self.count_listed(e);
+            }
+            self.reused += 1;
+            return self.sink().send(chunk::Kind::SegmentEnd(SegmentEnd {
+                fingerprint: fp,
+                reused: true,
+                ..SegmentEnd::default()
+            }));
+        }
+        let sink = self.sink.take().expect("the sink is back between segments");
+        let enc = encoder(sink, self.level, self.workers)?;
+        let mut w = BufWriter::with_capacity(WRITE_BUFFER, Counting::new(enc));
+        for e in entries {
+            self.entry(&mut w, e)?;
+        }
+        if end {
+            w.write_all(&[0u8; 1024])?;
+        }
+        let counting = w.into_inner().map_err(io::IntoInnerError::into_error)?;
+        self.raw += counting.count;
+        let mut sink = counting.inner.finish()?;
+        let (compressed, sha) = sink.end_segment()?;
+        let raw_bytes = counting.count;
+        sink.send(chunk::Kind::SegmentEnd(SegmentEnd {
+            fingerprint: fp,
+            reused: false,
+            compressed_bytes: compressed,
+            sha256: sha.to_vec(),
+            raw_bytes,
+        }))?;
+        self.sink = Some(sink);
+        Ok(())
+    }
+
+    fn entry(&mut self, out: &mut impl Write, e: &Listed) -> io::Result<()> {
+        let mut pax = Vec::new();
+        let md = &e.md;
+        match &e.kind {
+            Kind::Dir => {
+                let h = header(md, EntryType::Directory, 0, &mut pax);
+                self.counts.dirs += 1;
+                append(out, &mut self.buf, h, &e.name, None, pax, &mut io::empty())
+            }
+            Kind::Symlink(target) => {
+                let h = header(md, EntryType::Symlink, 0, &mut pax);
+                self.counts.symlinks += 1;
+                append(
+                    out,
+                    &mut self.buf,
+                    h,
+                    &e.name,
+                    Some(target),
+                    pax,
+                    &mut io::empty(),
+                )
+            }
+            Kind::Special(kind) => {
+                let mut h = header(md, *kind, 0, &mut pax);
+                if *kind != EntryType::Fifo {
+                    h.set_device_major(rustix::fs::major(md.rdev()))?;
+                    h.set_device_minor(rustix::fs::minor(md.rdev()))?;
+                }
+                self.counts.special += 1;
+                append(out, &mut self.buf, h, &e.name, None, pax, &mut io::empty())
+            }
+            Kind::HardLink(first) => match self.lost_links.get(first).cloned() {
+                // The first path vanished: this path carries the data, later links point here.
+                Some(None) => {
+                    if self.file(out, e)? {
+                        self.lost_links.insert(first.clone(), Some(e.name.clone()));
+                    }
+                    Ok(())
+                }
+                Some(Some(instead)) => {
+                    let h = header(md, EntryType::Link, 0, &mut pax);
+                    self.counts.hardlinks += 1;
+                    append(
+                        out,
+                        &mut self.buf,
+                        h,
+                        &e.name,
+                        Some(&instead),
+                        pax,
+                        &mut io::empty(),
+                    )
+                }
+                None => {
+                    let h = header(md, EntryType::Link, 0, &mut pax);
+                    self.counts.hardlinks += 1;
+                    append(
+                        out,
+                        &mut self.buf,
+                        h,
+                        &e.name,
+                        Some(first),
+                        pax,
+                        &mut io::empty(),
+                    )
+                }
+            },
+            Kind::File => {
+                if !self.file(out, e)? && md.nlink() > 1 {
+                    self.lost_links.insert(e.name.clone(), None);
+                }
+                Ok(())
             }
         }
-        if binary {
-            pax.insert(0, ("hdrcharset", b"BINARY".to_vec()));
+    }
+
+    /// Archives a regular file as it is when opened; false when it is gone or no longer a file.
+    fn file(&mut self, out: &mut impl Write, e: &Listed) -> io::Result<bool> {
+        let rel = &e.name;
+        let file = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK)
+                    .bits()
+                    .cast_signed(),
+            )
+            .open(&e.abs)
+        {
+            Ok(f) => f,
+            Err(err) if vanished(&err) => {
+                self.warnings.push(warn(
+                    WarningKind::Vanished,
+                    rel,
+                    "disappeared before it was read",
+                ));
+                return Ok(false);
+            }
+            Err(err) => return Err(err),
+        };
+        // The opened file's own metadata: the path may have been replaced since it was listed.
+        let md = file.metadata()?;
+        if !md.is_file() {
+            self.warnings.push(warn(
+                WarningKind::Other,
+                rel,
+                "changed type while archived; skipped",
+            ));
+            return Ok(false);
         }
-        if !pax.is_empty() {
-            self.tar
-                .append_pax_extensions(pax.iter().map(|(k, v)| (*k, v.as_slice())))?;
+        let mut pax = Vec::new();
+        let size = md.len();
+        let h = header(&md, EntryType::Regular, size, &mut pax);
+        let mut live = Live {
+            file,
+            left: size,
+            padded: 0,
+        };
+        append(out, &mut self.buf, h, rel, None, pax, &mut live)?;
+        self.counts.files += 1;
+        self.counts.file_bytes += size;
+        if live.padded > 0 {
+            self.warnings.push(warn(
+                WarningKind::FileShrank,
+                rel,
+                format!(
+                    "shrank while read: {} of {size} bytes read, the rest padded with zeros",
+                    size - live.padded
+                ),
+            ));
+        } else if let Ok(now) = live.file.metadata()
+            && now.len() > size
+        {
+            self.warnings.push(warn(
+                WarningKind::FileGrew,
+                rel,
+                format!(
+                    "grew from {size} to {} bytes while read; archived the first {size}",
+                    now.len()
+                ),
+            ));
         }
-        let old = h.as_old_mut();
-        let n = name.len().min(100);
-        old.name[..n].copy_from_slice(&name[..n]);
-        if let Some(link) = link {
-            let n = link.len().min(100);
-            old.linkname[..n].copy_from_slice(&link[..n]);
+        Ok(true)
+    }
+}
+
+/// Lists the tree depth first and cuts it into segments (see the module invariants).
+struct Lister<'a> {
+    out: &'a mut Segments,
+    /// (dev, inode) of files with several links -> the tar name of the first one listed.
+    links: HashMap<(u64, u64), Vec<u8>>,
+    segment: Vec<Listed>,
+    segment_bytes: u64,
+    volatile: Duration,
+}
+
+/// Entries in one segment at most (bounds the listing held in memory).
+const MAX_ENTRIES: usize = 8192;
+
+impl Lister<'_> {
+    fn flush(&mut self) -> io::Result<()> {
+        if self.segment.is_empty() {
+            return Ok(());
         }
-        h.set_cksum();
-        // The header through tar (no data, so no padding), then the data in large reads and
-        // writes of our own buffer: tar's own copy goes 8 KiB at a time.
-        self.tar.append(&h, io::empty())?;
-        let out = self.tar.get_mut();
-        let mut len = 0u64;
-        loop {
-            let n = match data.read(&mut self.buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        let now = SystemTime::now();
+        let fingerprint =
+            (!self.segment.iter().any(|e| e.volatile(now, self.volatile))).then(|| {
+                let mut h = Sha256::new();
+                h.update(FORMAT_TAG);
+                for e in &self.segment {
+                    e.hash_into(&mut h);
+                }
+                <[u8; 32]>::from(h.finalize())
+            });
+        let entries = std::mem::take(&mut self.segment);
+        self.segment_bytes = 0;
+        self.out.emit(&entries, fingerprint, false)
+    }
+
+    fn add(&mut self, e: Listed) -> io::Result<()> {
+        let big = matches!(e.kind, Kind::File) && e.md.len() >= BIG_FILE;
+        if big {
+            self.flush()?;
+        }
+        let cut = cut_point(&e.name);
+        self.segment_bytes += e.tar_bytes();
+        self.segment.push(e);
+        if big
+            || self.segment_bytes >= MAX_SEGMENT
+            || self.segment.len() >= MAX_ENTRIES
+            || (cut && self.segment_bytes >= MIN_SEGMENT)
+        {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// What `abs` (listed with `md`) becomes, or None (with a warning) when it cannot be archived.
+    fn classify(&mut self, abs: &Path, rel: &[u8], md: &Metadata) -> io::Result<Option<Kind>> {
+        let ft = md.file_type();
+        Ok(Some(if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_symlink() {
+            match fs::read_link(abs) {
+                Ok(t) => Kind::Symlink(t.as_os_str().as_bytes().to_vec()),
+                Err(e) if vanished(&e) => {
+                    self.out.warnings.push(warn(
+                        WarningKind::Vanished,
+                        rel,
+                        "disappeared before it was read",
+                    ));
+                    return Ok(None);
+                }
                 Err(e) => return Err(e),
-            };
-            out.write_all(&self.buf[..n])?;
-            len += n as u64;
-        }
-        let pad = (512 - len % 512) % 512;
-        out.write_all(&[0u8; 512][..usize::try_from(pad).unwrap_or(0)])
+            }
+        } else if ft.is_socket() {
+            self.out.warnings.push(warn(
+                WarningKind::SocketSkipped,
+                rel,
+                "a socket cannot be archived; skipped",
+            ));
+            return Ok(None);
+        } else if ft.is_fifo() {
+            Kind::Special(EntryType::Fifo)
+        } else if ft.is_char_device() {
+            Kind::Special(EntryType::Char)
+        } else if ft.is_block_device() {
+            Kind::Special(EntryType::Block)
+        } else if md.nlink() > 1 {
+            if let Some(first) = self.links.get(&(md.dev(), md.ino())) {
+                Kind::HardLink(first.clone())
+            } else {
+                self.links.insert((md.dev(), md.ino()), rel.to_vec());
+                Kind::File
+            }
+        } else {
+            Kind::File
+        }))
     }
 
     fn walk(&mut self, root: &Path) -> Result<()> {
@@ -176,7 +633,13 @@ impl<W: Write> Walker<W> {
             });
         }
         let io_err = |p: &Path| Error::io("archiving", p.to_path_buf());
-        self.entry(root, b".", &md).map_err(io_err(root))?;
+        self.add(Listed {
+            abs: root.to_path_buf(),
+            name: b"./".to_vec(),
+            md,
+            kind: Kind::Dir,
+        })
+        .map_err(io_err(root))?;
         // Pre-order depth-first walk; children pushed in reverse so they pop in sorted order.
         let mut stack: Vec<(PathBuf, Vec<u8>)> = Vec::new();
         self.push_children(root, b"", &mut stack)
@@ -185,8 +648,8 @@ impl<W: Write> Walker<W> {
             let md = match fs::symlink_metadata(&abs) {
                 Ok(md) => md,
                 Err(e) if vanished(&e) => {
-                    self.warnings.push(warn(
-                        Kind::Vanished,
+                    self.out.warnings.push(warn(
+                        WarningKind::Vanished,
                         &rel,
                         "disappeared before it was read",
                     ));
@@ -194,13 +657,27 @@ impl<W: Write> Walker<W> {
                 }
                 Err(e) => return Err(io_err(&abs)(e)),
             };
-            self.entry(&abs, &rel, &md).map_err(io_err(&abs))?;
-            if md.is_dir() {
+            let Some(kind) = self.classify(&abs, &rel, &md).map_err(io_err(&abs))? else {
+                continue;
+            };
+            let is_dir = matches!(kind, Kind::Dir);
+            let mut name = rel.clone();
+            if is_dir {
+                name.push(b'/');
+            }
+            self.add(Listed {
+                abs: abs.clone(),
+                name,
+                md,
+                kind,
+            })
+            .map_err(io_err(&abs))?;
+            if is_dir {
                 self.push_children(&abs, &rel, &mut stack)
                     .map_err(io_err(&abs))?;
             }
         }
-        Ok(())
+        self.flush().map_err(io_err(root))
     }
 
     fn push_children(
@@ -212,8 +689,8 @@ impl<W: Write> Walker<W> {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if vanished(&e) => {
-                self.warnings.push(warn(
-                    Kind::Vanished,
+                self.out.warnings.push(warn(
+                    WarningKind::Vanished,
                     rel,
                     "directory disappeared while listed",
                 ));
@@ -240,145 +717,36 @@ impl<W: Write> Walker<W> {
         }
         Ok(())
     }
+}
 
-    fn entry(&mut self, abs: &Path, rel: &[u8], md: &Metadata) -> io::Result<()> {
-        let ft = md.file_type();
-        let mut pax = Vec::new();
-        if ft.is_dir() {
-            let mut name = if rel == b"." {
-                b".".to_vec()
-            } else {
-                rel.to_vec()
-            };
-            name.push(b'/');
-            let h = Self::header(md, EntryType::Directory, 0, &mut pax);
-            self.counts.dirs += 1;
-            return self.append(h, &name, None, pax, &mut io::empty());
-        }
-        if ft.is_symlink() {
-            let target = match fs::read_link(abs) {
-                Ok(t) => t,
-                Err(e) if vanished(&e) => {
-                    self.warnings
-                        .push(warn(Kind::Vanished, rel, "disappeared before it was read"));
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            };
-            let h = Self::header(md, EntryType::Symlink, 0, &mut pax);
-            self.counts.symlinks += 1;
-            return self.append(
-                h,
-                rel,
-                Some(target.as_os_str().as_bytes()),
-                pax,
-                &mut io::empty(),
-            );
-        }
-        if ft.is_socket() {
-            self.warnings.push(warn(
-                Kind::SocketSkipped,
-                rel,
-                "a socket cannot be archived; skipped",
-            ));
-            return Ok(());
-        }
-        if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
-            let kind = if ft.is_fifo() {
-                EntryType::Fifo
-            } else if ft.is_char_device() {
-                EntryType::Char
-            } else {
-                EntryType::Block
-            };
-            let mut h = Self::header(md, kind, 0, &mut pax);
-            if !ft.is_fifo() {
-                h.set_device_major(rustix::fs::major(md.rdev()))?;
-                h.set_device_minor(rustix::fs::minor(md.rdev()))?;
-            }
-            self.counts.special += 1;
-            return self.append(h, rel, None, pax, &mut io::empty());
-        }
-        self.file(abs, rel)
-    }
+/// How to archive.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub level: i32,
+    /// zstd worker threads besides the caller's.
+    pub workers: u32,
+    /// Fingerprints of segments the caller holds.
+    pub reusable: HashSet<Vec<u8>>,
+    /// Entries changed this recently make their segment volatile (no fingerprint).
+    pub volatile: Duration,
+}
 
-    fn file(&mut self, abs: &Path, rel: &[u8]) -> io::Result<()> {
-        let file = match fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(
-                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK)
-                    .bits()
-                    .cast_signed(),
-            )
-            .open(abs)
-        {
-            Ok(f) => f,
-            Err(e) if vanished(&e) => {
-                self.warnings
-                    .push(warn(Kind::Vanished, rel, "disappeared before it was read"));
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        // The opened file's own metadata: the path may have been replaced since it was listed.
-        let md = file.metadata()?;
-        if !md.is_file() {
-            self.warnings.push(warn(
-                Kind::Other,
-                rel,
-                "changed type while archived; skipped",
-            ));
-            return Ok(());
+impl Options {
+    pub fn new(level: i32, workers: u32, reusable: HashSet<Vec<u8>>) -> Self {
+        Self {
+            level,
+            workers,
+            reusable,
+            volatile: VOLATILE,
         }
-        let mut pax = Vec::new();
-        if md.nlink() > 1 {
-            let key = (md.dev(), md.ino());
-            if let Some(first) = self.links.get(&key).cloned() {
-                let h = Self::header(&md, EntryType::Link, 0, &mut pax);
-                self.counts.hardlinks += 1;
-                return self.append(h, rel, Some(&first), pax, &mut io::empty());
-            }
-            self.links.insert(key, rel.to_vec());
-        }
-        let size = md.len();
-        let h = Self::header(&md, EntryType::Regular, size, &mut pax);
-        let mut live = Live {
-            file,
-            left: size,
-            padded: 0,
-        };
-        self.append(h, rel, None, pax, &mut live)?;
-        self.counts.files += 1;
-        self.counts.file_bytes += size;
-        if live.padded > 0 {
-            self.warnings.push(warn(
-                Kind::FileShrank,
-                rel,
-                format!(
-                    "shrank while read: {} of {size} bytes read, the rest padded with zeros",
-                    size - live.padded
-                ),
-            ));
-        } else if let Ok(now) = live.file.metadata()
-            && now.len() > size
-        {
-            self.warnings.push(warn(
-                Kind::FileGrew,
-                rel,
-                format!(
-                    "grew from {size} to {} bytes while read; archived the first {size}",
-                    now.len()
-                ),
-            ));
-        }
-        Ok(())
     }
 }
 
-/// Archives the directory `root` as tar + zstd data chunks on `tx` (blocking); returns the trailer.
-pub fn archive(root: &Path, level: i32, workers: u32, tx: ChunkTx) -> Result<Trailer> {
+/// Archives the directory `root` as tar + zstd segments on `tx` (blocking), leaving out the
+/// segments the caller holds; returns the trailer.
+pub fn archive(root: &Path, opts: Options, tx: ChunkTx) -> Result<Trailer> {
     let start = Instant::now();
-    let cancelled = |e: io::Error| {
+    let failed = |e: io::Error| {
         if e.kind() == io::ErrorKind::BrokenPipe {
             Error::Cancelled
         } else {
@@ -389,42 +757,51 @@ pub fn archive(root: &Path, level: i32, workers: u32, tx: ChunkTx) -> Result<Tra
             }
         }
     };
-    let enc = encoder(ChunkSink::new(tx), level, workers).map_err(cancelled)?;
-    let mut w = Walker {
-        tar: tar::Builder::new(io::BufWriter::with_capacity(
-            WRITE_BUFFER,
-            Counting::new(enc),
-        )),
+    let mut out = Segments {
+        sink: Some(ChunkSink::new(tx)),
+        level: opts.level,
+        workers: opts.workers,
+        reusable: opts.reusable,
         counts: StoreCounts::default(),
         warnings: Vec::new(),
-        links: HashMap::new(),
+        raw: 0,
+        sent_or_reused: 0,
+        reused: 0,
+        lost_links: HashMap::new(),
         buf: vec![0; READ_BUFFER],
     };
-    w.walk(root).map_err(|e| match e {
+    let mut lister = Lister {
+        out: &mut out,
+        links: HashMap::new(),
+        segment: Vec::new(),
+        segment_bytes: 0,
+        volatile: opts.volatile,
+    };
+    lister.walk(root).map_err(|e| match e {
         Error::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe => Error::Cancelled,
         e => e,
     })?;
-    let counting = w
-        .tar
-        .into_inner()
-        .and_then(|b| b.into_inner().map_err(io::IntoInnerError::into_error))
-        .map_err(cancelled)?;
-    let raw = counting.count;
-    let (compressed, sha) = counting
-        .inner
-        .finish()
-        .and_then(ChunkSink::finish)
-        .map_err(cancelled)?;
-    for warning in &w.warnings {
+    let end = <[u8; 32]>::from(
+        Sha256::new()
+            .chain_update(FORMAT_TAG)
+            .chain_update(b"end")
+            .finalize(),
+    );
+    out.emit(&[], Some(end), true).map_err(failed)?;
+    let sent = out.sink().total();
+    for warning in &out.warnings {
         tracing::info!(path = %warning.path, message = %warning.message, "archive warning");
     }
     Ok(Trailer {
-        raw_bytes: raw,
-        compressed_bytes: compressed,
-        sha256: sha.to_vec(),
+        raw_bytes: out.raw,
+        compressed_bytes: sent,
+        sha256: Vec::new(),
         duration_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-        warnings: w.warnings,
-        store: Some(w.counts),
+        warnings: out.warnings,
+        store: Some(out.counts),
+        segments: out.sent_or_reused,
+        reused_segments: out.reused,
+        ..Trailer::default()
     })
 }
 
@@ -432,7 +809,7 @@ pub fn archive(root: &Path, level: i32, workers: u32, tx: ChunkTx) -> Result<Tra
 mod tests {
     use std::io::Read;
 
-    use deis_backup_proto::v1::{Chunk, chunk};
+    use deis_backup_proto::v1::Chunk;
     use tokio::sync::mpsc;
 
     use super::*;
@@ -451,20 +828,23 @@ mod tests {
 
     const BIG: usize = 8 << 20;
 
-    /// Archives `dir` (a 8 MiB file `a`, a small `z`), running `change` once the first chunk is
+    /// Archives `dir` (a 8 MiB file `a`, a small `z`), running `change` once a full chunk of `a` is
     /// out, i.e. while `a` is being read and before `z` is reached; returns the archive and trailer.
     fn archive_while(dir: &Path, change: impl FnOnce()) -> (Vec<u8>, Trailer) {
         let (tx, mut rx) = mpsc::channel::<Result<Chunk, tonic::Status>>(1);
         let root = dir.to_path_buf();
-        let walker = std::thread::spawn(move || archive(&root, 3, 0, tx));
+        let walker =
+            std::thread::spawn(move || archive(&root, Options::new(3, 0, HashSet::new()), tx));
         let mut data = Vec::new();
         let mut change = Some(change);
         while let Some(c) = rx.blocking_recv() {
             if let Some(chunk::Kind::Data(d)) = c.unwrap().kind {
+                // A full chunk of incompressible bytes: `a` is being read.
+                let reading_a = d.len() == crate::chunks::CHUNK_BYTES;
                 data.extend(d);
-            }
-            if let Some(f) = change.take() {
-                f();
+                if reading_a && let Some(f) = change.take() {
+                    f();
+                }
             }
         }
         (data, walker.join().unwrap().unwrap())
@@ -484,7 +864,7 @@ mod tests {
             .collect()
     }
 
-    fn kinds(t: &Trailer) -> Vec<(Kind, String)> {
+    fn kinds(t: &Trailer) -> Vec<(WarningKind, String)> {
         t.warnings
             .iter()
             .map(|w| (w.kind(), w.path.clone()))
@@ -507,7 +887,10 @@ mod tests {
         });
         assert_eq!(
             kinds(&trailer),
-            [(Kind::FileGrew, "a".into()), (Kind::Vanished, "z".into())]
+            [
+                (WarningKind::FileGrew, "a".into()),
+                (WarningKind::Vanished, "z".into())
+            ]
         );
         let e = entries(&archive);
         assert_eq!(
@@ -531,7 +914,7 @@ mod tests {
                 .set_len(0)
                 .unwrap();
         });
-        assert_eq!(kinds(&trailer), [(Kind::FileShrank, "a".into())]);
+        assert_eq!(kinds(&trailer), [(WarningKind::FileShrank, "a".into())]);
         let e = entries(&archive);
         assert_eq!(e.len(), 3, "the archive stays a valid tar with every entry");
         assert_eq!(e[1].1.len(), BIG);
@@ -557,7 +940,10 @@ mod tests {
         .unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(dir.path().join("sock")).unwrap();
         let (archive, trailer) = archive_while(dir.path(), || {});
-        assert_eq!(kinds(&trailer), [(Kind::SocketSkipped, "sock".into())]);
+        assert_eq!(
+            kinds(&trailer),
+            [(WarningKind::SocketSkipped, "sock".into())]
+        );
         let names: Vec<Vec<u8>> = {
             let mut tar = tar::Archive::new(zstd::Decoder::new(&archive[..]).unwrap());
             tar.entries()
@@ -573,5 +959,152 @@ mod tests {
         assert!(names.contains(&b"fifo".to_vec()), "{names:?}");
         let counts = trailer.store.unwrap();
         assert_eq!((counts.files, counts.dirs, counts.special), (2, 2, 1));
+    }
+
+    /// One segment as the caller saw it: (fingerprint, reused, data).
+    type Sent = (Vec<u8>, bool, Vec<u8>);
+
+    /// The segments of one archive run.
+    fn segments(dir: &Path, reusable: &HashSet<Vec<u8>>) -> (Vec<Sent>, Trailer) {
+        let (tx, mut rx) = mpsc::channel::<Result<Chunk, tonic::Status>>(4);
+        let root = dir.to_path_buf();
+        let opts = Options {
+            volatile: Duration::ZERO,
+            ..Options::new(3, 0, reusable.clone())
+        };
+        let walker = std::thread::spawn(move || archive(&root, opts, tx));
+        let mut out = Vec::new();
+        let mut data = Vec::new();
+        while let Some(c) = rx.blocking_recv() {
+            match c.unwrap().kind {
+                Some(chunk::Kind::Data(d)) => data.extend(d),
+                Some(chunk::Kind::SegmentEnd(end)) => {
+                    let piece = std::mem::take(&mut data);
+                    if end.reused {
+                        assert!(piece.is_empty(), "no data for a reused segment");
+                    } else {
+                        assert_eq!(end.compressed_bytes, piece.len() as u64);
+                        assert_eq!(end.sha256, Sha256::digest(&piece).to_vec());
+                    }
+                    out.push((end.fingerprint, end.reused, piece));
+                }
+                _ => {}
+            }
+        }
+        (out, walker.join().unwrap().unwrap())
+    }
+
+    #[test]
+    fn an_unchanged_tree_is_reused_and_a_change_resends_only_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two big files (a segment each) and many small ones around them.
+        for i in 0..300 {
+            fs::write(
+                dir.path().join(format!("small-{i:03}")),
+                noise(8 << 10, i + 10),
+            )
+            .unwrap();
+        }
+        fs::write(
+            dir.path().join("big-a"),
+            noise(usize::try_from(BIG_FILE).unwrap(), 4),
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("big-b"),
+            noise(usize::try_from(BIG_FILE).unwrap(), 5),
+        )
+        .unwrap();
+        let (first, t1) = segments(dir.path(), &HashSet::new());
+        assert!(first.len() >= 4, "several segments: {}", first.len());
+        assert_eq!(t1.reused_segments, 0);
+        assert_eq!(t1.segments, first.len() as u64);
+        assert!(
+            first
+                .iter()
+                .all(|(fp, reused, _)| fp.len() == 32 && !reused)
+        );
+        // The segments concatenated are one archive with every entry.
+        let whole: Vec<u8> = first.iter().flat_map(|(_, _, d)| d.clone()).collect();
+        assert_eq!(entries(&whole).len(), 303);
+
+        let held: HashSet<Vec<u8>> = first.iter().map(|(fp, _, _)| fp.clone()).collect();
+        let (second, t2) = segments(dir.path(), &held);
+        assert_eq!(
+            t2.reused_segments, t2.segments,
+            "nothing changed: every segment reused"
+        );
+        assert_eq!(t2.compressed_bytes, 0);
+        assert_eq!(
+            t2.store.unwrap(),
+            t1.store.unwrap(),
+            "counts cover reused segments"
+        );
+        assert_eq!(
+            second.iter().map(|(fp, _, _)| fp).collect::<Vec<_>>(),
+            first.iter().map(|(fp, _, _)| fp).collect::<Vec<_>>()
+        );
+
+        // One small file changes: its segment is sent again, and at most the next one (its size
+        // moved the next cut); the big files' segments are reused.
+        fs::write(dir.path().join("small-150"), b"changed").unwrap();
+        let (third, t3) = segments(dir.path(), &held);
+        let sent = t3.segments - t3.reused_segments;
+        assert!(
+            (1..=2).contains(&sent),
+            "{sent} of {} segments sent",
+            t3.segments
+        );
+        assert!(
+            t3.compressed_bytes < 2 * MAX_SEGMENT,
+            "{}",
+            t3.compressed_bytes
+        );
+        // Reused segments from the first run plus the new one still make the whole archive.
+        let mut whole = Vec::new();
+        for (i, (fp, reused, data)) in third.iter().enumerate() {
+            if *reused {
+                let (_, _, d) = first.iter().find(|(f, _, _)| f == fp).unwrap();
+                whole.extend(d);
+            } else {
+                assert_ne!(Some(fp), first.get(i).map(|(f, _, _)| f));
+                whole.extend(data);
+            }
+        }
+        let e = entries(&whole);
+        assert_eq!(e.len(), 303);
+        assert!(e.contains(&("small-150".to_owned(), b"changed".to_vec())));
+    }
+
+    #[test]
+    fn recently_changed_entries_give_no_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("fresh"), b"now").unwrap();
+        let (tx, mut rx) = mpsc::channel::<Result<Chunk, tonic::Status>>(4);
+        let root = dir.path().to_path_buf();
+        let walker =
+            std::thread::spawn(move || archive(&root, Options::new(3, 0, HashSet::new()), tx));
+        let mut ends = Vec::new();
+        while let Some(c) = rx.blocking_recv() {
+            if let Some(chunk::Kind::SegmentEnd(end)) = c.unwrap().kind {
+                ends.push(end);
+            }
+        }
+        walker.join().unwrap().unwrap();
+        assert_eq!(ends.len(), 2, "the tree, then the end-of-archive segment");
+        assert!(
+            ends[0].fingerprint.is_empty(),
+            "a file written just now may still change"
+        );
+        assert_eq!(ends[1].fingerprint.len(), 32);
+    }
+
+    #[test]
+    fn pax_records_count_their_own_length() {
+        let r = pax_records(&[("path", b"x".repeat(95))]);
+        assert_eq!(r.len(), 105);
+        assert!(r.starts_with(b"105 path="));
+        let r = pax_records(&[("size", b"12".to_vec())]);
+        assert_eq!(r, b"11 size=12\n");
     }
 }

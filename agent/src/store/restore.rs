@@ -2,8 +2,9 @@
 //!
 //! Invariants:
 //! - The archive is extracted into a fresh staging directory inside the target
-//!   (`.deis-backup-restore-<pid>-<nanos>`), then checked as a whole (every path safe, zstd frame
-//!   and tar stream complete, sha256 as announced) before anything outside it is touched. A refused
+//!   (`.deis-backup-restore-<pid>-<nanos>`), then checked as a whole (every path safe, zstd frames
+//!   and tar stream complete, every segment's size and sha256 as announced) before anything outside
+//!   it is touched. A refused
 //!   archive leaves the target as it was, and the staging directory is removed.
 //! - Refused: absolute paths, `..`, a path whose parent is a symlink (even one inside the archive),
 //!   hard links to such paths, device nodes unless `allow_devices`, entry types tar has but a
@@ -14,6 +15,7 @@
 //! - Owners (numeric), modes and mtimes are restored; directory metadata is applied last, deepest
 //!   first, so writing children does not disturb it.
 
+use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -23,6 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use deis_backup_proto::v1::{RestoreStoreReply, Warning, warning::Kind};
 use rustix::fs::{AtFlags, CWD, FileType, Gid, Mode, Timespec, Timestamps, Uid};
+use sha2::{Digest, Sha256};
 use tar::EntryType;
 
 use crate::error::{Error, Result};
@@ -35,8 +38,109 @@ pub const STAGING_PREFIX: &str = ".deis-backup-restore-";
 pub struct Options {
     pub overwrite: bool,
     pub allow_devices: bool,
-    /// sha256 of the compressed archive, or empty for no check.
-    pub sha256: Vec<u8>,
+    /// Size and sha256 of each segment of the compressed archive, in order; empty for no check.
+    pub segments: Vec<(u64, Vec<u8>)>,
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Checks the archive's bytes against the announced segments as they pass through.
+struct SegmentCheck<R> {
+    inner: R,
+    want: VecDeque<(u64, Vec<u8>)>,
+    count: usize,
+    /// Segments already checked.
+    done: usize,
+    /// Bytes of the current segment so far.
+    got: u64,
+    hasher: Sha256,
+}
+
+impl<R: Read> SegmentCheck<R> {
+    fn new(inner: R, segments: Vec<(u64, Vec<u8>)>) -> Self {
+        Self {
+            inner,
+            count: segments.len(),
+            want: segments.into(),
+            done: 0,
+            got: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Checks every segment whose bytes are all in.
+    fn close_finished(&mut self) -> io::Result<()> {
+        while let Some((size, sha)) = self.want.front() {
+            if self.got < *size {
+                break;
+            }
+            if self.hasher.finalize_reset()[..] != sha[..] {
+                return Err(invalid(format!(
+                    "segment {} of {} differs from the sha256 announced in the header",
+                    self.done + 1,
+                    self.count
+                )));
+            }
+            self.want.pop_front();
+            self.done += 1;
+            self.got = 0;
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, mut data: &[u8]) -> io::Result<()> {
+        loop {
+            self.close_finished()?;
+            if data.is_empty() {
+                return Ok(());
+            }
+            let Some((size, _)) = self.want.front() else {
+                return Err(invalid(format!(
+                    "the archive runs past the {} segments announced in the header",
+                    self.count
+                )));
+            };
+            let take = usize::try_from(size - self.got)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            self.hasher.update(&data[..take]);
+            self.got += take as u64;
+            data = &data[take..];
+        }
+    }
+
+    /// Reads to the end and checks that every announced segment came whole.
+    fn finish(mut self) -> io::Result<()> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for SegmentCheck<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if self.count == 0 {
+            return Ok(n);
+        }
+        if n == 0 {
+            self.close_finished()?;
+            if !self.want.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the archive ended in segment {} of {}",
+                        self.done + 1,
+                        self.count
+                    ),
+                ));
+            }
+            return Ok(0);
+        }
+        self.consume(&buf[..n])?;
+        Ok(n)
+    }
 }
 
 /// A checked, archive-relative path: components that are neither empty, `.` nor `..`.
@@ -345,11 +449,7 @@ pub fn restore(
     Ok(reply)
 }
 
-fn stage(
-    staging: &Path,
-    mut archive: crate::chunks::ChannelReader,
-    opts: &Options,
-) -> Result<Stager> {
+fn stage(staging: &Path, archive: crate::chunks::ChannelReader, opts: &Options) -> Result<Stager> {
     let mut stager = Stager {
         staging: staging.to_path_buf(),
         allow_devices: opts.allow_devices,
@@ -357,8 +457,10 @@ fn stage(
         root: None,
         reply: RestoreStoreReply::default(),
     };
+    let mut checked = SegmentCheck::new(archive, opts.segments.clone());
     {
-        let dec = zstd::Decoder::new(&mut archive).map_err(rerr)?;
+        // The segments are zstd frames one after another: the decoder reads through all of them.
+        let dec = zstd::Decoder::new(&mut checked).map_err(rerr)?;
         let mut tar = tar::Archive::new(dec);
         for entry in tar.entries().map_err(rerr)? {
             stager.entry(entry.map_err(rerr)?)?;
@@ -367,12 +469,7 @@ fn stage(
         let mut dec = tar.into_inner();
         io::copy(&mut dec, &mut io::sink()).map_err(rerr)?;
     }
-    let (_, sha) = archive.finish().map_err(rerr)?;
-    if !opts.sha256.is_empty() && opts.sha256 != sha {
-        return Err(refuse(
-            "its sha256 differs from the one announced in the header".into(),
-        ));
-    }
+    checked.finish().map_err(rerr)?;
     stager.dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
     for d in &stager.dirs {
         set_meta(&d.path, Some(d.mode), d.uid, d.gid, d.mtime)

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use deis_backup_coordinator::Result;
 use deis_backup_coordinator::agents::Agent;
 use deis_backup_coordinator::prune;
-use deis_backup_coordinator::repository::{Manifest, Repository};
+use deis_backup_coordinator::repository::{Manifest, PartInfo, Repository};
 use deis_backup_coordinator::restore;
 use deis_backup_coordinator::snapshot::{Outcome, Plan};
 use deis_backup_coordinator::verify;
@@ -109,7 +109,16 @@ impl Output {
                 info.and_then(|i| i.raw_bytes).map(size).unwrap_or_default(),
                 info.map(|i| format!("{:.1}", i.duration_ms as f64 / 1000.0))
                     .unwrap_or_default(),
-                b.sha256[..16.min(b.sha256.len())].to_owned(),
+                match &b.sha256 {
+                    Some(sha) => sha[..16.min(sha.len())].to_owned(),
+                    None => format!(
+                        "{} segments{}",
+                        b.segments.len(),
+                        info.and_then(|i| i.segments_reused)
+                            .map(|r| format!(", {r} reused"))
+                            .unwrap_or_default()
+                    ),
+                },
                 info.map(|i| i.warnings.len().to_string())
                     .unwrap_or_default(),
             ]);
@@ -281,10 +290,23 @@ impl Output {
         }
         println!("  etcd      /deis minus ephemeral keys");
         match &p.previous {
-            Some(prev) => println!(
-                "  reuse     unchanged objects of snapshot {prev} ({} objects listed there)",
-                p.reusable_objects
-            ),
+            Some(prev) => {
+                println!(
+                    "  reuse     unchanged objects of snapshot {prev} ({} objects listed there)",
+                    p.reusable_objects
+                );
+                if p.reusable_dump {
+                    println!(
+                        "  reuse     its database dump, if the database is still in the same state"
+                    );
+                }
+                for s in p.stores.iter().filter(|s| s.reusable_segments > 0) {
+                    println!(
+                        "  reuse     its store segments of {} whose files did not change ({} offered)",
+                        s.path, s.reusable_segments
+                    );
+                }
+            }
             None => println!("  reuse     nothing (first snapshot)"),
         }
     }
@@ -323,8 +345,18 @@ impl Output {
         }
         for (name, b) in &m.parts {
             let info = m.part_info.get(name);
+            let reused = match info {
+                Some(PartInfo {
+                    taken_in: Some(id), ..
+                }) => format!(" (unchanged since snapshot {id})"),
+                Some(PartInfo {
+                    segments_reused: Some(r),
+                    ..
+                }) => format!(" ({r} of {} segments unchanged)", b.segments.len()),
+                _ => String::new(),
+            };
             println!(
-                "  part {name}: {}{}{}",
+                "  part {name}: {}{reused}{}{}",
                 size(b.size),
                 info.map(|i| format!(" in {:.1} s", i.duration_ms as f64 / 1000.0))
                     .unwrap_or_default(),

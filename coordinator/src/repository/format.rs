@@ -105,6 +105,84 @@ pub struct BlobRef {
     pub size: u64,
 }
 
+/// A part's bytes: one blob, or (store archives) the concatenation of segment blobs in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PartRef {
+    /// The one blob holding the part; absent for a segmented part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Bytes of the part (of all its segments).
+    pub size: u64,
+    /// The segments, in order, of a segmented part.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<SegmentRef>,
+}
+
+impl PartRef {
+    /// A part held in one blob.
+    pub fn blob(blob: BlobRef) -> Self {
+        Self {
+            sha256: Some(blob.sha256),
+            size: blob.size,
+            segments: Vec::new(),
+        }
+    }
+
+    /// A part held in segments.
+    pub fn segmented(segments: Vec<SegmentRef>) -> Self {
+        Self {
+            sha256: None,
+            size: segments.iter().map(|s| s.size).sum(),
+            segments,
+        }
+    }
+
+    /// The blobs whose concatenation, in this order, is the part.
+    pub fn blobs(&self) -> Vec<BlobRef> {
+        match &self.sha256 {
+            Some(sha) => vec![BlobRef {
+                sha256: sha.clone(),
+                size: self.size,
+            }],
+            None => self
+                .segments
+                .iter()
+                .map(|s| BlobRef {
+                    sha256: s.sha256.clone(),
+                    size: s.size,
+                })
+                .collect(),
+        }
+    }
+
+    /// The one blob of a part that is not segmented.
+    pub fn single(&self) -> Option<BlobRef> {
+        self.sha256.as_ref().map(|sha| BlobRef {
+            sha256: sha.clone(),
+            size: self.size,
+        })
+    }
+}
+
+impl From<BlobRef> for PartRef {
+    fn from(blob: BlobRef) -> Self {
+        Self::blob(blob)
+    }
+}
+
+/// One segment of a segmented part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SegmentRef {
+    pub sha256: String,
+    pub size: u64,
+    /// What the producer fingerprinted the segment's source as (hex); a later snapshot reuses the
+    /// segment when the source still has this fingerprint. Absent: never reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
 /// One object of a bucket listing: where it was, what it was, and which blob holds its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -144,9 +222,9 @@ pub struct Manifest {
     /// Free-form facts the coordinator records (cluster, version, ...). Never secrets.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Named parts (database dump, store archives, etcd export, ...): blobs.
+    /// Named parts (database dump, store archives, etcd export, ...).
     #[serde(default)]
-    pub parts: BTreeMap<String, BlobRef>,
+    pub parts: BTreeMap<String, PartRef>,
     /// Mirrored buckets by name.
     #[serde(default)]
     pub buckets: BTreeMap<String, BucketRef>,
@@ -177,6 +255,16 @@ pub struct PartInfo {
     /// What the producer reported (files that changed while read, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// For the database dump: the database state it was taken in (server start, WAL position,
+    /// next transaction id); a later snapshot reuses the dump while the state is the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// For a part carried over unchanged: the snapshot that first took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_in: Option<String>,
+    /// For a segmented part: how many segments were carried over from the previous snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments_reused: Option<u64>,
 }
 
 /// `blobs/sha256/ab/ab12...`.
