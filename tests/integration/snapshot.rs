@@ -688,3 +688,198 @@ async fn the_agent_image_carries_the_coordinator_the_fleet_unit_runs() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--pre-hook"));
 }
+
+/// Runs `sql` in the database container as `postgres`.
+fn psql(container: &str, sql: &str) {
+    let out = Command::new("docker")
+        .args([
+            "exec",
+            "-u",
+            "postgres",
+            container,
+            "psql",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "psql {sql}: {}", stderr(&out));
+}
+
+/// A part of a snapshot's manifest as `deis-backup snapshot --json` printed it.
+fn part<'a>(snap: &'a Value, name: &str) -> (&'a Value, &'a Value) {
+    let m = &snap["manifest"];
+    (&m["parts"][name], &m["part-info"][name])
+}
+
+#[tokio::test]
+async fn unchanged_database_and_store_segments_are_reused_and_changes_taken_again() {
+    let _g = cluster_lock().await;
+    // A cluster of its own: its database and store change here without disturbing other tests.
+    let src = Target::up(&unique("inc"));
+    let agent = AgentContainer::up(
+        &format!("{}-agent", src.name),
+        src.etcd_endpoints(),
+        &src.store_dir(),
+        src.database_container(),
+    );
+    let store = src.store_dir();
+    for i in 0..3u8 {
+        let data: Vec<u8> = (0..9u32 << 20)
+            .map(|j| (j.wrapping_mul(2_654_435_761) >> 11).to_le_bytes()[0] ^ i)
+            .collect();
+        std::fs::write(store.join(format!("slug-{i}.tar.gz")), data).unwrap();
+    }
+    std::fs::create_dir(store.join("logs")).unwrap();
+    for i in 0..400 {
+        std::fs::write(
+            store.join(format!("logs/app-{i:03}.log")),
+            format!("{i} GET /items/{i}\n").repeat(600),
+        )
+        .unwrap();
+    }
+    psql(
+        src.database_container(),
+        "CREATE TABLE items (id int PRIMARY KEY, name text); \
+         INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g;",
+    );
+    // Entries changed in the last 5 s are not fingerprinted; let the new tree settle.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let (_d, repo) = repo_dir("e2e-incremental");
+    let r = repo.display().to_string();
+    let snapshot = || {
+        ok(
+            &deis_backup(
+                &agent.token_file,
+                &[
+                    "snapshot",
+                    "--json",
+                    "--no-buckets",
+                    "--etcd",
+                    src.etcd_endpoints(),
+                    "--agent",
+                    &agent.address,
+                    "-r",
+                    &r,
+                ],
+            ),
+            "snapshot",
+        )
+    };
+    let store_part = |snap: &Value| {
+        snap["manifest"]["parts"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|k| k.starts_with("store/"))
+            .unwrap()
+            .clone()
+    };
+
+    let first = snapshot();
+    let id1 = snapshot_id(&first);
+    let name = store_part(&first);
+    let (db1, db1_info) = part(&first, "database/pg_dumpall.sql.zst");
+    let (st1, st1_info) = part(&first, &name);
+    assert!(
+        db1_info["state"].as_str().unwrap().contains("wal="),
+        "{db1_info}"
+    );
+    assert!(db1_info.get("taken-in").is_none());
+    let segs1 = st1["segments"].as_array().unwrap();
+    assert!(segs1.len() >= 5, "three big files and the rest: {st1}");
+    assert!(
+        segs1.iter().all(|s| s["fingerprint"].is_string()),
+        "a settled tree is fingerprinted throughout: {st1}"
+    );
+    assert_eq!(st1_info["segments-reused"], 0);
+
+    // Nothing changed: the dump and every segment are carried over, nothing is read again.
+    let second = snapshot();
+    let (db2, db2_info) = part(&second, "database/pg_dumpall.sql.zst");
+    let (st2, st2_info) = part(&second, &name);
+    assert_eq!(db2["sha256"], db1["sha256"]);
+    assert_eq!(
+        db2_info["taken-in"].as_str(),
+        Some(id1.as_str()),
+        "{db2_info}"
+    );
+    assert_eq!(db2_info["state"], db1_info["state"]);
+    assert_eq!(st2["segments"], st1["segments"]);
+    assert_eq!(
+        st2_info["segments-reused"].as_u64(),
+        Some(segs1.len() as u64)
+    );
+
+    // A row and a file change: the dump is taken again, and only the changed file's segment (and
+    // at most its neighbour) is sent.
+    psql(
+        src.database_container(),
+        "UPDATE items SET name = 'changed after snapshot two' WHERE id = 500;",
+    );
+    std::fs::write(store.join("logs/app-200.log"), "rewritten\n").unwrap();
+    let third = snapshot();
+    let id3 = snapshot_id(&third);
+    let (db3, db3_info) = part(&third, "database/pg_dumpall.sql.zst");
+    let (st3, st3_info) = part(&third, &name);
+    assert_ne!(db3["sha256"], db1["sha256"]);
+    assert!(db3_info.get("taken-in").is_none(), "{db3_info}");
+    assert_ne!(db3_info["state"], db1_info["state"]);
+    let segs3 = st3["segments"].as_array().unwrap().len() as u64;
+    let reused3 = st3_info["segments-reused"].as_u64().unwrap();
+    assert!(
+        reused3 + 2 >= segs3 && reused3 < segs3,
+        "{reused3} of {segs3} reused"
+    );
+    ok(
+        &deis_backup(
+            &agent.token_file,
+            &["verify", &id3, "--read-data", "-r", &r],
+        ),
+        "verify",
+    );
+
+    // The third snapshot restores to the changed tree and rows: reused and new segments together.
+    let fresh = Fresh::new();
+    ok(&fresh.restore(&repo, &id3, &["--database-sql"]), "restore");
+    assert_eq!(
+        support::tree(&fresh.target.store_dir()),
+        support::tree(&store),
+        "the restored store differs"
+    );
+    let restored = support::pg_dumpall(fresh.target.database_container());
+    assert!(restored.contains("changed after snapshot two"));
+    assert_eq!(
+        support::comparable_dump(&restored),
+        support::comparable_dump(&support::pg_dumpall(src.database_container()))
+    );
+
+    // --full takes everything afresh.
+    let full = ok(
+        &deis_backup(
+            &agent.token_file,
+            &[
+                "snapshot",
+                "--json",
+                "--no-buckets",
+                "--full",
+                "--etcd",
+                src.etcd_endpoints(),
+                "--agent",
+                &agent.address,
+                "-r",
+                &r,
+            ],
+        ),
+        "full snapshot",
+    );
+    let (_, full_db) = part(&full, "database/pg_dumpall.sql.zst");
+    let (_, full_st) = part(&full, &name);
+    assert!(full_db.get("taken-in").is_none());
+    assert_eq!(full_st["segments-reused"], 0);
+}

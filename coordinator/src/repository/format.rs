@@ -37,7 +37,8 @@ pub struct RepositoryConfig {
     pub created: String,
 }
 
-/// A snapshot's name: `YYYYMMDDTHHMMSSZ-xxxx`, sortable by time; only `[A-Za-z0-9._-]`.
+/// A snapshot's name: `YYYYMMDDTHHMMSS.mmmZ-xxxx` (UTC start time to the millisecond, a random
+/// suffix), sortable by time; only `[A-Za-z0-9._-]`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SnapshotId(String);
@@ -46,7 +47,9 @@ impl SnapshotId {
     /// A new id from the current UTC time and a random suffix.
     pub fn generate() -> Self {
         let now = time::OffsetDateTime::now_utc();
-        let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+        let fmt = time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second].[subsecond digits:3]Z"
+        );
         let stamp = now.format(&fmt).expect("a UTC time formats");
         Self(format!("{stamp}-{:04x}", fastrand::u16(..)))
     }
@@ -333,7 +336,7 @@ mod tests {
     fn ids_are_safe_and_sortable() {
         let a = SnapshotId::generate();
         assert!(safe_name(a.as_str()), "{a}");
-        assert_eq!(a.as_str().len(), "20261124T233000Z-abcd".len());
+        assert_eq!(a.as_str().len(), "20261124T233000.123Z-abcd".len());
         assert!("../x".parse::<SnapshotId>().is_err());
         assert!("a/b".parse::<SnapshotId>().is_err());
         assert!("".parse::<SnapshotId>().is_err());
