@@ -101,4 +101,15 @@ echo "|---|---|---|---|"
 echo "| first snapshot | $(secs "$p1") | $(secs "$o1") | $(ratio "$p1" "$o1") |"
 echo "| nothing changed | $(secs "$p2") | $(secs "$o2") | $(ratio "$p2" "$o2") |"
 echo
-echo "The unchanged deis-backup run downloaded $downloaded of $objects objects."
+echo "The unchanged deis-backup run downloaded $downloaded of $objects objects; $(python3 - "$W/ours.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))["manifest"]
+info, parts = m["part-info"], m["parts"]
+db = info.get("database/pg_dumpall.sql.zst", {})
+out = ["the database dump was " + ("reused (state unchanged)" if "taken-in" in db else "taken again")]
+for name, p in parts.items():
+    if name.startswith("store/"):
+        out.append(f"{info[name].get('segments-reused', 0)} of {len(p['segments'])} store segments reused")
+print("; ".join(out) + ".")
+PY
+)"
