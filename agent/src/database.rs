@@ -50,26 +50,21 @@ SELECT 'started=' || extract(epoch FROM pg_postmaster_start_time()) || ' wal=' |
 || ' version=' || current_setting('server_version_num');
 ";
 
+/// Starts `psql` as `postgres` on database `postgres` in `container`, reading SQL from stdin and
+/// stopping at the first error, with `extra` options.
+async fn psql(engine: &Engine, container: &str, extra: &[&str]) -> Result<crate::container::Exec> {
+    let argv: Vec<String> = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+        .iter()
+        .chain(extra)
+        .chain(&["-d", "postgres", "-f", "-"])
+        .map(|s| (*s).to_owned())
+        .collect();
+    engine.exec(container, Some("postgres"), &argv, true).await
+}
+
 /// The database state (server start, WAL position, next transaction id) of `container`.
 pub async fn state(engine: &Engine, container: &str) -> Result<String> {
-    let argv: Vec<String> = [
-        "psql",
-        "-X",
-        "-A",
-        "-t",
-        "-q",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-d",
-        "postgres",
-        "-f",
-        "-",
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut exec = engine
-        .exec(container, Some("postgres"), &argv, true)
-        .await?;
+    let mut exec = psql(engine, container, &["-A", "-t"]).await?;
     let mut input = exec.input;
     let feeder = tokio::spawn(async move {
         input.write_all(STATE_SQL.as_bytes()).await?;
@@ -322,22 +317,7 @@ pub async fn restore(
     broken: Arc<AtomicBool>,
 ) -> Result<RestoreDatabaseReply> {
     let start = Instant::now();
-    let argv: Vec<String> = [
-        "psql",
-        "-X",
-        "-q",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-d",
-        "postgres",
-        "-f",
-        "-",
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut exec = engine
-        .exec(container, Some("postgres"), &argv, true)
-        .await?;
+    let mut exec = psql(engine, container, &[]).await?;
     let lines = Arc::new(Mutex::new(Lines::default()));
     let (sql_tx, mut sql_rx) = mpsc::channel::<Bytes>(8);
     let inflater = {

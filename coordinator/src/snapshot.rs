@@ -18,7 +18,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use deis_backup_proto::v1::chunk::Kind;
-use deis_backup_proto::v1::{ArchiveStoreRequest, DumpDatabaseRequest, RunHookRequest, Trailer};
+use deis_backup_proto::v1::{
+    ArchiveStoreRequest, DumpDatabaseRequest, RunHookRequest, SegmentEnd, Trailer,
+};
 use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 
@@ -465,8 +467,11 @@ async fn dump_database(
         .await
         .map_err(|s| agents::status_error(agent, "DumpDatabase", &s))?
         .into_inner();
-    let (blob, trailer) =
-        pull(agent, "DumpDatabase", DATABASE_PART, stream, repo, progress).await?;
+    let pulled = pull(agent, "DumpDatabase", DATABASE_PART, stream, repo, progress).await?;
+    if !pulled.segments.is_empty() {
+        return Err(malformed(agent, "DumpDatabase"));
+    }
+    let (blob, trailer) = (pulled.rest, pulled.trailer);
     let state = (!trailer.state.is_empty()).then(|| trailer.state.clone());
     let mut info = PartInfo {
         source: format!("agent {} pg_dumpall", agent.host_id),
@@ -500,7 +505,7 @@ async fn archive_store(
     let empty = HashMap::new();
     let reusable = reusable.unwrap_or(&empty);
     let mut c = agent.client.clone();
-    let mut stream = c
+    let stream = c
         .archive_store(ArchiveStoreRequest {
             path: task.path.clone(),
             zstd_level: level,
@@ -510,51 +515,26 @@ async fn archive_store(
         .map_err(|s| agents::status_error(agent, "ArchiveStore", &s))?
         .into_inner();
     let call = "ArchiveStore";
-    let mut segments = Vec::new();
+    let pulled = pull(agent, call, &task.part, stream, repo, progress).await?;
+    let trailer = pulled.trailer;
+    let mut segments = Vec::with_capacity(pulled.segments.len());
     let mut reused = 0u64;
-    let mut writer = None;
-    let mut trailer = None;
-    while let Some(chunk) = stream
-        .message()
-        .await
-        .map_err(|s| agents::status_error(agent, call, &s))?
-    {
-        match (chunk.kind, &trailer) {
-            (Some(Kind::Data(data)), None) => {
-                if writer.is_none() {
-                    writer = Some(repo.blob_writer().await?);
-                }
-                let w = writer.as_mut().expect("just made");
-                w.write(&data).await?;
-                progress.part_bytes(&task.part, data.len() as u64);
-            }
-            (Some(Kind::SegmentEnd(end)), None) if end.reused => {
-                let seg = reusable
-                    .get(&end.fingerprint)
-                    .filter(|_| writer.is_none())
-                    .ok_or_else(|| malformed(agent, call))?;
-                segments.push(seg.clone());
-                reused += 1;
-            }
-            (Some(Kind::SegmentEnd(end)), None) => {
-                let w = writer.take().ok_or_else(|| malformed(agent, call))?;
-                let stored = w.finish().await?;
-                check_digest(agent, call, &stored.blob, end.compressed_bytes, &end.sha256)?;
-                segments.push(SegmentRef {
-                    sha256: stored.blob.sha256,
-                    size: stored.blob.size,
-                    fingerprint: (!end.fingerprint.is_empty())
-                        .then(|| hex::encode(&end.fingerprint)),
-                });
-            }
-            (Some(Kind::Trailer(t)), None) => trailer = Some(t),
-            _ => return Err(malformed(agent, call)),
+    for (end, blob) in pulled.segments {
+        if let Some(blob) = blob {
+            segments.push(SegmentRef {
+                sha256: blob.sha256,
+                size: blob.size,
+                fingerprint: (!end.fingerprint.is_empty()).then(|| hex::encode(&end.fingerprint)),
+            });
+        } else {
+            let seg = reusable
+                .get(&end.fingerprint)
+                .ok_or_else(|| malformed(agent, call))?;
+            segments.push(seg.clone());
+            reused += 1;
         }
     }
-    let Some(trailer) = trailer else {
-        return Err(incomplete(agent, call));
-    };
-    if writer.is_some() || segments.is_empty() || trailer.segments != segments.len() as u64 {
+    if pulled.rest.is_some() || segments.is_empty() || trailer.segments != segments.len() as u64 {
         return Err(malformed(agent, call));
     }
     Ok((
@@ -609,8 +589,18 @@ fn check_digest(agent: &Agent, call: &str, got: &BlobRef, size: u64, sha256: &[u
     )))
 }
 
-/// Reads a single-stream download (the dump) into a blob and checks it against the stream's
-/// trailer; no blob when the stream carried no data.
+/// What a download stream delivered.
+struct Pulled {
+    /// One entry per SegmentEnd, in order: the end and the blob of the data sent before it (checked
+    /// against the end's size and sha256), or no blob for a segment the agent reused.
+    segments: Vec<(SegmentEnd, Option<BlobRef>)>,
+    /// Data after the last SegmentEnd: a dump's whole stream, checked against the trailer.
+    rest: Option<BlobRef>,
+    trailer: Trailer,
+}
+
+/// Reads a download stream into blobs (one per sent segment, one for the data after the last
+/// segment) and checks each against what the agent announced.
 async fn pull(
     agent: &Agent,
     call: &str,
@@ -618,7 +608,8 @@ async fn pull(
     mut stream: tonic::Streaming<deis_backup_proto::v1::Chunk>,
     repo: &Repository,
     progress: &dyn Progress,
-) -> Result<(Option<BlobRef>, Trailer)> {
+) -> Result<Pulled> {
+    let mut segments = Vec::new();
     let mut writer = None;
     let mut trailer = None;
     while let Some(chunk) = stream
@@ -634,6 +625,18 @@ async fn pull(
                 writer.as_mut().expect("just made").write(&data).await?;
                 progress.part_bytes(part, data.len() as u64);
             }
+            (Some(Kind::SegmentEnd(end)), None) => {
+                let blob = match (writer.take(), end.reused) {
+                    (None, true) => None,
+                    (Some(w), false) => {
+                        let stored = w.finish().await?;
+                        check_digest(agent, call, &stored.blob, end.compressed_bytes, &end.sha256)?;
+                        Some(stored.blob)
+                    }
+                    _ => return Err(malformed(agent, call)),
+                };
+                segments.push((end, blob));
+            }
             (Some(Kind::Trailer(t)), None) => trailer = Some(t),
             _ => return Err(malformed(agent, call)),
         }
@@ -641,18 +644,25 @@ async fn pull(
     let Some(trailer) = trailer else {
         return Err(incomplete(agent, call));
     };
-    let Some(w) = writer else {
-        return Ok((None, trailer));
+    let rest = match writer {
+        Some(w) => {
+            let stored = w.finish().await?;
+            check_digest(
+                agent,
+                call,
+                &stored.blob,
+                trailer.compressed_bytes,
+                &trailer.sha256,
+            )?;
+            Some(stored.blob)
+        }
+        None => None,
     };
-    let stored = w.finish().await?;
-    check_digest(
-        agent,
-        call,
-        &stored.blob,
-        trailer.compressed_bytes,
-        &trailer.sha256,
-    )?;
-    Ok((Some(stored.blob), trailer))
+    Ok(Pulled {
+        segments,
+        rest,
+        trailer,
+    })
 }
 
 async fn run_hook(agent: &Agent, hook: &str) -> Result<()> {
