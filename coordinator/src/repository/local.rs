@@ -3,8 +3,10 @@
 //! Owns: the mapping of repository names to files under the root, and the staging directory
 //! `<root>/tmp/`.
 //! Invariants:
-//! - Staging is inside the root, so storing a staged file is one `rename` (atomic); small files
-//!   are written to staging, flushed to disk, then renamed.
+//! - Staging is inside the root, so storing a staged file is one link (atomic); small files are
+//!   written to staging, then renamed. Nothing is flushed file by file: [`Backend::sync`] flushes
+//!   the whole file system once (`syncfs`), which costs one disk flush per snapshot instead of
+//!   one per blob.
 //! - Names are `/`-separated relative paths without `..`; nothing is written outside the root.
 
 use std::io::ErrorKind as IoKind;
@@ -88,20 +90,26 @@ impl Backend for LocalBackend {
         }
     }
 
-    async fn put_file(&self, name: &str, file: &Path, _size: u64) -> Result<bool> {
+    async fn put_file(&self, name: &str, file: &Path, size: u64) -> Result<bool> {
         let dest = self.path(name)?;
         parent_dir(&dest).await?;
         // A hard link, not a rename: it fails when `dest` exists, so of two writers of the same
-        // content-addressed name exactly one learns it created it.
+        // content-addressed name exactly one learns it created it. One of the wrong size (cut
+        // short by a crash before it was flushed) is replaced.
+        let what = || format!("link {} to {}", file.display(), dest.display());
         let created = match tokio::fs::hard_link(file, &dest).await {
             Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("link {} to {}", file.display(), dest.display()),
-                    &e,
-                ));
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if self.size(name).await? == Some(size) {
+                    false
+                } else {
+                    tokio::fs::rename(file, &dest)
+                        .await
+                        .map_err(|e| Error::io(what(), &e))?;
+                    return Ok(true);
+                }
             }
+            Err(e) => return Err(Error::io(what(), &e)),
         };
         if let Err(e) = tokio::fs::remove_file(file).await {
             tracing::debug!("removing staged {}: {e}", file.display());
@@ -124,10 +132,20 @@ impl Backend for LocalBackend {
                 .tempfile_in(&staging)
                 .map_err(|e| Error::io(&what, &e))?;
             tmp.write_all(&data).map_err(|e| Error::io(&what, &e))?;
-            tmp.as_file().sync_all().map_err(|e| Error::io(&what, &e))?;
             match tmp.persist_noclobber(&dest) {
                 Ok(_) => Ok(true),
-                Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // Kept if whole; replaced if cut short by a crash before it was flushed.
+                    let there = std::fs::metadata(&dest).map_err(|e| Error::io(&what, &e))?;
+                    if there.len() == data.len() as u64 {
+                        Ok(false)
+                    } else {
+                        e.file
+                            .persist(&dest)
+                            .map_err(|e| Error::io(&what, &e.error))?;
+                        Ok(true)
+                    }
+                }
                 Err(e) => Err(Error::io(&what, &e.error)),
             }
         })
@@ -215,4 +233,28 @@ impl Backend for LocalBackend {
         }
         Ok(())
     }
+
+    async fn sync(&self) -> Result<()> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let what = format!("flush {} to disk", root.display());
+            let dir = std::fs::File::open(&root).map_err(|e| Error::io(&what, &e))?;
+            sync_file_system(&dir).map_err(|e| Error::io(&what, &e))
+        })
+        .await
+        .map_err(|e| Error::repository(format!("flush task failed: {e}")))?
+    }
+}
+
+/// Flushes the file system holding `dir` (Linux: `syncfs`, which also reports write-back errors).
+#[cfg(target_os = "linux")]
+fn sync_file_system(dir: &std::fs::File) -> std::io::Result<()> {
+    rustix::fs::syncfs(dir).map_err(std::io::Error::from)
+}
+
+/// Flushes every file system (no `syncfs` here), then the directory itself.
+#[cfg(not(target_os = "linux"))]
+fn sync_file_system(dir: &std::fs::File) -> std::io::Result<()> {
+    rustix::fs::sync();
+    dir.sync_all()
 }
