@@ -136,6 +136,27 @@ impl<W: Write> Write for Counting<W> {
 /// memory well under 64 MiB with a few workers, at a negligible cost in ratio.
 const ZSTD_JOB_BYTES: u32 = 1 << 20;
 
+/// A zstd compression context at `level` with `workers` compression threads besides the caller's
+/// (0 = compress on the caller's thread), with a content checksum. One context writes many frames
+/// in turn ([`zstd::Encoder::with_context`]), keeping its threads and buffers between them.
+pub fn compression_context(level: i32, workers: u32) -> io::Result<zstd::zstd_safe::CCtx<'static>> {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    let mut cctx = CCtx::try_create()
+        .ok_or_else(|| io::Error::other("zstd could not allocate a compression context"))?;
+    let set = |cctx: &mut CCtx<'static>, p: CParameter| {
+        cctx.set_parameter(p)
+            .map(|_| ())
+            .map_err(|code| io::Error::other(zstd::zstd_safe::get_error_name(code)))
+    };
+    set(&mut cctx, CParameter::CompressionLevel(level))?;
+    set(&mut cctx, CParameter::ChecksumFlag(true))?;
+    if workers > 0 {
+        set(&mut cctx, CParameter::NbWorkers(workers))?;
+        set(&mut cctx, CParameter::JobSize(ZSTD_JOB_BYTES))?;
+    }
+    Ok(cctx)
+}
+
 /// A zstd encoder at `level` with `workers` compression threads besides the caller's (0 = compress
 /// on the caller's thread), with a content checksum.
 pub fn encoder<W: Write>(

@@ -37,7 +37,7 @@ use deis_backup_proto::v1::{
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
-use crate::chunks::{ChunkSink, ChunkTx, Counting, encoder};
+use crate::chunks::{ChunkSink, ChunkTx, Counting, compression_context};
 use crate::error::{Error, Result};
 
 /// Largest value an ustar octal size field holds (11 octal digits).
@@ -305,8 +305,8 @@ fn append(
 /// Turns listed segments into segment frames (or reuse notices) on the caller's stream.
 struct Segments {
     sink: Option<ChunkSink>,
-    level: i32,
-    workers: u32,
+    /// One compression context for every segment: its worker threads and buffers are set up once.
+    cctx: Option<zstd::zstd_safe::CCtx<'static>>,
     reusable: HashSet<Vec<u8>>,
     counts: StoreCounts,
     warnings: Vec<Warning>,
@@ -362,7 +362,11 @@ impl Segments {
             }));
         }
         let sink = self.sink.take().expect("the sink is back between segments");
-        let enc = encoder(sink, self.level, self.workers)?;
+        let mut cctx = self
+            .cctx
+            .take()
+            .expect("the context is back between segments");
+        let enc = zstd::Encoder::with_context(sink, &mut cctx);
         let mut w = BufWriter::with_capacity(WRITE_BUFFER, Counting::new(enc));
         for e in entries {
             self.entry(&mut w, e)?;
@@ -370,11 +374,14 @@ impl Segments {
         if end {
             w.write_all(&[0u8; 1024])?;
         }
-        let counting = w.into_inner().map_err(io::IntoInnerError::into_error)?;
-        self.raw += counting.count;
-        let mut sink = counting.inner.finish()?;
+        let Counting {
+            inner: enc,
+            count: raw_bytes,
+        } = w.into_inner().map_err(io::IntoInnerError::into_error)?;
+        self.raw += raw_bytes;
+        let mut sink = enc.finish()?;
+        self.cctx = Some(cctx);
         let (compressed, sha) = sink.end_segment()?;
-        let raw_bytes = counting.count;
         sink.send(chunk::Kind::SegmentEnd(SegmentEnd {
             fingerprint: fp,
             reused: false,
@@ -759,8 +766,7 @@ pub fn archive(root: &Path, opts: Options, tx: ChunkTx) -> Result<Trailer> {
     };
     let mut out = Segments {
         sink: Some(ChunkSink::new(tx)),
-        level: opts.level,
-        workers: opts.workers,
+        cctx: Some(compression_context(opts.level, opts.workers).map_err(failed)?),
         reusable: opts.reusable,
         counts: StoreCounts::default(),
         warnings: Vec::new(),
