@@ -1769,30 +1769,22 @@ mod tests {
     fn original_part_sizes_are_inferred_from_multipart_etags() {
         let md5 = "0123456789abcdef0123456789abcdef";
         let mib = 1024 * 1024;
-        // boto3's 8 MiB parts: 12.5 MiB in 2 parts, 40 MiB in 5.
-        assert_eq!(
-            original_part_size(12 * mib + mib / 2, &format!("{md5}-2")),
-            Some(8 * mib)
-        );
-        assert_eq!(
-            original_part_size(40 * mib, &format!("{md5}-5")),
-            Some(8 * mib)
-        );
-        // 5 MiB parts where 8 MiB would give fewer: 12 MiB in 3 parts.
-        assert_eq!(
-            original_part_size(12 * mib, &format!("{md5}-3")),
-            Some(5 * mib)
-        );
-        // s3cmd's 15 MiB: 40 MiB in 3 parts (8 MiB gives 5, 5 MiB gives 8).
-        assert_eq!(
-            original_part_size(40 * mib, &format!("{md5}-3")),
-            Some(15 * mib)
-        );
-        // No usual size fits: the smallest whole MiB that gives the count.
-        assert_eq!(
-            original_part_size(1000 * mib, &format!("{md5}-7")),
-            Some(143 * mib)
-        );
+        // (object size, parts in the ETag, part size expected)
+        let cases = [
+            // boto3's 8 MiB parts: 12.5 MiB in 2 parts, 40 MiB in 5.
+            (12 * mib + mib / 2, 2, 8 * mib),
+            (40 * mib, 5, 8 * mib),
+            // 5 MiB parts where 8 MiB would give fewer: 12 MiB in 3 parts.
+            (12 * mib, 3, 5 * mib),
+            // s3cmd's 15 MiB: 40 MiB in 3 parts (8 MiB gives 5, 5 MiB gives 8).
+            (40 * mib, 3, 15 * mib),
+            // No usual size fits: the smallest whole MiB that gives the count.
+            (1000 * mib, 7, 143 * mib),
+        ];
+        for (size, parts, want) in cases {
+            let etag = format!("{md5}-{parts}");
+            assert_eq!(original_part_size(size, &etag), Some(want), "{size} {etag}");
+        }
         // One part is the whole object.
         assert_eq!(original_part_size(3, &format!("{md5}-1")), Some(3));
         // Single PUTs and nonsense have none.
