@@ -136,40 +136,46 @@ impl<W: Write> Write for Counting<W> {
 /// memory well under 64 MiB with a few workers, at a negligible cost in ratio.
 const ZSTD_JOB_BYTES: u32 = 1 << 20;
 
-/// A zstd compression context at `level` with `workers` compression threads besides the caller's
-/// (0 = compress on the caller's thread), with a content checksum. One context writes many frames
-/// in turn ([`zstd::Encoder::with_context`]), keeping its threads and buffers between them.
-pub fn compression_context(level: i32, workers: u32) -> io::Result<zstd::zstd_safe::CCtx<'static>> {
-    use zstd::zstd_safe::{CCtx, CParameter};
-    let mut cctx = CCtx::try_create()
-        .ok_or_else(|| io::Error::other("zstd could not allocate a compression context"))?;
-    let set = |cctx: &mut CCtx<'static>, p: CParameter| {
-        cctx.set_parameter(p)
-            .map(|_| ())
-            .map_err(|code| io::Error::other(zstd::zstd_safe::get_error_name(code)))
-    };
-    set(&mut cctx, CParameter::CompressionLevel(level))?;
-    set(&mut cctx, CParameter::ChecksumFlag(true))?;
+/// The agent's zstd settings: `level`, a content checksum, and with `workers` > 0 that many
+/// compression threads besides the caller's, in jobs of [`ZSTD_JOB_BYTES`].
+fn zstd_parameters(level: i32, workers: u32) -> Vec<zstd::zstd_safe::CParameter> {
+    use zstd::zstd_safe::CParameter;
+    let mut p = vec![
+        CParameter::CompressionLevel(level),
+        CParameter::ChecksumFlag(true),
+    ];
     if workers > 0 {
-        set(&mut cctx, CParameter::NbWorkers(workers))?;
-        set(&mut cctx, CParameter::JobSize(ZSTD_JOB_BYTES))?;
+        p.extend([
+            CParameter::NbWorkers(workers),
+            CParameter::JobSize(ZSTD_JOB_BYTES),
+        ]);
+    }
+    p
+}
+
+/// A zstd compression context with the agent's settings ([`zstd_parameters`]). One context writes
+/// many frames in turn ([`zstd::Encoder::with_context`]), keeping its threads and buffers between
+/// them.
+pub fn compression_context(level: i32, workers: u32) -> io::Result<zstd::zstd_safe::CCtx<'static>> {
+    let mut cctx = zstd::zstd_safe::CCtx::try_create()
+        .ok_or_else(|| io::Error::other("zstd could not allocate a compression context"))?;
+    for p in zstd_parameters(level, workers) {
+        cctx.set_parameter(p)
+            .map_err(|code| io::Error::other(zstd::zstd_safe::get_error_name(code)))?;
     }
     Ok(cctx)
 }
 
-/// A zstd encoder at `level` with `workers` compression threads besides the caller's (0 = compress
-/// on the caller's thread), with a content checksum.
+/// A zstd encoder of one stream with the agent's settings ([`zstd_parameters`]).
 pub fn encoder<W: Write>(
     inner: W,
     level: i32,
     workers: u32,
 ) -> io::Result<zstd::Encoder<'static, W>> {
     let mut enc = zstd::Encoder::new(inner, level)?;
-    if workers > 0 {
-        enc.multithread(workers)?;
-        enc.set_parameter(zstd::zstd_safe::CParameter::JobSize(ZSTD_JOB_BYTES))?;
+    for p in zstd_parameters(level, workers) {
+        enc.set_parameter(p)?;
     }
-    enc.include_checksum(true)?;
     Ok(enc)
 }
 

@@ -42,7 +42,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use base64::Engine as _;
 use md5::{Digest as _, Md5};
 use serde::{Deserialize, Deserializer, Serialize};
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+use tokio::io::AsyncSeekExt as _;
 
 use crate::error::{Error, ErrorKind, Result};
 use load::{Bandwidth, Limiter};
@@ -685,15 +685,22 @@ pub fn original_part_size(size: u64, etag: &str) -> Option<u64> {
         .or_else(|| Some(size.div_ceil(parts)).filter(|&p| gives(p)))
 }
 
-/// SHA-256 of the first `len` bytes of `path` and, with `md5`, their MD5, in one read.
-async fn digest_file(path: &Path, len: u64, md5: bool) -> Result<(Option<[u8; 16]>, [u8; 32])> {
-    use sha2::Sha256;
-    use std::io::Read as _;
+/// Feeds `len` bytes of `path` from `offset` to `fold` (on a blocking thread) and returns its
+/// state; the one reader behind every hash of a local file here.
+async fn fold_range<S: Send + 'static>(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    mut state: S,
+    fold: fn(&mut S, &[u8]),
+) -> Result<S> {
+    use std::io::{Read as _, Seek as _};
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
         let what = format!("read {}", path.display());
         let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&what, &e))?;
-        let (mut m, mut h) = (md5.then(Md5::new), Sha256::new());
+        f.seek(std::io::SeekFrom::Start(offset))
+            .map_err(|e| Error::io(&what, &e))?;
         let mut buf = vec![0u8; 1024 * 1024];
         let mut left = len;
         while left > 0 {
@@ -702,44 +709,36 @@ async fn digest_file(path: &Path, len: u64, md5: bool) -> Result<(Option<[u8; 16
             if n == 0 {
                 return Err(Error::integrity(format!("{what}: shorter than recorded")));
             }
-            if let Some(m) = &mut m {
-                m.update(&buf[..n]);
-            }
-            h.update(&buf[..n]);
+            fold(&mut state, &buf[..n]);
             left -= n as u64;
         }
-        Ok((m.map(|m| m.finalize().into()), h.finalize().into()))
+        Ok(state)
     })
     .await
     .map_err(|e| Error::repository(format!("hashing task failed: {e}")))?
 }
 
+/// SHA-256 of the first `len` bytes of `path` and, with `md5`, their MD5, in one read.
+async fn digest_file(path: &Path, len: u64, md5: bool) -> Result<(Option<[u8; 16]>, [u8; 32])> {
+    let (m, h) = fold_range(
+        path,
+        0,
+        len,
+        (md5.then(Md5::new), sha2::Sha256::new()),
+        |(m, h), b| {
+            if let Some(m) = m {
+                m.update(b);
+            }
+            h.update(b);
+        },
+    )
+    .await?;
+    Ok((m.map(|m| m.finalize().into()), h.finalize().into()))
+}
+
 /// MD5 of `len` bytes of `path` from `offset`.
 async fn md5_of_range(path: &Path, offset: u64, len: u64) -> Result<[u8; 16]> {
-    let mut f = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| Error::io(format!("open {}", path.display()), &e))?;
-    f.seek(std::io::SeekFrom::Start(offset))
-        .await
-        .map_err(|e| Error::io(format!("seek {}", path.display()), &e))?;
-    let mut h = Md5::new();
-    let mut left = len;
-    let mut buf = vec![0u8; 256 * 1024];
-    while left > 0 {
-        let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-        let n = f
-            .read(&mut buf[..want])
-            .await
-            .map_err(|e| Error::io(format!("read {}", path.display()), &e))?;
-        if n == 0 {
-            return Err(Error::integrity(format!(
-                "{} is shorter than recorded",
-                path.display()
-            )));
-        }
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
+    let h = fold_range(path, offset, len, Md5::new(), |h, b| h.update(b)).await?;
     Ok(h.finalize().into())
 }
 

@@ -734,18 +734,7 @@ async fn agent_describes_its_host_store_and_containers() {
 }
 
 fn psql(container: &str, sql: &str) -> String {
-    let out = Command::new("docker")
-        .args([
-            "exec", "-u", "postgres", container, "psql", "-X", "-At", "-d", "postgres", "-c", sql,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    support::psql(container, "postgres", sql).unwrap()
 }
 
 async fn restore_sql(
@@ -794,24 +783,9 @@ async fn agent_restores_sql_and_names_the_failing_line() {
         &format!("SELECT count(*) FROM pg_database WHERE datname = '{db}'"),
     );
     if count == "1" {
-        let rows = Command::new("docker")
-            .args([
-                "exec",
-                "-u",
-                "postgres",
-                container,
-                "psql",
-                "-X",
-                "-At",
-                "-d",
-                &db,
-                "-c",
-                "SELECT count(*) FROM t",
-            ])
-            .output()
-            .unwrap();
+        let rows = support::psql(container, &db, "SELECT count(*) FROM t");
         psql(container, &format!("DROP DATABASE {db} WITH (FORCE)"));
-        assert_eq!(String::from_utf8_lossy(&rows.stdout).trim(), "5000");
+        assert_eq!(rows, Ok("5000".to_owned()));
     }
     let reply = result.unwrap();
     assert_eq!(reply.raw_bytes, sql.len() as u64);

@@ -689,27 +689,6 @@ async fn the_agent_image_carries_the_coordinator_the_fleet_unit_runs() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("--pre-hook"));
 }
 
-/// Runs `sql` in the database container as `postgres`.
-fn psql(container: &str, sql: &str) {
-    let out = Command::new("docker")
-        .args([
-            "exec",
-            "-u",
-            "postgres",
-            container,
-            "psql",
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "psql {sql}: {}", stderr(&out));
-}
-
 /// A part of a snapshot's manifest as `deis-backup snapshot --json` printed it.
 fn part<'a>(snap: &'a Value, name: &str) -> (&'a Value, &'a Value) {
     let m = &snap["manifest"];
@@ -720,13 +699,7 @@ fn part<'a>(snap: &'a Value, name: &str) -> (&'a Value, &'a Value) {
 async fn unchanged_database_and_store_segments_are_reused_and_changes_taken_again() {
     let _g = cluster_lock().await;
     // A cluster of its own: its database and store change here without disturbing other tests.
-    let src = Target::up(&unique("inc"));
-    let agent = AgentContainer::up(
-        &format!("{}-agent", src.name),
-        src.etcd_endpoints(),
-        &src.store_dir(),
-        src.database_container(),
-    );
+    let Fresh { target: src, agent } = Fresh::new();
     let store = src.store_dir();
     for i in 0..3u8 {
         let data: Vec<u8> = (0..9u32 << 20)
@@ -742,11 +715,13 @@ async fn unchanged_database_and_store_segments_are_reused_and_changes_taken_agai
         )
         .unwrap();
     }
-    psql(
+    support::psql(
         src.database_container(),
+        "postgres",
         "CREATE TABLE items (id int PRIMARY KEY, name text); \
          INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g;",
-    );
+    )
+    .unwrap();
     // Entries changed in the last 5 s are not fingerprinted; let the new tree settle.
     tokio::time::sleep(Duration::from_secs(6)).await;
 
@@ -818,10 +793,12 @@ async fn unchanged_database_and_store_segments_are_reused_and_changes_taken_agai
 
     // A row and a file change: the dump is taken again, and only the changed file's segment (and
     // at most its neighbour) is sent.
-    psql(
+    support::psql(
         src.database_container(),
+        "postgres",
         "UPDATE items SET name = 'changed after snapshot two' WHERE id = 500;",
-    );
+    )
+    .unwrap();
     std::fs::write(store.join("logs/app-200.log"), "rewritten\n").unwrap();
     let third = snapshot();
     let id3 = snapshot_id(&third);

@@ -340,6 +340,37 @@ pub fn comparable_dump(dump: &str) -> Vec<&str> {
         .collect()
 }
 
+/// `sql` run by `psql` in `container` as postgres on database `db`: its unaligned, tuples-only
+/// output (trimmed), or its error output when it failed.
+pub fn psql(container: &str, db: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args([
+            "exec",
+            "-u",
+            "postgres",
+            container,
+            "psql",
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            db,
+            "-c",
+            sql,
+        ])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    } else {
+        Err(format!(
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
 /// `pg_dumpall` run in `container` as postgres, as the Deis docs run it.
 pub fn pg_dumpall(container: &str) -> String {
     let out = Command::new("docker")

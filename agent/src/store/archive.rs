@@ -432,7 +432,9 @@ impl Segments {
                     }
                     Ok(())
                 }
-                Some(Some(instead)) => {
+                // A link to the path that holds the data: the first one, or the one standing in.
+                found => {
+                    let target = found.flatten().unwrap_or_else(|| first.clone());
                     let h = header(md, EntryType::Link, 0, &mut pax);
                     self.counts.hardlinks += 1;
                     append(
@@ -440,20 +442,7 @@ impl Segments {
                         &mut self.buf,
                         h,
                         &e.name,
-                        Some(&instead),
-                        pax,
-                        &mut io::empty(),
-                    )
-                }
-                None => {
-                    let h = header(md, EntryType::Link, 0, &mut pax);
-                    self.counts.hardlinks += 1;
-                    append(
-                        out,
-                        &mut self.buf,
-                        h,
-                        &e.name,
-                        Some(first),
+                        Some(&target),
                         pax,
                         &mut io::empty(),
                     )
