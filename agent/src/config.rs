@@ -101,9 +101,85 @@ pub struct Config {
     /// zstd worker threads for archives; 0 means one per CPU [default: 0].
     #[arg(long)]
     pub zstd_workers: Option<u32>,
+    /// Serve plain HTTP/2 without TLS: the token then travels in clear and any caller that has it
+    /// is served. For a throwaway test network only; every start says so in the log.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// Restore the numeric owners an archive records, uid/gid 0 included [default: true].
+    #[arg(long)]
+    pub restore_owners: Option<bool>,
+    /// Keep the setuid/setgid bits an archive records [default: true].
+    #[arg(long)]
+    pub restore_setid: Option<bool>,
+    /// Create the device nodes an archive records [default: false: refused].
+    #[arg(long)]
+    pub allow_devices: Option<bool>,
+    /// Most bytes one store restore may unpack (tar bytes after decompression) [default: 4 TiB].
+    #[arg(long)]
+    pub max_restore_bytes: Option<u64>,
+    /// Highest zstd level a caller may ask for [default: 19].
+    #[arg(long)]
+    pub max_zstd_level: Option<i32>,
+    /// Largest zstd window, as log2 of bytes, a restore may need to decompress [default: 27].
+    #[arg(long)]
+    pub max_zstd_window_log: Option<u32>,
+    /// Serve RestoreDatabase, which runs the caller's SQL as the database superuser [default:
+    /// false].
+    #[arg(long)]
+    pub restore_database: Option<bool>,
+    /// Longest line RestoreDatabase accepts in the SQL, in bytes [default: 64 MiB].
+    #[arg(long)]
+    pub max_sql_line: Option<u64>,
+    /// Directory RestoreDatabase spools the SQL into before checking it [default: the system's
+    /// temporary directory].
+    #[arg(long)]
+    pub spool_dir: Option<PathBuf>,
+    /// Most connections served at once [default: 32].
+    #[arg(long)]
+    pub max_connections: Option<u32>,
+    /// Most concurrent calls on one connection [default: 16].
+    #[arg(long)]
+    pub max_streams: Option<u32>,
+    /// Seconds a connection may sit without a call before it is closed [default: 300].
+    #[arg(long)]
+    pub idle_timeout: Option<u64>,
     /// Hooks by name (config file only).
     #[arg(skip)]
     pub hooks: BTreeMap<String, Hook>,
+}
+
+/// What a store restore may do, from the agent's own configuration; the caller cannot widen it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestorePolicy {
+    /// Restore recorded numeric owners (uid/gid 0 included); otherwise files belong to the agent.
+    pub owners: bool,
+    /// Keep setuid/setgid bits; otherwise they are cleared.
+    pub setid: bool,
+    /// Create device nodes; otherwise an archive holding one is refused.
+    pub devices: bool,
+    /// Most tar bytes one restore may unpack.
+    pub max_bytes: u64,
+    /// Largest zstd window (log2 bytes) the decoder accepts.
+    pub max_window_log: u32,
+}
+
+/// What RestoreDatabase may do, from the agent's own configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseRestorePolicy {
+    /// Whether RestoreDatabase is served at all.
+    pub enabled: bool,
+    /// Longest SQL line accepted, in bytes.
+    pub max_line: u64,
+    /// Where the SQL is spooled before its digest is checked.
+    pub spool_dir: PathBuf,
+}
+
+/// Limits on the gRPC server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    pub max_connections: u32,
+    pub max_streams: u32,
+    pub idle_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -139,9 +215,22 @@ impl Config {
             docker,
             database_container,
             zstd_level,
-            zstd_workers
+            zstd_workers,
+            restore_owners,
+            restore_setid,
+            allow_devices,
+            max_restore_bytes,
+            max_zstd_level,
+            max_zstd_window_log,
+            restore_database,
+            max_sql_line,
+            spool_dir,
+            max_connections,
+            max_streams,
+            idle_timeout
         );
         self.no_register |= over.no_register;
+        self.insecure_plaintext |= over.insecure_plaintext;
         if !over.store_paths.is_empty() {
             self.store_paths = over.store_paths;
         }
@@ -214,7 +303,41 @@ impl Config {
     }
 
     pub fn zstd_level(&self) -> i32 {
-        self.zstd_level.unwrap_or(3)
+        self.zstd_level.unwrap_or(3).min(self.max_zstd_level())
+    }
+
+    /// The highest zstd level a caller may ask for.
+    pub fn max_zstd_level(&self) -> i32 {
+        self.max_zstd_level.unwrap_or(19).clamp(1, 22)
+    }
+
+    /// What a store restore may do.
+    pub fn restore_policy(&self) -> RestorePolicy {
+        RestorePolicy {
+            owners: self.restore_owners.unwrap_or(true),
+            setid: self.restore_setid.unwrap_or(true),
+            devices: self.allow_devices.unwrap_or(false),
+            max_bytes: self.max_restore_bytes.unwrap_or(4 << 40),
+            max_window_log: self.max_zstd_window_log.unwrap_or(27).clamp(10, 31),
+        }
+    }
+
+    /// What RestoreDatabase may do.
+    pub fn database_restore_policy(&self) -> DatabaseRestorePolicy {
+        DatabaseRestorePolicy {
+            enabled: self.restore_database.unwrap_or(false),
+            max_line: self.max_sql_line.unwrap_or(64 << 20),
+            spool_dir: self.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+        }
+    }
+
+    /// Limits on the gRPC server.
+    pub fn server_limits(&self) -> ServerLimits {
+        ServerLimits {
+            max_connections: self.max_connections.unwrap_or(32).max(1),
+            max_streams: self.max_streams.unwrap_or(16).max(1),
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout.unwrap_or(300).max(1)),
+        }
     }
 
     /// zstd worker threads (at least 1).

@@ -92,8 +92,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         platform_containers: config.platform_containers(),
         store_paths: config.store_paths(),
         zstd_level: config.zstd_level(),
+        max_zstd_level: config.max_zstd_level(),
         zstd_workers: config.zstd_workers(),
         hooks: config.hooks(),
+        restore: config.restore_policy(),
+        database_restore: config.database_restore_policy(),
     };
 
     // Restores stream into the agent: large HTTP/2 windows and frames, as for downloads on the

@@ -27,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::chunks::{ChannelReader, QUEUE_CHUNKS};
-use crate::config::Hook;
+use crate::config::{DatabaseRestorePolicy, Hook, RestorePolicy};
 use crate::container::Engine;
 use crate::error::{Error, Result};
 use crate::{database, hooks, store};
@@ -43,8 +43,12 @@ pub struct Settings {
     pub platform_containers: Vec<String>,
     pub store_paths: Vec<PathBuf>,
     pub zstd_level: i32,
+    /// The highest level a caller may ask for.
+    pub max_zstd_level: i32,
     pub zstd_workers: u32,
     pub hooks: BTreeMap<String, Hook>,
+    pub restore: RestorePolicy,
+    pub database_restore: DatabaseRestorePolicy,
 }
 
 /// The service implementation.
@@ -67,9 +71,12 @@ impl AgentService {
     fn level(&self, requested: i32) -> Result<i32> {
         match requested {
             0 => Ok(self.settings.zstd_level),
-            l if zstd::compression_level_range().contains(&l) => Ok(l),
+            l if (1..=self.settings.max_zstd_level).contains(&l) => Ok(l),
             l => Err(Error::BadRequest {
-                what: format!("zstd level {l} is out of range (1..=22, 0 for the agent's default)"),
+                what: format!(
+                    "zstd level {l} is out of range (1..={}, 0 for the agent's default)",
+                    self.settings.max_zstd_level
+                ),
             }),
         }
     }
@@ -234,7 +241,7 @@ impl agent_server::Agent for AgentService {
         });
         let opts = store::restore::Options {
             overwrite: header.overwrite,
-            allow_devices: header.allow_devices,
+            allow_devices: self.settings.restore.devices,
             segments: header
                 .segments
                 .into_iter()

@@ -401,7 +401,6 @@ async fn restore_store(
         kind: Some(StoreKind::Header(RestoreStoreHeader {
             path: info.path.clone().unwrap_or_default(),
             overwrite,
-            allow_devices: false,
             segments: blobs
                 .iter()
                 .map(|b| Digest {

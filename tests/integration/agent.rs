@@ -276,7 +276,6 @@ async fn restore_store(
         kind: Some(restore_store_request::Kind::Header(RestoreStoreHeader {
             path: path.display().to_string(),
             overwrite,
-            allow_devices: false,
             // The whole archive as one segment: any split into segments must match its digests.
             segments: vec![deis_backup_proto::v1::Digest {
                 size: archive.len() as u64,
