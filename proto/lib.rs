@@ -1,6 +1,6 @@
 //! The gRPC contract between the deis-backup coordinator and its agents, generated from
 //! `proto/deis/backup/v1/agent.proto`, plus the few conventions both sides share: how a call is
-//! authenticated and where an agent registers itself in etcd.
+//! authenticated, what the TLS certificates name, and where an agent registers itself in etcd.
 //!
 //! Invariants: this crate holds no behaviour beyond the contract. Anything that talks to Docker, the
 //! store, etcd or the gateway lives in the agent or the coordinator.
@@ -10,6 +10,7 @@ pub mod v1 {
     tonic::include_proto!("deis.backup.v1");
 }
 
+pub mod identity;
 pub mod registration;
 
 /// Metadata key every call carries, as `Bearer <token>`.

@@ -1,19 +1,79 @@
-//! Bearer-token authentication of every call.
+//! Authentication of every call: the caller's certificate, then its bearer token.
 //!
-//! Invariants: the expected token is held only as its SHA-256; a presented token is hashed and the
-//! two digests compared in constant time (so neither content nor length leaks through timing). A
-//! missing, malformed or wrong token is `UNAUTHENTICATED`, and no token ever reaches a log.
+//! Invariants:
+//! - With TLS (the default), TLS itself accepts only a client certificate from the cluster CA for
+//!   client authentication; every call is then checked to come from a certificate naming the
+//!   coordinator (`coordinator.deis-backup`), so no other holder of a CA-signed key (an agent of
+//!   another host) is served. The bearer token is a second factor on top.
+//! - The expected token is held only as its SHA-256; a presented token is hashed and the two
+//!   digests compared in constant time (so neither content nor length leaks through timing). A
+//!   missing, malformed or wrong token is `UNAUTHENTICATED`, and no token ever reaches a log.
+//! - Refusals are logged with the peer's address, at most once per 10 s, with the count of those
+//!   left out, so a flood of bad calls cannot flood the journal.
 
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use deis_backup_proto::identity::COORDINATOR_NAME;
+use rustls::pki_types::{CertificateDer, ServerName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
 
 use crate::config::Token;
 
-/// Checks `authorization: Bearer <token>` on each request.
+/// Lets one log line through per period, counting the ones it holds back.
+#[derive(Debug)]
+pub struct RateLimitedLog {
+    period: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimitedLog {
+    pub fn new(period: Duration) -> Self {
+        Self {
+            period,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(suppressed since the last line)` when a line may be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        match s.0 {
+            Some(last) if now.duration_since(last) < self.period => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = s.1;
+                *s = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}
+
+/// Whether this DER certificate names the coordinator.
+fn names_coordinator(der: &CertificateDer<'_>) -> bool {
+    let Ok(name) = ServerName::try_from(COORDINATOR_NAME) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(der)
+        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+}
+
+/// Checks the caller's certificate (with TLS) and `authorization: Bearer <token>` on each request.
 #[derive(Clone)]
 pub struct Authenticator {
     digest: [u8; 32],
+    /// Whether the connection is TLS, so a coordinator certificate is required.
+    tls: bool,
+    refusals: std::sync::Arc<RateLimitedLog>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -23,10 +83,19 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(token: &Token) -> Self {
+    pub fn new(token: &Token, tls: bool) -> Self {
         Self {
             digest: Sha256::digest(token.0.as_bytes()).into(),
+            tls,
+            refusals: std::sync::Arc::new(RateLimitedLog::new(Duration::from_secs(10))),
         }
+    }
+
+    fn refuse<T>(&self, req: &Request<T>, why: &'static str, status: Status) -> Status {
+        if let Some(suppressed) = self.refusals.allow() {
+            tracing::warn!(peer = ?req.remote_addr(), suppressed, "call refused: {why}");
+        }
+        status
     }
 
     /// Whether `presented` is the token.
@@ -37,22 +106,48 @@ impl Authenticator {
 
     /// The tonic interceptor.
     pub fn check<T>(&self, req: Request<T>) -> Result<Request<T>, Status> {
+        if self.tls {
+            let certs = req.peer_certs();
+            if !certs
+                .as_deref()
+                .and_then(|c| c.first())
+                .is_some_and(names_coordinator)
+            {
+                return Err(self.refuse(
+                    &req,
+                    "the client certificate does not name the coordinator",
+                    Status::unauthenticated(format!(
+                        "the client certificate does not name {COORDINATOR_NAME}: use the \
+                         coordinator's certificate (deis-backup pki issue --coordinator)"
+                    )),
+                ));
+            }
+        }
         let Some(value) = req.metadata().get(deis_backup_proto::AUTHORIZATION) else {
-            return Err(Status::unauthenticated(
-                "no authorization metadata: send `authorization: Bearer <token>` with the agent's token",
+            return Err(self.refuse(
+                &req,
+                "no bearer token",
+                Status::unauthenticated(
+                    "no authorization metadata: send `authorization: Bearer <token>` with the agent's token",
+                ),
             ));
         };
         let Some(token) = value.as_bytes().strip_prefix(b"Bearer ") else {
-            return Err(Status::unauthenticated(
-                "authorization metadata is not `Bearer <token>`",
+            return Err(self.refuse(
+                &req,
+                "malformed authorization",
+                Status::unauthenticated("authorization metadata is not `Bearer <token>`"),
             ));
         };
         if self.accepts(token) {
             Ok(req)
         } else {
-            tracing::warn!(peer = ?req.remote_addr(), "call refused: wrong bearer token");
-            Err(Status::unauthenticated(
-                "wrong bearer token: use the token the agent was started with",
+            Err(self.refuse(
+                &req,
+                "wrong bearer token",
+                Status::unauthenticated(
+                    "wrong bearer token: use the token the agent was started with",
+                ),
             ))
         }
     }
@@ -73,7 +168,7 @@ mod tests {
 
     #[test]
     fn only_the_exact_token_passes() {
-        let a = Authenticator::new(&Token("0123456789abcdef-token".into()));
+        let a = Authenticator::new(&Token("0123456789abcdef-token".into()), false);
         assert!(
             a.check(request(Some("Bearer 0123456789abcdef-token")))
                 .is_ok()
@@ -88,5 +183,27 @@ mod tests {
             let e = a.check(request(bad)).unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn with_tls_a_right_token_without_the_coordinator_certificate_is_refused() {
+        let a = Authenticator::new(&Token("0123456789abcdef-token".into()), true);
+        let e = a
+            .check(request(Some("Bearer 0123456789abcdef-token")))
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains(COORDINATOR_NAME), "{e}");
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_once_per_period() {
+        let log = RateLimitedLog::new(Duration::from_secs(3600));
+        assert_eq!(log.allow(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(log.allow(), None);
+        }
+        let log = RateLimitedLog::new(Duration::ZERO);
+        assert_eq!(log.allow(), Some(0));
+        assert_eq!(log.allow(), Some(0));
     }
 }

@@ -72,14 +72,15 @@ pub struct Config {
     /// File holding the bearer token; otherwise $DEIS_BACKUP_TOKEN.
     #[arg(long, env = "DEIS_BACKUP_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// PEM certificate chain to serve TLS with (needs --tls-key).
-    #[arg(long, requires = "tls_key")]
+    /// This agent's certificate (PEM), naming its host id [default: /etc/deis-backup/pki/agent.pem].
+    #[arg(long, env = "DEIS_BACKUP_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, requires = "tls_cert")]
+    /// Its private key, mode 600 [default: /etc/deis-backup/pki/agent.key].
+    #[arg(long, env = "DEIS_BACKUP_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
-    #[arg(long, requires = "tls_cert")]
+    /// The cluster CA (PEM) the coordinator's certificate must chain to [default:
+    /// /etc/deis-backup/pki/ca.pem].
+    #[arg(long, env = "DEIS_BACKUP_TLS_CA")]
     pub tls_client_ca: Option<PathBuf>,
     /// Docker daemon socket [default: unix:///var/run/docker.sock].
     #[arg(long, env = "DOCKER_HOST")]
@@ -395,13 +396,42 @@ impl Config {
         Ok(id.to_owned())
     }
 
-    /// The bearer token: the token file's first line, else `$DEIS_BACKUP_TOKEN`.
+    /// The TLS files (certificate, key, CA), or `None` with `--insecure-plaintext`.
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        if self.insecure_plaintext {
+            return None;
+        }
+        let pki = Path::new(deis_backup_proto::identity::DEFAULT_PKI_DIR);
+        let or = |p: &Option<PathBuf>, name: &str| p.clone().unwrap_or_else(|| pki.join(name));
+        Some(TlsFiles {
+            cert: or(&self.tls_cert, "agent.pem"),
+            key: or(&self.tls_key, "agent.key"),
+            ca: or(&self.tls_client_ca, "ca.pem"),
+        })
+    }
+
+    /// The bearer token: the token file's first line (the file must be mode 600), else
+    /// `$DEIS_BACKUP_TOKEN`, which the agent warns about (the environment of a process is readable
+    /// in more places than a file).
     pub fn token(&self) -> Result<Token> {
         let text = match &self.token_file {
-            Some(p) => std::fs::read_to_string(p).map_err(|e| Error::Config {
-                what: format!("cannot read the token file {}: {e}", p.display()),
-            })?,
-            None => std::env::var(TOKEN_ENV).unwrap_or_default(),
+            Some(p) => {
+                deis_backup_proto::identity::check_private(p)
+                    .map_err(|what| Error::Config { what })?;
+                std::fs::read_to_string(p).map_err(|e| Error::Config {
+                    what: format!("cannot read the token file {}: {e}", p.display()),
+                })?
+            }
+            None => {
+                let t = std::env::var(TOKEN_ENV).unwrap_or_default();
+                if !t.is_empty() {
+                    tracing::warn!(
+                        "the bearer token comes from ${TOKEN_ENV}; prefer --token-file with a \
+                         mode 600 file (docs/SECURITY.md)"
+                    );
+                }
+                t
+            }
         };
         let t = text.trim();
         if t.len() < 16 {
@@ -413,6 +443,14 @@ impl Config {
         }
         Ok(Token(t.to_owned()))
     }
+}
+
+/// Where the agent's TLS certificate, key and the cluster CA are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// The bearer token; `Debug` never shows it.

@@ -3,10 +3,13 @@
 //!
 //! Modules: `config` (flags and file), `auth` (bearer token), `container` (Docker exec),
 //! `database` (dump and restore through the database container), `store` (allow-list, filesystem
-//! identity, archive, restore), `hooks` (named commands), `registration` (etcd), `service` (gRPC).
+//! identity, archive, restore), `hooks` (named commands), `registration` (etcd), `listener`
+//! (connection limits), `service` (gRPC).
 //!
-//! Invariants: the agent runs only the fixed jobs above, for callers holding the token; secrets
-//! never reach a log; etcd being away never stops it from serving.
+//! Invariants: the agent serves mutual TLS with the cluster CA unless started with
+//! `--insecure-plaintext`, and refuses to start with a certificate that does not name its host id
+//! or a key others can read; it runs only the fixed jobs above, for the coordinator's certificate
+//! plus the token; secrets never reach a log; etcd being away never stops it from serving.
 
 pub mod auth;
 pub mod chunks;
@@ -15,6 +18,7 @@ pub mod container;
 pub mod database;
 pub mod error;
 pub mod hooks;
+pub mod listener;
 pub mod registration;
 pub mod service;
 pub mod store;
@@ -59,10 +63,48 @@ fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
     })
 }
 
+/// The server's TLS: this agent's certificate, which must name `host_id`, and the cluster CA that
+/// client certificates must chain to.
+fn tls_config(files: &config::TlsFiles, host_id: &str) -> Result<ServerTlsConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    // Both ring and aws-lc-rs may be linked in; the agent uses ring. An already installed provider
+    // (when embedded in another program) is kept.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cert = read(&files.cert, "TLS certificate")?;
+    deis_backup_proto::identity::check_private(&files.key)
+        .map_err(|what| Error::Config { what })?;
+    let name = deis_backup_proto::identity::agent_name(host_id).ok_or_else(|| Error::Config {
+        what: format!(
+            "host id '{host_id}' cannot be named in a certificate; use the machine id (letters, \
+             digits and '-')"
+        ),
+    })?;
+    let leaf = CertificateDer::from_pem_slice(&cert).map_err(|e| Error::Config {
+        what: format!("{} holds no PEM certificate: {e}", files.cert.display()),
+    })?;
+    let names_us = ServerName::try_from(name.as_str()).is_ok_and(|n| {
+        webpki::EndEntityCert::try_from(&leaf)
+            .is_ok_and(|c| c.verify_is_valid_for_subject_name(&n).is_ok())
+    });
+    if !names_us {
+        return Err(Error::Config {
+            what: format!(
+                "{} does not name this host ({name}); issue one with `deis-backup pki issue \
+                 --host {host_id}`",
+                files.cert.display()
+            ),
+        });
+    }
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, read(&files.key, "TLS key")?))
+        .client_ca_root(Certificate::from_pem(read(&files.ca, "cluster CA")?))
+        .timeout(std::time::Duration::from_secs(10)))
+}
+
 /// Serves until `shutdown` completes, registered in etcd meanwhile (unless disabled).
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let token = config.token()?;
-    let auth = auth::Authenticator::new(&token);
     let host_id = config.host_id()?;
     let listen = config.listen_addr()?;
     let engine = container::Engine::connect(config.docker()).await?;
@@ -101,25 +143,29 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
 
     // Restores stream into the agent: large HTTP/2 windows and frames, as for downloads on the
     // coordinator's side.
+    let limits = config.server_limits();
     let mut server = Server::builder()
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(16 << 20)
-        .max_frame_size(1 << 20);
-    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-        // Both ring and aws-lc-rs may be linked in; the agent uses ring. An already installed
-        // provider (when embedded in another program) is kept.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
-            read(cert, "TLS certificate")?,
-            read(key, "TLS key")?,
-        ));
-        if let Some(ca) = &config.tls_client_ca {
-            tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA bundle")?));
+        .max_frame_size(1 << 20)
+        .max_concurrent_streams(limits.max_streams)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
+    let tls = config.tls_files();
+    match &tls {
+        Some(files) => {
+            server = server
+                .tls_config(tls_config(files, &host_id)?)
+                .map_err(|e| Error::Config {
+                    what: format!("TLS configuration refused: {e}"),
+                })?
         }
-        server = server.tls_config(tls).map_err(|e| Error::Config {
-            what: format!("TLS configuration refused: {e}"),
-        })?;
+        None => tracing::warn!(
+            "--insecure-plaintext: serving without TLS; callers are not authenticated beyond the \
+             token, which travels in clear"
+        ),
     }
+    let auth = auth::Authenticator::new(&token, tls.is_some());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let registration = if config.register() {
@@ -145,10 +191,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         .add_service(AgentServer::with_interceptor(svc, move |req| {
             auth.check(req)
         }))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(listener::incoming(listener, limits), shutdown)
         .await;
     let _ = stop_tx.send(true);
     if let Some(r) = registration {

@@ -1,7 +1,14 @@
 //! The cluster's agents: found through etcd (`/deis/backup/agents/*`, where every agent registers)
-//! or given as addresses, and reached over gRPC with the shared bearer token.
+//! or given as addresses, and reached over mutual TLS with the cluster CA, plus the shared bearer
+//! token as a second factor.
 //!
 //! Invariants:
+//! - A registration in etcd is a claim, not a credential: anyone on the cluster can write one. The
+//!   coordinator connects to a registered address only if the peer proves, with a certificate from
+//!   the cluster CA, that it is the host id it registered under (`<id>.agent.deis-backup`); a
+//!   host id that no certificate can name is refused. So the token and every byte of a restore go
+//!   only to the agent of that host.
+//! - TLS is on unless `--insecure-plaintext` is given, and every run that uses it says so.
 //! - Every call carries `authorization: Bearer <token>`; the token is held as a [`Secret`] and never
 //!   printed.
 //! - An agent that cannot be reached or described is reported by host and address, never silently
@@ -26,21 +33,36 @@ use crate::gateway::Secret;
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct AgentOptions {
-    /// Agent addresses (host:port), instead of discovery through etcd; repeat or comma-separate.
+    /// Agents as HOST_ID@host:port, instead of discovery through etcd; repeat or comma-separate.
+    /// The host id is the name its certificate must carry (plain host:port only with
+    /// --insecure-plaintext).
     #[arg(long = "agent", env = "DEIS_BACKUP_AGENTS", value_delimiter = ',')]
     pub agents: Vec<String>,
     /// File holding the agents' bearer token; otherwise $DEIS_BACKUP_TOKEN.
     #[arg(long = "agent-token-file", env = "DEIS_BACKUP_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// PEM CA bundle to verify agents serving TLS with.
-    #[arg(long = "agent-tls-ca")]
+    /// The cluster CA (PEM) agents' certificates must chain to [default:
+    /// /etc/deis-backup/pki/ca.pem].
+    #[arg(long = "agent-tls-ca", env = "DEIS_BACKUP_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// PEM client certificate for agents that require mTLS (needs --agent-tls-key).
-    #[arg(long = "agent-tls-cert", requires = "tls_key")]
+    /// The coordinator's client certificate (PEM) [default: /etc/deis-backup/pki/coordinator.pem].
+    #[arg(long = "agent-tls-cert", env = "DEIS_BACKUP_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --agent-tls-cert.
-    #[arg(long = "agent-tls-key", requires = "tls_cert")]
+    /// Its private key, mode 600 [default: /etc/deis-backup/pki/coordinator.key].
+    #[arg(long = "agent-tls-key", env = "DEIS_BACKUP_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Talk to agents over plain HTTP/2: no proof of who answers, and the token in clear. For a
+    /// throwaway test network only; the agents must run with it too.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+}
+
+impl AgentOptions {
+    fn pki_file(given: Option<&PathBuf>, name: &str) -> PathBuf {
+        given.cloned().unwrap_or_else(|| {
+            PathBuf::from(deis_backup_proto::identity::DEFAULT_PKI_DIR).join(name)
+        })
+    }
 }
 
 /// Environment variable holding the bearer token (the agent reads the same one).
@@ -96,14 +118,24 @@ pub async fn locate(
     etcd: Option<&deis_backup_etcd::Client>,
 ) -> Result<Vec<Location>> {
     if !options.agents.is_empty() {
-        return Ok(options
+        return options
             .agents
             .iter()
-            .map(|a| Location {
-                host_id: a.clone(),
-                address: a.clone(),
+            .map(|a| match a.split_once('@') {
+                Some((host_id, address)) => Ok(Location {
+                    host_id: host_id.to_owned(),
+                    address: address.to_owned(),
+                }),
+                None if options.insecure_plaintext => Ok(Location {
+                    host_id: a.clone(),
+                    address: a.clone(),
+                }),
+                None => Err(Error::config(format!(
+                    "--agent {a} names no host: give HOST_ID@{a}, where HOST_ID is the host id \
+                     in the agent's certificate"
+                ))),
             })
-            .collect());
+            .collect();
     }
     let Some(etcd) = etcd else {
         return Err(Error::config(
@@ -136,13 +168,40 @@ pub async fn locate(
 }
 
 /// Builds connected clients; each connects lazily, so an unreachable agent fails on first call.
+/// With TLS (the default), each client accepts only a certificate from the cluster CA naming the
+/// host id of its location.
 pub fn connect(options: &AgentOptions, locations: &[Location]) -> Result<Vec<Agent>> {
     let bearer = Bearer(load_token(options)?);
     let tls = tls_config(options)?;
+    if tls.is_none() {
+        eprintln!(
+            "deis-backup: WARNING: --insecure-plaintext: agents are not authenticated and the \
+             token travels in clear"
+        );
+    }
     locations
         .iter()
         .map(|l| {
             let scheme = if tls.is_some() { "https" } else { "http" };
+            let tls = match &tls {
+                None => None,
+                Some(t) => {
+                    let name =
+                        deis_backup_proto::identity::agent_name(&l.host_id).ok_or_else(|| {
+                            Error::new(
+                                ErrorKind::Agent,
+                                format!(
+                                    "agent {} ({}) is refused: its host id cannot be named in a \
+                                 certificate",
+                                    l.host_id, l.address
+                                ),
+                                "check who registered it under /deis/backup/agents in etcd; agents \
+                             register under their machine id",
+                            )
+                        })?;
+                    Some(t.clone().domain_name(name))
+                }
+            };
             let mut ep = Endpoint::from_shared(format!("{scheme}://{}", l.address))
                 .map_err(|e| Error::config(format!("agent address {}: {e}", l.address)))?
                 .connect_timeout(Duration::from_secs(5))
@@ -196,15 +255,24 @@ pub async fn describe_all(agents: &[Agent]) -> Vec<(Agent, Result<DescribeReply>
     futures::future::join_all(calls).await
 }
 
-/// All agents, described, each known by the host id it reports; an agent that does not answer is
-/// an error naming it.
+/// All agents, described; an agent that does not answer, or that reports another host id than the
+/// one it was reached as, is an error naming it.
 pub async fn describe_required(agents: &[Agent]) -> Result<Vec<Described>> {
     let mut out = Vec::new();
     for (mut agent, r) in describe_all(agents).await {
         let info = r?;
-        // The host's own id, however the agent was found (etcd key or a static address).
-        if !info.machine_id.is_empty() {
+        if agent.host_id == agent.address && !info.machine_id.is_empty() {
+            // A plain address (--insecure-plaintext only): the host names itself.
             agent.host_id.clone_from(&info.machine_id);
+        } else if info.machine_id != agent.host_id {
+            return Err(Error::new(
+                ErrorKind::Agent,
+                format!(
+                    "agent {} ({}) reports host id '{}'",
+                    agent.host_id, agent.address, info.machine_id
+                ),
+                "the agent's --host-id must be the id it registers under and its certificate names",
+            ));
         }
         out.push(Described { agent, info });
     }
@@ -216,6 +284,11 @@ pub fn status_error(agent: &Agent, call: &str, s: &tonic::Status) -> Error {
     let guidance = match s.code() {
         tonic::Code::Unauthenticated => {
             "give the agents' token with --agent-token-file or $DEIS_BACKUP_TOKEN"
+        }
+        tonic::Code::Unavailable if is_tls_refusal(s) => {
+            "the agent did not prove it is that host with a certificate from the cluster CA: \
+             check its certificate (deis-backup pki issue --host <id>) and who registered it in \
+             etcd"
         }
         tonic::Code::Unavailable => "check that the agent runs and that this host can reach it",
         tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
@@ -235,18 +308,32 @@ pub fn status_error(agent: &Agent, call: &str, s: &tonic::Status) -> Error {
     )
 }
 
+/// Whether a transport failure is the TLS handshake refusing the peer's certificate.
+fn is_tls_refusal(s: &tonic::Status) -> bool {
+    let mut text = s.message().to_owned();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text.contains("certificate") || text.contains("InvalidCertificate") || text.contains("tls")
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn load_token(options: &AgentOptions) -> Result<MetadataValue<tonic::metadata::Ascii>> {
     let token = match &options.token_file {
-        Some(p) => std::fs::read_to_string(p).map_err(|e| {
-            Error::config(format!(
-                "cannot read the agent token file {}: {e}",
-                p.display()
-            ))
-        })?,
+        Some(p) => {
+            crate::pki::check_private(p)?;
+            std::fs::read_to_string(p).map_err(|e| {
+                Error::config(format!(
+                    "cannot read the agent token file {}: {e}",
+                    p.display()
+                ))
+            })?
+        }
         None => std::env::var(TOKEN_ENV).map_err(|_| {
             Error::config(format!(
                 "no agent token: set ${TOKEN_ENV} or pass --agent-token-file"
@@ -263,18 +350,28 @@ fn load_token(options: &AgentOptions) -> Result<MetadataValue<tonic::metadata::A
 }
 
 fn tls_config(options: &AgentOptions) -> Result<Option<ClientTlsConfig>> {
-    if options.tls_ca.is_none() && options.tls_cert.is_none() {
+    if options.insecure_plaintext {
         return Ok(None);
     }
+    // Both ring and aws-lc-rs are linked in (the S3 client brings the latter); TLS to agents uses
+    // ring. A provider already installed is kept.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = AgentOptions::pki_file(options.tls_ca.as_ref(), "ca.pem");
+    let cert = AgentOptions::pki_file(options.tls_cert.as_ref(), "coordinator.pem");
+    let key = AgentOptions::pki_file(options.tls_key.as_ref(), "coordinator.key");
     let read = |p: &PathBuf| {
-        std::fs::read(p).map_err(|e| Error::config(format!("cannot read {}: {e}", p.display())))
+        std::fs::read(p).map_err(|e| {
+            Error::config(format!(
+                "cannot read {}: {e}; make the cluster's certificates with `deis-backup pki` \
+                 (see docs/SECURITY.md), or pass --agent-tls-ca/--agent-tls-cert/--agent-tls-key",
+                p.display()
+            ))
+        })
     };
-    let mut tls = ClientTlsConfig::new();
-    if let Some(ca) = &options.tls_ca {
-        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-    }
-    if let (Some(cert), Some(key)) = (&options.tls_cert, &options.tls_key) {
-        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-    }
-    Ok(Some(tls))
+    crate::pki::check_private(&key)?;
+    Ok(Some(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&ca)?))
+            .identity(Identity::from_pem(read(&cert)?, read(&key)?)),
+    ))
 }

@@ -111,6 +111,41 @@ enum Command {
         #[command(flatten)]
         agents: AgentOptions,
     },
+    /// The cluster's certificates: `pki init` makes the CA, `pki issue` a certificate per agent
+    /// and one for the coordinator.
+    Pki {
+        #[command(subcommand)]
+        action: PkiCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Create the cluster CA (ca.pem, and ca.key with mode 600) in --dir.
+    Init {
+        /// Directory of the CA [default: /etc/deis-backup/pki].
+        #[arg(long, default_value = deis_backup_proto::identity::DEFAULT_PKI_DIR)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate and key signed by the CA: for one agent (--host) or the coordinator.
+    Issue {
+        /// Directory of the CA [default: /etc/deis-backup/pki].
+        #[arg(long, default_value = deis_backup_proto::identity::DEFAULT_PKI_DIR)]
+        dir: PathBuf,
+        /// The agent's host id (its /etc/machine-id): writes agent-<id>.pem and agent-<id>.key.
+        #[arg(
+            long,
+            conflicts_with = "coordinator",
+            required_unless_present = "coordinator"
+        )]
+        host: Option<String>,
+        /// The coordinator's client certificate: writes coordinator.pem and coordinator.key.
+        #[arg(long)]
+        coordinator: bool,
+        /// Directory to write the certificate and key into [default: --dir].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// The exit code for an error (see `main.rs`).
@@ -127,6 +162,9 @@ pub async fn run() -> Result<ExitCode> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).map_err(|e| Error::config(e.to_string()))?;
     init_logging(cli.verbose);
+    if let Command::Pki { action } = &cli.command {
+        return cmd_pki(action);
+    }
     let file = match &cli.config {
         Some(p) => ConfigFile::read(p)?,
         None => ConfigFile::default(),
@@ -206,6 +244,7 @@ pub async fn run() -> Result<ExitCode> {
             out.prune(&r?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Pki { .. } => unreachable!("handled before etcd is set up"),
         Command::Agents { agents } => {
             let agents = file.agents(agents, sub)?;
             let locations = agents::locate(&agents, Some(&etcd)).await?;
@@ -278,6 +317,25 @@ async fn cmd_restore(
     let r = restore::restore(&repo, &manifest, &target, options, &progress).await;
     progress.finish();
     out.restore(&r?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_pki(action: &PkiCommand) -> Result<ExitCode> {
+    use deis_backup_coordinator::pki::{self, Subject};
+    let issued = match action {
+        PkiCommand::Init { dir } => pki::init(dir)?,
+        PkiCommand::Issue {
+            dir,
+            host,
+            coordinator: _,
+            out,
+        } => {
+            let subject = host.clone().map_or(Subject::Coordinator, Subject::Agent);
+            pki::issue(dir, &subject, out.as_deref())?
+        }
+    };
+    println!("{}", issued.cert.display());
+    println!("{}", issued.key.display());
     Ok(ExitCode::SUCCESS)
 }
 

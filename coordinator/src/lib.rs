@@ -13,6 +13,7 @@ pub mod error;
 pub mod gateway;
 pub mod lock;
 pub mod mirror;
+pub mod pki;
 pub mod platform_keys;
 pub mod prune;
 pub mod repository;

@@ -24,7 +24,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use super::support::{self, Cluster, free_port, tree, unique};
+use super::support::{self, Cluster, Pki, free_port, tree, unique};
 
 /// Adds `authorization: Bearer <token>` (or nothing).
 #[derive(Clone)]
@@ -42,11 +42,13 @@ impl tonic::service::Interceptor for Bearer {
 
 type Client = AgentClient<InterceptedService<Channel, Bearer>>;
 
-/// Something serving the agent API on `addr`: the binary or its container.
+/// Something serving the agent API on `addr`: the binary or its container. It serves mutual TLS
+/// with the shared test PKI unless started with `--insecure-plaintext`.
 struct Agent {
     addr: String,
     token: String,
     host_id: String,
+    tls: bool,
     child: Option<Child>,
     container: Option<String>,
     log: PathBuf,
@@ -62,8 +64,23 @@ impl Agent {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = dir.path().join("agent.log");
         let cluster = Cluster::get();
+        let tls = !extra.contains(&"--insecure-plaintext");
+        let tls_args: Vec<String> = if tls {
+            let (cert, key) = Pki::shared().agent(&host_id);
+            vec![
+                "--tls-cert".into(),
+                cert.display().to_string(),
+                "--tls-key".into(),
+                key.display().to_string(),
+                "--tls-client-ca".into(),
+                Pki::shared().file("ca.pem").display().to_string(),
+            ]
+        } else {
+            vec![]
+        };
         let child = Command::new(support::binary("deis-backup-agent"))
             .args(["--listen", &addr, "--host-id", &host_id])
+            .args(&tls_args)
             .args(if extra.contains(&"--etcd") {
                 vec![]
             } else {
@@ -86,6 +103,7 @@ impl Agent {
             addr,
             token,
             host_id,
+            tls,
             child: Some(child),
             container: None,
             log,
@@ -138,11 +156,17 @@ impl Agent {
     }
 
     async fn client_with(&self, token: Option<&str>) -> Client {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = if self.tls {
+            Channel::from_shared(format!("https://{}", self.addr))
+                .unwrap()
+                .tls_config(Pki::shared().coordinator_tls(&self.host_id))
+                .unwrap()
+        } else {
+            Channel::from_shared(format!("http://{}", self.addr)).unwrap()
+        }
+        .connect()
+        .await
+        .unwrap();
         AgentClient::with_interceptor(channel, Bearer(token.map(String::from)))
             .max_decoding_message_size(16 << 20)
     }
@@ -420,9 +444,14 @@ async fn agent_container_image_dumps_the_database() {
     let name = unique("deis-backup-agent-test");
     let token = unique("test-token-0123456789");
     let addr = format!("127.0.0.1:{}", free_port());
+    let (cert, key) = Pki::shared().agent(&name);
+    let mount = |from: &Path, to: &str| format!("{}:/etc/deis-backup/pki/{to}:ro", from.display());
     let run = Command::new("docker")
         .args(["run", "-d", "--name", &name, "--net", "host"])
         .args(["-v", "/var/run/docker.sock:/var/run/docker.sock"])
+        .args(["-v", &mount(&Pki::shared().file("ca.pem"), "ca.pem")])
+        .args(["-v", &mount(&cert, "agent.pem")])
+        .args(["-v", &mount(&key, "agent.key")])
         .args(["-e", &format!("DEIS_BACKUP_TOKEN={token}")])
         .arg(&tag)
         .args([
@@ -442,6 +471,7 @@ async fn agent_container_image_dumps_the_database() {
         addr,
         token,
         host_id: name.clone(),
+        tls: true,
         child: None,
         container: Some(name),
         log: dir.path().join("none.log"),
@@ -1028,155 +1058,358 @@ async fn agent_serves_while_etcd_is_away() {
 }
 
 /// Runs openssl in `dir`, failing the test on error.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// What a TLS client of the agent presents and expects.
+struct ClientSide {
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
-fn make_certificates(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=deis-backup test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-    );
-    fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for name in ["server", "client"] {
-        let (key, csr, pem, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        let subject = format!("/CN={name}");
-        openssl(
-            dir,
-            &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject, "-keyout", &key, "-out",
-                &csr,
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &pem,
-                "-extfile",
-                &ext,
-            ],
-        );
+/// Whether a Describe with the right token gets through with these client settings.
+async fn served(agent: &Agent, side: ClientSide) -> bool {
+    let url = match side.tls {
+        Some(_) => format!("https://{}", agent.addr),
+        None => format!("http://{}", agent.addr),
+    };
+    let mut ep = Channel::from_shared(url).unwrap();
+    if let Some(t) = side.tls {
+        ep = ep.tls_config(t).unwrap();
     }
+    let Ok(ch) = ep.connect().await else {
+        return false;
+    };
+    AgentClient::with_interceptor(ch, Bearer(Some(agent.token.clone())))
+        .describe(DescribeRequest {})
+        .await
+        .is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn agent_with_mutual_tls_accepts_only_clients_with_a_certificate() {
+async fn agent_serves_only_the_coordinator_certificate_from_the_cluster_ca() {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path());
-    let p = |f: &str| certs.path().join(f).display().to_string();
+    let store = tempfile::tempdir().unwrap();
     let agent = Agent::spawn(&[
         "--no-register",
         "--store-path",
-        certs.path().to_str().unwrap(),
-        "--tls-cert",
-        &p("server.pem"),
-        "--tls-key",
-        &p("server.key"),
-        "--tls-client-ca",
-        &p("ca.pem"),
+        store.path().to_str().unwrap(),
     ])
     .await;
-    let ca = Certificate::from_pem(fs::read(p("ca.pem")).unwrap());
-    let url = format!("https://{}", agent.addr);
-    let with_cert = ClientTlsConfig::new()
-        .ca_certificate(ca.clone())
-        .domain_name("localhost")
-        .identity(Identity::from_pem(
-            fs::read(p("client.pem")).unwrap(),
-            fs::read(p("client.key")).unwrap(),
-        ));
-    let channel = Channel::from_shared(url.clone())
-        .unwrap()
-        .tls_config(with_cert)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = AgentClient::with_interceptor(channel, Bearer(Some(agent.token.clone())));
-    let d = client
-        .describe(DescribeRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(d.machine_id, agent.host_id);
+    let pki = Pki::shared();
+    let read = |p: PathBuf| fs::read(p).unwrap();
+    let ca = || Certificate::from_pem(read(pki.file("ca.pem")));
+    let name = deis_backup_proto::identity::agent_name(&agent.host_id).unwrap();
 
-    // Without a client certificate the handshake (or the first call) fails.
-    let without = ClientTlsConfig::new()
-        .ca_certificate(ca)
-        .domain_name("localhost");
-    let refused = match Channel::from_shared(url.clone())
-        .unwrap()
-        .tls_config(without)
-        .unwrap()
-        .connect()
+    assert!(
+        served(
+            &agent,
+            ClientSide {
+                tls: Some(pki.coordinator_tls(&agent.host_id))
+            }
+        )
         .await
-    {
-        Err(_) => true,
-        Ok(ch) => AgentClient::with_interceptor(ch, Bearer(Some(agent.token.clone())))
-            .describe(DescribeRequest {})
-            .await
-            .is_err(),
-    };
-    assert!(refused, "a client without a certificate was served");
-    // Plain HTTP/2 is not served either.
-    let plain = Channel::from_shared(format!("http://{}", agent.addr))
-        .unwrap()
-        .connect()
-        .await;
-    if let Ok(ch) = plain {
-        let r = AgentClient::with_interceptor(ch, Bearer(Some(agent.token.clone())))
-            .describe(DescribeRequest {})
-            .await;
-        assert!(r.is_err(), "plain text was served");
+    );
+    let cases: Vec<(&str, ClientSide)> = vec![
+        (
+            "no client certificate",
+            ClientSide {
+                tls: Some(
+                    ClientTlsConfig::new()
+                        .ca_certificate(ca())
+                        .domain_name(&name),
+                ),
+            },
+        ),
+        ("another agent's certificate as the client's", {
+            let (cert, key) = pki.agent(&unique("other-host"));
+            ClientSide {
+                tls: Some(
+                    ClientTlsConfig::new()
+                        .ca_certificate(ca())
+                        .domain_name(&name)
+                        .identity(Identity::from_pem(read(cert), read(key))),
+                ),
+            }
+        }),
+        ("a coordinator certificate from another CA", {
+            let other = Pki::new();
+            ClientSide {
+                tls: Some(
+                    ClientTlsConfig::new()
+                        .ca_certificate(ca())
+                        .domain_name(&name)
+                        .identity(Identity::from_pem(
+                            read(other.file("coordinator.pem")),
+                            read(other.file("coordinator.key")),
+                        )),
+                ),
+            }
+        }),
+        ("the agent checked against another CA", {
+            let other = Pki::new();
+            ClientSide {
+                tls: Some(other.coordinator_tls(&agent.host_id)),
+            }
+        }),
+        (
+            "the agent expected under another host id",
+            ClientSide {
+                tls: Some(pki.coordinator_tls("some-other-host")),
+            },
+        ),
+        ("plain HTTP/2", ClientSide { tls: None }),
+    ];
+    for (what, side) in cases {
+        assert!(!served(&agent, side).await, "served with {what}");
     }
+}
+
+/// Starts the agent binary with `args` and returns its exit status and stderr (it must exit).
+fn agent_exits(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(support::binary("deis-backup-agent"))
+        .args(args)
+        .env("DEIS_BACKUP_TOKEN", "test-token-0123456789")
+        .env_remove("DEIS_BACKUP_TOKEN_FILE")
+        .env_remove("DEIS_BACKUP_TLS_CERT")
+        .env_remove("DEIS_BACKUP_TLS_KEY")
+        .env_remove("DEIS_BACKUP_TLS_CA")
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_refuses_to_start_without_tls_a_certificate_for_another_host_or_a_loose_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::shared();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let base = ["--listen", &addr, "--no-register", "--store-path", "/tmp"];
+
+    // No TLS files and no --insecure-plaintext: no plain-text fallback.
+    let mut args = base.to_vec();
+    args.extend([
+        "--host-id",
+        "plain-host",
+        "--tls-cert",
+        "/nonexistent/agent.pem",
+    ]);
+    let (status, err) = agent_exits(&args);
+    assert!(!status.success());
+    assert!(err.contains("/nonexistent/agent.pem"), "{err}");
+
+    // A certificate that names another host id.
+    let (cert, key) = pki.agent(&unique("cert-host"));
+    let ca = pki.file("ca.pem");
+    let (c, k, a) = (
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        ca.to_str().unwrap(),
+    );
+    let tls = ["--tls-cert", c, "--tls-key", k, "--tls-client-ca", a];
+    let mut args = base.to_vec();
+    args.extend(["--host-id", "not-the-cert-host"]);
+    args.extend(tls);
+    let (status, err) = agent_exits(&args);
+    assert!(!status.success());
+    assert!(err.contains("does not name this host"), "{err}");
+
+    // A key that others can read.
+    let loose = tempfile::tempdir().unwrap();
+    let loose_key = loose.path().join("agent.key");
+    fs::copy(&key, &loose_key).unwrap();
+    fs::set_permissions(&loose_key, fs::Permissions::from_mode(0o644)).unwrap();
+    let host = cert
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .strip_prefix("agent-")
+        .unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--host-id", host, "--tls-cert", c, "--tls-key"]);
+    args.push(loose_key.to_str().unwrap());
+    args.extend(["--tls-client-ca", a]);
+    let (status, err) = agent_exits(&args);
+    assert!(!status.success());
+    assert!(err.contains("chmod 600"), "{err}");
+}
+
+/// `deis-backup agents --json` against the shared etcd, as the coordinator, with this token.
+fn coordinator_agents(token: &Path, extra: &[&str]) -> (bool, serde_json::Value, String) {
+    let pki = Pki::shared();
+    let out = Command::new(support::binary("deis-backup"))
+        .args([
+            "agents",
+            "--json",
+            "--etcd",
+            Cluster::get().etcd_endpoints(),
+        ])
+        .args(extra)
+        .env("DEIS_BACKUP_TOKEN_FILE", token)
+        .env_remove("DEIS_BACKUP_TOKEN")
+        .env("DEIS_BACKUP_TLS_CA", pki.file("ca.pem"))
+        .env("DEIS_BACKUP_TLS_CERT", pki.file("coordinator.pem"))
+        .env("DEIS_BACKUP_TLS_KEY", pki.file("coordinator.key"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.success(),
+        v,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn entry_for<'a>(v: &'a serde_json::Value, host: &str) -> &'a serde_json::Value {
+    v["agents"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["host"] == host))
+        .unwrap_or_else(|| panic!("{host} not listed: {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rogue_agent_registered_in_etcd_is_refused_and_gets_no_secret() {
+    use deis_backup_proto::registration::{self, Registration};
+    use tokio::io::AsyncReadExt;
+    let etcd = Cluster::get().etcd();
+    let token_dir = tempfile::tempdir().unwrap();
+    let token = unique("rogue-test-token-0123456789");
+    let token_file = token_dir.path().join("token");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_file)
+            .unwrap();
+        f.write_all(token.as_bytes()).unwrap();
+    }
+
+    // 1. A listener that records every byte sent to it, registered under a victim's host id.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rogue_addr = listener.local_addr().unwrap().to_string();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    let victim = unique("victim-host");
+    let record = |address: &str| {
+        serde_json::to_string(&Registration {
+            address: address.to_owned(),
+            version: "0.1.0".into(),
+            host: "rogue".into(),
+        })
+        .unwrap()
+    };
+    etcd.set(
+        &registration::key(&victim),
+        &record(&rogue_addr),
+        Some(Duration::from_secs(120)),
+    )
+    .await
+    .unwrap();
+
+    // 2. A real agent of another host (its own valid certificate), registered under a second
+    //    victim's id, as a compromised host could.
+    let store = tempfile::tempdir().unwrap();
+    let other = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        store.path().to_str().unwrap(),
+    ])
+    .await;
+    let victim2 = unique("victim-host");
+    etcd.set(
+        &registration::key(&victim2),
+        &record(&other.addr),
+        Some(Duration::from_secs(120)),
+    )
+    .await
+    .unwrap();
+
+    let (ok, v, err) = coordinator_agents(&token_file, &[]);
+    let _ = etcd.delete(&registration::key(&victim), None).await;
+    let _ = etcd.delete(&registration::key(&victim2), None).await;
+    assert!(
+        !ok,
+        "deis-backup agents succeeded with rogue agents: {v} {err}"
+    );
+    for host in [&victim, &victim2] {
+        let e = entry_for(&v, host);
+        assert_eq!(e["healthy"], false, "{e}");
+        let msg = e["error"].as_str().unwrap();
+        assert!(
+            msg.contains(host.as_str()),
+            "the refusal does not name {host}: {msg}"
+        );
+    }
+    let bytes = received.lock().unwrap().clone();
+    assert!(!bytes.is_empty(), "the coordinator never dialled the rogue");
+    assert!(
+        !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the token reached the rogue listener"
+    );
+    assert!(
+        !bytes.starts_with(b"PRI * HTTP/2.0"),
+        "plain HTTP/2 was sent to the rogue"
+    );
+    assert!(!other.log_text().contains(&token));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_refuses_plaintext_unless_both_sides_say_so() {
+    let store = tempfile::tempdir().unwrap();
+    let plain = Agent::spawn(&[
+        "--no-register",
+        "--insecure-plaintext",
+        "--store-path",
+        store.path().to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        plain.log_text().contains("--insecure-plaintext"),
+        "{}",
+        plain.log_text()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_file)
+            .unwrap();
+        f.write_all(plain.token.as_bytes()).unwrap();
+    }
+    let spec = format!("{}@{}", plain.host_id, plain.addr);
+    // With TLS (the default), the plain agent is not spoken to.
+    let (ok, v, err) = coordinator_agents(&token_file, &["--agent", &spec]);
+    assert!(!ok, "{v}");
+    assert_eq!(entry_for(&v, &plain.host_id)["healthy"], false, "{v} {err}");
+    // With the flag, it is, and the run says so.
+    let (ok, v, err) = coordinator_agents(&token_file, &["--agent", &spec, "--insecure-plaintext"]);
+    assert!(ok, "{v} {err}");
+    assert!(err.contains("insecure-plaintext"), "{err}");
+    // A bare address names no host: refused with TLS on.
+    let (ok, _, err) = coordinator_agents(&token_file, &["--agent", &plain.addr]);
+    assert!(!ok);
+    assert!(err.contains("names no host"), "{err}");
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {

@@ -22,12 +22,13 @@ async fn cluster_lock() -> MutexGuard<'static, ()> {
     M.lock().await
 }
 
-/// `deis-backup` with these arguments and the agents' token.
+/// `deis-backup` with these arguments, the agents' token and the coordinator's certificate.
 fn command(token: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(support::binary("deis-backup"));
     c.args(args)
         .env("DEIS_BACKUP_TOKEN_FILE", token)
         .env_remove("DEIS_BACKUP_TOKEN");
+    support::coordinator_tls_env(&mut c, token);
     c
 }
 
@@ -96,7 +97,7 @@ impl Source {
             "--etcd",
             self.cluster.etcd_endpoints(),
             "--agent",
-            &self.agent.address,
+            self.agent.spec(),
             "-r",
             &repo,
         ];
@@ -132,7 +133,7 @@ impl Fresh {
             "--etcd",
             self.target.etcd_endpoints(),
             "--agent",
-            &self.agent.address,
+            self.agent.spec(),
             "-r",
             &repo,
         ];
@@ -392,7 +393,7 @@ async fn two_snapshots_at_once_one_is_refused_with_the_holder() {
             "--etcd",
             source.cluster.etcd_endpoints(),
             "--agent",
-            &source.agent.address,
+            source.agent.spec(),
             "-r",
             &repo_a_arg,
             "--bandwidth-limit",
@@ -531,7 +532,7 @@ async fn an_agent_killed_mid_snapshot_leaves_no_complete_snapshot() {
             "--etcd",
             cluster.etcd_endpoints(),
             "--agent",
-            &agent.address,
+            agent.spec(),
             "-r",
             &r,
             "--zstd-level",
@@ -738,7 +739,7 @@ async fn unchanged_database_and_store_segments_are_reused_and_changes_taken_agai
                     "--etcd",
                     src.etcd_endpoints(),
                     "--agent",
-                    &agent.address,
+                    agent.spec(),
                     "-r",
                     &r,
                 ],
@@ -848,7 +849,7 @@ async fn unchanged_database_and_store_segments_are_reused_and_changes_taken_agai
                 "--etcd",
                 src.etcd_endpoints(),
                 "--agent",
-                &agent.address,
+                agent.spec(),
                 "-r",
                 &r,
             ],

@@ -203,8 +203,9 @@ impl Drop for Target {
 #[derive(Debug)]
 pub struct AgentContainer {
     pub name: String,
-    pub address: String,
     pub token_file: PathBuf,
+    /// `HOST_ID@host:port`, as `--agent` takes it.
+    spec: String,
 }
 
 impl AgentContainer {
@@ -228,9 +229,14 @@ impl AgentContainer {
         );
         AgentContainer {
             name: name.to_owned(),
-            address: env["AGENT_ADDRESS"].clone(),
+            spec: format!("{name}@{}", env["AGENT_ADDRESS"]),
             token_file: PathBuf::from(&env["AGENT_TOKEN_FILE"]),
         }
+    }
+
+    /// How `--agent` names it: `HOST_ID@host:port`.
+    pub fn spec(&self) -> &str {
+        &self.spec
     }
 
     /// The container's name on the Docker engine.
@@ -244,6 +250,76 @@ impl Drop for AgentContainer {
         let path = repo_root().join("tests/cluster/agent");
         let _ = Command::new(path).args(["down", &self.name]).output();
     }
+}
+
+/// A cluster PKI made with the coordinator's own `pki` code, in a temporary directory: the CA and
+/// the coordinator's certificate, plus one agent certificate per host id asked for.
+#[derive(Debug)]
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use deis_backup_coordinator::pki::{self, Subject};
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path()).unwrap();
+        pki::issue(dir.path(), &Subject::Coordinator, None).unwrap();
+        Pki { dir }
+    }
+
+    /// The test process's shared PKI.
+    pub fn shared() -> &'static Pki {
+        static P: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+        P.get_or_init(Pki::new)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The certificate and key of the agent with this host id, issued on first use.
+    pub fn agent(&self, host_id: &str) -> (PathBuf, PathBuf) {
+        use deis_backup_coordinator::pki::{self, Subject};
+        static ISSUING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ISSUING.lock().unwrap();
+        let cert = self.file(&format!("agent-{host_id}.pem"));
+        if !cert.exists() {
+            pki::issue(self.dir(), &Subject::Agent(host_id.to_owned()), None).unwrap();
+        }
+        (cert, self.file(&format!("agent-{host_id}.key")))
+    }
+
+    /// The TLS settings of a client that is the coordinator, talking to the agent `host_id`.
+    pub fn coordinator_tls(&self, host_id: &str) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                fs::read(self.file("ca.pem")).unwrap(),
+            ))
+            .domain_name(deis_backup_proto::identity::agent_name(host_id).unwrap())
+            .identity(Identity::from_pem(
+                fs::read(self.file("coordinator.pem")).unwrap(),
+                fs::read(self.file("coordinator.key")).unwrap(),
+            ))
+    }
+}
+
+/// Sets the coordinator's TLS files on a `deis-backup` command: those of the PKI directory
+/// `tests/cluster/agent` keeps beside the token file (`$D/secrets/pki`).
+pub fn coordinator_tls_env(c: &mut Command, token_file: &Path) {
+    let pki = token_file
+        .parent()
+        .expect("the token's directory")
+        .join("pki");
+    c.env("DEIS_BACKUP_TLS_CA", pki.join("ca.pem"))
+        .env("DEIS_BACKUP_TLS_CERT", pki.join("coordinator.pem"))
+        .env("DEIS_BACKUP_TLS_KEY", pki.join("coordinator.key"));
 }
 
 /// A loopback port nobody listens on right now.
