@@ -414,24 +414,20 @@ impl Config {
     /// `$DEIS_BACKUP_TOKEN`, which the agent warns about (the environment of a process is readable
     /// in more places than a file).
     pub fn token(&self) -> Result<Token> {
-        let text = match &self.token_file {
-            Some(p) => {
-                deis_backup_proto::identity::check_private(p)
-                    .map_err(|what| Error::Config { what })?;
-                std::fs::read_to_string(p).map_err(|e| Error::Config {
-                    what: format!("cannot read the token file {}: {e}", p.display()),
-                })?
+        let text = if let Some(p) = &self.token_file {
+            deis_backup_proto::identity::check_private(p).map_err(|what| Error::Config { what })?;
+            std::fs::read_to_string(p).map_err(|e| Error::Config {
+                what: format!("cannot read the token file {}: {e}", p.display()),
+            })?
+        } else {
+            let t = std::env::var(TOKEN_ENV).unwrap_or_default();
+            if !t.is_empty() {
+                tracing::warn!(
+                    "the bearer token comes from ${TOKEN_ENV}; prefer --token-file with a mode \
+                     600 file (docs/SECURITY.md)"
+                );
             }
-            None => {
-                let t = std::env::var(TOKEN_ENV).unwrap_or_default();
-                if !t.is_empty() {
-                    tracing::warn!(
-                        "the bearer token comes from ${TOKEN_ENV}; prefer --token-file with a \
-                         mode 600 file (docs/SECURITY.md)"
-                    );
-                }
-                t
-            }
+            t
         };
         let t = text.trim();
         if t.len() < 16 {

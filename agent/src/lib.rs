@@ -152,18 +152,17 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
     let tls = config.tls_files();
-    match &tls {
-        Some(files) => {
-            server = server
-                .tls_config(tls_config(files, &host_id)?)
-                .map_err(|e| Error::Config {
-                    what: format!("TLS configuration refused: {e}"),
-                })?
-        }
-        None => tracing::warn!(
+    if let Some(files) = &tls {
+        server = server
+            .tls_config(tls_config(files, &host_id)?)
+            .map_err(|e| Error::Config {
+                what: format!("TLS configuration refused: {e}"),
+            })?;
+    } else {
+        tracing::warn!(
             "--insecure-plaintext: serving without TLS; callers are not authenticated beyond the \
              token, which travels in clear"
-        ),
+        );
     }
     let auth = auth::Authenticator::new(&token, tls.is_some());
 

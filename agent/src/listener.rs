@@ -67,7 +67,7 @@ impl AsyncRead for Connection {
                 ))),
                 Poll::Pending => Poll::Pending,
             },
-            other => other,
+            other @ Poll::Ready(Err(_)) => other,
         }
     }
 }

@@ -411,6 +411,11 @@ mod tests {
             agents.token_file.as_deref(),
             Some(std::path::Path::new("/etc/deis-backup/token"))
         );
+        assert_eq!(
+            agents.tls_cert.as_deref(),
+            Some(std::path::Path::new("/etc/deis-backup/pki/coordinator.pem"))
+        );
+        assert!(!agents.insecure_plaintext);
         assert!(unit.contains("--entrypoint /usr/bin/deis-backup"));
         assert!(unit.contains("Type=oneshot"));
     }

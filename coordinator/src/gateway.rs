@@ -70,6 +70,47 @@ impl Secret {
     }
 }
 
+impl Secret {
+    /// The secret in `path` (its first line): the file must be mode 600 (or stricter), owned by
+    /// this user or root.
+    pub fn from_file(path: &std::path::Path, what: &str) -> Result<Self> {
+        crate::pki::check_private(path)?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(format!(
+                "cannot read the {what} file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let line = text.lines().next().unwrap_or("").trim();
+        if line.is_empty() {
+            return Err(Error::config(format!(
+                "the {what} file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Self(line.to_owned()))
+    }
+
+    /// The first of: the file, the value already set (config file), the environment variable.
+    pub fn resolve(
+        file: Option<&std::path::Path>,
+        set: Option<&Secret>,
+        env: &str,
+        what: &str,
+    ) -> Result<Option<Secret>> {
+        if let Some(p) = file {
+            return Self::from_file(p, what).map(Some);
+        }
+        if let Some(s) = set {
+            return Ok(Some(s.clone()));
+        }
+        Ok(std::env::var(env)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(Secret))
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")
@@ -112,12 +153,15 @@ pub struct GatewayOptions {
         hide_env_values = true
     )]
     pub access_key: Option<Secret>,
-    /// Gateway secret key. Default: /deis/store/gateway/secretKey in etcd.
+    /// File holding the gateway secret key (mode 600). Default: $DEIS_BACKUP_GATEWAY_SECRET_KEY,
+    /// else /deis/store/gateway/secretKey in etcd. Never a flag value: argv is public.
     #[arg(
-        long = "gateway-secret-key",
-        env = "DEIS_BACKUP_GATEWAY_SECRET_KEY",
-        hide_env_values = true
+        long = "gateway-secret-key-file",
+        env = "DEIS_BACKUP_GATEWAY_SECRET_KEY_FILE"
     )]
+    pub secret_key_file: Option<std::path::PathBuf>,
+    /// The secret key itself: from the config file's `secret-key`, or the environment.
+    #[arg(skip)]
     pub secret_key: Option<Secret>,
     /// AWS signature version: auto tries V4 and falls back to V2 (Ceph Hammer) once.
     #[arg(long = "gateway-signature", value_enum, default_value_t = Signature::Auto)]
@@ -157,6 +201,7 @@ impl Default for GatewayOptions {
         Self {
             endpoints: Vec::new(),
             access_key: None,
+            secret_key_file: None,
             secret_key: None,
             signature: Signature::Auto,
             region: "us-east-1".to_owned(),
@@ -233,7 +278,8 @@ impl GatewayOptions {
             etcd.ok_or_else(|| {
                 Error::config(
                     "no gateway endpoint or keys given and no etcd to read them from: \
-                     pass --etcd, or --gateway with --gateway-access-key/--gateway-secret-key",
+                     pass --etcd, or --gateway with --gateway-access-key and \
+                     --gateway-secret-key-file",
                 )
             })
         };
@@ -249,8 +295,13 @@ impl GatewayOptions {
             Some(k) => k.clone(),
             None => read_key(need_etcd()?, "accessKey").await?,
         };
-        let secret_key = match &self.secret_key {
-            Some(k) => k.clone(),
+        let secret_key = match Secret::resolve(
+            self.secret_key_file.as_deref(),
+            self.secret_key.as_ref(),
+            "DEIS_BACKUP_GATEWAY_SECRET_KEY",
+            "gateway secret key",
+        )? {
+            Some(k) => k,
             None => read_key(need_etcd()?, "secretKey").await?,
         };
         Ok(GatewayTarget {

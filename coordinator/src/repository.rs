@@ -123,13 +123,16 @@ pub struct RepositoryOptions {
         hide_env_values = true
     )]
     pub access_key: Option<Secret>,
-    /// Secret key of an s3:// repository.
+    /// File holding the secret key of an s3:// repository (mode 600). Default:
+    /// $AWS_SECRET_ACCESS_KEY. Never a flag value: argv is public.
     #[arg(
-        id = "repository_secret_key",
-        long = "repository-secret-key",
-        env = "AWS_SECRET_ACCESS_KEY",
-        hide_env_values = true
+        id = "repository_secret_key_file",
+        long = "repository-secret-key-file",
+        env = "DEIS_BACKUP_REPOSITORY_SECRET_KEY_FILE"
     )]
+    pub secret_key_file: Option<PathBuf>,
+    /// The secret key itself: from the config file's `secret-key`, or $AWS_SECRET_ACCESS_KEY.
+    #[arg(skip)]
     pub secret_key: Option<Secret>,
     /// Local directory for staging files of an s3:// repository. Default: the system temp dir.
     #[arg(long = "staging-dir")]
@@ -147,6 +150,7 @@ impl Default for RepositoryOptions {
             endpoint: None,
             region: "us-east-1".to_owned(),
             access_key: None,
+            secret_key_file: None,
             secret_key: None,
             staging_dir: None,
             fsync: true,

@@ -835,8 +835,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "t").unwrap();
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let options = crate::agents::AgentOptions {
             token_file: Some(token),
+            insecure_plaintext: true,
             ..options
         };
         let agent = crate::agents::connect(&options, &[loc]).unwrap().remove(0);

@@ -950,6 +950,9 @@ fn agent_fleet_unit_runs_the_agent_with_flags_it_has() {
     assert_eq!(config.etcd(), "http://10.1.2.3:4001");
     assert!(config.token_file.is_some());
     assert!(config.register());
+    let tls = config.tls_files().expect("the unit serves TLS");
+    assert_eq!(tls.cert, PathBuf::from("/etc/deis-backup/pki/agent.pem"));
+    assert_eq!(tls.ca, PathBuf::from("/etc/deis-backup/pki/ca.pem"));
 }
 
 /// A container of our own from the database's image, running `sleep` instead of PostgreSQL, so

@@ -126,7 +126,7 @@ macro_rules! merge_fields {
 
 merge_fields!(repository, RepositoryOptions, "repository", [
     location, endpoint, region as "repository_region", access_key as "repository_access_key",
-    secret_key as "repository_secret_key", staging_dir, fsync
+    secret_key, secret_key_file as "repository_secret_key_file", staging_dir, fsync
 ]);
 merge_fields!(
     gateway,
@@ -136,6 +136,7 @@ merge_fields!(
         endpoints,
         access_key,
         secret_key,
+        secret_key_file,
         signature,
         region,
         concurrency,

@@ -16,7 +16,9 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::{Backend, LocalFile, RepositoryOptions};
 use crate::error::{Error, ErrorKind, Result};
-use crate::gateway::{ChunkSink, Gateway, GatewayOptions, GatewayTarget, ObjectMeta, Signature};
+use crate::gateway::{
+    ChunkSink, Gateway, GatewayOptions, GatewayTarget, ObjectMeta, Secret, Signature,
+};
 
 /// A repository under `s3://bucket/prefix`.
 #[derive(Debug)]
@@ -54,11 +56,16 @@ impl S3Backend {
             .endpoint
             .clone()
             .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", options.region));
-        let (Some(access_key), Some(secret_key)) = (&options.access_key, &options.secret_key)
-        else {
+        let secret_key = Secret::resolve(
+            options.secret_key_file.as_deref(),
+            options.secret_key.as_ref(),
+            "AWS_SECRET_ACCESS_KEY",
+            "repository secret key",
+        )?;
+        let (Some(access_key), Some(secret_key)) = (&options.access_key, &secret_key) else {
             return Err(Error::config(
                 "an s3:// repository needs keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
-                 (or --repository-access-key/--repository-secret-key)",
+                 (or --repository-access-key and --repository-secret-key-file)",
             ));
         };
         let target = GatewayTarget {
