@@ -359,6 +359,15 @@ fn endpoint_url(e: &str) -> Result<String> {
     } else {
         format!("http://{e}")
     };
+    // Keys travel separately (files, environment, etcd); user info in an endpoint would be a
+    // secret in a URL that errors and logs print.
+    let authority = url.split("://").nth(1).and_then(|r| r.split('/').next());
+    if authority.is_some_and(|a| a.contains('@')) {
+        return Err(Error::config(
+            "a gateway endpoint holds user info (user:password@): give keys with \
+             --gateway-access-key and --gateway-secret-key-file instead",
+        ));
+    }
     let ok = url
         .parse::<http::Uri>()
         .is_ok_and(|u| u.host().is_some() && matches!(u.scheme_str(), Some("http" | "https")));
@@ -1796,6 +1805,8 @@ mod tests {
         );
         assert_eq!(endpoint_url("https://gw:443/").unwrap(), "https://gw:443");
         assert!(endpoint_url("ftp://x").is_err());
+        let e = endpoint_url("http://AKID:s3cret@gw:8888").unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 
     #[test]

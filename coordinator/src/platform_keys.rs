@@ -7,6 +7,9 @@
 //!   (`/deis/*/hosts/*`), `/deis/services/*`, `/deis/database/initId`, `/deis/registry/masterLock`,
 //!   `/deis/platform/domain`, deis-backup's own keys (`/deis/backup/*`), `/coreos.com/*`, and any key
 //!   that carries a TTL (etcd drops those by itself; they describe a running process).
+//! - A key that is not safe to address (an empty, `.` or `..` segment, `?`, `#` or `%`; see
+//!   `deis_backup_etcd::key_path`) is neither exported nor written back: a crafted export cannot
+//!   reach an excluded key through `..`.
 //! - Values are data, never logged: they include secrets such as the database password.
 
 use deis_backup_etcd::Client;
@@ -46,6 +49,9 @@ pub struct ImportReport {
 
 /// True for keys that must never be restored onto another cluster.
 pub fn is_excluded(key: &str) -> bool {
+    if deis_backup_etcd::key_path(key).is_err() {
+        return true;
+    }
     let segs: Vec<&str> = key.trim_start_matches('/').split('/').collect();
     let kept = match segs.as_slice() {
         ["deis", "store" | "services" | "backup", ..]
@@ -106,7 +112,33 @@ pub async fn import(
 
 #[cfg(test)]
 mod tests {
-    use super::is_excluded;
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_with_dot_segments_are_refused_on_import_before_any_request() {
+        // Nothing listens there: any request would fail the import.
+        let nowhere = Client::from_list("http://127.0.0.1:9").unwrap();
+        let export = Export {
+            format: FORMAT,
+            root: ROOT.into(),
+            keys: [
+                "/deis/x/../store/gateway/accessKey",
+                "/deis/../coreos.com/updateengine/rebootlock/semaphore",
+                "/deis/./database/initId",
+                "/deis/router/%2e%2e",
+                "/deis//router",
+            ]
+            .map(|k| Entry {
+                key: k.into(),
+                value: "v".into(),
+            })
+            .to_vec(),
+            excluded: vec![],
+        };
+        let r = import(&nowhere, &export, false).await.unwrap();
+        assert!(r.written.is_empty(), "{r:?}");
+        assert_eq!(r.refused.len(), 5);
+    }
 
     #[test]
     fn ephemeral_and_cluster_specific_keys_are_excluded() {

@@ -5,6 +5,11 @@
 //! - Endpoints are tried in order; a connection failure moves to the next one, an answer from etcd
 //!   (even an error) is final.
 //! - Values never appear in errors or logs: they may be secrets (gateway keys, database password).
+//!   Neither does the user info of an endpoint URL (`http://user:password@host`): endpoints are
+//!   shown through [`shown`].
+//! - Every key is checked segment by segment before a request is built ([`key_path`]): no empty
+//!   segment, `.`, `..`, `?`, `#` or `%`, and each segment is percent-encoded, so a key read from a
+//!   snapshot or from etcd itself can never address another key than the one it names.
 //! - "Key not found" is `Ok(None)`, not an error.
 
 use std::time::Duration;
@@ -81,6 +86,8 @@ const NODE_EXISTS: u32 = 105;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("'{key}' is not a safe etcd key: {why}")]
+    BadKey { key: String, why: &'static str },
     #[error("no etcd endpoint given: pass at least one, e.g. http://127.0.0.1:4001")]
     NoEndpoints,
     #[error("'{0}' is not an etcd endpoint URL: use the form http://host:port")]
@@ -143,7 +150,11 @@ impl Client {
                 Url::parse(e)
                     .ok()
                     .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-                    .ok_or_else(|| Error::BadEndpoint(e.to_owned()))
+                    .ok_or_else(|| {
+                        Error::BadEndpoint(
+                            Url::parse(e).map_or_else(|_| "(unparsable)".to_owned(), |u| shown(&u)),
+                        )
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         let http = reqwest::Client::builder()
@@ -274,12 +285,12 @@ impl Client {
         query: &[(&str, &str)],
         form: &[(&str, &str)],
     ) -> Result<std::result::Result<Response, ErrorBody>> {
-        let path = format!("v2/keys/{}", key.trim_start_matches('/'));
+        let path = format!("v2/keys/{}", key_path(key)?);
         let mut last = None;
         for base in &self.endpoints {
             let url = base
                 .join(&path)
-                .map_err(|_| Error::BadEndpoint(base.to_string()))?;
+                .map_err(|_| Error::BadEndpoint(shown(base)))?;
             let mut req = self.http.request(method.clone(), url).query(query);
             if !form.is_empty() {
                 req = req.form(form);
@@ -287,22 +298,65 @@ impl Client {
             match req.send().await {
                 Ok(resp) => return decode(op, key, resp).await,
                 Err(e) if e.is_connect() || e.is_timeout() => {
-                    tracing::debug!(endpoint = %base, "etcd endpoint unreachable, trying the next");
-                    last = Some(e);
+                    tracing::debug!(endpoint = %shown(base), "etcd endpoint unreachable, trying the next");
+                    last = Some(e.without_url());
                 }
-                Err(e) => last = Some(e),
+                Err(e) => last = Some(e.without_url()),
             }
         }
         Err(Error::Unreachable {
             endpoints: self
                 .endpoints
                 .iter()
-                .map(Url::as_str)
+                .map(shown)
                 .collect::<Vec<_>>()
                 .join(","),
             source: last.expect("at least one endpoint"),
         })
     }
+}
+
+/// An endpoint as it may be shown: without user name or password.
+pub fn shown(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.to_string()
+}
+
+/// Characters percent-encoded in a key segment: everything but unreserved characters.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// The URL path of `key` under `/v2/keys/`: each segment checked and percent-encoded. `/` (the
+/// root) is the empty path.
+pub fn key_path(key: &str) -> Result<String> {
+    let bad = |why| Error::BadKey {
+        key: key.chars().take(200).collect(),
+        why,
+    };
+    let trimmed = key
+        .strip_prefix('/')
+        .ok_or_else(|| bad("it does not start with /"))?;
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    let mut out = Vec::new();
+    for seg in trimmed.split('/') {
+        match seg {
+            "" => return Err(bad("it has an empty segment (// or a trailing /)")),
+            "." | ".." => return Err(bad("it has a . or .. segment")),
+            s if s.contains(['?', '#', '%']) => return Err(bad("a segment holds ?, # or %")),
+            s if s.chars().any(char::is_control) => {
+                return Err(bad("a segment holds a control character"));
+            }
+            s => out.push(percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()),
+        }
+    }
+    Ok(out.join("/"))
 }
 
 async fn decode(
@@ -357,6 +411,37 @@ mod tests {
             Err(Error::BadEndpoint(_))
         ));
         assert!(Client::from_list("http://127.0.0.1:4001,http://127.0.0.1:2379").is_ok());
+    }
+
+    #[test]
+    fn unsafe_keys_are_refused_and_segments_encoded() {
+        assert_eq!(
+            key_path("/deis/store/gateway").unwrap(),
+            "deis/store/gateway"
+        );
+        assert_eq!(key_path("/").unwrap(), "");
+        assert_eq!(key_path("/deis/a b+c").unwrap(), "deis/a%20b%2Bc");
+        for bad in [
+            "deis/x",
+            "/deis/../store/gateway/accessKey",
+            "/deis/./x",
+            "/deis//x",
+            "/deis/x/",
+            "/deis/x?recursive=true",
+            "/deis/x#y",
+            "/deis/%2e%2e/coreos.com",
+            "/deis/a\nb",
+        ] {
+            assert!(matches!(key_path(bad), Err(Error::BadKey { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn endpoints_are_shown_without_credentials() {
+        let u = Url::parse("http://root:s3cret@10.0.0.1:4001/").unwrap();
+        assert_eq!(shown(&u), "http://10.0.0.1:4001/");
+        let e = Client::from_list("ftp://root:s3cret@10.0.0.1:4001").unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 
     #[test]
