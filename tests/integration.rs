@@ -7,6 +7,7 @@ mod integration {
     pub mod support;
 
     mod agent;
+    mod agent_bounds;
     mod gateway;
     mod mirror;
     mod repository;

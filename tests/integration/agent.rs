@@ -28,7 +28,7 @@ use super::support::{self, Cluster, Pki, free_port, tree, unique};
 
 /// Adds `authorization: Bearer <token>` (or nothing).
 #[derive(Clone)]
-struct Bearer(Option<String>);
+pub(super) struct Bearer(pub(super) Option<String>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
@@ -40,16 +40,16 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-type Client = AgentClient<InterceptedService<Channel, Bearer>>;
+pub(super) type Client = AgentClient<InterceptedService<Channel, Bearer>>;
 
 /// Something serving the agent API on `addr`: the binary or its container. It serves mutual TLS
 /// with the shared test PKI unless started with `--insecure-plaintext`.
-struct Agent {
-    addr: String,
-    token: String,
-    host_id: String,
+pub(super) struct Agent {
+    pub(super) addr: String,
+    pub(super) token: String,
+    pub(super) host_id: String,
     tls: bool,
-    child: Option<Child>,
+    pub(super) child: Option<Child>,
     container: Option<String>,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -57,7 +57,7 @@ struct Agent {
 
 impl Agent {
     /// Starts the agent binary with these extra flags.
-    async fn spawn(extra: &[&str]) -> Agent {
+    pub(super) async fn spawn(extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let token = unique("test-token-0123456789");
         let host_id = unique("agent-test-host");
@@ -113,7 +113,7 @@ impl Agent {
         agent
     }
 
-    fn log_text(&self) -> String {
+    pub(super) fn log_text(&self) -> String {
         let mut s = fs::read_to_string(&self.log).unwrap_or_default();
         if let Some(c) = &self.container {
             let out = Command::new("docker").args(["logs", c]).output().unwrap();
@@ -171,7 +171,7 @@ impl Agent {
             .max_decoding_message_size(16 << 20)
     }
 
-    async fn client(&self) -> Client {
+    pub(super) async fn client(&self) -> Client {
         self.client_with(Some(&self.token.clone())).await
     }
 
@@ -290,7 +290,7 @@ async fn agent_dump_equals_docker_exec_pg_dumpall() {
     assert_dump_matches(&mut client, cluster.database_container()).await;
 }
 
-async fn restore_store(
+pub(super) async fn restore_store(
     client: &mut Client,
     path: &Path,
     archive: &[u8],
@@ -766,7 +766,7 @@ fn psql(container: &str, sql: &str) -> String {
     support::psql(container, "postgres", sql).unwrap()
 }
 
-async fn restore_sql(
+pub(super) async fn restore_sql(
     client: &mut Client,
     sql: &str,
 ) -> Result<deis_backup_proto::v1::RestoreDatabaseReply, Status> {
@@ -1415,7 +1415,7 @@ async fn the_coordinator_refuses_plaintext_unless_both_sides_say_so() {
     assert!(err.contains("names no host"), "{err}");
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+pub(super) fn peak_rss_kib(pid: u32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
