@@ -45,6 +45,25 @@ pub enum Error {
     BadArchive { reason: String },
     #[error("{what}")]
     BadRequest { what: String },
+    #[error("{what}")]
+    Limit { what: String },
+    #[error("no space left on the filesystem of {}: {source}", .path.display())]
+    NoSpace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "restore into {} stopped after the archive was checked: {source}; removed (overwrite): [{removed}]; already in place: [{moved}]",
+        .target.display()
+    )]
+    RestoreIncomplete {
+        target: PathBuf,
+        removed: String,
+        moved: String,
+        #[source]
+        source: Box<Error>,
+    },
     #[error("{op} {}: {source}", .path.display())]
     Io {
         op: &'static str,
@@ -84,6 +103,15 @@ impl Error {
             Error::BadRequest { .. } => {
                 "the coordinator sent a malformed request; upgrade it to match the agent"
             }
+            Error::Limit { .. } => {
+                "raise the limit named above in the agent's config, or restore a smaller snapshot"
+            }
+            Error::NoSpace { .. } => {
+                "free space (or raise the quota) on that filesystem on this host, then restore again"
+            }
+            Error::RestoreIncomplete { .. } => {
+                "the target holds part of the restore; fix the cause above and restore again with overwrite"
+            }
             Error::Io { .. } => "check the path's permissions and free space on this host",
             Error::Cancelled => "nothing to do: the caller cancelled",
         }
@@ -98,7 +126,8 @@ impl Error {
             }
             Error::NoContainer { .. } | Error::NoHook { .. } => Code::NotFound,
             Error::NotRunning { .. } | Error::NotEmpty { .. } => Code::FailedPrecondition,
-            Error::CommandFailed { .. } => Code::Aborted,
+            Error::CommandFailed { .. } | Error::RestoreIncomplete { .. } => Code::Aborted,
+            Error::Limit { .. } | Error::NoSpace { .. } => Code::ResourceExhausted,
             Error::NotAllowed { .. } => Code::PermissionDenied,
             Error::BadArchive { .. } | Error::BadRequest { .. } => Code::InvalidArgument,
             Error::Cancelled => Code::Cancelled,

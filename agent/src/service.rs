@@ -241,7 +241,7 @@ impl agent_server::Agent for AgentService {
         });
         let opts = store::restore::Options {
             overwrite: header.overwrite,
-            allow_devices: self.settings.restore.devices,
+            policy: self.settings.restore,
             segments: header
                 .segments
                 .into_iter()

@@ -1,547 +1,824 @@
 //! Restoring a store archive (tar + zstd) into an allow-listed directory.
 //!
 //! Invariants:
+//! - The header must announce every segment of the compressed archive (size and a 32-byte
+//!   sha256); none at all is refused before anything is created.
 //! - The archive is extracted into a fresh staging directory inside the target
-//!   (`.deis-backup-restore-<pid>-<nanos>`), then checked as a whole (every path safe, zstd frames
-//!   and tar stream complete, every segment's size and sha256 as announced) before anything outside
-//!   it is touched. A refused
-//!   archive leaves the target as it was, and the staging directory is removed.
-//! - Refused: absolute paths, `..`, a path whose parent is a symlink (even one inside the archive),
-//!   hard links to such paths, device nodes unless `allow_devices`, entry types tar has but a
-//!   store cannot hold. Files are created with O_EXCL|O_NOFOLLOW and never written through a link.
+//!   (`.deis-backup-restore-<pid>-<nanos>/tree`), then checked as a whole (every path safe, zstd
+//!   frames and tar stream complete, every segment's size and sha256 as announced) before
+//!   anything outside it is touched. A refused archive leaves the target as it was, and the
+//!   staging directory is removed.
+//! - Everything inside staging is done relative to directory handles resolved beneath the
+//!   staging root without following any symlink (`staging`): nothing an archive holds, nor
+//!   anything put into the target meanwhile, leads a create, write, link, chown, chmod or utimes
+//!   out of it. Refused: absolute paths, `..`, paths through a symlink or over `PATH_MAX`, hard
+//!   links to anything but a regular file archived before, entry types a store cannot hold.
+//! - Owners, setuid/setgid bits and device nodes follow the agent's own `RestorePolicy` (its
+//!   config), never the caller. The archive root's entry is ignored: the store root keeps its own
+//!   owner and mode.
+//! - Resources are bounded before the `tar` crate sees the stream (`tar_guard`): extension
+//!   headers over 64 KiB and paths over 4096 bytes are refused from their headers, the tar bytes
+//!   of one restore are capped by `max-restore-bytes` and the zstd window by
+//!   `max-zstd-window-log`.
+//! - A full disk is an I/O error naming the path (`NoSpace`), never a damaged archive.
 //! - Only then are the staged entries renamed into the target (same filesystem, so each move is
-//!   atomic); with `overwrite`, the target's previous entries are removed first. A failure in that
-//!   phase is reported with the names already moved.
-//! - Owners (numeric), modes and mtimes are restored; directory metadata is applied last, deepest
-//!   first, so writing children does not disturb it.
+//!   atomic); with `overwrite`, the target's previous entries are moved aside first and removed
+//!   with the staging directory. A failure in that phase names what was already removed and moved.
 
-use std::collections::VecDeque;
+mod segments;
+mod staging;
+mod tar_guard;
+
+use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::SystemTime;
 
 use deis_backup_proto::v1::{RestoreStoreReply, Warning, warning::Kind};
-use rustix::fs::{AtFlags, CWD, FileType, Gid, Mode, Timespec, Timestamps, Uid};
-use sha2::{Digest, Sha256};
-use tar::EntryType;
+use rustix::fs::{Mode, OFlags};
 
+use crate::config::RestorePolicy;
 use crate::error::{Error, Result};
+use segments::SegmentCheck;
+use staging::{Staging, fs_error, open_beneath};
+use tar_guard::TarGuard;
 
 /// Prefix of staging directories inside a restore target.
 pub const STAGING_PREFIX: &str = ".deis-backup-restore-";
 
-/// Options of one restore.
-#[derive(Debug, Clone, Default)]
+/// Options of one restore: the caller's wishes, and the agent's policy that bounds them.
+#[derive(Debug, Clone)]
 pub struct Options {
     pub overwrite: bool,
-    pub allow_devices: bool,
-    /// Size and sha256 of each segment of the compressed archive, in order; empty for no check.
+    /// From the agent's config (`Config::restore_policy`), never from the request.
+    pub policy: RestorePolicy,
+    /// Size and sha256 of each segment of the compressed archive, in order; at least one.
     pub segments: Vec<(u64, Vec<u8>)>,
 }
 
-fn invalid(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-/// Checks the archive's bytes against the announced segments as they pass through.
-struct SegmentCheck<R> {
-    inner: R,
-    want: VecDeque<(u64, Vec<u8>)>,
-    count: usize,
-    /// Segments already checked.
-    done: usize,
-    /// Bytes of the current segment so far.
-    got: u64,
-    hasher: Sha256,
-}
-
-impl<R: Read> SegmentCheck<R> {
-    fn new(inner: R, segments: Vec<(u64, Vec<u8>)>) -> Self {
-        Self {
-            inner,
-            count: segments.len(),
-            want: segments.into(),
-            done: 0,
-            got: 0,
-            hasher: Sha256::new(),
-        }
+/// The error for a failure to read the archive: the guard's refusals keep their own words.
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(read_error)`
+fn read_error(e: io::Error) -> Error {
+    if let Some(r) = tar_guard::refusal(&e) {
+        let reason = r.reason.clone();
+        return if r.limit {
+            Error::Limit { what: reason }
+        } else {
+            Error::BadArchive { reason }
+        };
     }
-
-    /// Checks every segment whose bytes are all in.
-    fn close_finished(&mut self) -> io::Result<()> {
-        while let Some((size, sha)) = self.want.front() {
-            if self.got < *size {
-                break;
-            }
-            if self.hasher.finalize_reset()[..] != sha[..] {
-                return Err(invalid(format!(
-                    "segment {} of {} differs from the sha256 announced in the header",
-                    self.done + 1,
-                    self.count
-                )));
-            }
-            self.want.pop_front();
-            self.done += 1;
-            self.got = 0;
-        }
-        Ok(())
+    if e.to_string().contains("requires too much memory") {
+        return Error::Limit {
+            what: format!(
+                "the archive needs a larger zstd window than this agent accepts (max-zstd-window-log in its config): {e}"
+            ),
+        };
     }
-
-    fn consume(&mut self, mut data: &[u8]) -> io::Result<()> {
-        loop {
-            self.close_finished()?;
-            if data.is_empty() {
-                return Ok(());
-            }
-            let Some((size, _)) = self.want.front() else {
-                return Err(invalid(format!(
-                    "the archive runs past the {} segments announced in the header",
-                    self.count
-                )));
-            };
-            let take = usize::try_from(size - self.got)
-                .unwrap_or(usize::MAX)
-                .min(data.len());
-            self.hasher.update(&data[..take]);
-            self.got += take as u64;
-            data = &data[take..];
-        }
-    }
-
-    /// Reads to the end and checks that every announced segment came whole.
-    fn finish(mut self) -> io::Result<()> {
-        io::copy(&mut self, &mut io::sink())?;
-        Ok(())
+    Error::BadArchive {
+        reason: format!("cannot read the archive: {e}"),
     }
 }
 
-impl<R: Read> Read for SegmentCheck<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if self.count == 0 {
-            return Ok(n);
-        }
-        if n == 0 {
-            self.close_finished()?;
-            if !self.want.is_empty() {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the archive ended in segment {} of {}",
-                        self.done + 1,
-                        self.count
-                    ),
-                ));
-            }
-            return Ok(0);
-        }
-        self.consume(&buf[..n])?;
-        Ok(n)
+/// Refuses a header that does not announce every segment with a sha256.
+fn check_segments(segments: &[(u64, Vec<u8>)]) -> Result<()> {
+    if segments.is_empty() {
+        return Err(Error::BadRequest {
+            what: "a RestoreStore header must announce the size and sha256 of every segment; it announced none".into(),
+        });
     }
-}
-
-/// A checked, archive-relative path: components that are neither empty, `.` nor `..`.
-fn safe_relative(raw: &[u8]) -> std::result::Result<Vec<&[u8]>, String> {
-    let shown = String::from_utf8_lossy(raw);
-    if raw.first() == Some(&b'/') {
-        return Err(format!("entry '{shown}' has an absolute path"));
-    }
-    let mut parts = Vec::new();
-    for c in raw.split(|b| *b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => return Err(format!("entry '{shown}' climbs out with '..'")),
-            c => parts.push(c),
-        }
-    }
-    Ok(parts)
-}
-
-struct Dir {
-    path: PathBuf,
-    depth: usize,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: i64,
-}
-
-struct Stager {
-    staging: PathBuf,
-    allow_devices: bool,
-    dirs: Vec<Dir>,
-    root: Option<Dir>,
-    reply: RestoreStoreReply,
-}
-
-fn refuse(reason: String) -> Error {
-    Error::BadArchive { reason }
-}
-
-#[allow(clippy::needless_pass_by_value)] // used as `map_err(rerr)`
-fn rerr(e: io::Error) -> Error {
-    refuse(format!("cannot read the archive: {e}"))
-}
-
-impl Stager {
-    /// The staging path for `parts`, making sure every parent is a real directory (never a link).
-    fn place(&self, parts: &[&[u8]], shown: &str) -> Result<PathBuf> {
-        let mut p = self.staging.clone();
-        for (i, c) in parts.iter().enumerate() {
-            p.push(std::ffi::OsStr::from_bytes(c));
-            if i + 1 == parts.len() {
-                break;
-            }
-            match fs::symlink_metadata(&p) {
-                Ok(md) if md.file_type().is_symlink() => {
-                    return Err(refuse(format!("entry '{shown}' goes through a symlink")));
-                }
-                Ok(md) if md.is_dir() => {}
-                Ok(_) => {
-                    return Err(refuse(format!(
-                        "entry '{shown}' goes through a non-directory"
-                    )));
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::DirBuilder::new()
-                        .mode(0o700)
-                        .create(&p)
-                        .map_err(Error::io("creating", &p))?;
-                }
-                Err(e) => return Err(Error::io("checking", &p)(e)),
-            }
-        }
-        Ok(p)
-    }
-
-    // One match over the tar entry types: clearer in one place than spread over helpers.
-    #[allow(clippy::too_many_lines)]
-    fn entry(&mut self, mut entry: tar::Entry<'_, impl Read>) -> Result<()> {
-        let raw = entry.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw).into_owned();
-        let parts = safe_relative(&raw).map_err(refuse)?;
-        let h = entry.header().clone();
-        let kind = h.entry_type();
-        let mode = h.mode().map_err(rerr)? & 0o7777;
-        let uid = u32::try_from(h.uid().map_err(rerr)?)
-            .map_err(|_| refuse(format!("entry '{shown}' has an impossible uid")))?;
-        let gid = u32::try_from(h.gid().map_err(rerr)?)
-            .map_err(|_| refuse(format!("entry '{shown}' has an impossible gid")))?;
-        let mtime = i64::try_from(h.mtime().map_err(rerr)?).unwrap_or(i64::MAX);
-        if parts.is_empty() {
-            if kind != EntryType::Directory {
-                return Err(refuse(format!(
-                    "entry '{shown}' names the root but is not a directory"
-                )));
-            }
-            self.root = Some(Dir {
-                path: self.staging.clone(),
-                depth: 0,
-                mode,
-                uid,
-                gid,
-                mtime,
+    for (i, (_, sha)) in segments.iter().enumerate() {
+        if sha.len() != 32 {
+            return Err(Error::BadRequest {
+                what: format!(
+                    "segment {} of {} announces a sha256 of {} bytes, not 32",
+                    i + 1,
+                    segments.len(),
+                    sha.len()
+                ),
             });
-            return Ok(());
         }
-        let dest = self.place(&parts, &shown)?;
-        // A duplicate entry replaces the earlier one, as tar does; a directory is kept.
-        if let Ok(md) = fs::symlink_metadata(&dest)
-            && !(md.is_dir() && kind == EntryType::Directory)
-        {
-            let r = if md.is_dir() {
-                fs::remove_dir_all(&dest)
-            } else {
-                fs::remove_file(&dest)
-            };
-            r.map_err(Error::io("replacing", &dest))?;
-        }
-        let io = |op| Error::io(op, dest.clone());
-        match kind {
-            EntryType::Regular | EntryType::Continuous => {
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits().cast_signed())
-                    .open(&dest)
-                    .map_err(io("creating"))?;
-                let n = io::copy(&mut entry, &mut f).map_err(rerr)?;
-                rustix::fs::fchown(&f, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
-                    .map_err(|e| io("setting the owner of")(e.into()))?;
-                f.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(io("setting the mode of"))?;
-                f.set_modified(system_time(mtime))
-                    .map_err(io("setting the mtime of"))?;
-                self.reply.files += 1;
-                self.reply.bytes += n;
-            }
-            EntryType::Directory => {
-                if !dest.is_dir() {
-                    fs::DirBuilder::new()
-                        .mode(0o700)
-                        .create(&dest)
-                        .map_err(io("creating"))?;
-                }
-                self.dirs.push(Dir {
-                    path: dest,
-                    depth: parts.len(),
-                    mode,
-                    uid,
-                    gid,
-                    mtime,
-                });
-                self.reply.dirs += 1;
-            }
-            EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| refuse(format!("symlink '{shown}' has no target")))?
-                    .into_owned();
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &dest)
-                    .map_err(io("creating"))?;
-                set_meta(&dest, None, uid, gid, mtime).map_err(io("setting metadata of"))?;
-                self.reply.links += 1;
-            }
-            EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| refuse(format!("hard link '{shown}' has no target")))?
-                    .into_owned();
-                let tparts = safe_relative(&target).map_err(refuse)?;
-                if tparts.is_empty() {
-                    return Err(refuse(format!("hard link '{shown}' points at the root")));
-                }
-                let src = self.place(&tparts, &shown)?;
-                match fs::symlink_metadata(&src) {
-                    Ok(md) if md.is_file() => {}
-                    _ => {
-                        return Err(refuse(format!(
-                            "hard link '{shown}' points at '{}', which is not a file archived before it",
-                            String::from_utf8_lossy(&target)
-                        )));
-                    }
-                }
-                fs::hard_link(&src, &dest).map_err(io("linking"))?;
-                self.reply.links += 1;
-            }
-            EntryType::Fifo | EntryType::Char | EntryType::Block => {
-                let (ft, dev) = match kind {
-                    EntryType::Fifo => (FileType::Fifo, 0),
-                    _ if !self.allow_devices => {
-                        return Err(refuse(format!(
-                            "entry '{shown}' is a device node; restore with allow_devices to create it"
-                        )));
-                    }
-                    _ => {
-                        let major = h.device_major().map_err(rerr)?.unwrap_or(0);
-                        let minor = h.device_minor().map_err(rerr)?.unwrap_or(0);
-                        let ft = if kind == EntryType::Char {
-                            FileType::CharacterDevice
-                        } else {
-                            FileType::BlockDevice
-                        };
-                        (ft, rustix::fs::makedev(major, minor))
-                    }
-                };
-                rustix::fs::mknodat(CWD, &dest, ft, Mode::from_raw_mode(0o600), dev)
-                    .map_err(|e| io("creating")(e.into()))?;
-                set_meta(&dest, Some(mode), uid, gid, mtime).map_err(io("setting metadata of"))?;
-                self.reply.files += 1;
-            }
-            EntryType::XGlobalHeader => {}
-            other => {
-                return Err(refuse(format!(
-                    "entry '{shown}' has a type a store cannot hold ({other:?})"
-                )));
-            }
-        }
-        Ok(())
     }
-}
-
-fn system_time(mtime: i64) -> SystemTime {
-    match u64::try_from(mtime) {
-        Ok(s) => SystemTime::UNIX_EPOCH + Duration::from_secs(s),
-        Err(_) => SystemTime::UNIX_EPOCH,
-    }
-}
-
-/// Sets owner, mode (unless `None`, for symlinks) and mtime of `path` without following a link.
-fn set_meta(path: &Path, mode: Option<u32>, uid: u32, gid: u32, mtime: i64) -> io::Result<()> {
-    rustix::fs::chownat(
-        CWD,
-        path,
-        Some(Uid::from_raw(uid)),
-        Some(Gid::from_raw(gid)),
-        AtFlags::SYMLINK_NOFOLLOW,
-    )?;
-    if let Some(mode) = mode {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
-    }
-    let t = Timespec {
-        tv_sec: mtime,
-        tv_nsec: 0,
-    };
-    rustix::fs::utimensat(
-        CWD,
-        path,
-        &Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        AtFlags::SYMLINK_NOFOLLOW,
-    )?;
     Ok(())
 }
 
 /// The target's entries other than our staging directory.
-fn existing(target: &Path, staging: &Path) -> Result<Vec<PathBuf>> {
+fn existing(target: &Path, staging: &str) -> Result<Vec<OsString>> {
     let mut out = Vec::new();
-    for e in fs::read_dir(target).map_err(Error::io("listing", target))? {
-        let p = e.map_err(Error::io("listing", target))?.path();
-        if p != staging {
-            out.push(p);
+    for e in fs::read_dir(target).map_err(fs_error("listing", target.into()))? {
+        let name = e.map_err(fs_error("listing", target.into()))?.file_name();
+        if name != staging {
+            out.push(name);
         }
     }
     Ok(out)
 }
 
 /// Restores the tar + zstd `archive` into `target` (blocking; see the module invariants).
-pub fn restore(
-    target: &Path,
-    archive: crate::chunks::ChannelReader,
-    opts: &Options,
-) -> Result<RestoreStoreReply> {
+pub fn restore(target: &Path, archive: impl Read, opts: &Options) -> Result<RestoreStoreReply> {
+    check_segments(&opts.segments)?;
     if !target.is_dir() {
-        fs::create_dir(target).map_err(Error::io("creating the restore target", target))?;
+        fs::create_dir(target).map_err(fs_error("creating the restore target", target.into()))?;
     }
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    let staging = target.join(format!("{STAGING_PREFIX}{}-{nanos}", std::process::id()));
-    if !opts.overwrite && !existing(target, &staging)?.is_empty() {
+    let name = format!("{STAGING_PREFIX}{}-{nanos}", std::process::id());
+    if !opts.overwrite && !existing(target, &name)?.is_empty() {
         return Err(Error::NotEmpty {
             path: target.to_path_buf(),
         });
     }
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&staging)
-        .map_err(Error::io("creating the staging directory", &staging))?;
-    let result = stage(&staging, archive, opts)
-        .and_then(|stager| commit(target, &staging, stager, opts.overwrite));
-    if staging.exists()
-        && let Err(e) = fs::remove_dir_all(&staging)
-    {
-        tracing::warn!(path = %staging.display(), error = %e, "cannot remove the staging directory");
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let target_fd = rustix::fs::open(target, flags, Mode::empty())
+        .map_err(|e| fs_error("opening", target.into())(e.into()))?;
+    let staging_path = target.join(&name);
+    rustix::fs::mkdirat(&target_fd, name.as_str(), Mode::from_raw_mode(0o700))
+        .map_err(|e| fs_error("creating the staging directory", staging_path.clone())(e.into()))?;
+    let result = Dirs::open(&target_fd, &name, target).and_then(|dirs| {
+        let reply = stage(&dirs, archive, opts)?;
+        commit(&dirs, reply, opts.overwrite)
+    });
+    if let Err(e) = fs::remove_dir_all(&staging_path) {
+        tracing::warn!(path = %staging_path.display(), error = %e, "cannot remove the staging directory");
     }
-    let (reply, root) = result?;
-    // The root's metadata goes last: removing the staging directory changed the target's mtime.
-    if let Some(root) = root {
-        set_meta(target, Some(root.mode), root.uid, root.gid, root.mtime)
-            .map_err(Error::io("setting metadata of", target))?;
+    result
+}
+
+/// The handles of one restore: the target, and inside the staging directory the tree being
+/// written and the place replaced entries go.
+struct Dirs<'a> {
+    target: &'a OwnedFd,
+    target_path: &'a Path,
+    staging_name: &'a str,
+    tree: OwnedFd,
+    replaced: OwnedFd,
+}
+
+impl<'a> Dirs<'a> {
+    fn open(target: &'a OwnedFd, staging_name: &'a str, target_path: &'a Path) -> Result<Self> {
+        let path = target_path.join(staging_name);
+        let staging = open_beneath(target, staging_name.as_bytes())
+            .map_err(|e| fs_error("opening", path.clone())(e.into()))?;
+        let sub = |name: &str| {
+            rustix::fs::mkdirat(&staging, name, Mode::from_raw_mode(0o700))
+                .and_then(|()| open_beneath(&staging, name.as_bytes()))
+                .map_err(|e| fs_error("creating", path.join(name))(e.into()))
+        };
+        Ok(Self {
+            target,
+            target_path,
+            staging_name,
+            tree: sub("tree")?,
+            replaced: sub("replaced")?,
+        })
+    }
+}
+
+fn stage(dirs: &Dirs<'_>, archive: impl Read, opts: &Options) -> Result<RestoreStoreReply> {
+    let tree_path = dirs.target_path.join(dirs.staging_name).join("tree");
+    let tree = dirs
+        .tree
+        .try_clone()
+        .map_err(fs_error("opening", tree_path.clone()))?;
+    let replaced = dirs
+        .replaced
+        .try_clone()
+        .map_err(fs_error("opening", tree_path.clone()))?;
+    let mut staging = Staging::new(tree, tree_path, replaced, opts.policy);
+    let mut checked = SegmentCheck::new(archive, opts.segments.clone());
+    {
+        // The segments are zstd frames one after another: the decoder reads through all of them.
+        let mut dec = zstd::Decoder::new(&mut checked).map_err(read_error)?;
+        dec.window_log_max(opts.policy.max_window_log)
+            .map_err(read_error)?;
+        let mut tar = tar::Archive::new(TarGuard::new(dec, opts.policy.max_bytes));
+        for entry in tar.entries().map_err(read_error)? {
+            staging.entry(entry.map_err(read_error)?)?;
+        }
+        // The tar ended; read the zstd stream to its end so its checksum is verified.
+        let mut rest = tar.into_inner();
+        io::copy(&mut rest, &mut io::sink()).map_err(read_error)?;
+    }
+    checked.finish().map_err(read_error)?;
+    staging.finish_dirs()?;
+    Ok(staging.reply)
+}
+
+/// The error for a failure in the commit phase: plain while the target is untouched, otherwise
+/// naming what was already removed and moved.
+fn incomplete(target: &Path, removed: &[String], moved: &[String], e: Error) -> Error {
+    if removed.is_empty() && moved.is_empty() {
+        return e;
+    }
+    Error::RestoreIncomplete {
+        target: target.to_path_buf(),
+        removed: removed.join(", "),
+        moved: moved.join(", "),
+        source: Box::new(e),
+    }
+}
+
+fn commit(
+    dirs: &Dirs<'_>,
+    mut reply: RestoreStoreReply,
+    overwrite: bool,
+) -> Result<RestoreStoreReply> {
+    let old = existing(dirs.target_path, dirs.staging_name)?;
+    if !old.is_empty() && !overwrite {
+        return Err(Error::NotEmpty {
+            path: dirs.target_path.to_path_buf(),
+        });
+    }
+    let (mut removed, mut moved) = (Vec::new(), Vec::new());
+    for (i, name) in old.iter().enumerate() {
+        let shown = name.to_string_lossy().into_owned();
+        rustix::fs::renameat(dirs.target, name, &dirs.replaced, format!("old-{i}")).map_err(
+            |e| {
+                let e = fs_error("removing", dirs.target_path.join(name))(e.into());
+                incomplete(dirs.target_path, &removed, &moved, e)
+            },
+        )?;
+        removed.push(shown.clone());
+        reply.warnings.push(Warning {
+            kind: Kind::Other.into(),
+            path: shown,
+            message: "replaced (overwrite)".into(),
+        });
+    }
+    let tree_path = dirs.target_path.join(dirs.staging_name).join("tree");
+    let mut names = existing(&tree_path, "")?;
+    names.sort();
+    for name in names {
+        rustix::fs::renameat(&dirs.tree, &name, dirs.target, &name).map_err(|e| {
+            let e = fs_error("moving into place", dirs.target_path.join(&name))(e.into());
+            incomplete(dirs.target_path, &removed, &moved, e)
+        })?;
+        moved.push(name.to_string_lossy().into_owned());
     }
     Ok(reply)
 }
 
-fn stage(staging: &Path, archive: crate::chunks::ChannelReader, opts: &Options) -> Result<Stager> {
-    let mut stager = Stager {
-        staging: staging.to_path_buf(),
-        allow_devices: opts.allow_devices,
-        dirs: Vec::new(),
-        root: None,
-        reply: RestoreStoreReply::default(),
-    };
-    let mut checked = SegmentCheck::new(archive, opts.segments.clone());
-    {
-        // The segments are zstd frames one after another: the decoder reads through all of them.
-        let dec = zstd::Decoder::new(&mut checked).map_err(rerr)?;
-        let mut tar = tar::Archive::new(dec);
-        for entry in tar.entries().map_err(rerr)? {
-            stager.entry(entry.map_err(rerr)?)?;
-        }
-        // The tar ended; read the zstd stream to its end so its checksum is verified.
-        let mut dec = tar.into_inner();
-        io::copy(&mut dec, &mut io::sink()).map_err(rerr)?;
-    }
-    checked.finish().map_err(rerr)?;
-    stager.dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
-    for d in &stager.dirs {
-        set_meta(&d.path, Some(d.mode), d.uid, d.gid, d.mtime)
-            .map_err(Error::io("setting metadata of", &d.path))?;
-    }
-    Ok(stager)
-}
-
-fn commit(
-    target: &Path,
-    staging: &Path,
-    stager: Stager,
-    overwrite: bool,
-) -> Result<(RestoreStoreReply, Option<Dir>)> {
-    let mut reply = stager.reply;
-    let old = existing(target, staging)?;
-    if !old.is_empty() && !overwrite {
-        return Err(Error::NotEmpty {
-            path: target.to_path_buf(),
-        });
-    }
-    let mut moved = Vec::new();
-    let partial = |moved: &[String], e: Error| Error::BadRequest {
-        what: format!(
-            "restore into {} stopped after the archive was checked: {e}; already in place: [{}]",
-            target.display(),
-            moved.join(", ")
-        ),
-    };
-    for p in old {
-        let md = fs::symlink_metadata(&p).map_err(Error::io("replacing", &p))?;
-        let r = if md.is_dir() {
-            fs::remove_dir_all(&p)
-        } else {
-            fs::remove_file(&p)
-        };
-        r.map_err(|e| partial(&moved, Error::io("removing", &p)(e)))?;
-        reply.warnings.push(Warning {
-            kind: Kind::Other.into(),
-            path: p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            message: "replaced (overwrite)".into(),
-        });
-    }
-    let mut names: Vec<_> = fs::read_dir(staging)
-        .map_err(Error::io("listing", staging))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<io::Result<_>>()
-        .map_err(Error::io("listing", staging))?;
-    names.sort();
-    for name in names {
-        let from = staging.join(&name);
-        let to = target.join(&name);
-        fs::rename(&from, &to)
-            .map_err(|e| partial(&moved, Error::io("moving into place", &to)(e)))?;
-        moved.push(name.to_string_lossy().into_owned());
-    }
-    Ok((reply, stager.root))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::path::PathBuf;
+
+    use sha2::{Digest, Sha256};
+    use tar::{EntryType, Header};
+
     use super::*;
+
+    fn policy() -> RestorePolicy {
+        RestorePolicy {
+            owners: true,
+            setid: true,
+            devices: false,
+            max_bytes: 1 << 30,
+            max_window_log: 27,
+        }
+    }
+
+    fn options(z: &[u8], policy: RestorePolicy) -> Options {
+        Options {
+            overwrite: false,
+            policy,
+            segments: vec![(z.len() as u64, Sha256::digest(z).to_vec())],
+        }
+    }
+
+    fn run_with(target: &Path, tar: &[u8], policy: RestorePolicy) -> Result<RestoreStoreReply> {
+        let z = zstd::encode_all(tar, 3).unwrap();
+        restore(target, &z[..], &options(&z, policy))
+    }
+
+    fn run(target: &Path, tar: &[u8]) -> Result<RestoreStoreReply> {
+        run_with(target, tar, policy())
+    }
+
+    /// A tar archive built entry by entry, headers as given (no checks of our own).
+    struct Ar(tar::Builder<Vec<u8>>);
+
+    fn header(kind: EntryType, mode: u32, uid: u64, gid: u64) -> Header {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_mtime(1_500_000_000);
+        h.set_size(0);
+        h
+    }
+
+    impl Ar {
+        fn new() -> Self {
+            Self(tar::Builder::new(Vec::new()))
+        }
+        fn add(mut self, mut h: Header, path: &str, data: &[u8]) -> Self {
+            h.set_size(data.len() as u64);
+            self.0.append_data(&mut h, path, data).unwrap();
+            self
+        }
+        fn root(mut self, mode: u32, uid: u64) -> Self {
+            let mut h = header(EntryType::Directory, mode, uid, uid);
+            h.as_old_mut().name[..2].copy_from_slice(b"./");
+            h.set_cksum();
+            self.0.append(&h, io::empty()).unwrap();
+            self
+        }
+        fn dir(self, path: &str, mode: u32, uid: u64) -> Self {
+            self.add(header(EntryType::Directory, mode, uid, uid), path, b"")
+        }
+        fn file(self, path: &str, mode: u32, uid: u64, gid: u64, data: &[u8]) -> Self {
+            self.add(header(EntryType::Regular, mode, uid, gid), path, data)
+        }
+        fn link(mut self, kind: EntryType, path: &str, to: &str) -> Self {
+            let mut h = header(kind, 0o777, 4242, 4242);
+            self.0.append_link(&mut h, path, to).unwrap();
+            self
+        }
+        fn symlink(self, path: &str, to: &str) -> Self {
+            self.link(EntryType::Symlink, path, to)
+        }
+        fn hard_link(self, path: &str, to: &str) -> Self {
+            self.link(EntryType::Link, path, to)
+        }
+        fn node(self, kind: EntryType, path: &str, mode: u32, dev: (u32, u32)) -> Self {
+            let mut h = header(kind, mode, 4242, 4242);
+            h.set_device_major(dev.0).unwrap();
+            h.set_device_minor(dev.1).unwrap();
+            self.add(h, path, b"")
+        }
+        fn finish(self) -> Vec<u8> {
+            self.0.into_inner().unwrap()
+        }
+    }
+
+    /// What must not change about a file outside the store.
+    fn snapshot(p: &Path) -> (u32, u32, u32, u64, Vec<u8>) {
+        let md = fs::symlink_metadata(p).unwrap();
+        let content = if md.is_file() {
+            fs::read(p).unwrap()
+        } else {
+            Vec::new()
+        };
+        (md.mode(), md.uid(), md.gid(), md.nlink(), content)
+    }
+
+    /// A root-owned 0600 file outside the store, in a directory of its own.
+    fn outside(tmp: &Path) -> (PathBuf, PathBuf) {
+        let dir = tmp.join("outside");
+        fs::create_dir(&dir).unwrap();
+        let file = dir.join("victim");
+        fs::write(&file, b"secret").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        (dir, file)
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn refused(r: Result<RestoreStoreReply>) -> String {
+        match r {
+            Err(Error::BadArchive { reason }) => reason,
+            other => panic!("expected a refused archive, got {other:?}"),
+        }
+    }
 
     #[test]
     fn unsafe_paths_are_refused() {
+        use staging::safe_relative;
         assert!(safe_relative(b"/etc/x").is_err());
         assert!(safe_relative(b"a/../../x").is_err());
         assert!(safe_relative(b"..").is_err());
         assert_eq!(safe_relative(b"./a//b/").unwrap(), [b"a".as_slice(), b"b"]);
         assert!(safe_relative(b"./").unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_ordinary_archive_is_restored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("store");
+        let tar = Ar::new()
+            .dir("d", 0o750, 0)
+            .file("d/a", 0o640, 0, 0, b"hello")
+            .hard_link("d/b", "d/a")
+            .symlink("l", "d/a")
+            .node(EntryType::Fifo, "f", 0o640, (0, 0))
+            .finish();
+        let reply = run(&target, &tar).unwrap();
+        assert_eq!(
+            (reply.files, reply.dirs, reply.links, reply.bytes),
+            (2, 1, 2, 5)
+        );
+        assert_eq!(entries(&target), ["d", "f", "l"]);
+        assert_eq!(fs::read(target.join("l")).unwrap(), b"hello");
+        let a = fs::metadata(target.join("d/a")).unwrap();
+        assert_eq!(
+            (a.mode() & 0o7777, a.nlink(), a.mtime()),
+            (0o640, 2, 1_500_000_000)
+        );
+        let d = fs::metadata(target.join("d")).unwrap();
+        assert_eq!((d.mode() & 0o7777, d.mtime()), (0o750, 1_500_000_000));
+        let f = fs::symlink_metadata(target.join("f")).unwrap();
+        assert!(f.file_type().is_fifo());
+        assert_eq!((f.mode() & 0o7777, f.uid()), (0o640, 4242));
+    }
+
+    #[test]
+    fn finding1_dir_then_symlink_does_not_chmod_outside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, victim) = outside(tmp.path());
+        let before = snapshot(&victim);
+        let target = tmp.path().join("store");
+        let tar = Ar::new()
+            .dir("x", 0o7777, 4242)
+            .symlink("x", victim.to_str().unwrap())
+            .finish();
+        run(&target, &tar).unwrap();
+        assert!(fs::symlink_metadata(target.join("x")).unwrap().is_symlink());
+        assert_eq!(snapshot(&victim), before);
+    }
+
+    #[test]
+    fn finding1_parent_replaced_by_symlink_does_not_chown_outside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, victim) = outside(tmp.path());
+        let (before, dir_before) = (snapshot(&victim), snapshot(&dir));
+        let target = tmp.path().join("store");
+        let tar = Ar::new()
+            .dir("p", 0o7777, 4242)
+            .dir("p/victim", 0o7777, 4242)
+            .symlink("p", dir.to_str().unwrap())
+            .finish();
+        run(&target, &tar).unwrap();
+        assert_eq!(snapshot(&victim), before);
+        assert_eq!(snapshot(&dir), dir_before);
+        // Writing through a symlink the archive made is refused outright.
+        let target = tmp.path().join("store2");
+        let tar = Ar::new()
+            .symlink("s", dir.to_str().unwrap())
+            .file("s/victim", 0o6777, 4242, 4242, b"owned")
+            .finish();
+        let reason = refused(run(&target, &tar));
+        assert!(reason.contains("through a symlink"), "{reason}");
+        assert_eq!(snapshot(&victim), before);
+        assert!(entries(&target).is_empty());
+    }
+
+    #[test]
+    fn finding1_hard_link_to_an_outside_file_is_impossible() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, victim) = outside(tmp.path());
+        let before = snapshot(&victim);
+        let abs = victim.to_str().unwrap();
+        let archives = [
+            Ar::new().hard_link("h", abs),
+            Ar::new().hard_link("h", "../outside/victim"),
+            Ar::new()
+                .symlink("s", dir.to_str().unwrap())
+                .hard_link("h", "s/victim"),
+            Ar::new().symlink("s", abs).hard_link("h", "s"),
+        ];
+        let target = tmp.path().join("store");
+        for (i, ar) in archives.into_iter().enumerate() {
+            let reason = refused(run(&target, &ar.finish()));
+            assert!(entries(&target).is_empty(), "archive {i}: {reason}");
+            assert_eq!(snapshot(&victim), before, "archive {i}: {reason}");
+            assert_eq!(before.3, 1);
+        }
+    }
+
+    #[test]
+    fn finding2_archive_root_metadata_leaves_the_store_root_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("store");
+        fs::create_dir(&target).unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o750)).unwrap();
+        std::os::unix::fs::chown(&target, Some(1234), Some(1234)).unwrap();
+        let tar = Ar::new()
+            .root(0o777, 65534)
+            .file("a", 0o644, 0, 0, b"x")
+            .finish();
+        run(&target, &tar).unwrap();
+        let md = fs::metadata(&target).unwrap();
+        assert_eq!(
+            (md.mode() & 0o7777, md.uid(), md.gid()),
+            (0o750, 1234, 1234)
+        );
+        assert_eq!(entries(&target), ["a"]);
+    }
+
+    fn setid_archive() -> Vec<u8> {
+        Ar::new()
+            .dir("d", 0o2770, 4242)
+            .file("d/bin", 0o6755, 4242, 4343, b"#!")
+            .symlink("l", "d/bin")
+            .finish()
+    }
+
+    fn mode_owner(p: &Path) -> (u32, u32, u32) {
+        let md = fs::symlink_metadata(p).unwrap();
+        (md.mode() & 0o7777, md.uid(), md.gid())
+    }
+
+    #[test]
+    fn finding3_default_policy_restores_owners_modes_and_setid() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        run(&t, &setid_archive()).unwrap();
+        assert_eq!(mode_owner(&t.join("d")), (0o2770, 4242, 4242));
+        assert_eq!(mode_owner(&t.join("d/bin")), (0o6755, 4242, 4343));
+        assert_eq!(mode_owner(&t.join("l")).1, 4242);
+    }
+
+    #[test]
+    fn finding3_without_owners_entries_belong_to_the_agent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let p = RestorePolicy {
+            owners: false,
+            ..policy()
+        };
+        run_with(&t, &setid_archive(), p).unwrap();
+        let me = (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        );
+        for name in ["d", "d/bin", "l"] {
+            let (_, uid, gid) = mode_owner(&t.join(name));
+            assert_eq!((uid, gid), me, "{name}");
+        }
+        assert_eq!(mode_owner(&t.join("d/bin")).0, 0o6755);
+    }
+
+    #[test]
+    fn finding3_without_setid_the_bits_are_cleared() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let p = RestorePolicy {
+            setid: false,
+            ..policy()
+        };
+        run_with(&t, &setid_archive(), p).unwrap();
+        assert_eq!(mode_owner(&t.join("d")), (0o770, 4242, 4242));
+        assert_eq!(mode_owner(&t.join("d/bin")), (0o755, 4242, 4343));
+    }
+
+    #[test]
+    fn finding3_device_nodes_are_refused_by_default() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let tar = Ar::new()
+            .node(EntryType::Char, "null", 0o666, (1, 3))
+            .finish();
+        assert!(refused(run(&t, &tar)).contains("allow-devices"));
+        assert!(entries(&t).is_empty());
+    }
+
+    #[test]
+    fn finding3_device_nodes_follow_allow_devices() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let tar = Ar::new()
+            .node(EntryType::Char, "null", 0o4666, (1, 3))
+            .finish();
+        let p = RestorePolicy {
+            devices: true,
+            setid: false,
+            ..policy()
+        };
+        match run_with(&t, &tar, p) {
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc_eperm()) => {
+                eprintln!("skipped: this container may not create device nodes ({source})");
+            }
+            r => {
+                r.unwrap();
+                let md = fs::symlink_metadata(t.join("null")).unwrap();
+                assert!(md.file_type().is_char_device());
+                assert_eq!(md.rdev(), rustix::fs::makedev(1, 3));
+                assert_eq!((md.mode() & 0o7777, md.uid()), (0o666, 4242));
+            }
+        }
+    }
+
+    fn libc_eperm() -> i32 {
+        rustix::io::Errno::PERM.raw_os_error()
+    }
+
+    #[test]
+    fn finding4_no_segments_is_refused_before_anything_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let z = zstd::encode_all(&Ar::new().file("a", 0o644, 0, 0, b"x").finish()[..], 3).unwrap();
+        let o = Options {
+            segments: Vec::new(),
+            ..options(&z, policy())
+        };
+        let e = restore(&t, &z[..], &o).unwrap_err();
+        assert!(matches!(e, Error::BadRequest { .. }), "{e}");
+        assert_eq!(e.status().code(), tonic::Code::InvalidArgument);
+        assert!(!t.exists());
+    }
+
+    #[test]
+    fn finding4_every_digest_is_32_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let z = zstd::encode_all(&Ar::new().file("a", 0o644, 0, 0, b"x").finish()[..], 3).unwrap();
+        let mut o = options(&z, policy());
+        o.segments[0].1.pop();
+        let e = restore(&t, &z[..], &o).unwrap_err();
+        assert!(e.to_string().contains("31 bytes, not 32"), "{e}");
+        assert_eq!(e.status().code(), tonic::Code::InvalidArgument);
+        assert!(!t.exists());
+        // A digest of the right length but the wrong value is refused too, and nothing stays.
+        o.segments[0].1 = vec![0; 32];
+        let reason = refused(restore(&t, &z[..], &o));
+        assert!(reason.contains("sha256"), "{reason}");
+        assert!(entries(&t).is_empty());
+    }
+
+    /// A tar stream with one extension header of `kind` claiming `size` bytes, then 1 MiB of
+    /// data (which compresses to almost nothing).
+    fn bomb(kind: EntryType, size: u64) -> Vec<u8> {
+        let mut h = Header::new_gnu();
+        h.set_path("././@LongLink").unwrap();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_cksum();
+        let mut raw = h.as_bytes().to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 1 << 20));
+        raw
+    }
+
+    #[test]
+    fn finding5_gnu_long_name_bomb_is_refused_by_the_guard() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let reason = refused(run(&t, &bomb(EntryType::GNULongName, 6 << 30)));
+        assert!(
+            reason.contains("extension header (type 'L') claims"),
+            "{reason}"
+        );
+        assert!(entries(&t).is_empty());
+    }
+
+    #[test]
+    fn finding5_pax_bomb_is_refused_by_the_guard() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let reason = refused(run(&t, &bomb(EntryType::XHeader, 6 << 30)));
+        assert!(
+            reason.contains("extension header (type 'x') claims"),
+            "{reason}"
+        );
+        assert!(entries(&t).is_empty());
+    }
+
+    #[test]
+    fn finding5_paths_over_path_max_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let long = "a/".repeat(2100) + "f";
+        let tar = Ar::new().file(&long, 0o644, 0, 0, b"x").finish();
+        let reason = refused(run(&t, &tar));
+        assert!(reason.contains("the longest accepted is 4096"), "{reason}");
+        // The same through a pax `path` record.
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("path", long.as_bytes())])
+            .unwrap();
+        let mut h = header(EntryType::Regular, 0o644, 0, 0);
+        b.append_data(&mut h, "short", io::empty()).unwrap();
+        let reason = refused(run(&t, &b.into_inner().unwrap()));
+        assert!(reason.contains("the longest accepted is 4096"), "{reason}");
+        assert!(entries(&t).is_empty());
+    }
+
+    #[test]
+    fn finding5_tar_bytes_are_capped_by_max_restore_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let tar = Ar::new()
+            .file("big", 0o644, 0, 0, &vec![0; 64 << 10])
+            .finish();
+        let p = RestorePolicy {
+            max_bytes: 10_000,
+            ..policy()
+        };
+        let e = run_with(&t, &tar, p).unwrap_err();
+        assert!(matches!(e, Error::Limit { .. }), "{e}");
+        assert!(
+            e.to_string().contains("10000 bytes") && e.to_string().contains("max-restore-bytes")
+        );
+        assert!(entries(&t).is_empty());
+    }
+
+    #[test]
+    fn finding5_zstd_window_is_capped_by_policy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let tar = Ar::new().file("a", 0o644, 0, 0, &[7; 4096]).finish();
+        let mut enc = zstd::Encoder::new(Vec::new(), 19).unwrap();
+        enc.window_log(20).unwrap();
+        io::Write::write_all(&mut enc, &tar).unwrap();
+        let z = enc.finish().unwrap();
+        let o = options(
+            &z,
+            RestorePolicy {
+                max_window_log: 10,
+                ..policy()
+            },
+        );
+        let e = restore(&t, &z[..], &o).unwrap_err();
+        assert!(matches!(e, Error::Limit { .. }), "{e}");
+        assert!(e.to_string().contains("max-zstd-window-log"), "{e}");
+        assert!(entries(&t).is_empty());
+    }
+
+    /// A 1 MiB tmpfs, unmounted on drop.
+    struct Tmpfs(PathBuf);
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    #[test]
+    fn finding6_full_disk_is_an_io_error_naming_the_target() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mnt = tmp.path().join("small");
+        fs::create_dir(&mnt).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: mounting a tmpfs is not permitted here");
+            return;
+        }
+        let _mount = Tmpfs(mnt.clone());
+        let t = mnt.join("store");
+        let tar = Ar::new()
+            .file("big", 0o644, 0, 0, &vec![1; 2 << 20])
+            .finish();
+        let e = run(&t, &tar).unwrap_err();
+        assert!(matches!(e, Error::NoSpace { .. }), "{e}");
+        let text = e.status().message().to_owned();
+        assert!(text.contains(t.to_str().unwrap()), "{text}");
+        assert!(text.contains("free space"), "{text}");
+        assert!(!text.contains("damaged"), "{text}");
+        assert_eq!(e.status().code(), tonic::Code::ResourceExhausted);
+        assert!(entries(&t).is_empty());
+    }
+
+    #[test]
+    fn finding7_a_commit_failure_names_what_was_removed_and_moved() {
+        let t = Path::new("/srv/store");
+        let cause = || Error::Io {
+            op: "moving into place",
+            path: t.join("b"),
+            source: io::Error::from_raw_os_error(16),
+        };
+        let e = incomplete(t, &["old".into()], &["a".into()], cause());
+        let text = e.status().message().to_owned();
+        assert!(text.contains("removed (overwrite): [old]"), "{text}");
+        assert!(text.contains("already in place: [a]"), "{text}");
+        assert!(!text.contains("before anything was written"), "{text}");
+        assert_eq!(e.status().code(), tonic::Code::Aborted);
+        // Nothing touched yet: the plain error.
+        assert!(matches!(incomplete(t, &[], &[], cause()), Error::Io { .. }));
+    }
+
+    #[test]
+    fn overwrite_moves_old_entries_aside_and_reports_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        fs::create_dir_all(t.join("old/deep")).unwrap();
+        fs::write(t.join("a"), b"old").unwrap();
+        let tar = Ar::new().file("a", 0o644, 0, 0, b"new").finish();
+        assert!(matches!(run(&t, &tar), Err(Error::NotEmpty { .. })));
+        let z = zstd::encode_all(&tar[..], 3).unwrap();
+        let o = Options {
+            overwrite: true,
+            ..options(&z, policy())
+        };
+        let reply = restore(&t, &z[..], &o).unwrap();
+        assert_eq!(entries(&t), ["a"]);
+        assert_eq!(fs::read(t.join("a")).unwrap(), b"new");
+        let mut replaced: Vec<_> = reply.warnings.iter().map(|w| w.path.as_str()).collect();
+        replaced.sort_unstable();
+        assert_eq!(replaced, ["a", "old"]);
     }
 }
