@@ -239,8 +239,8 @@ pub async fn run() -> Result<ExitCode> {
             let repo = Repository::open(&file.repository(repository, sub)?).await?;
             let options = file.prune(options, sub)?;
             let lock = Lock::acquire(&etcd, "prune").await?;
-            let r = prune::prune(&repo, &options).await;
-            lock.release().await?;
+            let r = prune::prune(&repo, &options, &lock).await;
+            release(lock).await;
             out.prune(&r?);
             Ok(ExitCode::SUCCESS)
         }
@@ -285,7 +285,7 @@ async fn cmd_snapshot(
     }
     .await;
     progress.finish();
-    lock.release().await?;
+    release(lock).await;
     let outcome = result?;
     out.snapshot(&outcome);
     Ok(ExitCode::SUCCESS)
@@ -337,6 +337,19 @@ fn cmd_pki(action: &PkiCommand) -> Result<ExitCode> {
     println!("{}", issued.cert.display());
     println!("{}", issued.key.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Releases the cluster lock. A failure is a warning, not the run's outcome: the work is done (or
+/// its own error stands), and the lock expires by itself within its TTL.
+async fn release(lock: Lock) {
+    if let Err(e) = lock.release().await {
+        eprintln!(
+            "deis-backup: warning: could not release the cluster lock ({}); it expires by itself \
+             within {} s",
+            e.message(),
+            deis_backup_coordinator::lock::TTL.as_secs()
+        );
+    }
 }
 
 /// A snapshot id, or the newest for `latest`.

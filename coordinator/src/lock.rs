@@ -6,9 +6,13 @@
 //!   within `TTL` and nobody has to clean up.
 //! - A holder refreshes the lock with compare-and-swap on its own value, so it never extends a lock
 //!   someone else took after it expired, and it notices when it lost the lock.
+//! - The lock counts as lost as soon as a refresh finds it taken, or no refresh has succeeded for
+//!   `TTL - MARGIN`: by then another process may hold it (etcd cut off is indistinguishable from
+//!   the lock expiring). The holder calls [`Lock::check`] before every step that deletes or
+//!   commits (each prune delete batch, a snapshot's manifest) and stops with a clear error.
 //! - Release deletes the key only if it still holds this holder's value.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deis_backup_etcd::{Client, Conditional};
 use serde::{Deserialize, Serialize};
@@ -23,6 +27,8 @@ pub const KEY: &str = "/deis/backup/lock";
 pub const TTL: Duration = Duration::from_secs(60);
 /// How often a holder refreshes the lock.
 pub const REFRESH: Duration = Duration::from_secs(15);
+/// How long before the TTL runs out a holder without a successful refresh stops trusting its lock.
+pub const MARGIN: Duration = Duration::from_secs(15);
 
 /// Who holds the lock, as stored in etcd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +80,8 @@ pub struct Lock {
     etcd: Client,
     value: String,
     lost: watch::Receiver<bool>,
+    /// When the lock was last known to be ours (taken or refreshed).
+    confirmed: watch::Receiver<Instant>,
     refresher: JoinHandle<()>,
 }
 
@@ -101,18 +109,37 @@ impl Lock {
             }
         }
         let (lost_tx, lost) = watch::channel(false);
-        let refresher = tokio::spawn(refresh(etcd.clone(), value.clone(), lost_tx));
+        let (confirmed_tx, confirmed) = watch::channel(Instant::now());
+        let refresher = tokio::spawn(refresh(etcd.clone(), value.clone(), lost_tx, confirmed_tx));
         Ok(Lock {
             etcd: etcd.clone(),
             value,
             lost,
+            confirmed,
             refresher,
         })
     }
 
-    /// True once a refresh found the lock gone or taken by someone else.
+    /// True once a refresh found the lock gone or taken by someone else, or no refresh has
+    /// succeeded for `TTL - MARGIN`.
     pub fn is_lost(&self) -> bool {
-        *self.lost.borrow()
+        self.lost_because().is_some()
+    }
+
+    fn lost_because(&self) -> Option<String> {
+        verdict(*self.lost.borrow(), self.confirmed.borrow().elapsed())
+    }
+
+    /// An error when the lock is lost, naming the step that must not run without it.
+    pub fn check(&self, before: &str) -> Result<()> {
+        match self.lost_because() {
+            None => Ok(()),
+            Some(why) => Err(Error::new(
+                ErrorKind::Locked,
+                format!("the cluster lock was lost ({why}); stopped before {before}"),
+                "check that etcd is healthy and reachable from this host, then run it again",
+            )),
+        }
     }
 
     /// Stops refreshing and deletes the lock if it is still ours.
@@ -129,19 +156,44 @@ impl Drop for Lock {
     }
 }
 
-async fn refresh(etcd: Client, value: String, lost: watch::Sender<bool>) {
+/// Why a lock is lost, if it is: taken over (`taken`), or `quiet` since it was last confirmed
+/// leaves less than `MARGIN` of its TTL.
+fn verdict(taken: bool, quiet: Duration) -> Option<String> {
+    if taken {
+        return Some("it expired or another process took it".into());
+    }
+    (quiet >= TTL.saturating_sub(MARGIN)).then(|| {
+        format!(
+            "no refresh reached etcd for {} s, so it may have expired (TTL {} s)",
+            quiet.as_secs(),
+            TTL.as_secs()
+        )
+    })
+}
+
+async fn refresh(
+    etcd: Client,
+    value: String,
+    lost: watch::Sender<bool>,
+    confirmed: watch::Sender<Instant>,
+) {
     let mut tick = tokio::time::interval(REFRESH);
     tick.tick().await;
     loop {
         tick.tick().await;
+        let asked = Instant::now();
         match etcd.swap(KEY, &value, &value, Some(TTL)).await {
-            Ok(Conditional::Done(_)) => {}
+            // The new TTL runs from when the request was sent, at the latest.
+            Ok(Conditional::Done(_)) => {
+                let _ = confirmed.send(asked);
+            }
             Ok(Conditional::Failed(_)) => {
                 tracing::error!("the cluster lock was lost (expired or taken over)");
                 let _ = lost.send(true);
                 return;
             }
-            // etcd briefly away: the TTL leaves room for the next try.
+            // etcd briefly away: the TTL leaves room for the next try; `check` stops the holder
+            // once it does not.
             Err(e) => tracing::warn!("could not refresh the cluster lock: {e}"),
         }
     }
@@ -163,4 +215,20 @@ fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lock_without_a_refresh_for_most_of_its_ttl_is_lost() {
+        assert_eq!(verdict(false, Duration::ZERO), None);
+        assert_eq!(verdict(false, REFRESH * 2), None);
+        let silent = verdict(false, TTL.saturating_sub(MARGIN)).expect("lost after TTL - MARGIN");
+        assert!(silent.contains("no refresh reached etcd"), "{silent}");
+        assert!(verdict(true, Duration::ZERO).is_some());
+        // A failed refresh or two still leaves the holder inside its TTL.
+        assert!(REFRESH * 2 < TTL.saturating_sub(MARGIN));
+    }
 }

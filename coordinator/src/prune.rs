@@ -3,7 +3,8 @@
 //!
 //! Invariants:
 //! - The caller holds the cluster lock, so no snapshot is being written: an incomplete snapshot
-//!   (no manifest) is then a dead run and is removed too.
+//!   (no manifest) is then a dead run and is removed too. The lock is checked before every
+//!   deletion (each snapshot, each batch of blobs): once it is lost, prune stops.
 //! - A policy that keeps nothing is refused (see `retention`).
 //! - Snapshots go manifest first; blobs go only after every forgotten snapshot is gone, and only if
 //!   no kept snapshot names them.
@@ -16,6 +17,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::error::{Error, Result};
+use crate::lock::Lock;
 use crate::repository::{PartRef, PruneStats, Repository};
 use crate::retention::{self, Candidate, Decision, Policy};
 
@@ -72,8 +74,8 @@ pub struct DecisionOut {
     pub reasons: Vec<&'static str>,
 }
 
-/// Applies `options` to `repo`. The caller holds the cluster lock.
-pub async fn prune(repo: &Repository, options: &PruneOptions) -> Result<Report> {
+/// Applies `options` to `repo` while `lock` is held; stops before any deletion once it is lost.
+pub async fn prune(repo: &Repository, options: &PruneOptions, lock: &Lock) -> Result<Report> {
     let mut candidates = Vec::new();
     for id in repo.snapshots().await? {
         let m = repo.manifest(&id).await?;
@@ -107,12 +109,15 @@ pub async fn prune(repo: &Repository, options: &PruneOptions) -> Result<Report> 
         would_delete(repo, &decisions).await?
     } else {
         for d in decisions.iter().filter(|d| !d.keep) {
+            lock.check(&format!("forgetting snapshot {}", d.id))?;
             repo.delete_snapshot(&d.id.parse()?).await?;
         }
         for id in &incomplete {
+            lock.check(&format!("removing incomplete snapshot {id}"))?;
             repo.delete_snapshot(id).await?;
         }
-        repo.prune_blobs().await?
+        repo.prune_blobs(|| lock.check("deleting unreferenced blobs"))
+            .await?
     };
     Ok(Report {
         dry_run: options.dry_run,

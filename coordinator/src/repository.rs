@@ -512,10 +512,11 @@ impl Repository {
             .collect())
     }
 
-    /// Deletes every blob no complete snapshot names. Run it only while no snapshot is being
-    /// written (the caller holds the repository lock): an in-progress snapshot's blobs are not yet
-    /// named by any manifest.
-    pub async fn prune_blobs(&self) -> Result<PruneStats> {
+    /// Deletes every blob no complete snapshot names, in batches, calling `still_held` before each
+    /// batch (it returns an error once the caller's lock is lost). Run it only while no snapshot is
+    /// being written (the caller holds the cluster lock): an in-progress snapshot's blobs are not
+    /// yet named by any manifest.
+    pub async fn prune_blobs(&self, still_held: impl Fn() -> Result<()>) -> Result<PruneStats> {
         let keep = self.referenced_blobs().await?;
         let mut stats = PruneStats::default();
         let mut doomed = Vec::new();
@@ -528,12 +529,17 @@ impl Repository {
                 doomed.push(format::blob_path(&sha));
             }
         }
-        self.backend.delete(&doomed).await?;
+        for batch in doomed.chunks(PRUNE_BATCH) {
+            still_held()?;
+            self.backend.delete(batch).await?;
+        }
         Ok(stats)
     }
 }
 
 const BUF_SIZE: usize = 1024 * 1024;
+/// Blobs deleted between two checks of the cluster lock.
+const PRUNE_BATCH: usize = 500;
 
 /// What [`Repository::check_blob`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1037,7 +1043,7 @@ mod tests {
             .join(format::blob_path(&orphan.sha256));
         std::fs::write(&path, b"ORPHAN").unwrap();
         assert_eq!(r.check_blob(&orphan).await.unwrap(), BlobCheck::Corrupt);
-        let stats = r.prune_blobs().await.unwrap();
+        let stats = r.prune_blobs(|| Ok(())).await.unwrap();
         assert_eq!(stats.blobs_deleted, 1);
         assert_eq!(stats.bytes_deleted, orphan.size);
         assert_eq!(r.blob_size(&orphan.sha256).await.unwrap(), None);
@@ -1046,7 +1052,7 @@ mod tests {
         r.delete_snapshot(&id).await.unwrap();
         assert!(r.snapshots().await.unwrap().is_empty());
         assert!(r.incomplete_snapshots().await.unwrap().is_empty());
-        assert_eq!(r.prune_blobs().await.unwrap().blobs_deleted, 2);
+        assert_eq!(r.prune_blobs(|| Ok(())).await.unwrap().blobs_deleted, 2);
     }
 
     #[tokio::test]

@@ -412,13 +412,7 @@ pub async fn run(
         snapshot.add_part(&name, blob)?;
         snapshot.describe_part(&name, info);
     }
-    if lock.is_lost() {
-        return Err(Error::new(
-            ErrorKind::Locked,
-            "the cluster lock was lost while the snapshot ran; the snapshot is not complete",
-            "check etcd's health and run the snapshot again",
-        ));
-    }
+    lock.check("writing the manifest; the snapshot is not complete")?;
     let manifest = snapshot.commit().await?;
     Ok(Outcome {
         manifest,

@@ -68,7 +68,7 @@ async fn repository_in_an_s3_bucket_round_trips_snapshots() {
 
     // Deleting the first snapshot keeps every blob the second needs.
     repo.delete_snapshot(&m1.id).await.unwrap();
-    let pruned = repo.prune_blobs().await.unwrap();
+    let pruned = repo.prune_blobs(|| Ok(())).await.unwrap();
     assert_eq!(
         pruned.blobs_deleted, 1,
         "only the part blob goes: {pruned:?}"
@@ -79,7 +79,7 @@ async fn repository_in_an_s3_bucket_round_trips_snapshots() {
 
     // Clean up: the snapshot, its blobs, the marker, the bucket.
     repo.delete_snapshot(&m2.id).await.unwrap();
-    repo.prune_blobs().await.unwrap();
+    repo.prune_blobs(|| Ok(())).await.unwrap();
     let rest: Vec<String> = gw
         .list_objects(&bucket, None)
         .await
