@@ -9,21 +9,21 @@
 //!   anything outside it is touched. A refused archive leaves the target as it was, and the
 //!   staging directory is removed.
 //! - Everything inside staging is done relative to directory handles resolved beneath the
-//!   staging root without following any symlink (`staging`): nothing an archive holds, nor
+//!   staging root without following any symlink (module `staging`): nothing an archive holds, nor
 //!   anything put into the target meanwhile, leads a create, write, link, chown, chmod or utimes
 //!   out of it. Refused: absolute paths, `..`, paths through a symlink or over `PATH_MAX`, hard
 //!   links to anything but a regular file archived before, entry types a store cannot hold.
 //! - Owners, setuid/setgid bits and device nodes follow the agent's own `RestorePolicy` (its
 //!   config), never the caller. The archive root's entry is ignored: the store root keeps its own
 //!   owner and mode.
-//! - Resources are bounded before the `tar` crate sees the stream (`tar_guard`): extension
+//! - Resources are bounded before the `tar` crate sees the stream (module `tar_guard`): extension
 //!   headers over 64 KiB and paths over 4096 bytes are refused from their headers, the tar bytes
 //!   of one restore are capped by `max-restore-bytes` and the zstd window by
 //!   `max-zstd-window-log`.
-//! - A full disk is an I/O error naming the path (`NoSpace`), never a damaged archive.
 //! - Only then are the staged entries renamed into the target (same filesystem, so each move is
 //!   atomic); with `overwrite`, the target's previous entries are moved aside first and removed
 //!   with the staging directory. A failure in that phase names what was already removed and moved.
+//! - A full disk is an I/O error naming the path (`NoSpace`), never a damaged archive.
 
 mod segments;
 mod staging;
@@ -557,7 +557,16 @@ mod tests {
             let (_, uid, gid) = mode_owner(&t.join(name));
             assert_eq!((uid, gid), me, "{name}");
         }
-        assert_eq!(mode_owner(&t.join("d/bin")).0, 0o6755);
+        // The setid bits would now make the agent's identity someone else's program: cleared.
+        assert_eq!(mode_owner(&t.join("d/bin")).0, 0o755);
+        assert_eq!(mode_owner(&t.join("d")).0, 0o770);
+        // Recorded as the agent's own, they stay.
+        let t = tmp.path().join("store2");
+        let tar = Ar::new()
+            .file("bin", 0o6755, me.0.into(), me.1.into(), b"#!")
+            .finish();
+        run_with(&t, &tar, p).unwrap();
+        assert_eq!(mode_owner(&t.join("bin")).0, 0o6755);
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //!   with `O_NOFOLLOW | O_DIRECTORY`; a directory replaced by a later entry is forgotten, with
 //!   everything under it. The archive root's own entry is ignored: the store root keeps its owner
 //!   and mode.
-//! - Owners, setuid/setgid bits and device nodes follow the agent's [`RestorePolicy`].
+//! - Owners, setuid/setgid bits and device nodes follow the agent's [`RestorePolicy`]. Without
+//!   `owners`, entries belong to the agent, and a setuid (setgid) bit stays only where the recorded
+//!   uid (gid) is the agent's own: it never grants the agent's identity to someone else's program.
 //! - A failing filesystem call is an I/O error naming the path (`NoSpace` for ENOSPC/EDQUOT); only
 //!   the archive's own faults are `BadArchive`.
 
@@ -144,6 +146,8 @@ pub(super) struct Staging {
     replaced: OwnedFd,
     replaced_count: u64,
     policy: RestorePolicy,
+    /// The agent's own uid and gid.
+    me: (u32, u32),
     /// Directories to finish, by archive-relative path.
     dirs: BTreeMap<Vec<u8>, Meta>,
     buf: Vec<u8>,
@@ -163,6 +167,10 @@ impl Staging {
             replaced,
             replaced_count: 0,
             policy,
+            me: (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            ),
             dirs: BTreeMap::new(),
             buf: vec![0; 256 * 1024],
             reply: RestoreStoreReply::default(),
@@ -180,11 +188,13 @@ impl Staging {
     }
 
     fn mode(&self, m: &Meta) -> Mode {
-        let mode = if self.policy.setid {
-            m.mode
-        } else {
-            m.mode & !0o6000
-        };
+        let mut mode = m.mode;
+        if !self.policy.setid || (!self.policy.owners && m.uid != self.me.0) {
+            mode &= !0o4000;
+        }
+        if !self.policy.setid || (!self.policy.owners && m.gid != self.me.1) {
+            mode &= !0o2000;
+        }
         Mode::from_raw_mode(mode)
     }
 
@@ -473,6 +483,16 @@ impl Staging {
             BENEATH,
         )
         .map_err(err)?;
+        match rustix::fs::fstat(&handle) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == ft => {}
+            _ => {
+                return Err(Error::Io {
+                    op: "creating",
+                    path,
+                    source: io::Error::other("the node was replaced while it was being created"),
+                });
+            }
+        }
         let by_fd = format!("/proc/self/fd/{}", handle.as_raw_fd());
         rustix::fs::chmod(by_fd.as_str(), self.mode(m)).map_err(err)?;
         rustix::fs::utimensat(at.parent, at.name, &m.times(), AtFlags::SYMLINK_NOFOLLOW)

@@ -167,7 +167,15 @@ impl<R: Read> TarGuard<R> {
                     self.pax = None;
                 }
                 self.extension.clear();
-                Ok(extension_state(kind, size))
+                if size == 0 {
+                    self.extension_done(kind)?;
+                    return Ok(State::Header);
+                }
+                Ok(State::Extension {
+                    kind,
+                    size,
+                    left: padded(size).unwrap_or(size),
+                })
             }
             _ => {
                 let size = self.pax.take().flatten().unwrap_or(size);
@@ -219,13 +227,6 @@ impl<R: Read> Read for TarGuard<R> {
         self.observe(&buf[..n])
             .map_err(|r| io::Error::new(io::ErrorKind::InvalidData, r))?;
         Ok(n)
-    }
-}
-
-fn extension_state(kind: u8, size: u64) -> State {
-    match padded(size) {
-        Some(0) | None => State::Header,
-        Some(left) => State::Extension { kind, size, left },
     }
 }
 
