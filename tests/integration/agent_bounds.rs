@@ -58,6 +58,8 @@ async fn refused_with_bounded_memory(kind: u8, what: &str) {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e}");
+    // Refused from its header, by the agent's own guard, before tar parses it.
+    assert!(e.message().contains("extension header"), "{what}: {e}");
     let peak = peak_rss_kib(pid);
     assert!(peak < BOUND_KIB, "{what}: agent peak RSS {peak} KiB");
     assert_eq!(
