@@ -301,6 +301,13 @@ impl Repository {
                 format::FORMAT
             )));
         }
+        if m.id != *id {
+            return Err(Error::repository(format!(
+                "snapshot {id}: its manifest names snapshot {}",
+                m.id
+            )));
+        }
+        m.validate()?;
         Ok(m)
     }
 

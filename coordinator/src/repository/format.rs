@@ -270,9 +270,77 @@ pub struct PartInfo {
     pub segments_reused: Option<u64>,
 }
 
-/// `blobs/sha256/ab/ab12...`.
+/// `blobs/sha256/ab/ab12...`. Callers pass a checked digest ([`is_sha256`]); anything else still
+/// gives a path (never a panic), which then names no blob.
 pub fn blob_path(sha256: &str) -> String {
-    format!("{BLOBS_DIR}{}/{sha256}", &sha256[..2.min(sha256.len())])
+    format!("{BLOBS_DIR}{}/{sha256}", sha256.get(..2).unwrap_or(""))
+}
+
+impl Manifest {
+    /// Checks what parsing cannot: every digest well formed, every size sum representable, every
+    /// part and bucket name safe, each bucket's listing where the format puts it. One line names
+    /// the first fault.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::repository(format!("snapshot {}: {what}", self.id)));
+        for (name, part) in &self.parts {
+            if !name.split('/').all(safe_name) {
+                return bad(format!("part name {name:?} is not a safe name"));
+            }
+            match (&part.sha256, part.segments.is_empty()) {
+                (Some(sha), true) if is_sha256(sha) => {}
+                (None, false) => {
+                    let mut total = 0u64;
+                    for seg in &part.segments {
+                        if !is_sha256(&seg.sha256) {
+                            return bad(format!("part {name}: a segment digest is not a SHA-256"));
+                        }
+                        let Some(t) = total.checked_add(seg.size) else {
+                            return bad(format!("part {name}: segment sizes overflow"));
+                        };
+                        total = t;
+                    }
+                    if total != part.size {
+                        return bad(format!(
+                            "part {name}: segments add up to {total} bytes, the part says {}",
+                            part.size
+                        ));
+                    }
+                }
+                _ => {
+                    return bad(format!(
+                        "part {name}: neither one SHA-256 nor a list of segments"
+                    ));
+                }
+            }
+        }
+        for (bucket, b) in &self.buckets {
+            if !safe_name(bucket) {
+                return bad(format!("bucket name {bucket:?} is not a safe name"));
+            }
+            if b.listing != listing_path(&self.id, bucket) {
+                return bad(format!("bucket {bucket}: listing at an unexpected path"));
+            }
+            if !is_sha256(&b.listing_sha256) {
+                return bad(format!(
+                    "bucket {bucket}: the listing digest is not a SHA-256"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks one listing entry: its digest well formed and its key one an S3 gateway can hold.
+fn validate_entry(e: &ObjectEntry) -> std::result::Result<(), String> {
+    if !is_sha256(&e.sha256) {
+        return Err("its sha256 is not a SHA-256".into());
+    }
+    // S3 keys may hold any UTF-8, control characters included; only emptiness and length are
+    // beyond what a gateway can store.
+    if e.key.is_empty() || e.key.len() > 1024 {
+        return Err("its key is empty or longer than 1024 bytes".into());
+    }
+    Ok(())
 }
 
 /// `snapshots/<id>/`.
@@ -321,9 +389,12 @@ pub fn decode_listing(data: &[u8], what: &str) -> Result<Vec<ObjectEntry>> {
         .enumerate()
         .filter(|(_, l)| !l.is_empty())
         .map(|(i, l)| {
-            serde_json::from_slice(l).map_err(|e| {
+            let e: ObjectEntry = serde_json::from_slice(l).map_err(|e| {
                 Error::repository(format!("{what} line {}: not a listing entry: {e}", i + 1))
-            })
+            })?;
+            validate_entry(&e)
+                .map_err(|why| Error::repository(format!("{what} line {}: {why}", i + 1)))?;
+            Ok(e)
         })
         .collect()
 }
@@ -331,6 +402,99 @@ pub fn decode_listing(data: &[u8], what: &str) -> Result<Vec<ObjectEntry>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn manifest_with(part: PartRef) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            id: "20261124T233000.123Z-abcd".parse().unwrap(),
+            started: String::new(),
+            completed: String::new(),
+            labels: BTreeMap::new(),
+            parts: BTreeMap::from([("database".to_owned(), part)]),
+            buckets: BTreeMap::new(),
+            part_info: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn tampered_manifests_are_one_clear_error() {
+        let sha = "a".repeat(64);
+        assert!(
+            manifest_with(PartRef::blob(BlobRef {
+                sha256: sha.clone(),
+                size: 1
+            }))
+            .validate()
+            .is_ok()
+        );
+        let seg = |sha256: &str, size| SegmentRef {
+            sha256: sha256.into(),
+            size,
+            fingerprint: None,
+        };
+        for (part, want) in [
+            (
+                PartRef::blob(BlobRef {
+                    sha256: "é".repeat(32),
+                    size: 1,
+                }),
+                "neither",
+            ),
+            (
+                PartRef::blob(BlobRef {
+                    sha256: "../../x".into(),
+                    size: 1,
+                }),
+                "neither",
+            ),
+            (
+                PartRef {
+                    sha256: None,
+                    size: 0,
+                    segments: vec![seg(&sha, u64::MAX), seg(&sha, 2)],
+                },
+                "overflow",
+            ),
+            (
+                PartRef {
+                    sha256: None,
+                    size: 5,
+                    segments: vec![seg(&sha, 2)],
+                },
+                "add up",
+            ),
+            (
+                PartRef {
+                    sha256: None,
+                    size: 2,
+                    segments: vec![seg("ÿ", 2)],
+                },
+                "segment digest",
+            ),
+        ] {
+            let e = manifest_with(part).validate().unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        // A digest cut inside a character gives a path naming no blob, not a panic.
+        assert_eq!(blob_path("aé"), format!("{BLOBS_DIR}/aé"));
+    }
+
+    #[test]
+    fn listing_entries_are_checked() {
+        let line = |sha: &str, key: &str| {
+            format!(r#"{{"key":{key:?},"size":1,"etag":"x","sha256":{sha:?}}}"#)
+        };
+        let ok = line(&"b".repeat(64), "a/b");
+        assert_eq!(decode_listing(ok.as_bytes(), "l").unwrap().len(), 1);
+        for bad in [
+            line("é", "a"),
+            line(&"b".repeat(64), ""),
+            line(&"b".repeat(64), &"k".repeat(1025)),
+        ] {
+            let e = decode_listing(bad.as_bytes(), "l").unwrap_err();
+            assert!(e.to_string().contains("line 1"), "{e}");
+        }
+    }
 
     #[test]
     fn ids_are_safe_and_sortable() {
@@ -365,7 +529,7 @@ mod tests {
                 key: "z/ü a+b%20\n".into(),
                 size: 3,
                 etag: "e".into(),
-                sha256: "s".into(),
+                sha256: "c".repeat(64),
                 last_modified: None,
                 meta,
             },
@@ -373,7 +537,7 @@ mod tests {
                 key: "/a//b".into(),
                 size: 0,
                 etag: "e2".into(),
-                sha256: "s2".into(),
+                sha256: "d".repeat(64),
                 last_modified: Some("2026-01-01T00:00:00Z".into()),
                 meta: ObjectMeta::default(),
             },
