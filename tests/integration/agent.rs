@@ -796,6 +796,8 @@ async fn agent_restores_sql_and_names_the_failing_line() {
     let store = tempfile::tempdir().unwrap();
     let agent = Agent::spawn(&[
         "--no-register",
+        "--restore-database",
+        "true",
         "--store-path",
         store.path().to_str().unwrap(),
     ])

@@ -355,6 +355,8 @@ pub struct Entry {
     pub same_inode: Vec<PathBuf>,
 }
 
+/// Every entry under `root`, by relative path. The root itself is left out: a restore keeps the
+/// target's own owner and mode, and moving entries in changes its mtime.
 pub fn tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
     let mut out = BTreeMap::new();
     let mut inodes: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
@@ -397,6 +399,7 @@ pub fn tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
             },
         );
     }
+    out.remove(Path::new(""));
     for group in inodes.values() {
         for p in group {
             let mut others: Vec<PathBuf> = group.iter().filter(|o| *o != p).cloned().collect();
