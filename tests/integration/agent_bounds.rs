@@ -256,3 +256,26 @@ async fn connections_over_the_limit_and_idle_ones_are_closed() {
         "{refusals} refusal lines logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zstd_level_above_the_agent_cap_is_refused() {
+    let store = tempfile::tempdir().unwrap();
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        store.path().to_str().unwrap(),
+    ])
+    .await;
+    let e = agent
+        .client()
+        .await
+        .archive_store(deis_backup_proto::v1::ArchiveStoreRequest {
+            path: store.path().display().to_string(),
+            zstd_level: 22,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("1..=19"), "{e}");
+}
