@@ -239,6 +239,7 @@ pub async fn run() -> Result<ExitCode> {
             let repo = Repository::open(&file.repository(repository, sub)?).await?;
             let options = file.prune(options, sub)?;
             let lock = Lock::acquire(&etcd, "prune").await?;
+            clean_staging(&repo).await;
             let r = prune::prune(&repo, &options, &lock).await;
             release(lock).await;
             out.prune(&r?);
@@ -280,6 +281,7 @@ async fn cmd_snapshot(
     let progress = progress::Bars::new(out.is_json());
     let result = async {
         let repo = Repository::open_or_init(repository).await?;
+        clean_staging(&repo).await;
         let plan = snapshot::plan(&cluster, Some(&repo), options).await?;
         snapshot::run(&cluster, &repo, &plan, options, &lock, &progress).await
     }
@@ -337,6 +339,15 @@ fn cmd_pki(action: &PkiCommand) -> Result<ExitCode> {
     println!("{}", issued.cert.display());
     println!("{}", issued.key.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes staging files a killed run left (older than the repository's threshold); a failure to
+/// clean is a warning, never the run's outcome.
+async fn clean_staging(repo: &Repository) {
+    let age = deis_backup_coordinator::repository::STALE_STAGING_AGE;
+    if let Err(e) = repo.clean_staging(age).await {
+        eprintln!("deis-backup: warning: {}", e.message());
+    }
 }
 
 /// Releases the cluster lock. A failure is a warning, not the run's outcome: the work is done (or

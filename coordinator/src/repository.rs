@@ -401,6 +401,43 @@ impl Repository {
         })
     }
 
+    /// Removes staging files (`.blob-*`, `.put-*`) older than `age` that a killed run left behind,
+    /// and returns how many went. Only files with those prefixes are touched: an S3 repository's
+    /// staging directory may be the system's temporary directory. Run it under the cluster lock; the
+    /// age keeps it off files another process (a restore reading blobs) is still using.
+    pub async fn clean_staging(&self, age: std::time::Duration) -> Result<usize> {
+        let dir = self.backend.staging_dir().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let what = |e: &std::io::Error| Error::io(format!("clean {}", dir.display()), e);
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(e) => return Err(what(&e)),
+            };
+            let mut removed = 0;
+            for entry in entries {
+                let entry = entry.map_err(|e| what(&e))?;
+                let name = entry.file_name();
+                let ours = name.to_str().is_some_and(|n| n.starts_with(".blob-") || n.starts_with(".put-"));
+                let Ok(md) = entry.metadata() else { continue };
+                let old = md.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|e| e >= age);
+                if ours && md.is_file() && old {
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => {
+                            tracing::info!(file = %entry.path().display(), "removed a stale staging file");
+                            removed += 1;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(what(&e)),
+                    }
+                }
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| Error::repository(format!("cleaning the staging directory failed: {e}")))?
+    }
+
     /// A new empty file in the staging directory, for downloads that write at offsets; hand it to
     /// [`Repository::store_staged`]. Removed on drop if not stored.
     pub async fn staging_file(&self) -> Result<tempfile::TempPath> {
@@ -545,6 +582,9 @@ impl Repository {
 }
 
 const BUF_SIZE: usize = 1024 * 1024;
+/// Age past which a staging file no run can still be using is removed (at a snapshot's or a
+/// prune's start, under the cluster lock).
+pub const STALE_STAGING_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 /// Blobs deleted between two checks of the cluster lock.
 const PRUNE_BATCH: usize = 500;
 
@@ -874,6 +914,27 @@ mod tests {
             .unwrap()
             .count();
         assert_eq!(staged, 0);
+    }
+
+    #[tokio::test]
+    async fn stale_staging_files_are_cleaned_and_fresh_ones_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = repo(tmp.path()).await;
+        let staging = tmp.path().join("repo/tmp");
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7 * 3600);
+        for name in [".blob-old", ".put-old", ".blob-new", "not-ours"] {
+            let f = std::fs::File::create(staging.join(name)).unwrap();
+            if name != ".blob-new" {
+                f.set_modified(old).unwrap();
+            }
+        }
+        assert_eq!(r.clean_staging(STALE_STAGING_AGE).await.unwrap(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(&staging)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".blob-new", "not-ours"]);
     }
 
     #[tokio::test]
