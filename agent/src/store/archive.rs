@@ -2,6 +2,18 @@
 //! sent as chunks (the segment rules are documented on `ArchiveStoreRequest` in the proto).
 //!
 //! Invariants:
+//! - Nothing is read from outside the store. The root (the allow-listed path, which may itself be
+//!   a symlink) is opened once by its path; below it the walk goes by directory handles (module
+//!   `tree`) and never opens, stats or reads a path: each directory is opened relative to its
+//!   parent's handle with `O_DIRECTORY | O_NOFOLLOW`, each entry stat'ed (`AT_SYMLINK_NOFOLLOW`),
+//!   its symlink target read (`readlinkat`) or its data opened (`O_NOFOLLOW`) relative to its
+//!   directory's handle. Every directory opened to be listed and every file opened to be read is
+//!   checked with `fstat` against the device and inode it was listed with.
+//! - A symlink or another inode put in place of a listed directory or file (or of a directory
+//!   above it) between listing and reading is never followed nor read: the entry becomes an
+//!   `OTHER` trailer warning ("replaced between listing and reading; not followed"), a directory
+//!   is not descended, a file is left out before its header is written, and the tar stays valid.
+//! - Directory handles held open are bounded (`tree::HELD`), whatever the tree's depth or width.
 //! - Entries are listed in a fixed order (depth first, names sorted bytewise), the root first as
 //!   `./`, every other path relative to the root, directories with a trailing `/`.
 //! - Segments are cut by the listing alone (never by what reading finds): a file of `BIG_FILE`
@@ -19,23 +31,30 @@
 //! - Owners are numeric uid/gid; modes keep setuid/setgid/sticky; mtimes are whole seconds.
 //! - Live files: a file's header size is its size when opened, and exactly that many bytes follow.
 //!   A file that grows is cut at that size, one that shrinks is padded with zeros; both, and files
-//!   that vanish between listing and reading, become trailer warnings. The tar stays valid.
+//!   that vanish or are replaced between listing and reading, become trailer warnings. The tar
+//!   stays valid.
 //! - A second path to an inode listed before (nlink > 1) is a hard link entry to the first path.
 //! - Sockets are skipped and reported; fifos and device nodes are recorded.
 
+mod tree;
+
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, Metadata};
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use deis_backup_proto::v1::{
     SegmentEnd, StoreCounts, Trailer, Warning, chunk, warning::Kind as WarningKind,
 };
+use rustix::fs::FileType;
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
+
+use self::tree::{DirRef, Lost, Meta, Tree};
 
 use crate::chunks::{ChunkSink, ChunkTx, Counting, compression_context};
 use crate::error::{Error, Result};
@@ -70,8 +89,35 @@ fn warn(kind: WarningKind, path: &[u8], message: impl Into<String>) -> Warning {
     }
 }
 
-fn vanished(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::NotFound
+/// The warning for entry `rel`, which cannot be reached as listed.
+fn lost(rel: &[u8], why: Lost) -> Warning {
+    let shown = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+    match why {
+        Lost::Vanished(p) if p == rel => {
+            warn(WarningKind::Vanished, rel, "disappeared before it was read")
+        }
+        Lost::Vanished(p) => warn(
+            WarningKind::Vanished,
+            rel,
+            format!(
+                "its directory {}/ disappeared before it was read",
+                shown(&p)
+            ),
+        ),
+        Lost::Replaced(p) if p == rel => warn(
+            WarningKind::Other,
+            rel,
+            "replaced between listing and reading; not followed",
+        ),
+        Lost::Replaced(p) => warn(
+            WarningKind::Other,
+            rel,
+            format!(
+                "its directory {}/ was replaced between listing and reading; not followed",
+                shown(&p)
+            ),
+        ),
+    }
 }
 
 /// What a listed entry becomes in the tar.
@@ -88,10 +134,11 @@ enum Kind {
 /// One listed entry: its metadata as listed, before anything is read.
 #[derive(Debug)]
 struct Listed {
-    abs: PathBuf,
+    /// The directory it was listed in (the root lists itself).
+    dir: Arc<DirRef>,
     /// The tar name (`./` for the root, a trailing `/` for directories).
     name: Vec<u8>,
-    md: Metadata,
+    md: Meta,
     kind: Kind,
 }
 
@@ -99,7 +146,7 @@ impl Listed {
     /// The tar bytes this entry takes at most (header plus padded data; pax headers left out).
     fn tar_bytes(&self) -> u64 {
         let data = match self.kind {
-            Kind::File => self.md.len().div_ceil(512) * 512,
+            Kind::File => self.md.size.div_ceil(512) * 512,
             _ => 0,
         };
         512 + data
@@ -120,18 +167,18 @@ impl Listed {
         h.update((extra.len() as u64).to_le_bytes());
         h.update(extra);
         for v in [
-            u64::from(md.mode()),
-            u64::from(md.uid()),
-            u64::from(md.gid()),
-            md.len(),
-            md.mtime().cast_unsigned(),
-            md.mtime_nsec().cast_unsigned(),
-            md.ctime().cast_unsigned(),
-            md.ctime_nsec().cast_unsigned(),
-            md.dev(),
-            md.ino(),
-            md.nlink(),
-            md.rdev(),
+            u64::from(md.mode),
+            u64::from(md.uid),
+            u64::from(md.gid),
+            md.size,
+            md.mtime.cast_unsigned(),
+            md.mtime_nsec.cast_unsigned(),
+            md.ctime.cast_unsigned(),
+            md.ctime_nsec.cast_unsigned(),
+            md.dev,
+            md.ino,
+            md.nlink,
+            md.rdev,
         ] {
             h.update(v.to_le_bytes());
         }
@@ -146,8 +193,7 @@ impl Listed {
                 + Duration::from_nanos(nanos.max(0).cast_unsigned());
             now.duration_since(t).map_or(true, |age| age < window)
         };
-        recent(self.md.ctime(), self.md.ctime_nsec())
-            || recent(self.md.mtime(), self.md.mtime_nsec())
+        recent(self.md.ctime, self.md.ctime_nsec) || recent(self.md.mtime, self.md.mtime_nsec)
     }
 }
 
@@ -207,16 +253,11 @@ fn pax_records(records: &[(&'static str, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-fn header(
-    md: &Metadata,
-    kind: EntryType,
-    size: u64,
-    pax: &mut Vec<(&'static str, Vec<u8>)>,
-) -> Header {
+fn header(md: &Meta, kind: EntryType, size: u64, pax: &mut Vec<(&'static str, Vec<u8>)>) -> Header {
     let mut h = Header::new_ustar();
     h.set_entry_type(kind);
-    h.set_mode(md.mode() & 0o7777);
-    let (uid, gid) = (u64::from(md.uid()), u64::from(md.gid()));
+    h.set_mode(md.mode & 0o7777);
+    let (uid, gid) = (u64::from(md.uid), u64::from(md.gid));
     h.set_uid(uid);
     h.set_gid(gid);
     if uid > USTAR_MAX_ID {
@@ -225,7 +266,7 @@ fn header(
     if gid > USTAR_MAX_ID {
         pax.push(("gid", gid.to_string().into_bytes()));
     }
-    h.set_mtime(u64::try_from(md.mtime()).unwrap_or(0));
+    h.set_mtime(u64::try_from(md.mtime).unwrap_or(0));
     h.set_size(size);
     if size > USTAR_MAX_SIZE {
         pax.push(("size", size.to_string().into_bytes()));
@@ -304,6 +345,8 @@ fn append(
 
 /// Turns listed segments into segment frames (or reuse notices) on the caller's stream.
 struct Segments {
+    /// The store tree: every file is opened through it.
+    tree: Tree,
     sink: Option<ChunkSink>,
     /// One compression context for every segment: its worker threads and buffers are set up once.
     cctx: Option<zstd::zstd_safe::CCtx<'static>>,
@@ -333,7 +376,7 @@ impl Segments {
             Kind::Dir => c.dirs += 1,
             Kind::File => {
                 c.files += 1;
-                c.file_bytes += e.md.len();
+                c.file_bytes += e.md.size;
             }
             Kind::Symlink(_) => c.symlinks += 1,
             Kind::HardLink(_) => c.hardlinks += 1,
@@ -418,8 +461,8 @@ impl Segments {
             Kind::Special(kind) => {
                 let mut h = header(md, *kind, 0, &mut pax);
                 if *kind != EntryType::Fifo {
-                    h.set_device_major(rustix::fs::major(md.rdev()))?;
-                    h.set_device_minor(rustix::fs::minor(md.rdev()))?;
+                    h.set_device_major(rustix::fs::major(md.rdev))?;
+                    h.set_device_minor(rustix::fs::minor(md.rdev))?;
                 }
                 self.counts.special += 1;
                 append(out, &mut self.buf, h, &e.name, None, pax, &mut io::empty())
@@ -449,7 +492,7 @@ impl Segments {
                 }
             },
             Kind::File => {
-                if !self.file(out, e)? && md.nlink() > 1 {
+                if !self.file(out, e)? && md.nlink > 1 {
                     self.lost_links.insert(e.name.clone(), None);
                 }
                 Ok(())
@@ -457,41 +500,20 @@ impl Segments {
         }
     }
 
-    /// Archives a regular file as it is when opened; false when it is gone or no longer a file.
+    /// Archives a regular file as it is when opened; false when it is gone or no longer the
+    /// inode listed.
     fn file(&mut self, out: &mut impl Write, e: &Listed) -> io::Result<bool> {
         let rel = &e.name;
-        let file = match fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(
-                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK)
-                    .bits()
-                    .cast_signed(),
-            )
-            .open(&e.abs)
-        {
-            Ok(f) => f,
-            Err(err) if vanished(&err) => {
-                self.warnings.push(warn(
-                    WarningKind::Vanished,
-                    rel,
-                    "disappeared before it was read",
-                ));
+        // The opened file's own metadata: its size may have changed since it was listed.
+        let (file, md) = match self.tree.open_file(&e.dir, rel, &e.md)? {
+            Ok(opened) => opened,
+            Err(l) => {
+                self.warnings.push(lost(rel, l));
                 return Ok(false);
             }
-            Err(err) => return Err(err),
         };
-        // The opened file's own metadata: the path may have been replaced since it was listed.
-        let md = file.metadata()?;
-        if !md.is_file() {
-            self.warnings.push(warn(
-                WarningKind::Other,
-                rel,
-                "changed type while archived; skipped",
-            ));
-            return Ok(false);
-        }
         let mut pax = Vec::new();
-        let size = md.len();
+        let size = md.size;
         let h = header(&md, EntryType::Regular, size, &mut pax);
         let mut live = Live {
             file,
@@ -560,7 +582,7 @@ impl Lister<'_> {
     }
 
     fn add(&mut self, e: Listed) -> io::Result<()> {
-        let big = matches!(e.kind, Kind::File) && e.md.len() >= BIG_FILE;
+        let big = matches!(e.kind, Kind::File) && e.md.size >= BIG_FILE;
         if big {
             self.flush()?;
         }
@@ -577,83 +599,64 @@ impl Lister<'_> {
         Ok(())
     }
 
-    /// What `abs` (listed with `md`) becomes, or None (with a warning) when it cannot be archived.
-    fn classify(&mut self, abs: &Path, rel: &[u8], md: &Metadata) -> io::Result<Option<Kind>> {
-        let ft = md.file_type();
-        Ok(Some(if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            match fs::read_link(abs) {
-                Ok(t) => Kind::Symlink(t.as_os_str().as_bytes().to_vec()),
-                Err(e) if vanished(&e) => {
-                    self.out.warnings.push(warn(
-                        WarningKind::Vanished,
-                        rel,
-                        "disappeared before it was read",
-                    ));
+    /// What `rel` in `dir` (listed with `md`) becomes, or None (with a warning) when it cannot be
+    /// archived.
+    fn classify(&mut self, dir: &Arc<DirRef>, rel: &[u8], md: &Meta) -> io::Result<Option<Kind>> {
+        Ok(Some(match md.file_type() {
+            FileType::Directory => Kind::Dir,
+            FileType::Symlink => match self.out.tree.read_link(dir, rel)? {
+                Ok(target) => Kind::Symlink(target),
+                Err(l) => {
+                    self.out.warnings.push(lost(rel, l));
                     return Ok(None);
                 }
-                Err(e) => return Err(e),
+            },
+            FileType::Socket => {
+                self.out.warnings.push(warn(
+                    WarningKind::SocketSkipped,
+                    rel,
+                    "a socket cannot be archived; skipped",
+                ));
+                return Ok(None);
             }
-        } else if ft.is_socket() {
-            self.out.warnings.push(warn(
-                WarningKind::SocketSkipped,
-                rel,
-                "a socket cannot be archived; skipped",
-            ));
-            return Ok(None);
-        } else if ft.is_fifo() {
-            Kind::Special(EntryType::Fifo)
-        } else if ft.is_char_device() {
-            Kind::Special(EntryType::Char)
-        } else if ft.is_block_device() {
-            Kind::Special(EntryType::Block)
-        } else if md.nlink() > 1 {
-            if let Some(first) = self.links.get(&(md.dev(), md.ino())) {
-                Kind::HardLink(first.clone())
-            } else {
-                self.links.insert((md.dev(), md.ino()), rel.to_vec());
-                Kind::File
+            FileType::Fifo => Kind::Special(EntryType::Fifo),
+            FileType::CharacterDevice => Kind::Special(EntryType::Char),
+            FileType::BlockDevice => Kind::Special(EntryType::Block),
+            _ if md.nlink > 1 => {
+                if let Some(first) = self.links.get(&(md.dev, md.ino)) {
+                    Kind::HardLink(first.clone())
+                } else {
+                    self.links.insert((md.dev, md.ino), rel.to_vec());
+                    Kind::File
+                }
             }
-        } else {
-            Kind::File
+            _ => Kind::File,
         }))
     }
 
-    fn walk(&mut self, root: &Path) -> Result<()> {
-        // The root itself may be a symlink to the store (followed); nothing below it is.
-        let md = fs::metadata(root).map_err(Error::io("cannot read", root))?;
-        if !md.is_dir() {
-            return Err(Error::BadRequest {
-                what: format!("store path {} is not a directory", root.display()),
-            });
-        }
-        let io_err = |p: &Path| Error::io("archiving", p.to_path_buf());
+    /// Lists the tree below the root (listed with `md`); `root` is its path, for errors only.
+    fn walk(&mut self, root: &Path, md: Meta) -> Result<()> {
+        let io_err = |rel: &[u8]| Error::io("archiving", root.join(OsStr::from_bytes(rel)));
+        let top = Arc::clone(self.out.tree.root());
         self.add(Listed {
-            abs: root.to_path_buf(),
+            dir: Arc::clone(&top),
             name: b"./".to_vec(),
             md,
             kind: Kind::Dir,
         })
-        .map_err(io_err(root))?;
+        .map_err(io_err(b""))?;
         // Pre-order depth-first walk; children pushed in reverse so they pop in sorted order.
-        let mut stack: Vec<(PathBuf, Vec<u8>)> = Vec::new();
-        self.push_children(root, b"", &mut stack)
-            .map_err(io_err(root))?;
-        while let Some((abs, rel)) = stack.pop() {
-            let md = match fs::symlink_metadata(&abs) {
+        let mut stack: Vec<(Arc<DirRef>, Vec<u8>)> = Vec::new();
+        self.push_children(&top, &mut stack).map_err(io_err(b""))?;
+        while let Some((dir, rel)) = stack.pop() {
+            let md = match self.out.tree.stat(&dir, &rel).map_err(io_err(&rel))? {
                 Ok(md) => md,
-                Err(e) if vanished(&e) => {
-                    self.out.warnings.push(warn(
-                        WarningKind::Vanished,
-                        &rel,
-                        "disappeared before it was read",
-                    ));
+                Err(l) => {
+                    self.out.warnings.push(lost(&rel, l));
                     continue;
                 }
-                Err(e) => return Err(io_err(&abs)(e)),
             };
-            let Some(kind) = self.classify(&abs, &rel, &md).map_err(io_err(&abs))? else {
+            let Some(kind) = self.classify(&dir, &rel, &md).map_err(io_err(&rel))? else {
                 continue;
             };
             let is_dir = matches!(kind, Kind::Dir);
@@ -662,29 +665,30 @@ impl Lister<'_> {
                 name.push(b'/');
             }
             self.add(Listed {
-                abs: abs.clone(),
+                dir: Arc::clone(&dir),
                 name,
                 md,
                 kind,
             })
-            .map_err(io_err(&abs))?;
+            .map_err(io_err(&rel))?;
             if is_dir {
-                self.push_children(&abs, &rel, &mut stack)
-                    .map_err(io_err(&abs))?;
+                let sub = dir.child(rel.clone(), &md);
+                self.push_children(&sub, &mut stack).map_err(io_err(&rel))?;
             }
         }
-        self.flush().map_err(io_err(root))
+        self.flush().map_err(io_err(b""))
     }
 
+    /// Pushes the entries of `dir` (opened as the inode listed, never through a symlink).
     fn push_children(
         &mut self,
-        dir: &Path,
-        rel: &[u8],
-        stack: &mut Vec<(PathBuf, Vec<u8>)>,
+        dir: &Arc<DirRef>,
+        stack: &mut Vec<(Arc<DirRef>, Vec<u8>)>,
     ) -> io::Result<()> {
-        let entries = match fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if vanished(&e) => {
+        let rel = dir.rel();
+        let names = match self.out.tree.list(dir)? {
+            Ok(names) => names,
+            Err(Lost::Vanished(p)) if p == rel => {
                 self.out.warnings.push(warn(
                     WarningKind::Vanished,
                     rel,
@@ -692,24 +696,18 @@ impl Lister<'_> {
                 ));
                 return Ok(());
             }
-            Err(e) => return Err(e),
-        };
-        let mut names = Vec::new();
-        for e in entries {
-            match e {
-                Ok(e) => names.push(e.file_name()),
-                Err(e) if vanished(&e) => {}
-                Err(e) => return Err(e),
+            Err(l) => {
+                self.out.warnings.push(lost(rel, l));
+                return Ok(());
             }
-        }
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        };
         for name in names.into_iter().rev() {
             let mut r = rel.to_vec();
             if !r.is_empty() {
                 r.push(b'/');
             }
-            r.extend_from_slice(name.as_bytes());
-            stack.push((dir.join(&name), r));
+            r.extend_from_slice(&name);
+            stack.push((Arc::clone(dir), r));
         }
         Ok(())
     }
@@ -725,6 +723,9 @@ pub struct Options {
     pub reusable: HashSet<Vec<u8>>,
     /// Entries changed this recently make their segment volatile (no fingerprint).
     pub volatile: Duration,
+    /// Tests change the tree here, between listing an entry and reading it.
+    #[cfg(test)]
+    pause: Option<tree::Pause>,
 }
 
 impl Options {
@@ -734,6 +735,8 @@ impl Options {
             workers,
             reusable,
             volatile: VOLATILE,
+            #[cfg(test)]
+            pause: None,
         }
     }
 }
@@ -753,7 +756,18 @@ pub fn archive(root: &Path, opts: Options, tx: ChunkTx) -> Result<Trailer> {
             }
         }
     };
+    // The root itself may be a symlink to the store (followed); nothing below it is.
+    let (tree, root_md) = Tree::open(root).map_err(|e| {
+        if e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) {
+            Error::BadRequest {
+                what: format!("store path {} is not a directory", root.display()),
+            }
+        } else {
+            Error::io("cannot read", root)(e)
+        }
+    })?;
     let mut out = Segments {
+        tree,
         sink: Some(ChunkSink::new(tx)),
         cctx: Some(compression_context(opts.level, opts.workers).map_err(failed)?),
         reusable: opts.reusable,
@@ -765,6 +779,10 @@ pub fn archive(root: &Path, opts: Options, tx: ChunkTx) -> Result<Trailer> {
         lost_links: HashMap::new(),
         buf: vec![0; READ_BUFFER],
     };
+    #[cfg(test)]
+    {
+        out.tree.pause = opts.pause;
+    }
     let mut lister = Lister {
         out: &mut out,
         links: HashMap::new(),
@@ -772,7 +790,7 @@ pub fn archive(root: &Path, opts: Options, tx: ChunkTx) -> Result<Trailer> {
         segment_bytes: 0,
         volatile: opts.volatile,
     };
-    lister.walk(root).map_err(|e| match e {
+    lister.walk(root, root_md).map_err(|e| match e {
         Error::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe => Error::Cancelled,
         e => e,
     })?;
@@ -802,7 +820,10 @@ pub fn archive(root: &Path, opts: Options, tx: ChunkTx) -> Result<Trailer> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
     use std::io::Read;
+    use std::path::PathBuf;
+    use std::sync::Mutex;
 
     use deis_backup_proto::v1::Chunk;
     use tokio::sync::mpsc;
@@ -1092,6 +1113,196 @@ mod tests {
             "a file written just now may still change"
         );
         assert_eq!(ends[1].fingerprint.len(), 32);
+    }
+
+    /// Stands for `/etc/shadow`: content outside the store that no archive may hold.
+    const SECRET: &[u8] = b"root:$6$outside-the-store$not-for-the-archive:19000:0:99999:7:::";
+
+    /// A store directory and, beside it, `outside/` holding `f` and `secret` (both `SECRET`).
+    fn store_beside_a_secret() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, outside) = (tmp.path().join("store"), tmp.path().join("outside"));
+        fs::create_dir(&store).unwrap();
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("f"), SECRET).unwrap();
+        fs::write(outside.join("secret"), SECRET).unwrap();
+        (tmp, store, outside)
+    }
+
+    /// Archives `dir`, running `change` once just before the entry `at` (a path relative to the
+    /// root) is opened to be read: a directory to list it, a file for its data. Returns the
+    /// compressed archive, its tar bytes and the trailer.
+    fn archive_paused(
+        dir: &Path,
+        at: &str,
+        change: impl FnOnce() + Send + 'static,
+    ) -> (Vec<u8>, Vec<u8>, Trailer) {
+        let change = Mutex::new(Some(change));
+        let at = at.as_bytes().to_vec();
+        let opts = Options {
+            pause: Some(tree::Pause(Arc::new(move |rel: &[u8]| {
+                if rel == at
+                    && let Some(change) = change.lock().unwrap().take()
+                {
+                    change();
+                }
+            }))),
+            ..Options::new(3, 0, HashSet::new())
+        };
+        let (tx, mut rx) = mpsc::channel::<Result<Chunk, tonic::Status>>(4);
+        let root = dir.to_path_buf();
+        let walker = std::thread::spawn(move || archive(&root, opts, tx));
+        let mut data = Vec::new();
+        while let Some(c) = rx.blocking_recv() {
+            if let Some(chunk::Kind::Data(d)) = c.unwrap().kind {
+                data.extend(d);
+            }
+        }
+        let trailer = walker.join().unwrap().unwrap();
+        let mut tar = Vec::new();
+        zstd::Decoder::new(&data[..])
+            .unwrap()
+            .read_to_end(&mut tar)
+            .unwrap();
+        (data, tar, trailer)
+    }
+
+    fn holds(tar: &[u8], needle: &[u8]) -> bool {
+        tar.windows(needle.len()).any(|w| w == needle)
+    }
+
+    fn names(archive: &[u8]) -> Vec<String> {
+        entries(archive).into_iter().map(|(n, _)| n).collect()
+    }
+
+    fn messages(t: &Trailer) -> Vec<(WarningKind, String, String)> {
+        t.warnings
+            .iter()
+            .map(|w| (w.kind(), w.path.clone(), w.message.clone()))
+            .collect()
+    }
+
+    /// The audit: `d` listed as a directory, then swapped for a symlink to a directory outside the
+    /// store before the archiver read it.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_during_archive_is_not_followed() {
+        let (tmp, store, outside) = store_beside_a_secret();
+        fs::create_dir(store.join("d")).unwrap();
+        fs::write(store.join("d/f"), b"inside").unwrap();
+        fs::write(store.join("z"), b"after").unwrap();
+        let (s, moved) = (store.clone(), tmp.path().join("moved"));
+        let (archive, tar, trailer) = archive_paused(&store, "d", move || {
+            fs::rename(s.join("d"), moved).unwrap();
+            std::os::unix::fs::symlink(&outside, s.join("d")).unwrap();
+        });
+        assert!(!holds(&tar, SECRET), "the archive holds outside content");
+        assert_eq!(
+            messages(&trailer),
+            [(
+                WarningKind::Other,
+                "d".into(),
+                "replaced between listing and reading; not followed".into()
+            )]
+        );
+        assert_eq!(names(&archive), ["./", "d/", "z"], "the walk goes on");
+    }
+
+    #[test]
+    fn a_directory_replaced_by_another_between_listing_and_reading_is_not_listed() {
+        let (tmp, store, _) = store_beside_a_secret();
+        fs::create_dir(store.join("d")).unwrap();
+        fs::write(store.join("d/f"), b"inside").unwrap();
+        let (s, moved) = (store.clone(), tmp.path().join("moved"));
+        let (archive, _, trailer) = archive_paused(&store, "d", move || {
+            fs::rename(s.join("d"), moved).unwrap();
+            fs::create_dir(s.join("d")).unwrap();
+            fs::write(s.join("d/g"), b"not listed").unwrap();
+        });
+        assert_eq!(kinds(&trailer), [(WarningKind::Other, "d".into())]);
+        assert_eq!(names(&archive), ["./", "d/"]);
+    }
+
+    /// `d` swapped for a symlink once its entries were listed, before `d/f` is read: through a
+    /// handle still held the listed `d` is read (wherever it was moved); a handle reopened finds
+    /// the symlink and stops there. Neither reads outside content.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_before_its_files_are_read_is_not_followed() {
+        for reopened in [false, true] {
+            let (tmp, store, outside) = store_beside_a_secret();
+            fs::create_dir(store.join("d")).unwrap();
+            fs::write(store.join("d/f"), b"inside").unwrap();
+            if reopened {
+                // Listed after `d`: their handles push `d`'s out before `d/f` is read.
+                for i in 0..=tree::HELD {
+                    fs::create_dir(store.join(format!("e{i:03}"))).unwrap();
+                }
+            }
+            let (s, moved) = (store.clone(), tmp.path().join("moved"));
+            let (archive, tar, trailer) = archive_paused(&store, "d/f", move || {
+                fs::rename(s.join("d"), moved).unwrap();
+                std::os::unix::fs::symlink(&outside, s.join("d")).unwrap();
+            });
+            assert!(!holds(&tar, SECRET), "reopened: {reopened}");
+            let e = entries(&archive);
+            if reopened {
+                assert_eq!(
+                    messages(&trailer),
+                    [(
+                        WarningKind::Other,
+                        "d/f".into(),
+                        "its directory d/ was replaced between listing and reading; not followed"
+                            .into()
+                    )]
+                );
+                assert!(!e.iter().any(|(n, _)| n == "d/f"));
+            } else {
+                assert_eq!(kinds(&trailer), []);
+                assert!(e.contains(&("d/f".to_owned(), b"inside".to_vec())));
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_swapped_for_a_symlink_during_archive_is_not_followed() {
+        let (tmp, store, outside) = store_beside_a_secret();
+        fs::write(store.join("f"), b"inside").unwrap();
+        fs::write(store.join("z"), b"after").unwrap();
+        let (s, moved) = (store.clone(), tmp.path().join("moved"));
+        let (archive, tar, trailer) = archive_paused(&store, "f", move || {
+            fs::rename(s.join("f"), moved).unwrap();
+            std::os::unix::fs::symlink(outside.join("secret"), s.join("f")).unwrap();
+        });
+        assert!(!holds(&tar, SECRET), "the archive holds outside content");
+        assert_eq!(
+            messages(&trailer),
+            [(
+                WarningKind::Other,
+                "f".into(),
+                "replaced between listing and reading; not followed".into()
+            )]
+        );
+        assert_eq!(
+            entries(&archive),
+            [
+                ("./".to_owned(), Vec::new()),
+                ("z".to_owned(), b"after".to_vec())
+            ],
+            "the tar stays valid"
+        );
+    }
+
+    #[test]
+    fn a_file_replaced_by_another_file_during_archive_is_not_read() {
+        let (_tmp, store, _) = store_beside_a_secret();
+        fs::write(store.join("f"), b"inside").unwrap();
+        let s = store.clone();
+        let (archive, tar, trailer) = archive_paused(&store, "f", move || {
+            fs::write(s.join("new"), b"another inode").unwrap();
+            fs::rename(s.join("new"), s.join("f")).unwrap();
+        });
+        assert_eq!(kinds(&trailer), [(WarningKind::Other, "f".into())]);
+        assert!(!holds(&tar, b"another inode"));
+        assert_eq!(names(&archive), ["./"]);
     }
 
     #[test]
