@@ -3,8 +3,9 @@
 //!
 //! Invariants:
 //! - Every create, write, link, chown, chmod and utimes names a single component inside a parent
-//!   directory opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`
-//!   from the root's handle, so no symlink, `..` or magic link (in the archive or put there by
+//!   directory resolved from the root's handle by module `resolve` (`openat2(RESOLVE_BENEATH |
+//!   RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`, or `openat(O_NOFOLLOW)` component by component
+//!   where the kernel lacks it), so no symlink, `..` or magic link (in the archive or put there by
 //!   anyone else) leads out of the tree. The last component is never followed either: files are
 //!   created `O_EXCL | O_NOFOLLOW`, metadata goes through the file's own handle or `*at` calls
 //!   with `AT_SYMLINK_NOFOLLOW`.
@@ -28,45 +29,19 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use deis_backup_proto::v1::RestoreStoreReply;
-use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid};
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid};
 use rustix::io::Errno;
 use tar::EntryType;
 
+use super::resolve::{open_beneath, open_path_beneath};
 use super::tar_guard::PATH_MAX;
 use crate::config::RestorePolicy;
 use crate::error::{Error, Result};
-
-/// How every path inside the tree is resolved.
-const BENEATH: ResolveFlags = ResolveFlags::BENEATH
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
-
-fn dir_flags() -> OFlags {
-    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
-}
-
-/// Opens the directory `rel` (empty: `dir` itself) beneath `dir`.
-pub(super) fn open_beneath(dir: &OwnedFd, rel: &[u8]) -> rustix::io::Result<OwnedFd> {
-    let rel = if rel.is_empty() { b".".as_slice() } else { rel };
-    rustix::fs::openat2(
-        dir,
-        OsStr::from_bytes(rel),
-        dir_flags(),
-        Mode::empty(),
-        BENEATH,
-    )
-}
 
 /// The error for a failing filesystem call on `path`: `NoSpace` for a full disk or quota.
 pub(super) fn fs_error(op: &'static str, path: PathBuf) -> impl FnOnce(io::Error) -> Error {
     move |source| match Errno::from_io_error(&source) {
         Some(Errno::NOSPC | Errno::DQUOT) => Error::NoSpace { path, source },
-        Some(Errno::NOSYS) => Error::Config {
-            what: format!(
-                "{op} {}: this kernel lacks openat2 (Linux 5.6 or later is needed to restore safely)",
-                path.display()
-            ),
-        },
         _ => Error::Io { op, path, source },
     }
 }
@@ -475,14 +450,7 @@ impl Staging {
         }
         // Opening a node may block or act on a device, so its mode is set through an O_PATH
         // handle (resolved beneath the tree, never a link) by way of /proc/self/fd.
-        let handle = rustix::fs::openat2(
-            at.parent,
-            at.name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            BENEATH,
-        )
-        .map_err(err)?;
+        let handle = open_path_beneath(at.parent, at.name.as_bytes()).map_err(err)?;
         match rustix::fs::fstat(&handle) {
             Ok(st) if FileType::from_raw_mode(st.st_mode) == ft => {}
             _ => {
