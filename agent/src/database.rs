@@ -8,15 +8,26 @@
 //!   `pg_dumpall` starts, so a change made during the dump moves the next state. A state that
 //!   cannot be read is empty and never equals anything: the dump is taken.
 //! - Memory stays bounded whatever the size: bounded channels on both sides of the compressor.
-//! - A restore stops at the first failing statement (`ON_ERROR_STOP`) and reports psql's message
-//!   with the input line it names. The only line changed on the way in is `CREATE ROLE postgres;`
-//!   (commented out, line numbers kept): every cluster already has that role, and pg_dumpall emits it.
+//! - A restore runs any SQL as the database superuser, so it is opt-in: refused (FAILED_PRECONDITION)
+//!   unless the agent's config says `restore-database = true`, before any data is read.
+//! - The restore's SQL is spooled to a private file and checked before psql sees a byte (see
+//!   `spool`): whole stream, valid zstd, every line within `max-sql-line`, and the header's
+//!   SHA-256 (32 bytes). A refusal there says nothing was run, and nothing was.
+//! - psql stops at the first failing statement (`ON_ERROR_STOP`); every error from then on says
+//!   the statements before it ran and the database may be partly restored. The only line changed
+//!   on the way in is `CREATE ROLE postgres;` (commented out, line numbers kept): every cluster
+//!   already has that role, and pg_dumpall emits it.
+//! - Errors and replies quote the input line number and the statement's kind, never its text, and
+//!   psql's output only with the statement echo, passwords, hashes and row values taken out (see
+//!   `redact`).
 
-use std::collections::VecDeque;
-use std::io::{self, Read};
+mod redact;
+mod spool;
+
+use std::io;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bollard::container::LogOutput;
 use bytes::Bytes;
@@ -26,6 +37,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::chunks::{ChannelReader, ChunkSink, ChunkTx, Tail, encoder};
+use crate::config::DatabaseRestorePolicy;
 use crate::container::Engine;
 use crate::error::{Error, Result};
 
@@ -202,45 +214,6 @@ pub async fn dump(
     })
 }
 
-/// The last lines fed to psql, by line number, to quote the statement an error names.
-#[derive(Default)]
-struct Lines {
-    recent: VecDeque<(u64, String)>,
-    next: u64,
-}
-
-impl Lines {
-    const KEEP: usize = 4096;
-
-    fn push(&mut self, line: &[u8]) {
-        self.next += 1;
-        let mut text = String::from_utf8_lossy(line).trim_end().to_owned();
-        if text.len() > 300 {
-            let mut cut = 300;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            text.push('…');
-        }
-        self.recent.push_back((self.next, text));
-        if self.recent.len() > Self::KEEP {
-            self.recent.pop_front();
-        }
-    }
-
-    /// Lines `n-2..=n`, as "n: text" lines.
-    fn around(&self, n: u64) -> Option<String> {
-        let got: Vec<String> = self
-            .recent
-            .iter()
-            .filter(|(i, _)| *i + 2 >= n && *i <= n)
-            .map(|(i, t)| format!("{i}: {t}"))
-            .collect();
-        (!got.is_empty()).then(|| got.join(" | "))
-    }
-}
-
 /// The input line number in a psql error (`psql:<stdin>:42: ERROR: ...`).
 fn psql_error_line(stderr: &str) -> Option<u64> {
     stderr.lines().find_map(|l| {
@@ -253,92 +226,101 @@ fn psql_error_line(stderr: &str) -> Option<u64> {
     })
 }
 
-/// Decompresses the SQL, splits it into lines for error context, and forwards it in pieces.
-fn inflate_sql(
-    mut reader: ChannelReader,
-    out: &mpsc::Sender<Bytes>,
-    lines: &Mutex<Lines>,
-) -> io::Result<(u64, [u8; 32], u64)> {
-    let mut raw = 0u64;
-    {
-        let mut dec = zstd::Decoder::new(&mut reader)?;
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut partial: Vec<u8> = Vec::new();
-        loop {
-            let n = dec.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            raw += n as u64;
-            let mut piece = Vec::with_capacity(n + partial.len());
-            let mut rest = &buf[..n];
-            // Whole lines go out; a partial last line waits for its end.
-            while let Some(pos) = rest.iter().position(|b| *b == b'\n') {
-                partial.extend_from_slice(&rest[..=pos]);
-                rest = &rest[pos + 1..];
-                let line = std::mem::take(&mut partial);
-                if line == b"CREATE ROLE postgres;\n" {
-                    piece.extend_from_slice(
-                        b"-- CREATE ROLE postgres; -- skipped by deis-backup-agent: it exists\n",
-                    );
-                } else {
-                    piece.extend_from_slice(&line);
-                }
-                lines.lock().expect("lines lock").push(&line);
-            }
-            partial.extend_from_slice(rest);
-            if !piece.is_empty() && out.blocking_send(Bytes::from(piece)).is_err() {
-                return Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "psql stopped reading",
-                ));
-            }
-        }
-        if !partial.is_empty() {
-            lines.lock().expect("lines lock").push(&partial);
-            if out.blocking_send(Bytes::from(partial)).is_err() {
-                return Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "psql stopped reading",
-                ));
-            }
-        }
+/// Refuses RestoreDatabase unless the agent's configuration turned it on.
+pub fn check_enabled(policy: &DatabaseRestorePolicy) -> Result<()> {
+    if policy.enabled {
+        return Ok(());
     }
-    let (compressed, sha) = reader.finish()?;
-    Ok((compressed, sha, raw))
+    Err(Error::Disabled {
+        what: "RestoreDatabase is off on this agent: it runs the caller's SQL as the database \
+               superuser; set `restore-database = true` in the agent's config file (or start it \
+               with `--restore-database true`) for the restore"
+            .into(),
+    })
 }
 
-/// Feeds zstd-compressed SQL arriving on `data` to `psql` in `container`.
+/// The header's SHA-256 of the compressed SQL, which must be 32 bytes.
+pub fn check_digest(sha256: &[u8]) -> Result<[u8; 32]> {
+    sha256.try_into().map_err(|_| Error::BadRequest {
+        what: format!(
+            "the RestoreDatabase header's sha256 must be 32 bytes, not {}",
+            sha256.len()
+        ),
+    })
+}
+
+/// Bytes of psql's output kept, and whether more came (so the first kept line may be cut).
+struct Output {
+    tail: Tail,
+    total: usize,
+}
+
+impl Output {
+    fn new() -> Self {
+        Self {
+            tail: Tail::new(STDERR_TAIL),
+            total: 0,
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        self.tail.push(data);
+        self.total = self.total.saturating_add(data.len());
+    }
+
+    /// The text as it may be quoted (see `redact`).
+    fn quoted(&self, secret: bool) -> String {
+        redact::psql_output(&self.tail.text(), self.total > STDERR_TAIL, secret)
+    }
+}
+
+/// Restores the zstd-compressed SQL arriving on `data` into the database of `container`: spools
+/// and checks it against `expected_sha` (see `spool`), then feeds it to `psql`. `window_log` is
+/// the largest zstd window accepted.
 pub async fn restore(
     engine: &Engine,
     container: &str,
-    expected_sha: &[u8],
+    policy: &DatabaseRestorePolicy,
+    window_log: u32,
+    expected_sha: [u8; 32],
     data: mpsc::Receiver<Bytes>,
     broken: Arc<AtomicBool>,
 ) -> Result<RestoreDatabaseReply> {
     let start = Instant::now();
-    let mut exec = psql(engine, container, &[]).await?;
-    let lines = Arc::new(Mutex::new(Lines::default()));
-    let (sql_tx, mut sql_rx) = mpsc::channel::<Bytes>(8);
-    let inflater = {
-        let lines = lines.clone();
+    let spooled = {
+        let policy = policy.clone();
         tokio::task::spawn_blocking(move || {
-            inflate_sql(
-                ChannelReader::with_broken_flag(data, broken),
-                &sql_tx,
-                &lines,
-            )
+            let input = ChannelReader::with_broken_flag(data, broken);
+            spool::spool(input, &policy, window_log, &expected_sha)
         })
+        .await
+        .map_err(|e| join_error(&e))??
     };
+    tracing::info!(
+        compressed = spooled.compressed,
+        raw = spooled.raw,
+        lines = spooled.lines,
+        "SQL spooled and checked; psql starts"
+    );
+    let mut exec = psql(engine, container, &[]).await?;
+    let (sql_tx, mut sql_rx) = mpsc::channel::<Bytes>(8);
+    let max_line = policy.max_line;
+    let inflater = tokio::task::spawn_blocking(move || {
+        let mut spooled = spooled;
+        let fed = spooled.feed(max_line, window_log, |piece| {
+            sql_tx.blocking_send(piece).is_ok()
+        });
+        (spooled, fed)
+    });
     let mut input = exec.input;
-    let feeder = tokio::spawn(async move {
+    let mut feeder = tokio::spawn(async move {
         while let Some(piece) = sql_rx.recv().await {
             input.write_all(&piece).await?;
         }
         input.shutdown().await
     });
-    let mut output = Tail::new(STDERR_TAIL);
-    let mut stderr = Tail::new(STDERR_TAIL);
+    let mut output = Output::new();
+    let mut stderr = Output::new();
     while let Some(item) = exec.output.next().await {
         match item {
             Ok(LogOutput::StdErr { message }) => {
@@ -352,65 +334,205 @@ pub async fn restore(
             Err(_) => break,
         }
     }
+    // psql has ended. Its input was delivered only if the feeder wrote all of it and closed it: a
+    // psql that stopped reading early (`\q`) can exit 0 with SQL still queued.
+    let delivered = matches!(
+        tokio::time::timeout(Duration::from_secs(5), &mut feeder).await,
+        Ok(Ok(Ok(())))
+    );
     feeder.abort();
     exec.input = Box::pin(tokio::io::sink());
-    let sql_result = inflater.await.map_err(|e| join_error(&e))?;
+    let (spooled, fed) = inflater.await.map_err(|e| join_error(&e))?;
     let code = match engine.exit_code(&exec.id, &exec.container).await {
         Ok(c) => c,
         Err(Error::NoContainer { .. } | Error::NotRunning { .. }) => -1,
         Err(e) => return Err(e),
     };
-    let failed = |how: String| {
-        let text = stderr.text();
-        let context = psql_error_line(&text)
-            .and_then(|n| lines.lock().expect("lines lock").around(n))
-            .map(|c| format!(" [input {c}]"))
-            .unwrap_or_default();
-        Error::CommandFailed {
-            what: "psql".into(),
-            container: container.to_owned(),
-            how: format!("{how}{context}"),
-            stderr: text,
-        }
+    let partly = "psql had run the statements before it, so the database may be partly restored";
+    let stopped = |how: String, stderr: &Output| Error::CommandFailed {
+        what: "psql".into(),
+        container: container.to_owned(),
+        how,
+        stderr: stderr.quoted(true),
     };
-    if code != 0 {
-        return Err(failed(format!("exited with status {code}")));
+    match fed {
+        Ok(raw) if code == 0 && delivered => Ok(RestoreDatabaseReply {
+            raw_bytes: raw,
+            duration_ms: millis(start),
+            output_tail: output.quoted(false),
+        }),
+        Ok(_) | Err(spool::FeedError::Closed) => {
+            Err(psql_failed(spooled, window_log, container, code, &stderr).await)
+        }
+        Err(spool::FeedError::TooLong(t)) => Err(stopped(
+            format!(
+                "was stopped at input line {} ({} statement): the line grew past the agent's \
+                 max-sql-line ({max_line} bytes) on the way in; {partly}",
+                t.line, t.kind
+            ),
+            &stderr,
+        )),
+        Err(spool::FeedError::Read { line, source }) => Err(stopped(
+            format!(
+                "was stopped at input line {line}: reading back the SQL spool in {} failed \
+                 ({source}); {partly}",
+                policy.spool_dir.display()
+            ),
+            &stderr,
+        )),
     }
-    let (_, sha, raw) = sql_result.map_err(|e| Error::BadArchive {
-        reason: format!(
-            "the SQL stream broke off or is not valid zstd ({e}); psql ran the statements before that point"
+}
+
+/// The error for a psql that exited with `code` (or stopped reading), after the statement its
+/// message names has been looked up in the spool.
+async fn psql_failed(
+    mut spooled: spool::Spooled,
+    window_log: u32,
+    container: &str,
+    code: i64,
+    stderr: &Output,
+) -> Error {
+    let statement = match psql_error_line(&stderr.tail.text()) {
+        Some(n) => tokio::task::spawn_blocking(move || spooled.statement_at(n, window_log))
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
+    psql_error(container, code, stderr, statement.as_ref())
+}
+
+/// The error for a psql that exited with `code` (0: it stopped reading early): the input line
+/// its message names and the kind of `statement` there, and its message quoted without secrets
+/// (see `redact`).
+fn psql_error(
+    container: &str,
+    code: i64,
+    stderr: &Output,
+    statement: Option<&redact::Statement>,
+) -> Error {
+    let at = match (psql_error_line(&stderr.tail.text()), statement) {
+        (Some(n), Some(s)) if s.start == n => {
+            format!(" at input line {n} ({} statement)", s.kind)
+        }
+        (Some(n), Some(s)) => format!(
+            " at input line {n} (in the {} statement from line {})",
+            s.kind, s.start
         ),
-    })?;
-    if !expected_sha.is_empty() && expected_sha != sha {
-        return Err(Error::BadArchive {
-            reason:
-                "the SQL's sha256 differs from the header's (psql has run it: check the database)"
-                    .into(),
-        });
+        (Some(n), None) => format!(" at input line {n}"),
+        (None, _) => String::new(),
+    };
+    let how = if code == 0 {
+        "stopped reading before the end of the SQL (exit status 0)".to_owned()
+    } else {
+        format!("exited with status {code}")
+    };
+    Error::CommandFailed {
+        what: "psql".into(),
+        container: container.to_owned(),
+        how: format!(
+            "{how}{at}; it had run the statements before that, so the database may be partly restored"
+        ),
+        stderr: stderr.quoted(statement.is_none_or(redact::Statement::carries_secrets)),
     }
-    Ok(RestoreDatabaseReply {
-        raw_bytes: raw,
-        duration_ms: millis(start),
-        output_tail: output.text(),
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     #[test]
     fn psql_errors_name_their_line() {
         let e = "psql:<stdin>:7: NOTICE: x\npsql:<stdin>:12: ERROR:  syntax error at or near \"SELEC\"\n";
         assert_eq!(psql_error_line(e), Some(12));
         assert_eq!(psql_error_line("ERROR: nothing"), None);
-        let mut l = Lines::default();
-        for i in 1..=12 {
-            l.push(format!("line {i}\n").as_bytes());
+    }
+
+    #[test]
+    fn restore_database_is_off_by_default_and_names_the_key() {
+        let policy = Config::default().database_restore_policy();
+        assert!(!policy.enabled);
+        let e = check_enabled(&policy).unwrap_err();
+        let status = e.status();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        let msg = e.to_string();
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(msg.contains("restore-database = true"), "{msg}");
+        assert!(msg.contains("--restore-database true"), "{msg}");
+        let on = DatabaseRestorePolicy {
+            enabled: true,
+            ..policy
+        };
+        check_enabled(&on).unwrap();
+    }
+
+    #[test]
+    fn the_header_digest_must_be_32_bytes() {
+        assert!(check_digest(&[7; 32]).is_ok());
+        for bad in [&[][..], &[7; 31][..], &[7; 33][..]] {
+            let e = check_digest(bad).unwrap_err();
+            assert_eq!(e.status().code(), tonic::Code::InvalidArgument, "{e}");
         }
-        assert_eq!(
-            l.around(12).unwrap(),
-            "10: line 10 | 11: line 11 | 12: line 12"
+    }
+
+    #[test]
+    fn quoted_psql_output_withholds_passwords_and_hashes() {
+        let mut o = Output::new();
+        o.push(
+            b"psql:<stdin>:3: ERROR:  syntax error at or near \"'md5a3556571e93b0d20722ba62be61e8c2d'\"\n\
+              LINE 1: ALTER ROLE deis PASSWORD 'md5a3556571e93b0d20722ba62be61e8c2d' X;\n\
+              \x20                        ^\n",
         );
+        for secret in [false, true] {
+            let q = o.quoted(secret);
+            assert!(!q.contains("a3556571"), "{q}");
+            assert!(!q.contains("ALTER ROLE deis"), "{q}");
+            assert!(q.contains("psql:<stdin>:3: ERROR:"), "{q}");
+        }
+        // A long output: the first kept line may be a fragment of a hash, so it goes.
+        let mut o = Output::new();
+        o.push(&vec![b'x'; STDERR_TAIL]);
+        o.push(b"0d20722ba62be61e8c2d' more\npsql:<stdin>:9: ERROR:  boom\n");
+        assert_eq!(o.quoted(false), "psql:<stdin>:9: ERROR:  boom");
+    }
+
+    #[test]
+    fn a_failing_role_statement_is_named_without_its_password() {
+        const HASH: &str = "md5a3556571e93b0d20722ba62be61e8c2d";
+        let dir = tempfile::tempdir().unwrap();
+        let sql = format!(
+            "CREATE ROLE deis;\nALTER ROLE deis WITH LOGIN\n    PASSWORD '{HASH}' OOPS;\nSELECT 1;\n"
+        );
+        let z = zstd::encode_all(sql.as_bytes(), 3).unwrap();
+        let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&z).into();
+        let policy = DatabaseRestorePolicy {
+            enabled: true,
+            max_line: 1024,
+            spool_dir: dir.path().to_owned(),
+        };
+        let mut spooled = spool::spool(z.as_slice(), &policy, 27, &sha).unwrap();
+        let mut stderr = Output::new();
+        stderr.push(
+            format!(
+                "psql:<stdin>:3: ERROR:  syntax error at or near \"OOPS\"\n\
+                 LINE 2:     PASSWORD '{HASH}' OOPS;\n\
+                 \x20                                                 ^\n"
+            )
+            .as_bytes(),
+        );
+        let statement = spooled.statement_at(3, 27);
+        let e = psql_error("deis-database", 3, &stderr, statement.as_ref());
+        let msg = e.to_string();
+        assert!(
+            msg.contains("at input line 3 (in the ALTER ROLE statement from line 2)"),
+            "{msg}"
+        );
+        assert!(msg.contains("may be partly restored"), "{msg}");
+        assert!(!msg.contains("a3556571") && !msg.contains("OOPS"), "{msg}");
+        assert!(!msg.contains("WITH LOGIN"), "no statement text: {msg}");
+        assert_eq!(e.status().code(), tonic::Code::Aborted);
+        drop(spooled);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

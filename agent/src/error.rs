@@ -46,6 +46,10 @@ pub enum Error {
     #[error("{what}")]
     BadRequest { what: String },
     #[error("{what}")]
+    Disabled { what: String },
+    #[error("SQL refused before anything was run: {reason}")]
+    SqlRefused { reason: String },
+    #[error("{what}")]
     Limit { what: String },
     #[error("no space left on the filesystem of {}: {source}", .path.display())]
     NoSpace {
@@ -103,6 +107,12 @@ impl Error {
             Error::BadRequest { .. } => {
                 "the coordinator sent a malformed request; upgrade it to match the agent"
             }
+            Error::Disabled { .. } => {
+                "turn it on in the agent on the database host for the restore, then off again"
+            }
+            Error::SqlRefused { .. } => {
+                "the dump is damaged or not the snapshot's; nothing ran: restore from another snapshot"
+            }
             Error::Limit { .. } => {
                 "raise the limit named above in the agent's config, or restore a smaller snapshot"
             }
@@ -125,11 +135,15 @@ impl Error {
                 Code::Internal
             }
             Error::NoContainer { .. } | Error::NoHook { .. } => Code::NotFound,
-            Error::NotRunning { .. } | Error::NotEmpty { .. } => Code::FailedPrecondition,
+            Error::NotRunning { .. } | Error::NotEmpty { .. } | Error::Disabled { .. } => {
+                Code::FailedPrecondition
+            }
             Error::CommandFailed { .. } | Error::RestoreIncomplete { .. } => Code::Aborted,
             Error::Limit { .. } | Error::NoSpace { .. } => Code::ResourceExhausted,
             Error::NotAllowed { .. } => Code::PermissionDenied,
-            Error::BadArchive { .. } | Error::BadRequest { .. } => Code::InvalidArgument,
+            Error::BadArchive { .. } | Error::BadRequest { .. } | Error::SqlRefused { .. } => {
+                Code::InvalidArgument
+            }
             Error::Cancelled => Code::Cancelled,
         };
         tonic::Status::new(code, format!("{self}; {}", self.guidance()))

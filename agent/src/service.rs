@@ -261,6 +261,8 @@ impl agent_server::Agent for AgentService {
         &self,
         request: Request<Streaming<RestoreDatabaseRequest>>,
     ) -> Result<Response<RestoreDatabaseReply>, Status> {
+        let policy = &self.settings.database_restore;
+        database::check_enabled(policy)?;
         let mut stream = request.into_inner();
         let Some(RestoreDatabaseRequest {
             kind: Some(restore_database_request::Kind::Header(header)),
@@ -271,6 +273,7 @@ impl agent_server::Agent for AgentService {
             }
             .into());
         };
+        let sha256 = database::check_digest(&header.sha256)?;
         let container = &self.settings.database_container;
         self.engine.require_running(container).await?;
         let (rx, broken) = forward(stream, |m: RestoreDatabaseRequest| match m.kind {
@@ -279,8 +282,17 @@ impl agent_server::Agent for AgentService {
                 "a RestoreDatabase stream carries one header, then data only",
             )),
         });
-        tracing::info!(%container, "database restore starts");
-        let reply = database::restore(&self.engine, container, &header.sha256, rx, broken).await?;
+        tracing::info!(%container, spool_dir = %policy.spool_dir.display(), "database restore starts");
+        let reply = database::restore(
+            &self.engine,
+            container,
+            policy,
+            self.settings.restore.max_window_log,
+            sha256,
+            rx,
+            broken,
+        )
+        .await?;
         Ok(Response::new(reply))
     }
 
