@@ -4,7 +4,8 @@
 //! Invariants:
 //! - The root is opened once, by its path (the allow-listed store path: a symlink there is the
 //!   operator's own and is followed). Nothing else is ever opened, stat'ed or read by a path: every
-//!   call names one entry (never `.`, `..` or a path with `/`) relative to a directory handle.
+//!   call names one entry (never `..` or a path with `/`) relative to a directory handle, or `.`
+//!   of a handle to read its names.
 //! - A directory is opened with `O_DIRECTORY | O_NOFOLLOW` relative to its parent's handle, and a
 //!   file with `O_NOFOLLOW` relative to its directory's; entries are stat'ed without following
 //!   (`AT_SYMLINK_NOFOLLOW`) and symlink targets read with `readlinkat`. A symlink put in place of
@@ -322,8 +323,9 @@ impl Tree {
         let file = match rustix::fs::openat(&*fd, leaf(rel), file_flags(), Mode::empty()) {
             Ok(file) => file,
             Err(Errno::NOENT) => return Ok(Err(Lost::Vanished(rel.to_vec()))),
-            // A symlink (O_NOFOLLOW), a socket, or a directory in its place.
-            Err(Errno::LOOP | Errno::NXIO | Errno::ISDIR) => {
+            // A symlink (O_NOFOLLOW) or a socket in its place; anything else that opens (a
+            // directory, a fifo, a device) fails the check below.
+            Err(Errno::LOOP | Errno::NXIO) => {
                 return Ok(Err(Lost::Replaced(rel.to_vec())));
             }
             Err(e) => return Err(e.into()),
