@@ -184,6 +184,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         None
     };
 
+    // Staging directories left by restores that did not finish (a killed agent): removed once
+    // stale, off the serving path (a hung network mount must not keep the agent from serving).
+    let store_paths = settings.store_paths.clone();
+    tokio::task::spawn_blocking(move || store::restore::clean_stale_staging(&store_paths));
+
     tracing::info!(%address, version = VERSION, docker_api = %engine.api_version(), "deis-backup-agent serving");
     let svc = service::AgentService::new(settings, engine);
     let result = server

@@ -8,6 +8,8 @@
 //!   shared (network) filesystems are named by type, statfs `f_fsid` (CephFS: derived from the Ceph
 //!   cluster fsid, or the fsid itself when the mount source names it) and the path inside them;
 //!   anything else is host-local and includes the machine id.
+//! - A store counts as empty (Describe) when it holds nothing but restore staging directories
+//!   (named `restore::STAGING_PREFIX`...): a killed restore's debris never makes it look used.
 
 pub mod archive;
 pub mod restore;
@@ -147,10 +149,15 @@ pub fn describe(path: &Path, machine_id: &str) -> Result<StorePath> {
     } else {
         format!("local:{machine_id}:{}:{}", md.dev(), md.ino())
     };
-    let empty = std::fs::read_dir(&canon)
-        .map_err(Error::io("cannot list", &canon))?
-        .next()
-        .is_none();
+    // Staging directories of restores (running, or debris of one that did not finish) do not count.
+    let mut empty = true;
+    for e in std::fs::read_dir(&canon).map_err(Error::io("cannot list", &canon))? {
+        let e = e.map_err(Error::io("cannot list", &canon))?;
+        if !restore::is_staging_name(&e.file_name()) {
+            empty = false;
+            break;
+        }
+    }
     Ok(StorePath {
         path: path.display().to_string(),
         fs_type,
@@ -209,5 +216,15 @@ mod tests {
         assert!(!a.shared);
         assert!(a.fs_identity.starts_with("local:machine-a:"));
         assert_ne!(a.fs_identity, b.fs_identity);
+    }
+
+    #[test]
+    fn staging_debris_does_not_make_a_store_non_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        std::fs::create_dir_all(store.join(".deis-backup-restore-1-2/tree")).unwrap();
+        assert!(describe(&store, "m").unwrap().empty);
+        std::fs::write(store.join("data"), b"x").unwrap();
+        assert!(!describe(&store, "m").unwrap().empty);
     }
 }

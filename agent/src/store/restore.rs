@@ -23,20 +23,27 @@
 //!   of one restore are capped by `max-restore-bytes` and the zstd window by
 //!   `max-zstd-window-log`.
 //! - Only then are the staged entries renamed into the target (same filesystem, so each move is
-//!   atomic); with `overwrite`, the target's previous entries are moved aside first and removed
-//!   with the staging directory. A failure in that phase names what was already removed and moved.
+//!   atomic); with `overwrite`, the target's previous entries are moved aside first (into the
+//!   staging directory's `previous/`) and removed with the staging directory. A failure in that
+//!   phase names what was already removed and moved.
+//! - Staging directories (named `STAGING_PREFIX`...) are not the store's content: the not-empty
+//!   check and overwrite leave them out, as Describe does. Stale ones (restores that did not
+//!   finish) are removed at agent start and before each restore into a target, never one running
+//!   in this process, nor one holding a target's previous entries (module `debris`).
 //! - A full disk is an I/O error naming the path (`NoSpace`), never a damaged archive.
 
+mod debris;
 mod resolve;
 mod segments;
 mod staging;
 mod tar_guard;
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use deis_backup_proto::v1::{RestoreStoreReply, Warning, warning::Kind};
@@ -51,6 +58,18 @@ use tar_guard::TarGuard;
 
 /// Prefix of staging directories inside a restore target.
 pub const STAGING_PREFIX: &str = ".deis-backup-restore-";
+
+pub use debris::{STALE_AFTER, is_staging_name};
+
+/// Removes the stale staging directories of restores that did not finish from each of `paths`
+/// (the allow-list, at agent start; see module `debris`). Never fails: it logs.
+pub fn clean_stale_staging(paths: &[PathBuf]) {
+    for p in paths {
+        if p.is_dir() {
+            debris::clean(p, STALE_AFTER);
+        }
+    }
+}
 
 /// Options of one restore: the caller's wishes, and the agent's policy that bounds them.
 #[derive(Debug, Clone)]
@@ -107,13 +126,16 @@ fn check_segments(segments: &[(u64, Vec<u8>)]) -> Result<()> {
     Ok(())
 }
 
-/// The target's entries other than our staging directory.
-fn existing(target: &Path, staging: &str) -> Result<Vec<OsString>> {
+/// The entries of the directory `dir` (at `path`); staging directories left out when `skip_staging`
+/// (in a target; a staged tree is listed whole).
+fn existing(dir: &OwnedFd, path: &Path, skip_staging: bool) -> Result<Vec<OsString>> {
+    let err = |e: rustix::io::Errno| fs_error("listing", path.into())(e.into());
     let mut out = Vec::new();
-    for e in fs::read_dir(target).map_err(fs_error("listing", target.into()))? {
-        let name = e.map_err(fs_error("listing", target.into()))?.file_name();
-        if name != staging {
-            out.push(name);
+    for e in rustix::fs::Dir::read_from(dir).map_err(err)? {
+        let e = e.map_err(err)?;
+        let name = OsStr::from_bytes(e.file_name().to_bytes());
+        if name != "." && name != ".." && !(skip_staging && is_staging_name(name)) {
+            out.push(name.to_owned());
         }
     }
     Ok(out)
@@ -125,40 +147,51 @@ pub fn restore(target: &Path, archive: impl Read, opts: &Options) -> Result<Rest
     if !target.is_dir() {
         fs::create_dir(target).map_err(fs_error("creating the restore target", target.into()))?;
     }
+    // Debris of restores that did not finish goes first (never one running in this process).
+    debris::clean(target, STALE_AFTER);
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
     let name = format!("{STAGING_PREFIX}{}-{nanos}", std::process::id());
-    if !opts.overwrite && !existing(target, &name)?.is_empty() {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let target_fd = rustix::fs::open(target, flags, Mode::empty())
+        .map_err(|e| fs_error("opening", target.into())(e.into()))?;
+    if !opts.overwrite && !existing(&target_fd, target, true)?.is_empty() {
         return Err(Error::NotEmpty {
             path: target.to_path_buf(),
         });
     }
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let target_fd = rustix::fs::open(target, flags, Mode::empty())
-        .map_err(|e| fs_error("opening", target.into())(e.into()))?;
     let staging_path = target.join(&name);
+    let mut live = debris::Live::register(&name);
     rustix::fs::mkdirat(&target_fd, name.as_str(), Mode::from_raw_mode(0o700))
         .map_err(|e| fs_error("creating the staging directory", staging_path.clone())(e.into()))?;
     let result = Dirs::open(&target_fd, &name, target).and_then(|dirs| {
+        match dirs.staging.try_clone() {
+            Ok(fd) => live.keep_alive(fd, &staging_path),
+            Err(e) => tracing::warn!(path = %staging_path.display(), error = %e, "cannot keep the staging directory fresh"),
+        }
         let reply = stage(&dirs, archive, opts)?;
         commit(&dirs, reply, opts.overwrite)
     });
+    drop(live);
     if let Err(e) = fs::remove_dir_all(&staging_path) {
         tracing::warn!(path = %staging_path.display(), error = %e, "cannot remove the staging directory");
     }
     result
 }
 
-/// The handles of one restore: the target, and inside the staging directory the tree being
-/// written and the place replaced entries go.
+/// The handles of one restore: the target, the staging directory, and inside it the tree being
+/// written, the place entries replaced within the tree go, and the place the target's previous
+/// entries go under overwrite (`previous/`, which the stale clean-up never removes).
 struct Dirs<'a> {
     target: &'a OwnedFd,
     target_path: &'a Path,
     staging_name: &'a str,
+    staging: OwnedFd,
     tree: OwnedFd,
     replaced: OwnedFd,
+    previous: OwnedFd,
 }
 
 impl<'a> Dirs<'a> {
@@ -171,12 +204,15 @@ impl<'a> Dirs<'a> {
                 .and_then(|()| open_beneath(&staging, name.as_bytes()))
                 .map_err(|e| fs_error("creating", path.join(name))(e.into()))
         };
+        let (tree, replaced, previous) = (sub("tree")?, sub("replaced")?, sub(debris::PREVIOUS)?);
         Ok(Self {
             target,
             target_path,
             staging_name,
-            tree: sub("tree")?,
-            replaced: sub("replaced")?,
+            staging,
+            tree,
+            replaced,
+            previous,
         })
     }
 }
@@ -230,7 +266,7 @@ fn commit(
     mut reply: RestoreStoreReply,
     overwrite: bool,
 ) -> Result<RestoreStoreReply> {
-    let old = existing(dirs.target_path, dirs.staging_name)?;
+    let old = existing(dirs.target, dirs.target_path, true)?;
     if !old.is_empty() && !overwrite {
         return Err(Error::NotEmpty {
             path: dirs.target_path.to_path_buf(),
@@ -239,7 +275,7 @@ fn commit(
     let (mut removed, mut moved) = (Vec::new(), Vec::new());
     for (i, name) in old.iter().enumerate() {
         let shown = name.to_string_lossy().into_owned();
-        rustix::fs::renameat(dirs.target, name, &dirs.replaced, format!("old-{i}")).map_err(
+        rustix::fs::renameat(dirs.target, name, &dirs.previous, format!("old-{i}")).map_err(
             |e| {
                 let e = fs_error("removing", dirs.target_path.join(name))(e.into());
                 incomplete(dirs.target_path, &removed, &moved, e)
@@ -253,7 +289,7 @@ fn commit(
         });
     }
     let tree_path = dirs.target_path.join(dirs.staging_name).join("tree");
-    let mut names = existing(&tree_path, "")?;
+    let mut names = existing(&dirs.tree, &tree_path, false)?;
     names.sort();
     for name in names {
         rustix::fs::renameat(&dirs.tree, &name, dirs.target, &name).map_err(|e| {
@@ -438,6 +474,55 @@ mod tests {
         finding3_device_nodes_follow_allow_devices,
         overwrite_moves_old_entries_aside_and_reports_them,
     );
+
+    /// A staging directory `name` in `target`, holding a file, with its mtime `age` ago.
+    fn debris(target: &Path, name: &str, age: std::time::Duration) -> PathBuf {
+        let p = target.join(name);
+        fs::create_dir_all(p.join("tree")).unwrap();
+        fs::write(p.join("tree/half-written"), b"x").unwrap();
+        let f = fs::File::open(&p).unwrap();
+        f.set_modified(SystemTime::now() - age).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_target_holding_only_staging_directories_counts_as_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("store");
+        let hours = std::time::Duration::from_secs(2 * 3600);
+        let stale = debris(&t, ".deis-backup-restore-1-1", hours);
+        let fresh = debris(&t, ".deis-backup-restore-1-2", std::time::Duration::ZERO);
+        let tar = Ar::new().file("a", 0o644, 0, 0, b"new").finish();
+        run(&t, &tar).unwrap();
+        // The stale one was cleaned up by the restore; the fresh one (maybe another agent's
+        // restore in progress, on a shared filesystem) is left alone, and was not in the way.
+        assert!(!stale.exists());
+        assert!(fresh.join("tree/half-written").exists());
+        assert_eq!(entries(&t), [".deis-backup-restore-1-2", "a"]);
+        // Overwrite does not move it aside either.
+        let z = zstd::encode_all(&Ar::new().file("b", 0o644, 0, 0, b"b").finish()[..], 3).unwrap();
+        let o = Options {
+            overwrite: true,
+            ..options(&z, policy())
+        };
+        let reply = restore(&t, &z[..], &o).unwrap();
+        assert_eq!(entries(&t), [".deis-backup-restore-1-2", "b"]);
+        let replaced: Vec<_> = reply.warnings.iter().map(|w| w.path.as_str()).collect();
+        assert_eq!(replaced, ["a"]);
+    }
+
+    #[test]
+    fn start_up_clean_up_removes_stale_staging_in_every_store_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let hours = std::time::Duration::from_secs(2 * 3600);
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let stale_a = debris(&a, ".deis-backup-restore-7-1", hours);
+        let stale_b = debris(&b, ".deis-backup-restore-7-2", hours);
+        let fresh = debris(&b, ".deis-backup-restore-7-3", std::time::Duration::ZERO);
+        clean_stale_staging(&[a.clone(), b.clone(), tmp.path().join("missing")]);
+        assert!(!stale_a.exists() && !stale_b.exists());
+        assert!(fresh.exists());
+    }
 
     #[test]
     fn unsafe_paths_are_refused() {
