@@ -58,13 +58,24 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
-        "restore into {} stopped after the archive was checked: {source}; removed (overwrite): [{removed}]; already in place: [{moved}]",
+        "restore into {} failed while moving entries into place, and was undone (the target is as it was): {source}",
+        .target.display()
+    )]
+    RestoreUndone {
+        target: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error(
+        "restore into {} failed while moving entries into place: {source}; undoing it failed too ({undo}); {state}",
         .target.display()
     )]
     RestoreIncomplete {
         target: PathBuf,
-        removed: String,
-        moved: String,
+        /// Each move back that failed, and why.
+        undo: String,
+        /// Where every moved entry is now, and that the staging directory is kept.
+        state: String,
         #[source]
         source: Box<Error>,
     },
@@ -119,8 +130,9 @@ impl Error {
             Error::NoSpace { .. } => {
                 "free space (or raise the quota) on that filesystem on this host, then restore again"
             }
+            Error::RestoreUndone { .. } => "nothing changed; fix the cause above and restore again",
             Error::RestoreIncomplete { .. } => {
-                "the target holds part of the restore; fix the cause above and restore again with overwrite"
+                "move the entries named above back by hand (the staging directory is kept for that), fix the cause, then restore again"
             }
             Error::Io { .. } => "check the path's permissions and free space on this host",
             Error::Cancelled => "nothing to do: the caller cancelled",
@@ -138,7 +150,9 @@ impl Error {
             Error::NotRunning { .. } | Error::NotEmpty { .. } | Error::Disabled { .. } => {
                 Code::FailedPrecondition
             }
-            Error::CommandFailed { .. } | Error::RestoreIncomplete { .. } => Code::Aborted,
+            Error::CommandFailed { .. }
+            | Error::RestoreUndone { .. }
+            | Error::RestoreIncomplete { .. } => Code::Aborted,
             Error::Limit { .. } | Error::NoSpace { .. } => Code::ResourceExhausted,
             Error::NotAllowed { .. } => Code::PermissionDenied,
             Error::BadArchive { .. } | Error::BadRequest { .. } | Error::SqlRefused { .. } => {

@@ -22,16 +22,19 @@
 //!   headers over 64 KiB and paths over 4096 bytes are refused from their headers, the tar bytes
 //!   of one restore are capped by `max-restore-bytes` and the zstd window by
 //!   `max-zstd-window-log`.
-//! - Only then are the staged entries renamed into the target (same filesystem, so each move is
-//!   atomic); with `overwrite`, the target's previous entries are moved aside first (into the
-//!   staging directory's `previous/`) and removed with the staging directory. A failure in that
-//!   phase names what was already removed and moved.
+//! - Only then are the staged entries renamed into the target (module `commit`; same filesystem,
+//!   so each move is atomic); with `overwrite`, the target's previous entries are moved aside
+//!   first (into the staging directory's `previous/`), and removed with the staging directory only
+//!   once every move succeeded. A failing move is undone, every move before it too, back to the
+//!   target as it was (`RestoreUndone`); if undoing fails, the error says what is where and the
+//!   staging directory is kept (`RestoreIncomplete`).
 //! - Staging directories (named `STAGING_PREFIX`...) are not the store's content: the not-empty
 //!   check and overwrite leave them out, as Describe does. Stale ones (restores that did not
 //!   finish) are removed at agent start and before each restore into a target, never one running
 //!   in this process, nor one holding a target's previous entries (module `debris`).
 //! - A full disk is an I/O error naming the path (`NoSpace`), never a damaged archive.
 
+mod commit;
 mod debris;
 mod resolve;
 mod segments;
@@ -46,11 +49,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use deis_backup_proto::v1::{RestoreStoreReply, Warning, warning::Kind};
+use deis_backup_proto::v1::RestoreStoreReply;
 use rustix::fs::{Mode, OFlags};
 
 use crate::config::RestorePolicy;
 use crate::error::{Error, Result};
+use commit::commit;
 use resolve::open_beneath;
 use segments::SegmentCheck;
 use staging::{Staging, fs_error};
@@ -175,7 +179,10 @@ pub fn restore(target: &Path, archive: impl Read, opts: &Options) -> Result<Rest
         commit(&dirs, reply, opts.overwrite)
     });
     drop(live);
-    if let Err(e) = fs::remove_dir_all(&staging_path) {
+    if let Err(e @ Error::RestoreIncomplete { .. }) = &result {
+        // Entries are out of place, some maybe only in there: kept for the operator.
+        tracing::error!(path = %staging_path.display(), error = %e, "restore commit not undone; staging directory kept");
+    } else if let Err(e) = fs::remove_dir_all(&staging_path) {
         tracing::warn!(path = %staging_path.display(), error = %e, "cannot remove the staging directory");
     }
     result
@@ -195,6 +202,18 @@ struct Dirs<'a> {
 }
 
 impl<'a> Dirs<'a> {
+    fn staging_path(&self) -> PathBuf {
+        self.target_path.join(self.staging_name)
+    }
+
+    fn tree_path(&self) -> PathBuf {
+        self.staging_path().join("tree")
+    }
+
+    fn previous_path(&self) -> PathBuf {
+        self.staging_path().join(debris::PREVIOUS)
+    }
+
     fn open(target: &'a OwnedFd, staging_name: &'a str, target_path: &'a Path) -> Result<Self> {
         let path = target_path.join(staging_name);
         let staging = open_beneath(target, staging_name.as_bytes())
@@ -218,7 +237,7 @@ impl<'a> Dirs<'a> {
 }
 
 fn stage(dirs: &Dirs<'_>, archive: impl Read, opts: &Options) -> Result<RestoreStoreReply> {
-    let tree_path = dirs.target_path.join(dirs.staging_name).join("tree");
+    let tree_path = dirs.tree_path();
     let tree = dirs
         .tree
         .try_clone()
@@ -245,60 +264,6 @@ fn stage(dirs: &Dirs<'_>, archive: impl Read, opts: &Options) -> Result<RestoreS
     checked.finish().map_err(read_error)?;
     staging.finish_dirs()?;
     Ok(staging.reply)
-}
-
-/// The error for a failure in the commit phase: plain while the target is untouched, otherwise
-/// naming what was already removed and moved.
-fn incomplete(target: &Path, removed: &[String], moved: &[String], e: Error) -> Error {
-    if removed.is_empty() && moved.is_empty() {
-        return e;
-    }
-    Error::RestoreIncomplete {
-        target: target.to_path_buf(),
-        removed: removed.join(", "),
-        moved: moved.join(", "),
-        source: Box::new(e),
-    }
-}
-
-fn commit(
-    dirs: &Dirs<'_>,
-    mut reply: RestoreStoreReply,
-    overwrite: bool,
-) -> Result<RestoreStoreReply> {
-    let old = existing(dirs.target, dirs.target_path, true)?;
-    if !old.is_empty() && !overwrite {
-        return Err(Error::NotEmpty {
-            path: dirs.target_path.to_path_buf(),
-        });
-    }
-    let (mut removed, mut moved) = (Vec::new(), Vec::new());
-    for (i, name) in old.iter().enumerate() {
-        let shown = name.to_string_lossy().into_owned();
-        rustix::fs::renameat(dirs.target, name, &dirs.previous, format!("old-{i}")).map_err(
-            |e| {
-                let e = fs_error("removing", dirs.target_path.join(name))(e.into());
-                incomplete(dirs.target_path, &removed, &moved, e)
-            },
-        )?;
-        removed.push(shown.clone());
-        reply.warnings.push(Warning {
-            kind: Kind::Other.into(),
-            path: shown,
-            message: "replaced (overwrite)".into(),
-        });
-    }
-    let tree_path = dirs.target_path.join(dirs.staging_name).join("tree");
-    let mut names = existing(&dirs.tree, &tree_path, false)?;
-    names.sort();
-    for name in names {
-        rustix::fs::renameat(&dirs.tree, &name, dirs.target, &name).map_err(|e| {
-            let e = fs_error("moving into place", dirs.target_path.join(&name))(e.into());
-            incomplete(dirs.target_path, &removed, &moved, e)
-        })?;
-        moved.push(name.to_string_lossy().into_owned());
-    }
-    Ok(reply)
 }
 
 #[cfg(test)]
@@ -917,22 +882,147 @@ mod tests {
         assert!(entries(&t).is_empty());
     }
 
-    #[test]
-    fn finding7_a_commit_failure_names_what_was_removed_and_moved() {
-        let t = Path::new("/srv/store");
-        let cause = || Error::Io {
-            op: "moving into place",
-            path: t.join("b"),
-            source: io::Error::from_raw_os_error(16),
+    /// Everything about a tree that a commit could change: per entry (sorted), its path, inode,
+    /// mode, owner, and content or link target.
+    fn tree(root: &Path) -> Vec<(String, u64, u32, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut todo = vec![PathBuf::new()];
+        while let Some(rel) = todo.pop() {
+            for e in fs::read_dir(root.join(&rel)).unwrap() {
+                let rel = rel.join(e.unwrap().file_name());
+                let p = root.join(&rel);
+                let md = fs::symlink_metadata(&p).unwrap();
+                let data = if md.is_symlink() {
+                    fs::read_link(&p)
+                        .unwrap()
+                        .into_os_string()
+                        .into_encoded_bytes()
+                } else if md.is_file() {
+                    fs::read(&p).unwrap()
+                } else {
+                    todo.push(rel.clone());
+                    Vec::new()
+                };
+                out.push((
+                    rel.display().to_string(),
+                    md.ino(),
+                    md.mode(),
+                    md.uid(),
+                    data,
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A target with four entries, and an archive of three (one of the same name) to restore
+    /// over it: 4 moves aside and 3 into place.
+    fn overwrite_case(tmp: &Path) -> (PathBuf, Vec<u8>) {
+        let t = tmp.join("store");
+        fs::create_dir_all(t.join("old/deep")).unwrap();
+        fs::write(t.join("old/deep/f"), b"deep").unwrap();
+        fs::write(t.join("a"), b"old a").unwrap();
+        std::os::unix::fs::symlink("old/deep/f", t.join("l")).unwrap();
+        fs::write(t.join("z"), b"old z").unwrap();
+        let tar = Ar::new()
+            .file("a", 0o644, 0, 0, b"new a")
+            .file("b", 0o600, 0, 0, b"new b")
+            .dir("d", 0o755, 0)
+            .file("d/x", 0o644, 0, 0, b"x")
+            .finish();
+        (t, tar)
+    }
+
+    fn overwrite(t: &Path, tar: &[u8]) -> Result<RestoreStoreReply> {
+        let z = zstd::encode_all(tar, 3).unwrap();
+        let o = Options {
+            overwrite: true,
+            ..options(&z, policy())
         };
-        let e = incomplete(t, &["old".into()], &["a".into()], cause());
-        let text = e.status().message().to_owned();
-        assert!(text.contains("removed (overwrite): [old]"), "{text}");
-        assert!(text.contains("already in place: [a]"), "{text}");
-        assert!(!text.contains("before anything was written"), "{text}");
-        assert_eq!(e.status().code(), tonic::Code::Aborted);
-        // Nothing touched yet: the plain error.
-        assert!(matches!(incomplete(t, &[], &[], cause()), Error::Io { .. }));
+        restore(t, &z[..], &o)
+    }
+
+    #[test]
+    fn finding7_a_commit_failing_at_any_move_is_undone_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (t, tar) = overwrite_case(tmp.path());
+        let before = tree(&t);
+        for n in 1..=7 {
+            commit::fail_moves(&[n]);
+            let e = overwrite(&t, &tar).unwrap_err();
+            assert_eq!(tree(&t), before, "failure at move {n}: {e}");
+            let text = e.status().message().to_owned();
+            assert!(text.contains("Input/output error"), "{text}");
+            if n == 1 {
+                // Nothing had moved: the plain error.
+                assert!(matches!(e, Error::Io { .. }), "{e}");
+            } else {
+                assert!(matches!(e, Error::RestoreUndone { .. }), "move {n}: {e}");
+                assert!(
+                    text.contains("was undone (the target is as it was)"),
+                    "{text}"
+                );
+                assert!(text.contains("nothing changed"), "{text}");
+                assert_eq!(e.status().code(), tonic::Code::Aborted);
+            }
+        }
+        // Without a failure, the same restore goes through.
+        commit::fail_moves(&[]);
+        overwrite(&t, &tar).unwrap();
+        assert_eq!(entries(&t), ["a", "b", "d"]);
+        assert_eq!(fs::read(t.join("a")).unwrap(), b"new a");
+    }
+
+    #[test]
+    fn finding7_a_failed_undo_says_what_is_where_and_keeps_the_staging_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (t, tar) = overwrite_case(tmp.path());
+        // Moves 1-4 set the old entries aside, 5 places the new 'a', 6 (placing 'b') fails; the
+        // undo's first move (7: the new 'a' back) fails, so the old 'a' cannot go back either.
+        commit::fail_moves(&[6, 7]);
+        let e = overwrite(&t, &tar).unwrap_err();
+        commit::fail_moves(&[]);
+        let Error::RestoreIncomplete { undo, state, .. } = &e else {
+            panic!("expected RestoreIncomplete, got {e}");
+        };
+        let staging: Vec<_> = entries(&t)
+            .into_iter()
+            .filter(|n| n.starts_with(STAGING_PREFIX))
+            .collect();
+        assert_eq!(staging.len(), 1, "the staging directory is kept");
+        let staging = t.join(&staging[0]);
+        let old_a = staging.join("previous/old-0");
+        assert!(
+            undo.contains(&format!("{} back to", t.join("a").display())),
+            "{undo}"
+        );
+        assert!(
+            undo.contains(&format!("{} back to", old_a.display())),
+            "{undo}"
+        );
+        assert!(undo.contains("File exists"), "{undo}");
+        assert!(state.contains(&format!("not back in place: [a (as {})]", old_a.display())));
+        assert!(
+            state.contains("new entries left in the target: [a]"),
+            "{state}"
+        );
+        assert!(state.contains("is kept"), "{state}");
+        assert!(
+            e.status()
+                .message()
+                .contains("move the entries named above back")
+        );
+        // And it is so: the new 'a' in the target, the old one where the message says, the rest
+        // back in place, nothing lost.
+        assert_eq!(fs::read(t.join("a")).unwrap(), b"new a");
+        assert_eq!(fs::read(&old_a).unwrap(), b"old a");
+        assert_eq!(fs::read(t.join("z")).unwrap(), b"old z");
+        assert_eq!(fs::read(t.join("l")).unwrap(), b"deep");
+        assert!(!t.join("b").exists());
+        // The stale clean-up, however old, leaves a staging directory holding previous entries.
+        assert!(debris::clean(&t, std::time::Duration::ZERO).is_empty());
+        assert!(old_a.exists());
     }
 
     fn overwrite_moves_old_entries_aside_and_reports_them() {
