@@ -5,16 +5,17 @@
 //!   sha256); none at all is refused before anything is created.
 //! - The archive is extracted into a fresh staging directory inside the target
 //!   (`.deis-backup-restore-<pid>-<nanos>/tree`), then checked as a whole (every path safe, zstd
-//!   frames and tar stream complete, every segment's size and sha256 as announced) before
-//!   anything outside it is touched. A refused archive leaves the target as it was, and the
-//!   staging directory is removed.
+//!   frames and tar stream complete, every segment's size and sha256 as announced: module
+//!   `segments`) before anything outside it is touched. A refused archive leaves the target as it
+//!   was, and the staging directory is removed.
 //! - Everything inside staging is done relative to directory handles resolved beneath the
 //!   staging root without following any symlink (module `staging`, resolution in module `resolve`:
 //!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or where the kernel or a seccomp profile
 //!   refuses it, `openat(O_NOFOLLOW | O_DIRECTORY)` component by component, equally safe since no
 //!   symlink is ever followed): nothing an archive holds, nor anything put into the target
-//!   meanwhile, leads a create, write, link, chown, chmod or utimes out of it. Refused: absolute paths, `..`, paths through a symlink or over `PATH_MAX`, hard
-//!   links to anything but a regular file archived before, entry types a store cannot hold.
+//!   meanwhile, leads a create, write, link, chown, chmod or utimes out of it. Refused: absolute
+//!   paths, `..`, paths through a symlink or over `PATH_MAX`, hard links to anything but a
+//!   regular file archived before, entry types a store cannot hold.
 //! - Owners, setuid/setgid bits and device nodes follow the agent's own `RestorePolicy` (its
 //!   config), never the caller. The archive root's entry is ignored: the store root keeps its own
 //!   owner and mode.
