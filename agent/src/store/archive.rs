@@ -14,6 +14,8 @@
 //!   `OTHER` trailer warning ("replaced between listing and reading; not followed"), a directory
 //!   is not descended, a file is left out before its header is written, and the tar stays valid.
 //! - Directory handles held open are bounded (`tree::HELD`), whatever the tree's depth or width.
+//!   A directory is opened once, to list it (its attributes are read through that handle), before
+//!   its own entry is added to the segment.
 //! - Entries are listed in a fixed order (depth first, names sorted bytewise), the root first as
 //!   `./`, every other path relative to the root, directories with a trailing `/`.
 //! - Segments are cut by the listing alone (never by what reading finds): a file of `BIG_FILE`
@@ -27,7 +29,18 @@
 //! - Segments carry no end-of-archive blocks; a last segment holds only those, so the segments
 //!   concatenated in order are one valid tar + zstd archive.
 //! - Headers are ustar; a pax extended header carries what ustar cannot: paths or link targets longer
-//!   than 100 bytes or not UTF-8 (with `hdrcharset=BINARY`), sizes ≥ 8 GiB, ids ≥ 2^21.
+//!   than 100 bytes or not UTF-8 (with `hdrcharset=BINARY`), sizes ≥ 8 GiB, ids ≥ 2^21, and
+//!   extended attributes (module `xattrs`: `user.*`, `security.capability`, POSIX ACLs, as
+//!   `SCHILY.xattr.<name>` records, read when the entry is listed through a handle on it; files and
+//!   directories only).
+//! - A file whose holes save real space (module `sparse`, found with `SEEK_DATA`/`SEEK_HOLE` on
+//!   the opened file; looked for only when its allocated blocks leave room for holes) is an
+//!   old-GNU sparse entry (type `S`) holding only its data regions. Every other entry's tar bytes
+//!   are what they were before attributes and holes were archived.
+//! - A fingerprint hashes an entry's attributes only when it has some, and marks a file whose
+//!   allocated blocks leave room for holes: every other entry hashes as it did before, so segments
+//!   held from then are still reused, and none held from then stands for an entry now archived
+//!   with attributes.
 //! - Owners are numeric uid/gid; modes keep setuid/setgid/sticky; mtimes are whole seconds.
 //! - Live files: a file's header size is its size when opened, and exactly that many bytes follow.
 //!   A file that grows is cut at that size, one that shrinks is padded with zeros; both, and files
@@ -36,13 +49,17 @@
 //! - A second path to an inode listed before (nlink > 1) is a hard link entry to the first path.
 //! - Sockets are skipped and reported; fifos and device nodes are recorded.
 
+pub(super) mod sparse;
 mod tree;
+pub(super) mod xattrs;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -54,7 +71,9 @@ use rustix::fs::FileType;
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
+use self::sparse::Region;
 use self::tree::{DirRef, Lost, Meta, Tree};
+use self::xattrs::{TooBig, Xattrs};
 
 use crate::chunks::{ChunkSink, ChunkTx, Counting, compression_context};
 use crate::error::{Error, Result};
@@ -140,6 +159,9 @@ struct Listed {
     name: Vec<u8>,
     md: Meta,
     kind: Kind,
+    /// Its kept extended attributes, read when listed (directories and files only); None when it
+    /// has none.
+    xattrs: Option<Box<Xattrs>>,
 }
 
 impl Listed {
@@ -149,7 +171,10 @@ impl Listed {
             Kind::File => self.md.size.div_ceil(512) * 512,
             _ => 0,
         };
-        512 + data
+        let pax = self.xattrs.as_ref().map_or(0, |x| {
+            512 + (xattrs::records_len(&x.pax()) as u64).div_ceil(512) * 512
+        });
+        512 + data + pax
     }
 
     fn hash_into(&self, h: &mut Sha256) {
@@ -181,6 +206,21 @@ impl Listed {
             md.rdev,
         ] {
             h.update(v.to_le_bytes());
+        }
+        // Only entries with attributes, or files that may be sparse, hash more than they did
+        // before those were archived: every other fingerprint stays what it was.
+        if let Some(x) = &self.xattrs {
+            h.update(b"xattrs");
+            h.update((x.0.len() as u64).to_le_bytes());
+            for (name, value) in &x.0 {
+                h.update((name.len() as u64).to_le_bytes());
+                h.update(name);
+                h.update((value.len() as u64).to_le_bytes());
+                h.update(value);
+            }
+        }
+        if matches!(self.kind, Kind::File) && sparse::maybe(md.size, md.blocks) {
+            h.update(b"sparse");
         }
     }
 
@@ -236,8 +276,61 @@ impl Read for Live {
     }
 }
 
+/// Reads the data regions of a sparse file one after another, exactly their lengths added up: the
+/// file's own bytes, zeros where it ended early.
+struct SparseLive {
+    file: File,
+    regions: Vec<Region>,
+    /// The region being read and the bytes of it done.
+    at: usize,
+    done: u64,
+    padded: u64,
+}
+
+impl Read for SparseLive {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(r) = self.regions.get(self.at) else {
+                return Ok(0);
+            };
+            if self.done == r.len {
+                self.at += 1;
+                self.done = 0;
+                continue;
+            }
+            let want = usize::try_from(r.len - self.done)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            if want == 0 {
+                return Ok(0);
+            }
+            let n = if self.padded == 0 {
+                self.file.read_at(&mut buf[..want], r.offset + self.done)?
+            } else {
+                0
+            };
+            let n = if n == 0 {
+                buf[..want].fill(0);
+                self.padded += want as u64;
+                want
+            } else {
+                n
+            };
+            self.done += n as u64;
+            return Ok(n);
+        }
+    }
+}
+
+/// Pax records: keys and values.
+type Pax = Vec<(Cow<'static, [u8]>, Vec<u8>)>;
+
+fn key(k: &'static str) -> Cow<'static, [u8]> {
+    Cow::Borrowed(k.as_bytes())
+}
+
 /// A pax extended header's data: `"<len> <key>=<value>\n"` records.
-fn pax_records(records: &[(&'static str, Vec<u8>)]) -> Vec<u8> {
+fn pax_records(records: &[(Cow<'static, [u8]>, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (key, value) in records {
         // " key=value\n" plus the decimal length, which counts its own digits.
@@ -246,30 +339,37 @@ fn pax_records(records: &[(&'static str, Vec<u8>)]) -> Vec<u8> {
         while rest + len.to_string().len() != len {
             len = rest + len.to_string().len();
         }
-        out.extend_from_slice(format!("{len} {key}=").as_bytes());
+        out.extend_from_slice(format!("{len} ").as_bytes());
+        out.extend_from_slice(key);
+        out.push(b'=');
         out.extend_from_slice(value);
         out.push(b'\n');
     }
     out
 }
 
-fn header(md: &Meta, kind: EntryType, size: u64, pax: &mut Vec<(&'static str, Vec<u8>)>) -> Header {
-    let mut h = Header::new_ustar();
+/// A header for an entry listed with `md`: ustar, or old GNU for a sparse file (`gnu`).
+fn header(md: &Meta, kind: EntryType, size: u64, gnu: bool, pax: &mut Pax) -> Header {
+    let mut h = if gnu {
+        Header::new_gnu()
+    } else {
+        Header::new_ustar()
+    };
     h.set_entry_type(kind);
     h.set_mode(md.mode & 0o7777);
     let (uid, gid) = (u64::from(md.uid), u64::from(md.gid));
     h.set_uid(uid);
     h.set_gid(gid);
     if uid > USTAR_MAX_ID {
-        pax.push(("uid", uid.to_string().into_bytes()));
+        pax.push((key("uid"), uid.to_string().into_bytes()));
     }
     if gid > USTAR_MAX_ID {
-        pax.push(("gid", gid.to_string().into_bytes()));
+        pax.push((key("gid"), gid.to_string().into_bytes()));
     }
     h.set_mtime(u64::try_from(md.mtime).unwrap_or(0));
     h.set_size(size);
     if size > USTAR_MAX_SIZE {
-        pax.push(("size", size.to_string().into_bytes()));
+        pax.push((key("size"), size.to_string().into_bytes()));
     }
     h
 }
@@ -282,27 +382,30 @@ fn write_padded(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Writes `h` named `name` (and linking to `link`), with a pax header first where needed, then the
-/// entry's data in large reads and writes of `buf`.
+/// blocks `ext` (a sparse header's extensions), then the entry's data in large reads and writes of
+/// `buf`.
+#[allow(clippy::too_many_arguments)]
 fn append(
     out: &mut impl Write,
     buf: &mut [u8],
     mut h: Header,
+    ext: &[u8],
     name: &[u8],
     link: Option<&[u8]>,
-    mut pax: Vec<(&'static str, Vec<u8>)>,
+    mut pax: Pax,
     data: &mut dyn Read,
 ) -> io::Result<()> {
     let mut binary = false;
-    for (key, value) in [("path", Some(name)), ("linkpath", link)] {
+    for (k, value) in [("path", Some(name)), ("linkpath", link)] {
         let Some(value) = value else { continue };
         let utf8 = std::str::from_utf8(value).is_ok();
         if value.len() > 100 || !utf8 {
             binary |= !utf8;
-            pax.push((key, value.to_vec()));
+            pax.push((key(k), value.to_vec()));
         }
     }
     if binary {
-        pax.insert(0, ("hdrcharset", b"BINARY".to_vec()));
+        pax.insert(0, (key("hdrcharset"), b"BINARY".to_vec()));
     }
     if !pax.is_empty() {
         let records = pax_records(&pax);
@@ -328,6 +431,7 @@ fn append(
     }
     h.set_cksum();
     out.write_all(h.as_bytes())?;
+    out.write_all(ext)?;
     let mut len = 0u64;
     loop {
         let n = match data.read(buf) {
@@ -341,6 +445,13 @@ fn append(
     }
     let pad = (512 - len % 512) % 512;
     out.write_all(&[0u8; 512][..usize::try_from(pad).unwrap_or(0)])
+}
+
+/// Adds the pax records of `e`'s extended attributes (none for an entry without).
+fn push_xattrs(pax: &mut Pax, e: &Listed) {
+    if let Some(x) = &e.xattrs {
+        pax.extend(x.pax().into_iter().map(|(k, v)| (Cow::Owned(k), v)));
+    }
 }
 
 /// Turns listed segments into segment frames (or reuse notices) on the caller's stream.
@@ -441,17 +552,28 @@ impl Segments {
         let md = &e.md;
         match &e.kind {
             Kind::Dir => {
-                let h = header(md, EntryType::Directory, 0, &mut pax);
+                let h = header(md, EntryType::Directory, 0, false, &mut pax);
+                push_xattrs(&mut pax, e);
                 self.counts.dirs += 1;
-                append(out, &mut self.buf, h, &e.name, None, pax, &mut io::empty())
+                append(
+                    out,
+                    &mut self.buf,
+                    h,
+                    &[],
+                    &e.name,
+                    None,
+                    pax,
+                    &mut io::empty(),
+                )
             }
             Kind::Symlink(target) => {
-                let h = header(md, EntryType::Symlink, 0, &mut pax);
+                let h = header(md, EntryType::Symlink, 0, false, &mut pax);
                 self.counts.symlinks += 1;
                 append(
                     out,
                     &mut self.buf,
                     h,
+                    &[],
                     &e.name,
                     Some(target),
                     pax,
@@ -459,13 +581,22 @@ impl Segments {
                 )
             }
             Kind::Special(kind) => {
-                let mut h = header(md, *kind, 0, &mut pax);
+                let mut h = header(md, *kind, 0, false, &mut pax);
                 if *kind != EntryType::Fifo {
                     h.set_device_major(rustix::fs::major(md.rdev))?;
                     h.set_device_minor(rustix::fs::minor(md.rdev))?;
                 }
                 self.counts.special += 1;
-                append(out, &mut self.buf, h, &e.name, None, pax, &mut io::empty())
+                append(
+                    out,
+                    &mut self.buf,
+                    h,
+                    &[],
+                    &e.name,
+                    None,
+                    pax,
+                    &mut io::empty(),
+                )
             }
             Kind::HardLink(first) => match self.lost_links.get(first).cloned() {
                 // The first path vanished: this path carries the data, later links point here.
@@ -478,12 +609,13 @@ impl Segments {
                 // A link to the path that holds the data: the first one, or the one standing in.
                 found => {
                     let target = found.flatten().unwrap_or_else(|| first.clone());
-                    let h = header(md, EntryType::Link, 0, &mut pax);
+                    let h = header(md, EntryType::Link, 0, false, &mut pax);
                     self.counts.hardlinks += 1;
                     append(
                         out,
                         &mut self.buf,
                         h,
+                        &[],
                         &e.name,
                         Some(&target),
                         pax,
@@ -514,25 +646,49 @@ impl Segments {
         };
         let mut pax = Vec::new();
         let size = md.size;
-        let h = header(&md, EntryType::Regular, size, &mut pax);
-        let mut live = Live {
-            file,
-            left: size,
-            padded: 0,
+        // Holes are looked for only where the blocks allocated leave room for them.
+        let regions = if sparse::maybe(size, md.blocks) {
+            sparse::map(&file, size)?
+        } else {
+            None
         };
-        append(out, &mut self.buf, h, rel, None, pax, &mut live)?;
+        let (file, stored, padded) = if let Some(regions) = regions {
+            let stored = sparse::stored(&regions);
+            let mut h = header(&md, EntryType::GNUSparse, stored, true, &mut pax);
+            let ext = sparse::fill_header(&mut h, size, &regions);
+            push_xattrs(&mut pax, e);
+            let mut live = SparseLive {
+                file,
+                regions,
+                at: 0,
+                done: 0,
+                padded: 0,
+            };
+            append(out, &mut self.buf, h, &ext, rel, None, pax, &mut live)?;
+            (live.file, stored, live.padded)
+        } else {
+            let h = header(&md, EntryType::Regular, size, false, &mut pax);
+            push_xattrs(&mut pax, e);
+            let mut live = Live {
+                file,
+                left: size,
+                padded: 0,
+            };
+            append(out, &mut self.buf, h, &[], rel, None, pax, &mut live)?;
+            (live.file, size, live.padded)
+        };
         self.counts.files += 1;
         self.counts.file_bytes += size;
-        if live.padded > 0 {
+        if padded > 0 {
             self.warnings.push(warn(
                 WarningKind::FileShrank,
                 rel,
                 format!(
-                    "shrank while read: {} of {size} bytes read, the rest padded with zeros",
-                    size - live.padded
+                    "shrank while read: {} of {stored} bytes read, the rest padded with zeros",
+                    stored - padded
                 ),
             ));
-        } else if let Ok(now) = live.file.metadata()
+        } else if let Ok(now) = file.metadata()
             && now.len() > size
         {
             self.warnings.push(warn(
@@ -546,6 +702,16 @@ impl Segments {
         }
         Ok(true)
     }
+}
+
+/// The fingerprint of a segment holding `entries` (as listed).
+fn fingerprint(entries: &[Listed]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(FORMAT_TAG);
+    for e in entries {
+        e.hash_into(&mut h);
+    }
+    <[u8; 32]>::from(h.finalize())
 }
 
 /// Lists the tree depth first and cuts it into segments (see the module invariants).
@@ -567,15 +733,8 @@ impl Lister<'_> {
             return Ok(());
         }
         let now = SystemTime::now();
-        let fingerprint =
-            (!self.segment.iter().any(|e| e.volatile(now, self.volatile))).then(|| {
-                let mut h = Sha256::new();
-                h.update(FORMAT_TAG);
-                for e in &self.segment {
-                    e.hash_into(&mut h);
-                }
-                <[u8; 32]>::from(h.finalize())
-            });
+        let fingerprint = (!self.segment.iter().any(|e| e.volatile(now, self.volatile)))
+            .then(|| fingerprint(&self.segment));
         let entries = std::mem::take(&mut self.segment);
         self.segment_bytes = 0;
         self.out.emit(&entries, fingerprint, false)
@@ -638,11 +797,13 @@ impl Lister<'_> {
     fn walk(&mut self, root: &Path, md: Meta) -> Result<()> {
         let io_err = |rel: &[u8]| Error::io("archiving", root.join(OsStr::from_bytes(rel)));
         let top = Arc::clone(self.out.tree.root());
+        let xattrs = self.xattrs(&top, None, b"").map_err(io_err(b""))?;
         self.add(Listed {
             dir: Arc::clone(&top),
             name: b"./".to_vec(),
             md,
             kind: Kind::Dir,
+            xattrs,
         })
         .map_err(io_err(b""))?;
         // Pre-order depth-first walk; children pushed in reverse so they pop in sorted order.
@@ -659,24 +820,58 @@ impl Lister<'_> {
             let Some(kind) = self.classify(&dir, &rel, &md).map_err(io_err(&rel))? else {
                 continue;
             };
-            let is_dir = matches!(kind, Kind::Dir);
-            let mut name = rel.clone();
-            if is_dir {
-                name.push(b'/');
+            let sub = matches!(kind, Kind::Dir).then(|| dir.child(rel.clone(), &md));
+            // A directory is opened once, to list it; its attributes are read through that handle.
+            if let Some(sub) = &sub {
+                self.push_children(sub, &mut stack).map_err(io_err(&rel))?;
             }
+            let mut name = rel.clone();
+            let xattrs = match (&kind, &sub) {
+                (Kind::Dir, Some(sub)) => {
+                    name.push(b'/');
+                    self.xattrs(sub, None, &rel)
+                }
+                (Kind::File, _) => self.xattrs(&dir, Some((&rel, &md)), &rel),
+                _ => Ok(None),
+            }
+            .map_err(io_err(&rel))?;
             self.add(Listed {
                 dir: Arc::clone(&dir),
                 name,
                 md,
                 kind,
+                xattrs,
             })
             .map_err(io_err(&rel))?;
-            if is_dir {
-                let sub = dir.child(rel.clone(), &md);
-                self.push_children(&sub, &mut stack).map_err(io_err(&rel))?;
-            }
         }
         self.flush().map_err(io_err(b""))
+    }
+
+    /// The kept extended attributes of directory `d`, or of file `file` in it (as listed): None
+    /// when there are none, or more than are kept (with a warning), or it cannot be reached (the
+    /// read that follows reports why).
+    fn xattrs(
+        &mut self,
+        d: &Arc<DirRef>,
+        file: Option<(&[u8], &Meta)>,
+        rel: &[u8],
+    ) -> io::Result<Option<Box<Xattrs>>> {
+        Ok(match self.out.tree.xattrs(d, file)? {
+            Some(Ok(x)) if !x.0.is_empty() => Some(Box::new(x)),
+            Some(Err(TooBig(n))) => {
+                self.out.warnings.push(warn(
+                    WarningKind::Other,
+                    rel,
+                    format!(
+                        "extended attributes take {n} bytes, over the {} kept for one entry; none \
+                         archived",
+                        xattrs::MAX_BYTES
+                    ),
+                ));
+                None
+            }
+            _ => None,
+        })
     }
 
     /// Pushes the entries of `dir` (opened as the inode listed, never through a symlink).
@@ -1307,10 +1502,284 @@ mod tests {
 
     #[test]
     fn pax_records_count_their_own_length() {
-        let r = pax_records(&[("path", b"x".repeat(95))]);
+        let r = pax_records(&[(key("path"), b"x".repeat(95))]);
         assert_eq!(r.len(), 105);
         assert!(r.starts_with(b"105 path="));
-        let r = pax_records(&[("size", b"12".to_vec())]);
+        let r = pax_records(&[(key("size"), b"12".to_vec())]);
         assert_eq!(r, b"11 size=12\n");
+    }
+
+    /// Entries as an ordinary tree lists them: files without extended attributes, not sparse.
+    fn ordinary_entries(dir: &Arc<DirRef>) -> Vec<Listed> {
+        let md = |mode: u32, size: u64, ino: u64, nlink: u64, rdev: u64| Meta {
+            mode,
+            uid: 1000,
+            gid: 100,
+            size,
+            mtime: 1_700_000_000,
+            mtime_nsec: 123_456_789,
+            ctime: 1_700_000_100,
+            ctime_nsec: 987_654_321,
+            dev: 0x803,
+            ino,
+            nlink,
+            rdev,
+            // Every block allocated: not sparse.
+            blocks: size.div_ceil(512),
+        };
+        let listed = |name: &str, md: Meta, kind: Kind| Listed {
+            dir: Arc::clone(dir),
+            name: name.as_bytes().to_vec(),
+            md,
+            kind,
+            xattrs: None,
+        };
+        vec![
+            listed("./", md(0o40_755, 4096, 2, 3, 0), Kind::Dir),
+            listed("a", md(0o100_644, 5, 10, 2, 0), Kind::File),
+            listed(
+                "b",
+                md(0o100_644, 5, 10, 2, 0),
+                Kind::HardLink(b"a".to_vec()),
+            ),
+            listed("d/", md(0o42_775, 4096, 11, 2, 0), Kind::Dir),
+            listed(
+                "d/l",
+                md(0o120_777, 1, 12, 1, 0),
+                Kind::Symlink(b"../a".to_vec()),
+            ),
+            listed(
+                "d/p",
+                md(0o10640, 0, 13, 1, 0),
+                Kind::Special(EntryType::Fifo),
+            ),
+            listed(
+                "d/z",
+                md(0o20600, 0, 14, 1, 0x0103),
+                Kind::Special(EntryType::Char),
+            ),
+            listed("big", md(0o100_600, 9 << 30, 15, 1, 0), Kind::File),
+        ]
+    }
+
+    /// The fingerprint of an ordinary tree is the one the archive computed before extended
+    /// attributes and sparse files were archived: segments held from then are still reused.
+    #[test]
+    fn fingerprints_of_ordinary_entries_are_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tree, _) = Tree::open(dir.path()).unwrap();
+        let entries = ordinary_entries(tree.root());
+        let hex = fingerprint(&entries)
+            .iter()
+            .fold(String::new(), |s, b| s + &format!("{b:02x}"));
+        assert_eq!(
+            hex,
+            "7752bb8c35c67791f1bb6130f22bc5fe6f1fa53fe2346bfff3a8fc5c298956ba"
+        );
+    }
+
+    #[test]
+    fn attributes_or_holes_change_a_fingerprint_and_nothing_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tree, _) = Tree::open(dir.path()).unwrap();
+        let plain = fingerprint(&ordinary_entries(tree.root()));
+        let mut e = ordinary_entries(tree.root());
+        e[1].xattrs = Some(Box::new(Xattrs(vec![(
+            b"user.color".to_vec(),
+            b"blue".to_vec(),
+        )])));
+        let with_xattr = fingerprint(&e);
+        assert_ne!(with_xattr, plain);
+        e[1].xattrs.as_mut().unwrap().0[0].1 = b"red".to_vec();
+        assert_ne!(fingerprint(&e), with_xattr, "the values count");
+        let mut e = ordinary_entries(tree.root());
+        e[7].md.blocks = 8;
+        assert_ne!(fingerprint(&e), plain, "a file that may be sparse");
+    }
+
+    /// Archives `dir` whole; returns the compressed archive, its tar bytes and the trailer.
+    fn archive_all(dir: &Path) -> (Vec<u8>, Vec<u8>, Trailer) {
+        archive_paused(dir, "\0never", || {})
+    }
+
+    /// Runs a command, panicking with its output when it fails.
+    fn run(cmd: &mut std::process::Command) {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Whether `a` and `b` hold the same bytes (read a MiB at a time).
+    pub(in crate::store) fn same_content(one: &mut impl Read, other: &mut impl Read) -> bool {
+        let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        loop {
+            let got = read_full(one, &mut x);
+            if got != read_full(other, &mut y) || x[..got] != y[..got] {
+                return false;
+            }
+            if got == 0 {
+                return true;
+            }
+        }
+    }
+
+    fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() {
+            match r.read(&mut buf[n..]).unwrap() {
+                0 => break,
+                k => n += k,
+            }
+        }
+        n
+    }
+
+    pub(in crate::store) const SPARSE_SIZE: u64 = 512 << 20;
+
+    /// A 512 MiB file of holes with a 4-byte tail (`SPARSE_SIZE + 4` bytes).
+    pub(in crate::store) fn sparse_file(p: &Path) {
+        let f = fs::File::create(p).unwrap();
+        f.write_all_at(b"tail", SPARSE_SIZE).unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    #[test]
+    fn a_sparse_file_is_archived_sparse_and_gnu_tar_extracts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        fs::create_dir(&store).unwrap();
+        sparse_file(&store.join("s"));
+        fs::write(store.join("plain"), b"dense").unwrap();
+        let (archive, tar, trailer) = archive_all(&store);
+        assert_eq!(kinds(&trailer), []);
+        assert!(tar.len() < 64 << 10, "{} tar bytes", tar.len());
+        assert_eq!(trailer.store.unwrap().file_bytes, SPARSE_SIZE + 4 + 5);
+        // The `tar` crate (the restore's reader) sees the whole content.
+        let mut t = tar::Archive::new(zstd::Decoder::new(&archive[..]).unwrap());
+        let mut found = false;
+        for e in t.entries().unwrap() {
+            let mut e = e.unwrap();
+            if e.path_bytes().as_ref() == b"s" {
+                assert_eq!(e.header().entry_type(), EntryType::GNUSparse);
+                assert_eq!(e.size(), SPARSE_SIZE + 4);
+                let mut orig = fs::File::open(store.join("s")).unwrap();
+                assert!(same_content(&mut e, &mut orig));
+                found = true;
+            }
+        }
+        assert!(found);
+        // GNU tar restores it, sparse.
+        let out = dir.path().join("gnu");
+        fs::create_dir(&out).unwrap();
+        fs::write(dir.path().join("a.tar"), &tar).unwrap();
+        run(std::process::Command::new("tar")
+            .arg("-xSf")
+            .arg(dir.path().join("a.tar"))
+            .arg("-C")
+            .arg(&out));
+        let (mut a, mut b) = (
+            fs::File::open(out.join("s")).unwrap(),
+            fs::File::open(store.join("s")).unwrap(),
+        );
+        assert!(same_content(&mut a, &mut b));
+        assert!(
+            std::os::unix::fs::MetadataExt::blocks(&fs::metadata(out.join("s")).unwrap()) < 1024
+        );
+        assert_eq!(fs::read(out.join("plain")).unwrap(), b"dense");
+    }
+
+    /// Sets `user.color` on `p`; false where the filesystem keeps no user attributes.
+    pub(in crate::store) fn set_user_xattr(p: &Path, value: &[u8]) -> bool {
+        match rustix::fs::setxattr(p, "user.color", value, rustix::fs::XattrFlags::empty()) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                eprintln!(
+                    "{}: no user xattrs on this filesystem; skipped",
+                    p.display()
+                );
+                false
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Runs `setfacl args… p`; false (skipped) when `setfacl` (Debian's `acl`) is not installed.
+    pub(in crate::store) fn setfacl(args: &[&str], p: &Path) -> bool {
+        let Ok(out) = std::process::Command::new("setfacl")
+            .args(args)
+            .arg(p)
+            .output()
+        else {
+            eprintln!("setfacl not installed (apt-get install acl); ACLs skipped");
+            return false;
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        true
+    }
+
+    pub(in crate::store) fn getfacl(p: &Path) -> String {
+        let out = std::process::Command::new("getfacl")
+            .args(["-n", "--omit-header"])
+            .arg(p)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn attributes_and_acls_are_archived_as_gnu_tar_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        fs::create_dir_all(store.join("d")).unwrap();
+        fs::write(store.join("f"), b"data").unwrap();
+        fs::write(store.join("plain"), b"none").unwrap();
+        if !set_user_xattr(&store.join("f"), b"blue") {
+            return;
+        }
+        let acls = setfacl(&["-m", "u:1234:r"], &store.join("f"))
+            && setfacl(&["-d", "-m", "u:1234:rx"], &store.join("d"));
+        rustix::fs::setxattr(
+            store.join("d"),
+            "trusted.not-kept",
+            b"x",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let (_, tar, trailer) = archive_all(&store);
+        assert_eq!(kinds(&trailer), []);
+        assert!(holds(&tar, b" SCHILY.xattr.user.color=blue\n"));
+        assert!(!holds(&tar, b"trusted."));
+        if acls {
+            assert!(holds(&tar, b" SCHILY.xattr.system.posix_acl_access="));
+            assert!(holds(&tar, b" SCHILY.xattr.system.posix_acl_default="));
+            assert!(holds(
+                &tar,
+                b" SCHILY.acl.access=user::rw-\nuser:1234:r--\n"
+            ));
+        }
+        let out = dir.path().join("gnu");
+        fs::create_dir(&out).unwrap();
+        fs::write(dir.path().join("a.tar"), &tar).unwrap();
+        run(std::process::Command::new("tar")
+            .args(["--xattrs", "--acls", "-xf"])
+            .arg(dir.path().join("a.tar"))
+            .arg("-C")
+            .arg(&out));
+        let mut got = [0u8; 16];
+        let n = rustix::fs::getxattr(out.join("f"), "user.color", &mut got[..]).unwrap();
+        assert_eq!(&got[..n], b"blue");
+        assert_eq!(fs::read(out.join("f")).unwrap(), b"data");
+        if acls {
+            assert!(getfacl(&out.join("f")).contains("user:1234:r--"));
+            assert!(getfacl(&out.join("d")).contains("default:user:1234:r-x"));
+        }
     }
 }

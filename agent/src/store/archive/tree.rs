@@ -18,6 +18,8 @@
 //!   first. A directory whose handle was closed is reopened from its nearest open ancestor, each
 //!   step checked again. A handle still open keeps reaching the directory it was opened on, even
 //!   if that directory is moved meanwhile: what is read through it is still only listed inodes.
+//! - Extended attributes are read through a handle on the listed inode too: a directory's own
+//!   handle, or a file opened (and checked) as for reading.
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
@@ -30,6 +32,8 @@ use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
+
+use super::xattrs::{self, TooBig, Xattrs};
 
 /// Directory handles held open at most besides the root's (well under the common 1024 limit on
 /// open files, whatever the tree's depth or width).
@@ -52,7 +56,7 @@ fn leaf(rel: &[u8]) -> &OsStr {
 
 /// What the archive uses of an entry's `stat`: the fields, with the types, of
 /// `std::os::unix::fs::MetadataExt`, so that fingerprints hash the same values as before.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Meta {
     pub(super) mode: u32,
     pub(super) uid: u32,
@@ -66,6 +70,8 @@ pub(super) struct Meta {
     pub(super) ino: u64,
     pub(super) nlink: u64,
     pub(super) rdev: u64,
+    /// 512-byte blocks allocated (not hashed into fingerprints; tells a file that may be sparse).
+    pub(super) blocks: u64,
 }
 
 impl Meta {
@@ -95,6 +101,7 @@ impl From<&Stat> for Meta {
             ino: u64::from(st.st_ino),
             nlink: u64::from(st.st_nlink),
             rdev: u64::from(st.st_rdev),
+            blocks: u64::try_from(st.st_blocks).unwrap_or(0),
         }
     }
 }
@@ -306,6 +313,32 @@ impl Tree {
         }
     }
 
+    /// The kept extended attributes of directory `d` (read through its handle), or of the regular
+    /// file `rel` in it, provided it is still the inode `listed`; None when it cannot be reached
+    /// (the read that follows reports why).
+    pub(super) fn xattrs(
+        &mut self,
+        d: &Arc<DirRef>,
+        file: Option<(&[u8], &Meta)>,
+    ) -> io::Result<Option<Result<Xattrs, TooBig>>> {
+        let Ok(fd) = self.dir(d)? else {
+            return Ok(None);
+        };
+        let Some((rel, listed)) = file else {
+            return xattrs::read(&*fd).map(Some);
+        };
+        let file = match rustix::fs::openat(&*fd, leaf(rel), file_flags(), Mode::empty()) {
+            Ok(file) => file,
+            Err(Errno::NOENT | Errno::LOOP | Errno::NXIO) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let md = Meta::from(&rustix::fs::fstat(&file)?);
+        if md.file_type() != FileType::RegularFile || !md.same_inode(listed.dev, listed.ino) {
+            return Ok(None);
+        }
+        xattrs::read(&file).map(Some)
+    }
+
     /// Opens the regular file `rel` in directory `d` for reading, provided it is still the inode
     /// `listed`; returns it with its metadata as opened.
     pub(super) fn open_file(
@@ -376,6 +409,7 @@ mod tests {
             ino: md.ino(),
             nlink: md.nlink(),
             rdev: md.rdev(),
+            blocks: md.blocks(),
         };
         assert_eq!(root_md, std_meta(&fs::metadata(p).unwrap()));
         for name in ["d", "f", "fifo", "h", "l"] {
