@@ -5,9 +5,13 @@
 //! Invariants:
 //! - A missing bucket is created (names like `db_wal` included); a non-empty one is refused unless
 //!   the caller chose [`Existing::Merge`] or [`Existing::Overwrite`].
-//! - Every upload is checked: the gateway's ETag against the MD5 of the bytes sent, and, where the
-//!   snapshot's ETag is an MD5 and the upload is single-part, against the snapshot's ETag too — so
-//!   a damaged blob is caught, not restored.
+//! - Every object's blob is hashed with SHA-256 in the read that computes the upload's
+//!   `Content-MD5`, and compared with the listing's `sha256` before anything is committed: before
+//!   the single PUT is sent, before CompleteMultipartUpload (the upload is aborted otherwise). A
+//!   damaged blob (same size, other bytes) is an integrity error naming bucket, key and blob, and
+//!   its object is absent from the gateway afterwards. Objects restored before it stay.
+//! - Every upload is also checked after the fact: the gateway's ETag against the MD5 of the bytes
+//!   sent and, where both are plain MD5s, against the snapshot's ETag.
 //! - An object that was a multipart upload goes up in as many parts again, of the part size it
 //!   most likely had, so it gets its ETag back and a later merge finds it in place; others go up in
 //!   parts of at least 5 MiB above the multipart threshold, in one PUT below it.
@@ -22,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, ErrorKind, Result};
 use crate::gateway::{Gateway, etag_is_md5};
 use crate::mirror::Progress;
+use crate::repository::format::is_sha256;
 use crate::repository::{ObjectEntry, Repository};
 
 /// What to do with a bucket that already holds objects.
@@ -108,6 +113,12 @@ pub async fn restore_bucket(
                     progress.object_done(bucket, &e.key, e.size, false);
                     return Ok(());
                 }
+                let want = blob_digest(&e.sha256).ok_or_else(|| {
+                    Error::integrity(format!(
+                        "{ctx}: s3://{bucket}/{}: the listing names the blob '{}', not a SHA-256",
+                        e.key, e.sha256
+                    ))
+                })?;
                 let file = repo
                     .blob_file(&e.sha256)
                     .await
@@ -117,13 +128,37 @@ pub async fn restore_bucket(
                     .map_err(|err| Error::io(format!("stat {}", file.path().display()), &err))?
                     .len();
                 if on_disk != e.size {
-                    return Err(Error::integrity(format!(
-                        "{ctx}: blob {} of {} holds {on_disk} bytes, the listing says {}",
-                        e.sha256, e.key, e.size
-                    )));
+                    return Err(damaged(
+                        ctx,
+                        bucket,
+                        e,
+                        &format!("it holds {on_disk} bytes, the listing says {}", e.size),
+                    ));
                 }
+                // Runs on the bytes read for the upload's Content-MD5, before anything is
+                // committed: a damaged blob is never sent (or its multipart upload is aborted).
+                let check = |got: &[u8; 32]| {
+                    if *got == want {
+                        Ok(())
+                    } else {
+                        Err(damaged(
+                            ctx,
+                            bucket,
+                            e,
+                            &format!("its bytes hash to {}", hex::encode(got)),
+                        ))
+                    }
+                };
                 let etag = gateway
-                    .put_file_like(bucket, &e.key, file.path(), e.size, &e.meta, &e.etag)
+                    .put_file_like(
+                        bucket,
+                        &e.key,
+                        file.path(),
+                        e.size,
+                        &e.meta,
+                        &e.etag,
+                        &check,
+                    )
                     .await
                     .map_err(|err| err.context(ctx))?;
                 if etag_is_md5(&etag) && etag_is_md5(&e.etag) && !etag.eq_ignore_ascii_case(&e.etag)
@@ -161,4 +196,71 @@ pub async fn restore_bucket(
         stats.deleted_objects = extra.len() as u64;
     }
     Ok(stats)
+}
+
+/// The 32 bytes a listing's hex `sha256` names; `None` when it is not a SHA-256.
+fn blob_digest(sha256: &str) -> Option<[u8; 32]> {
+    if !is_sha256(sha256) {
+        return None;
+    }
+    hex::decode(sha256).ok()?.try_into().ok()
+}
+
+/// The error for an object whose stored blob is not what its name says (`why`): nothing of the
+/// object was committed on the gateway.
+fn damaged(ctx: &str, bucket: &str, e: &ObjectEntry, why: &str) -> Error {
+    Error::new(
+        ErrorKind::Integrity,
+        format!(
+            "{ctx}: s3://{bucket}/{}: the stored blob {} is damaged ({why}); the object was not \
+             restored",
+            e.key, e.sha256
+        ),
+        "run `deis-backup verify --read-data` to find every damaged blob and the snapshots that \
+         name them, then restore from a snapshot that verifies",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_digests_are_read_only_from_well_formed_names() {
+        let sha = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        let d = blob_digest(sha).unwrap();
+        assert_eq!(hex::encode(d), sha);
+        assert_eq!(blob_digest(&sha.to_ascii_uppercase()), None);
+        assert_eq!(blob_digest(&sha[..62]), None);
+        assert_eq!(blob_digest(""), None);
+    }
+
+    #[test]
+    fn a_damaged_blob_is_named_with_what_to_do() {
+        let e = ObjectEntry {
+            key: "wal_005/0001.lzo".into(),
+            size: 3,
+            etag: "x".into(),
+            sha256: "ab".repeat(32),
+            last_modified: None,
+            meta: crate::gateway::ObjectMeta::default(),
+        };
+        let err = damaged(
+            "restoring bucket db_wal",
+            "db_wal",
+            &e,
+            "its bytes hash to 00",
+        );
+        assert_eq!(err.kind(), ErrorKind::Integrity);
+        let s = err.to_string();
+        for want in [
+            "s3://db_wal/wal_005/0001.lzo",
+            &"ab".repeat(32),
+            "damaged",
+            "not restored",
+            "deis-backup verify --read-data",
+        ] {
+            assert!(s.contains(want), "{want} in {s}");
+        }
+    }
 }

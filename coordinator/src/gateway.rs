@@ -17,6 +17,11 @@
 //!   transient failures are retried with jittered exponential backoff, up to `retries` times.
 //! - A download is checked against its `Content-Length` and, where the ETag is an MD5, its MD5; an
 //!   upload is sent with `Content-MD5` and its returned ETag compared.
+//! - An upload reads its file once before sending it (the SDK reads it again to send it): that
+//!   one read gives the `Content-MD5` of the object or of each part and the SHA-256 of the whole
+//!   file, which a caller's [`Sha256Check`] sees before anything is committed — before the single
+//!   PUT is sent, before CompleteMultipartUpload (a refused multipart upload is aborted). Parts
+//!   are read in order for that SHA-256 while up to 4 earlier parts are being sent.
 //! - Keys never appear in logs, errors or `Debug` output ([`Secret`]).
 
 pub mod load;
@@ -42,6 +47,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use base64::Engine as _;
 use md5::{Digest as _, Md5};
 use serde::{Deserialize, Deserializer, Serialize};
+use sha2::Sha256;
 use tokio::io::AsyncSeekExt as _;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -784,7 +790,7 @@ async fn digest_file(path: &Path, len: u64, md5: bool) -> Result<(Option<[u8; 16
         path,
         0,
         len,
-        (md5.then(Md5::new), sha2::Sha256::new()),
+        (md5.then(Md5::new), Sha256::new()),
         |(m, h), b| {
             if let Some(m) = m {
                 m.update(b);
@@ -796,10 +802,74 @@ async fn digest_file(path: &Path, len: u64, md5: bool) -> Result<(Option<[u8; 16
     Ok((m.map(|m| m.finalize().into()), h.finalize().into()))
 }
 
-/// MD5 of `len` bytes of `path` from `offset`.
-async fn md5_of_range(path: &Path, offset: u64, len: u64) -> Result<[u8; 16]> {
-    let h = fold_range(path, offset, len, Md5::new(), |h, b| h.update(b)).await?;
-    Ok(h.finalize().into())
+/// MD5 of `len` bytes of `path` from `offset`, the same bytes fed on into `sha256` (the running
+/// hash of the bytes before them), in one read.
+async fn md5_feeding(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    sha256: Sha256,
+) -> Result<([u8; 16], Sha256)> {
+    let (m, h) = fold_range(path, offset, len, (Md5::new(), sha256), |(m, h), b| {
+        m.update(b);
+        h.update(b);
+    })
+    .await?;
+    Ok((m.finalize().into(), h))
+}
+
+/// Checks the SHA-256 of a file about to be uploaded: called with the digest of the bytes read
+/// (in the read that computes their `Content-MD5`) before anything is committed on the gateway.
+/// An error stops the upload: a single PUT is not sent, a multipart upload is aborted instead of
+/// completed.
+pub type Sha256Check<'a> = &'a (dyn Fn(&[u8; 32]) -> Result<()> + Sync);
+
+/// What one in-order read of a file yields for its multipart upload (see [`part_digests`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartDigest {
+    /// Part `number` (from 1): `len` bytes from `offset`, with their MD5.
+    Part {
+        number: i32,
+        offset: u64,
+        len: u64,
+        md5: [u8; 16],
+    },
+    /// After the last part: the SHA-256 of the whole file.
+    Whole { sha256: [u8; 32] },
+}
+
+/// Reads `size` bytes of `path` once, part by part in order: each part's MD5 as soon as it is
+/// read (so its upload can start), then the whole file's SHA-256. The parts are read one after
+/// the other (a SHA-256 runs in order); a consumer that polls ahead uploads earlier parts while
+/// later ones are read. `part_size` must not be 0.
+fn part_digests(
+    path: &Path,
+    size: u64,
+    part_size: u64,
+) -> impl futures::Stream<Item = Result<PartDigest>> + Send + '_ {
+    let count = size.div_ceil(part_size);
+    futures::stream::try_unfold((0u64, Some(Sha256::new())), move |(i, sha256)| async move {
+        let Some(sha256) = sha256 else {
+            return Ok(None);
+        };
+        if i == count {
+            let whole = PartDigest::Whole {
+                sha256: sha256.finalize().into(),
+            };
+            return Ok(Some((whole, (i, None))));
+        }
+        let offset = i * part_size;
+        let len = part_size.min(size - offset);
+        let number = i32::try_from(i + 1).map_err(|_| Error::config("too many parts"))?;
+        let (md5, sha256) = md5_feeding(path, offset, len, sha256).await?;
+        let part = PartDigest::Part {
+            number,
+            offset,
+            len,
+            md5,
+        };
+        Ok(Some((part, (i + 1, Some(sha256)))))
+    })
 }
 
 fn body_of(
@@ -1457,14 +1527,57 @@ impl Gateway {
         size: u64,
         meta: &ObjectMeta,
     ) -> Result<String> {
-        if size > self.multipart_threshold {
-            let part_size = self.part_size.max(size.div_ceil(10_000)).max(MIN_PART_SIZE);
+        self.put_file_checked(bucket, key, path, size, meta, None, &|_| Ok(()))
+            .await
+    }
+
+    /// Uploads like [`Gateway::put_file`] an object whose ETag was `original_etag`: one that was a
+    /// multipart upload (`<md5>-<parts>`) goes up again in as many parts, of the part size it
+    /// most likely had ([`original_part_size`]), so that it gets back the same ETag. `check` sees
+    /// the file's SHA-256 before anything is committed (see [`Sha256Check`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn put_file_like(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &Path,
+        size: u64,
+        meta: &ObjectMeta,
+        original_etag: &str,
+        check: Sha256Check<'_>,
+    ) -> Result<String> {
+        let part_size = original_part_size(size, original_etag);
+        self.put_file_checked(bucket, key, path, size, meta, part_size, check)
+            .await
+    }
+
+    /// The one upload path: in parts of `part_size` when given, else multipart above the
+    /// threshold and one PUT below it. The file is read once before (and, by the SDK, once while)
+    /// it is sent; the first read yields the `Content-MD5`s and the SHA-256 `check` sees.
+    #[allow(clippy::too_many_arguments)]
+    async fn put_file_checked(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &Path,
+        size: u64,
+        meta: &ObjectMeta,
+        part_size: Option<u64>,
+        check: Sha256Check<'_>,
+    ) -> Result<String> {
+        let part_size = part_size.or_else(|| {
+            (size > self.multipart_threshold)
+                .then(|| self.part_size.max(size.div_ceil(10_000)).max(MIN_PART_SIZE))
+        });
+        if let Some(part_size) = part_size {
             return self
-                .put_multipart(bucket, key, path, size, meta, part_size)
+                .put_multipart(bucket, key, path, size, meta, part_size, check)
                 .await;
         }
         let what = format!("uploading s3://{bucket}/{key}");
-        let md5 = md5_of_range(path, 0, size).await?;
+        let (md5, sha256) = md5_feeding(path, 0, size, Sha256::new()).await?;
+        // Before the PUT: bytes that are not what the caller expects never reach the gateway.
+        check(&sha256.finalize().into())?;
         let md5_b64 = base64::engine::general_purpose::STANDARD.encode(md5);
         let etag = self
             .call(&what, |c| {
@@ -1501,27 +1614,8 @@ impl Gateway {
         Ok(etag)
     }
 
-    /// Uploads like [`Gateway::put_file`] an object whose ETag was `original_etag`: one that was a
-    /// multipart upload (`<md5>-<parts>`) goes up again in as many parts, of the part size it
-    /// most likely had ([`original_part_size`]), so that it gets back the same ETag.
-    pub async fn put_file_like(
-        &self,
-        bucket: &str,
-        key: &str,
-        path: &Path,
-        size: u64,
-        meta: &ObjectMeta,
-        original_etag: &str,
-    ) -> Result<String> {
-        match original_part_size(size, original_etag) {
-            Some(part_size) => {
-                self.put_multipart(bucket, key, path, size, meta, part_size)
-                    .await
-            }
-            None => self.put_file(bucket, key, path, size, meta).await,
-        }
-    }
-
+    /// A multipart upload; aborted when any part, the `check` or the completion fails.
+    #[allow(clippy::too_many_arguments)]
     async fn put_multipart(
         &self,
         bucket: &str,
@@ -1530,6 +1624,7 @@ impl Gateway {
         size: u64,
         meta: &ObjectMeta,
         part_size: u64,
+        check: Sha256Check<'_>,
     ) -> Result<String> {
         let what = format!("uploading s3://{bucket}/{key} in parts");
         let upload_id = self
@@ -1545,7 +1640,7 @@ impl Gateway {
             })
             .await?;
         let result = self
-            .upload_parts(bucket, key, path, size, part_size, &upload_id, &what)
+            .upload_parts(bucket, key, path, size, part_size, &upload_id, &what, check)
             .await;
         if result.is_err() {
             let abort = self
@@ -1570,6 +1665,8 @@ impl Gateway {
         result
     }
 
+    /// Uploads the parts (up to 4 at once, while the next ones are read and hashed in order),
+    /// runs `check` on the whole file's SHA-256, and only then completes the upload.
     #[allow(clippy::too_many_arguments)]
     async fn upload_parts(
         &self,
@@ -1580,56 +1677,42 @@ impl Gateway {
         part_size: u64,
         upload_id: &str,
         what: &str,
+        check: Sha256Check<'_>,
     ) -> Result<String> {
         use futures::StreamExt as _;
-        let count = size.div_ceil(part_size);
-        let parts: Vec<(i32, [u8; 16])> = futures::stream::iter(0..count)
-            .map(|i| async move {
-                let offset = i * part_size;
-                let len = part_size.min(size - offset);
-                let number = i32::try_from(i + 1).map_err(|_| Error::config("too many parts"))?;
-                let md5 = md5_of_range(path, offset, len).await?;
-                let md5_b64 = base64::engine::general_purpose::STANDARD.encode(md5);
-                let etag = self
-                    .call(what, |c| {
-                        let md5_b64 = md5_b64.clone();
-                        async move {
-                            if let Some(bw) = &self.bandwidth {
-                                bw.take(usize::try_from(len).unwrap_or(usize::MAX)).await;
-                            }
-                            let body = body_of(path, offset, len).await?;
-                            let o = c
-                                .upload_part()
-                                .bucket(bucket)
-                                .key(key)
-                                .upload_id(upload_id)
-                                .part_number(number)
-                                .content_length(to_i64(len))
-                                .content_md5(md5_b64)
-                                .body(body)
-                                .send()
-                                .await
-                                .map_err(|e| Failure::from_sdk(&e))?;
-                            self.counters
-                                .bytes_uploaded
-                                .fetch_add(len, Ordering::Relaxed);
-                            Ok(unquote(o.e_tag().unwrap_or_default()))
-                        }
-                    })
-                    .await?;
-                if etag_is_md5(&etag) && etag.to_ascii_lowercase() != hex::encode(md5) {
-                    return Err(Error::integrity(format!(
-                        "{what}: part {number} stored with ETag {etag}, sent MD5 {}",
-                        hex::encode(md5)
-                    )));
+        let uploads = part_digests(path, size, part_size)
+            .map(|digest| async move {
+                let digest = digest?;
+                if let PartDigest::Part {
+                    number,
+                    offset,
+                    len,
+                    md5,
+                } = digest
+                {
+                    self.upload_part(bucket, key, path, upload_id, what, number, offset, len, md5)
+                        .await?;
                 }
-                Ok::<_, Error>((number, md5))
+                Ok::<_, Error>(digest)
             })
-            .buffered(4)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_>>()?;
+            .buffered(4);
+        futures::pin_mut!(uploads);
+        let mut parts: Vec<(i32, [u8; 16])> = Vec::new();
+        let mut whole = None;
+        while let Some(done) = uploads.next().await {
+            match done? {
+                PartDigest::Part { number, md5, .. } => parts.push((number, md5)),
+                PartDigest::Whole { sha256 } => whole = Some(sha256),
+            }
+        }
+        let sha256 = whole.ok_or_else(|| {
+            Error::integrity(format!(
+                "{what}: {} was not read to its end",
+                path.display()
+            ))
+        })?;
+        // Before the completion: until then the gateway holds no object, and the caller aborts.
+        check(&sha256)?;
         let completed: Vec<CompletedPart> = parts
             .iter()
             .map(|(n, md5)| {
@@ -1671,6 +1754,58 @@ impl Gateway {
             )));
         }
         Ok(etag)
+    }
+
+    /// Uploads part `number` (`len` bytes of `path` from `offset`, whose MD5 is `md5`) and checks
+    /// the ETag the gateway gives it.
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_part(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &Path,
+        upload_id: &str,
+        what: &str,
+        number: i32,
+        offset: u64,
+        len: u64,
+        md5: [u8; 16],
+    ) -> Result<()> {
+        let md5_b64 = base64::engine::general_purpose::STANDARD.encode(md5);
+        let etag = self
+            .call(what, |c| {
+                let md5_b64 = md5_b64.clone();
+                async move {
+                    if let Some(bw) = &self.bandwidth {
+                        bw.take(usize::try_from(len).unwrap_or(usize::MAX)).await;
+                    }
+                    let body = body_of(path, offset, len).await?;
+                    let o = c
+                        .upload_part()
+                        .bucket(bucket)
+                        .key(key)
+                        .upload_id(upload_id)
+                        .part_number(number)
+                        .content_length(to_i64(len))
+                        .content_md5(md5_b64)
+                        .body(body)
+                        .send()
+                        .await
+                        .map_err(|e| Failure::from_sdk(&e))?;
+                    self.counters
+                        .bytes_uploaded
+                        .fetch_add(len, Ordering::Relaxed);
+                    Ok(unquote(o.e_tag().unwrap_or_default()))
+                }
+            })
+            .await?;
+        if etag_is_md5(&etag) && etag.to_ascii_lowercase() != hex::encode(md5) {
+            return Err(Error::integrity(format!(
+                "{what}: part {number} stored with ETag {etag}, sent MD5 {}",
+                hex::encode(md5)
+            )));
+        }
+        Ok(())
     }
 
     /// Uploads a small in-memory object (manifests, listings of the S3 repository).
@@ -1853,6 +1988,119 @@ mod tests {
         assert_eq!(original_part_size(40 * mib, &format!("{md5}-x")), None);
         assert_eq!(original_part_size(40 * mib, "abc-2"), None);
         assert_eq!(original_part_size(4 * mib, &format!("{md5}-3")), None);
+    }
+
+    /// A file of `len` pseudo-random bytes.
+    fn random_file(len: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let mut data = vec![0u8; len];
+        fastrand::Rng::with_seed(7).fill(&mut data);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &data).unwrap();
+        (f, data)
+    }
+
+    #[tokio::test]
+    async fn one_read_gives_the_md5_and_feeds_the_sha256() {
+        let (f, data) = random_file(3 * 1024 * 1024 + 5);
+        let (md5, sha) = md5_feeding(f.path(), 0, data.len() as u64, Sha256::new())
+            .await
+            .unwrap();
+        assert_eq!(md5, <[u8; 16]>::from(Md5::digest(&data)));
+        assert_eq!(sha.finalize(), Sha256::digest(&data));
+        // From an offset, continuing a running SHA-256: the halves make the whole.
+        let half = data.len() / 2;
+        let (_, first) = md5_feeding(f.path(), 0, half as u64, Sha256::new())
+            .await
+            .unwrap();
+        let (md5, both) = md5_feeding(f.path(), half as u64, (data.len() - half) as u64, first)
+            .await
+            .unwrap();
+        assert_eq!(md5, <[u8; 16]>::from(Md5::digest(&data[half..])));
+        assert_eq!(both.finalize(), Sha256::digest(&data));
+        // A file shorter than recorded is an error, not a short hash.
+        let err = md5_feeding(f.path(), 0, data.len() as u64 + 1, Sha256::new())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+    }
+
+    #[tokio::test]
+    async fn part_digests_are_each_parts_md5_then_the_whole_sha256() {
+        let (f, data) = random_file(2 * 1024 * 1024 + 100);
+        let part = 1024 * 1024;
+        let got: Vec<PartDigest> =
+            futures::TryStreamExt::try_collect(part_digests(f.path(), data.len() as u64, part))
+                .await
+                .unwrap();
+        let mut want: Vec<PartDigest> = data
+            .chunks(usize::try_from(part).unwrap())
+            .enumerate()
+            .map(|(i, c)| PartDigest::Part {
+                number: i32::try_from(i + 1).unwrap(),
+                offset: i as u64 * part,
+                len: c.len() as u64,
+                md5: Md5::digest(c).into(),
+            })
+            .collect();
+        want.push(PartDigest::Whole {
+            sha256: Sha256::digest(&data).into(),
+        });
+        assert_eq!(got.len(), 4, "3 parts, then the whole");
+        assert_eq!(got, want);
+        // One part that is the whole file.
+        let one: Vec<PartDigest> = futures::TryStreamExt::try_collect(part_digests(
+            f.path(),
+            data.len() as u64,
+            data.len() as u64,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(one.len(), 2);
+        assert_eq!(one[1], want[3]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_sha256_check_sends_no_request() {
+        // Nothing listens on this endpoint: a request would fail as unreachable, not as the check.
+        let target = GatewayTarget {
+            endpoints: vec!["http://127.0.0.1:9".to_owned()],
+            access_key: Secret::new("AK"),
+            secret_key: Secret::new("SK"),
+        };
+        let gw = Gateway::new(
+            &target,
+            &GatewayOptions {
+                retries: 0,
+                ..GatewayOptions::default()
+            },
+        )
+        .unwrap();
+        let (f, data) = random_file(1000);
+        let want: [u8; 32] = Sha256::digest(&data).into();
+        let seen = std::sync::Mutex::new(None);
+        let check = |got: &[u8; 32]| {
+            *seen.lock().unwrap() = Some(*got);
+            Err(Error::integrity("refused by the test"))
+        };
+        let err = gw
+            .put_file_like(
+                "b",
+                "k",
+                f.path(),
+                data.len() as u64,
+                &ObjectMeta::default(),
+                "",
+                &check,
+            )
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("refused by the test"), "{err}");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            Some(want),
+            "the check saw the file's SHA-256"
+        );
+        assert_eq!(gw.stats().requests, 0, "nothing was sent");
     }
 
     #[test]

@@ -1,0 +1,271 @@
+//! Integrity of the repository's blobs against the local cluster's radosgw: a blob damaged in the
+//! repository (same size, one byte flipped) is refused by the bucket restore before its object is
+//! committed on the gateway (single PUT and multipart).
+//!
+//! Every bucket is a fresh one, removed at the end; what reached the gateway is checked with the
+//! test's own client (the SDK with SigV4), never with the code under test.
+
+use std::path::{Path, PathBuf};
+
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use deis_backup_coordinator::ErrorKind;
+use deis_backup_coordinator::bucket_restore::{Existing, restore_bucket};
+use deis_backup_coordinator::gateway::{Gateway, GatewayOptions, Signature};
+use deis_backup_coordinator::mirror::{NoProgress, mirror_bucket};
+use deis_backup_coordinator::repository::ObjectEntry;
+use deis_backup_coordinator::repository::format::blob_path;
+
+use super::gateway::{fresh_bucket, local_repo, options};
+use super::support::Cluster;
+
+const MIB: usize = 1024 * 1024;
+
+/// `len` pseudo-random bytes, different for every `seed`.
+fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    fastrand::Rng::with_seed(seed).fill(&mut data);
+    data
+}
+
+/// A client that uploads in 5 MiB parts above 5 MiB, so a 6 MiB object goes up in two.
+async fn small_parts_gateway() -> Gateway {
+    let opts = GatewayOptions {
+        multipart_threshold: 5 * MIB as u64,
+        part_size: 5 * MIB as u64,
+        ..options(Signature::Auto)
+    };
+    Gateway::connect(&opts, Some(&Cluster::get().etcd()))
+        .await
+        .expect("gateway connects")
+}
+
+/// A fresh bucket holding `objects` (single PUTs), plus `parts` uploaded as a multipart upload
+/// of those parts when given (its ETag then is `<md5>-<parts>`).
+async fn source_bucket(
+    tag: &str,
+    objects: &[(&str, Vec<u8>)],
+    multipart: Option<(&str, Vec<Vec<u8>>)>,
+) -> String {
+    let s3 = Cluster::get().s3().await;
+    let bucket = fresh_bucket(tag);
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    for (key, data) in objects {
+        s3.put_object()
+            .bucket(&bucket)
+            .key(*key)
+            .body(data.clone().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    if let Some((key, parts)) = multipart {
+        let id = s3
+            .create_multipart_upload()
+            .bucket(&bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap()
+            .upload_id()
+            .unwrap()
+            .to_owned();
+        let mut done = Vec::new();
+        for (i, data) in parts.into_iter().enumerate() {
+            let n = i32::try_from(i + 1).unwrap();
+            let p = s3
+                .upload_part()
+                .bucket(&bucket)
+                .key(key)
+                .upload_id(&id)
+                .part_number(n)
+                .body(data.into())
+                .send()
+                .await
+                .unwrap();
+            done.push(
+                CompletedPart::builder()
+                    .part_number(n)
+                    .e_tag(p.e_tag().unwrap())
+                    .build(),
+            );
+        }
+        s3.complete_multipart_upload()
+            .bucket(&bucket)
+            .key(key)
+            .upload_id(&id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(done))
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+    bucket
+}
+
+/// Deletes every object of `bucket` and any unfinished multipart upload, then the bucket.
+async fn remove_bucket(bucket: &str) {
+    let s3 = Cluster::get().s3().await;
+    let listed = s3.list_objects().bucket(bucket).send().await.unwrap();
+    for o in listed.contents() {
+        s3.delete_object()
+            .bucket(bucket)
+            .key(o.key().unwrap())
+            .send()
+            .await
+            .unwrap();
+    }
+    for u in pending_uploads(bucket).await {
+        s3.abort_multipart_upload()
+            .bucket(bucket)
+            .key(&u.0)
+            .upload_id(&u.1)
+            .send()
+            .await
+            .unwrap();
+    }
+    s3.delete_bucket().bucket(bucket).send().await.unwrap();
+}
+
+/// Unfinished multipart uploads in `bucket`: (key, upload id).
+async fn pending_uploads(bucket: &str) -> Vec<(String, String)> {
+    let s3 = Cluster::get().s3().await;
+    let o = s3
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    o.uploads()
+        .iter()
+        .map(|u| {
+            (
+                u.key().unwrap_or_default().to_owned(),
+                u.upload_id().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Whether `bucket/key` exists on the gateway (the test's own client).
+async fn exists(bucket: &str, key: &str) -> bool {
+    let s3 = Cluster::get().s3().await;
+    match s3.head_object().bucket(bucket).key(key).send().await {
+        Ok(_) => true,
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(aws_sdk_s3::operation::head_object::HeadObjectError::is_not_found) =>
+        {
+            false
+        }
+        Err(e) => panic!("HEAD s3://{bucket}/{key}: {e:?}"),
+    }
+}
+
+/// The file of blob `sha256` in the local repository under `dir`.
+fn blob_file(dir: &Path, sha256: &str) -> PathBuf {
+    dir.join("repo").join(blob_path(sha256))
+}
+
+/// Flips one byte in the middle of a blob: same size, other bytes.
+fn flip_byte(dir: &Path, sha256: &str) {
+    let path = blob_file(dir, sha256);
+    let mut data = std::fs::read(&path).unwrap();
+    let at = data.len() / 2;
+    data[at] ^= 0x5a;
+    std::fs::write(&path, &data).unwrap();
+}
+
+fn entry<'a>(entries: &'a [ObjectEntry], key: &str) -> &'a ObjectEntry {
+    entries
+        .iter()
+        .find(|e| e.key == key)
+        .unwrap_or_else(|| panic!("{key} in the listing"))
+}
+
+#[tokio::test]
+async fn integrity_restore_refuses_a_damaged_blob_before_the_put_single_and_multipart() {
+    let small = ("small/object", bytes(1000, 1));
+    // Above the 5 MiB threshold: restored in two parts though it was one PUT.
+    let single = ("big/single-put", bytes(6 * MIB + 3, 2));
+    // Uploaded in two parts (ETag `-2`): restored in its original parts.
+    let parts = vec![bytes(5 * MIB, 3), bytes(MIB + 7, 4)];
+    let source = source_bucket(
+        "integrity_src",
+        &[small.clone(), single.clone()],
+        Some(("big/multipart", parts)),
+    )
+    .await;
+    let gw = small_parts_gateway().await;
+    let (dir, repo) = local_repo().await;
+    let (entries, _) = mirror_bucket(&gw, &repo, &source, &[], &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 3);
+    assert!(entry(&entries, "big/multipart").etag.ends_with("-2"));
+
+    // Intact blobs go up (the check passes on both paths).
+    let good = fresh_bucket("integrity_good");
+    let stats = restore_bucket(&gw, &repo, &entries, &good, Existing::Refuse, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(stats.uploaded_objects, 3, "{stats:?}");
+    let s3 = Cluster::get().s3().await;
+    let single_etag = s3
+        .head_object()
+        .bucket(&good)
+        .key("big/single-put")
+        .send()
+        .await
+        .unwrap()
+        .e_tag()
+        .unwrap()
+        .to_owned();
+    assert!(
+        single_etag.ends_with("-2\""),
+        "sent in parts: {single_etag}"
+    );
+
+    // Damaged blobs (same size, one byte flipped) never reach the gateway.
+    for e in &entries {
+        flip_byte(dir.path(), &e.sha256);
+    }
+    let target = fresh_bucket("integrity_bad");
+    for key in ["small/object", "big/single-put", "big/multipart"] {
+        let e = entry(&entries, key);
+        let err = restore_bucket(
+            &gw,
+            &repo,
+            std::slice::from_ref(e),
+            &target,
+            Existing::Merge,
+            &NoProgress,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{key}: {err}");
+        let msg = err.to_string();
+        for want in [
+            target.as_str(),
+            key,
+            e.sha256.as_str(),
+            "damaged",
+            "deis-backup verify --read-data",
+        ] {
+            assert!(msg.contains(want), "{key}: {want:?} missing in: {msg}");
+        }
+        assert!(!exists(&target, key).await, "{key} was restored");
+    }
+    assert!(
+        pending_uploads(&target).await.is_empty(),
+        "refused multipart uploads are aborted"
+    );
+    let left = s3.list_objects().bucket(&target).send().await.unwrap();
+    assert!(left.contents().is_empty(), "{:?}", left.contents());
+
+    remove_bucket(&target).await;
+    remove_bucket(&good).await;
+    remove_bucket(&source).await;
+}
