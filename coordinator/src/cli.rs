@@ -341,10 +341,17 @@ fn cmd_pki(action: &PkiCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Removes staging files a killed run left (older than the repository's threshold); a failure to
-/// clean is a warning, never the run's outcome.
+/// Removes staging files a killed run left; a failure to clean is a warning, never the run's
+/// outcome. A local repository's staging directory (`<repository>/tmp`) is written only by runs
+/// holding the cluster lock, which the caller now holds: anything there untouched for 30 s
+/// belongs to a dead run. An S3 repository stages in a directory others may share (the system's
+/// temporary directory), so only files older than the repository's long threshold go.
 async fn clean_staging(repo: &Repository) {
-    let age = deis_backup_coordinator::repository::STALE_STAGING_AGE;
+    let age = if repo.location().starts_with("s3://") {
+        deis_backup_coordinator::repository::STALE_STAGING_AGE
+    } else {
+        std::time::Duration::from_secs(30)
+    };
     if let Err(e) = repo.clean_staging(age).await {
         eprintln!("deis-backup: warning: {}", e.message());
     }

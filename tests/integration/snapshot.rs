@@ -861,3 +861,157 @@ async fn unchanged_database_and_store_segments_are_reused_and_changes_taken_agai
     assert!(full_db.get("taken-in").is_none());
     assert_eq!(full_st["segments-reused"], 0);
 }
+
+/// Starts a snapshot slowed down (bandwidth cap) and returns once it holds the cluster lock.
+async fn slow_snapshot(source: &Source, repo: &Path) -> std::process::Child {
+    let r = repo.display().to_string();
+    let child = spawn_deis_backup(
+        &source.agent.token_file,
+        &[
+            "snapshot",
+            "--json",
+            "--etcd",
+            source.cluster.etcd_endpoints(),
+            "--agent",
+            source.agent.spec(),
+            "-r",
+            &r,
+            "--bandwidth-limit",
+            "4MiB",
+        ],
+    );
+    let etcd = source.cluster.etcd();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while etcd.get("/deis/backup/lock").await.unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the snapshot never took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
+}
+
+fn prune(source: &Source, repo: &Path, keep_last: &str) -> Output {
+    let r = repo.display().to_string();
+    deis_backup(
+        &source.agent.token_file,
+        &[
+            "prune",
+            "--keep-last",
+            keep_last,
+            "--json",
+            "--etcd",
+            source.cluster.etcd_endpoints(),
+            "-r",
+            &r,
+        ],
+    )
+}
+
+#[tokio::test]
+async fn fault_a_prune_beside_a_running_snapshot_is_refused_and_deletes_nothing() {
+    let _g = cluster_lock().await;
+    let source = Source::new();
+    let (_d, repo) = repo_dir("e2e-fault-prune");
+    let first = snapshot_id(&ok(&source.snapshot(&repo, &["--no-buckets"]), "snapshot"));
+    let running = slow_snapshot(&source, &repo).await;
+    // The running snapshot's blobs are named by no manifest yet: a prune now would take them.
+    let before = walk_files(&repo.join("blobs"));
+    let refused = prune(&source, &repo, "1");
+    assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("snapshot by pid"),
+        "{}",
+        stderr(&refused)
+    );
+    let after = walk_files(&repo.join("blobs"));
+    assert!(
+        before.iter().all(|b| after.contains(b)),
+        "the refused prune deleted blobs"
+    );
+    let second = snapshot_id(&ok(
+        &running.wait_with_output().unwrap(),
+        "the running snapshot",
+    ));
+    let (ids, _) = list_ids(&source.agent.token_file, &repo);
+    assert_eq!(ids, [first, second]);
+    let r = repo.display().to_string();
+    ok(
+        &deis_backup(
+            &source.agent.token_file,
+            &["verify", "latest", "--read-data", "--json", "-r", &r],
+        ),
+        "verify",
+    );
+}
+
+#[tokio::test]
+async fn fault_a_coordinator_killed_mid_snapshot_leaves_no_complete_snapshot_and_the_next_run_succeeds()
+ {
+    let _g = cluster_lock().await;
+    let source = Source::new();
+    let (_d, repo) = repo_dir("e2e-fault-kill");
+    let mut running = slow_snapshot(&source, &repo).await;
+    // Let it write some blobs, then SIGKILL: no chance to clean up or release the lock.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while walk_files(&repo.join("blobs")).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.kill().unwrap();
+    running.wait().unwrap();
+    let wrote = !walk_files(&repo.join("blobs")).is_empty();
+    let listed = repo
+        .exists()
+        .then(|| list_ids(&source.agent.token_file, &repo));
+    // Until the dead run's lock expires, a new run is refused and names the holder.
+    let refused = source.snapshot(&repo, &["--no-buckets"]);
+    // Wait for the expiry before any assertion, so a failure here cannot leave the cluster
+    // locked for the tests after this one.
+    let etcd = source.cluster.etcd();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while etcd.get("/deis/backup/lock").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the dead run's lock never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        wrote,
+        "the killed run wrote no blob: it was not killed mid-snapshot"
+    );
+    let (ids, incomplete) = listed.expect("the killed run created its repository");
+    assert!(
+        ids.is_empty(),
+        "a killed snapshot is listed as complete: {ids:?}"
+    );
+    assert!(incomplete.len() <= 1, "{incomplete:?}");
+    assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("expires within"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let id = snapshot_id(&ok(&source.snapshot(&repo, &[]), "the next snapshot"));
+    let r = repo.display().to_string();
+    ok(
+        &deis_backup(
+            &source.agent.token_file,
+            &["verify", &id, "--read-data", "--json", "-r", &r],
+        ),
+        "verify",
+    );
+    // The killed run's staging files went at the next start; its snapshot directory goes with
+    // the next prune.
+    let staged: Vec<_> = std::fs::read_dir(repo.join("tmp")).unwrap().collect();
+    assert!(
+        staged.is_empty(),
+        "debris in the staging directory: {staged:?}"
+    );
+    ok(&prune(&source, &repo, "5"), "prune");
+    let (ids, incomplete) = list_ids(&source.agent.token_file, &repo);
+    assert_eq!(ids, [id]);
+    assert!(incomplete.is_empty(), "{incomplete:?}");
+}
