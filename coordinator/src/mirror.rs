@@ -3,22 +3,29 @@
 //! Owns: the decision which objects to download, the download into content-addressed blobs, and
 //! the bucket listing (key, size, ETag, headers, `x-amz-meta-*`, SHA-256) handed to the snapshot.
 //! Invariants:
-//! - An object whose key, size and ETag equal the previous snapshot's entry is not downloaded
-//!   again: its entry (blob, headers) is carried over. Identical bytes under other keys or in other
-//!   snapshots end up in one blob (the repository stores by SHA-256).
+//! - An object is carried over from the previous snapshot (its entry: blob, headers), not
+//!   downloaded, only when its key, size and ETag equal the previous entry's AND that entry names
+//!   a well-formed SHA-256 whose blob is in the repository with that size. The SHA-256 carried over
+//!   is the one recorded when the bytes were downloaded, never one computed from the blob now: a
+//!   blob damaged in place (same size) keeps being named by the digest of its good bytes, so
+//!   `verify --read-data` finds it in every snapshot that names it, and a restore refuses it.
+//!   A missing or cut-short blob is downloaded again (and so written whole again).
+//! - Identical bytes under other keys or in other snapshots end up in one blob (the repository
+//!   stores by SHA-256; a blob present with its size is not rewritten).
 //! - What is recorded for a downloaded object is what the GET returned (size, ETag, headers), so an
 //!   object replaced between listing and download is recorded consistently.
 //! - Downloads run concurrently up to the gateway's limit; bytes stream to staging, never memory;
 //!   objects above [`DOWNLOAD_RANGE`] come in concurrent ranges.
 //! - A listing is handed to the snapshot only when every object in it is stored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::error::{Error, Result};
 use crate::gateway::{ChunkSink, DOWNLOAD_RANGE, Gateway, ListedObject};
+use crate::repository::format::is_sha256;
 use crate::repository::{BlobRef, BlobWriter, Manifest, ObjectEntry, Repository, SnapshotWriter};
 
 /// Told about each object as it is done; the CLI draws progress from this.
@@ -93,18 +100,35 @@ pub async fn mirror_bucket(
     };
     progress.listed(bucket, stats.objects, stats.bytes);
 
-    let mut entries = Vec::with_capacity(listed.len());
     let mut todo: Vec<ListedObject> = Vec::new();
+    let mut unchanged: Vec<(ListedObject, &ObjectEntry)> = Vec::new();
     for o in listed {
         match before.get(o.key.as_str()) {
-            Some(prev) if prev.size == o.size && !o.etag.is_empty() && prev.etag == o.etag => {
-                let mut e = (*prev).clone();
-                e.last_modified.clone_from(&o.last_modified);
-                progress.object_done(bucket, &o.key, o.size, false);
-                entries.push(e);
-            }
+            Some(prev) if unchanged_since(prev, &o) => unchanged.push((o, *prev)),
             _ => todo.push(o),
         }
+    }
+    let present = present_blobs(repo, unchanged.iter().map(|(_, prev)| *prev)).await?;
+    let mut entries = Vec::with_capacity(unchanged.len() + todo.len());
+    let mut refetch = 0u64;
+    for (o, prev) in unchanged {
+        if present.contains(&(prev.sha256.as_str(), prev.size)) {
+            let mut e = prev.clone();
+            e.last_modified.clone_from(&o.last_modified);
+            progress.object_done(bucket, &o.key, o.size, false);
+            entries.push(e);
+        } else {
+            refetch += 1;
+            todo.push(o);
+        }
+    }
+    if refetch > 0 {
+        tracing::warn!(
+            bucket,
+            objects = refetch,
+            "unchanged objects downloaded again: their blobs are missing from the repository or \
+             not of their recorded size"
+        );
     }
     stats.unchanged_objects = entries.len() as u64;
 
@@ -174,6 +198,55 @@ pub async fn mirror_bucket(
     Ok((entries, stats))
 }
 
+/// Whether `prev` (the previous snapshot's entry for the key) still describes `o`: same size,
+/// same non-empty ETag, and a well-formed SHA-256 to carry over. Whether that blob is present is
+/// [`present_blobs`]' question.
+fn unchanged_since(prev: &ObjectEntry, o: &ListedObject) -> bool {
+    prev.size == o.size && !o.etag.is_empty() && prev.etag == o.etag && is_sha256(&prev.sha256)
+}
+
+/// Which of the blobs `entries` name are in `repo` with the size recorded for them; each distinct
+/// (blob, size) is asked once, concurrently.
+async fn present_blobs<'a>(
+    repo: &Repository,
+    entries: impl Iterator<Item = &'a ObjectEntry>,
+) -> Result<HashSet<(&'a str, u64)>> {
+    let wanted: HashSet<(&str, u64)> = entries.map(|e| (e.sha256.as_str(), e.size)).collect();
+    futures::stream::iter(wanted)
+        .map(|(sha, size)| async move {
+            let there = repo.blob_size(sha).await? == Some(size);
+            Ok::<_, Error>(there.then_some((sha, size)))
+        })
+        .buffer_unordered(PRESENCE_CHECKS)
+        .try_filter_map(|found| async move { Ok(found) })
+        .try_collect()
+        .await
+}
+
+/// Blob presence checks in flight at once (a `stat` locally, a HEAD on an S3 repository).
+const PRESENCE_CHECKS: usize = 32;
+
+/// The listing of `bucket` in `previous`, to mirror against; empty (everything is downloaded)
+/// when there is none or it cannot be used (missing, damaged: it fails its manifest's SHA-256).
+pub async fn previous_listing(
+    repo: &Repository,
+    previous: Option<&Manifest>,
+    bucket: &str,
+) -> Vec<ObjectEntry> {
+    match previous {
+        Some(m) if m.buckets.contains_key(bucket) => match repo.listing(m, bucket).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(
+                    "previous listing of {bucket} unusable, downloading everything: {e}"
+                );
+                Vec::new()
+            }
+        },
+        _ => Vec::new(),
+    }
+}
+
 /// Mirrors each of `buckets` into `snapshot`, incrementally against `previous` (the last
 /// snapshot's manifest, if any), and adds their listings to the snapshot.
 pub async fn mirror_buckets(
@@ -186,18 +259,7 @@ pub async fn mirror_buckets(
     let repo = snapshot.repository().clone();
     let mut before = Vec::with_capacity(buckets.len());
     for bucket in buckets {
-        before.push(match previous {
-            Some(m) if m.buckets.contains_key(bucket) => match repo.listing(m, bucket).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(
-                        "previous listing of {bucket} unusable, downloading everything: {e}"
-                    );
-                    Vec::new()
-                }
-            },
-            _ => Vec::new(),
-        });
+        before.push(previous_listing(&repo, previous, bucket).await);
     }
     // All buckets at once: the gateway's limiter bounds the requests in flight, and one bucket's
     // last large object no longer delays the next bucket.

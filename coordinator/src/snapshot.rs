@@ -12,7 +12,9 @@
 //! - Reuse (unless `--full`): only blobs of the previous complete snapshot that are present in the
 //!   repository with their recorded size are offered — the dump when the database is still in the
 //!   state it was taken in, store segments whose fingerprints the agent finds again. The agent
-//!   decides what is unchanged; the coordinator never assumes it.
+//!   decides what is unchanged; the coordinator never assumes it. Bucket objects are carried over
+//!   by [`mirror`]'s rule (key, size and ETag unchanged, the recorded SHA-256's blob present with
+//!   its size); a previous listing that cannot be read or fails its SHA-256 is not used.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -431,10 +433,7 @@ async fn mirror_all(
     progress: &dyn Progress,
 ) -> Result<Vec<(String, Vec<ObjectEntry>, MirrorStats)>> {
     futures::future::try_join_all(buckets.iter().map(|bucket| async move {
-        let before = match previous {
-            Some(m) if m.buckets.contains_key(bucket) => repo.listing(m, bucket).await?,
-            _ => Vec::new(),
-        };
+        let before = mirror::previous_listing(repo, previous, bucket).await;
         let (entries, stats) = mirror::mirror_bucket(gw, repo, bucket, &before, progress).await?;
         Ok::<_, Error>((bucket.clone(), entries, stats))
     }))

@@ -1,12 +1,20 @@
 //! `verify`: is a snapshot whole? Every part and every listed object's blob must exist with its
 //! recorded size; with `--read-data`, every byte is read again and its sha256 compared.
 //!
+//! What each depth catches: [`Depth::Sizes`] a missing blob, one cut short or grown, and a blob
+//! named with two different sizes; it cannot see bytes changed in place (same size).
+//! [`Depth::All`] catches those too: a blob's name is the SHA-256 of the bytes it was written
+//! with, and every snapshot naming it (an incremental one carries the name over) reports it.
+//!
 //! Invariants:
 //! - Reads only. Every problem is collected (not just the first) and named by part or bucket/key.
-//! - Each distinct blob is checked once, however many objects or snapshots name it.
-//! - `restore` runs the same checks (parts re-hashed) before it writes anything.
+//! - Each distinct blob is checked once, however many objects or snapshots name it; it is
+//!   re-hashed when any of its names asks for it.
+//! - `restore` runs the same checks (parts re-hashed) before it writes anything; bucket objects
+//!   are re-hashed as they are uploaded (`bucket_restore`), before each one is committed.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
@@ -69,7 +77,14 @@ pub async fn verify(repo: &Repository, manifest: &Manifest, depth: Depth) -> Res
             } else {
                 format!("part {name}")
             };
-            blobs.insert(blob.sha256, (blob.size, what, depth != Depth::Sizes));
+            name_blob(
+                &mut blobs,
+                &mut report.problems,
+                blob.sha256,
+                blob.size,
+                what,
+                depth != Depth::Sizes,
+            );
         }
     }
     for bucket in manifest.buckets.keys() {
@@ -84,13 +99,14 @@ pub async fn verify(repo: &Repository, manifest: &Manifest, depth: Depth) -> Res
         };
         for e in listing {
             report.objects += 1;
-            blobs.entry(e.sha256.clone()).or_insert_with(|| {
-                (
-                    e.size,
-                    format!("s3://{bucket}/{}", e.key),
-                    depth == Depth::All,
-                )
-            });
+            name_blob(
+                &mut blobs,
+                &mut report.problems,
+                e.sha256,
+                e.size,
+                format!("s3://{bucket}/{}", e.key),
+                depth == Depth::All,
+            );
         }
     }
 
@@ -109,6 +125,35 @@ pub async fn verify(repo: &Repository, manifest: &Manifest, depth: Depth) -> Res
     }
     report.problems.sort();
     Ok(report)
+}
+
+/// Records that `what` names blob `sha` of `size` bytes: the first name is the one problems are
+/// reported under; a later name with another size is a problem of its own (one of the two
+/// records is wrong, and the blob's check can only hold it to one size).
+fn name_blob(
+    blobs: &mut BTreeMap<String, (u64, String, bool)>,
+    problems: &mut Vec<String>,
+    sha: String,
+    size: u64,
+    what: String,
+    rehash: bool,
+) {
+    match blobs.entry(sha) {
+        Entry::Vacant(v) => {
+            v.insert((size, what, rehash));
+        }
+        Entry::Occupied(mut o) => {
+            let sha = o.key().clone();
+            let (first_size, first, again) = o.get_mut();
+            *again |= rehash;
+            if *first_size != size {
+                problems.push(format!(
+                    "{what}: blob {sha} is recorded as {size} bytes here and as {first_size} \
+                     bytes by {first}"
+                ));
+            }
+        }
+    }
 }
 
 /// Checks one blob; returns the bytes read and a problem, if any.
@@ -156,5 +201,116 @@ async fn check_blob(
                 "blob {sha} now hashes to {got}: its bytes are damaged"
             )),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::format::blob_path;
+    use crate::repository::{BlobRef, ObjectEntry, RepositoryOptions, SnapshotId};
+
+    fn entry(key: &str, blob: &BlobRef) -> ObjectEntry {
+        ObjectEntry {
+            key: key.into(),
+            size: blob.size,
+            etag: "x".into(),
+            sha256: blob.sha256.clone(),
+            last_modified: None,
+            meta: crate::gateway::ObjectMeta::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn verify_sizes_miss_bytes_changed_in_place_read_data_finds_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_init(&RepositoryOptions {
+            location: tmp.path().join("repo").display().to_string(),
+            fsync: false,
+            ..RepositoryOptions::default()
+        })
+        .await
+        .unwrap();
+        let blob_a = repo.write_blob_from(&b"object a"[..]).await.unwrap().blob;
+        let blob_b = repo.write_blob_from(&b"object b"[..]).await.unwrap().blob;
+        let part = repo.write_blob_from(&b"a part"[..]).await.unwrap().blob;
+        let mut snapshot = repo.start_snapshot(SnapshotId::generate());
+        snapshot
+            .add_bucket("registry", &[entry("a", &blob_a), entry("b", &blob_b)])
+            .await
+            .unwrap();
+        snapshot.add_part("etcd/export.json", part.clone()).unwrap();
+        let m = snapshot.commit().await.unwrap();
+        for depth in [Depth::Sizes, Depth::Parts, Depth::All] {
+            let report = verify(&repo, &m, depth).await.unwrap();
+            assert!(report.ok(), "{depth:?}: {:?}", report.problems);
+            assert_eq!(
+                (report.objects, report.parts, report.blobs_checked),
+                (2, 1, 3)
+            );
+        }
+
+        let path = tmp.path().join("repo").join(blob_path(&blob_a.sha256));
+        std::fs::write(&path, b"object A").unwrap();
+        for depth in [Depth::Sizes, Depth::Parts] {
+            assert!(verify(&repo, &m, depth).await.unwrap().ok(), "{depth:?}");
+        }
+        let report = verify(&repo, &m, Depth::All).await.unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(
+            report.problems[0].starts_with("s3://registry/a: blob ")
+                && report.problems[0].contains("damaged"),
+            "{:?}",
+            report.problems
+        );
+
+        // Cut short: sizes see it.
+        std::fs::write(&path, b"obj").unwrap();
+        let report = verify(&repo, &m, Depth::Sizes).await.unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(
+            report.problems[0].contains("holds 3 bytes"),
+            "{:?}",
+            report.problems
+        );
+    }
+
+    #[test]
+    fn verify_reports_a_blob_named_with_two_sizes_and_rehashes_if_any_name_asks() {
+        let mut blobs = BTreeMap::new();
+        let mut problems = Vec::new();
+        let sha = "ab".repeat(32);
+        name_blob(
+            &mut blobs,
+            &mut problems,
+            sha.clone(),
+            5,
+            "s3://b/k".into(),
+            false,
+        );
+        name_blob(
+            &mut blobs,
+            &mut problems,
+            sha.clone(),
+            5,
+            "part p".into(),
+            true,
+        );
+        assert!(problems.is_empty());
+        assert_eq!(blobs[&sha], (5, "s3://b/k".to_owned(), true));
+        name_blob(
+            &mut blobs,
+            &mut problems,
+            sha.clone(),
+            6,
+            "s3://b/j".into(),
+            false,
+        );
+        assert_eq!(
+            problems,
+            [format!(
+                "s3://b/j: blob {sha} is recorded as 6 bytes here and as 5 bytes by s3://b/k"
+            )]
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Integrity of the repository's blobs against the local cluster's radosgw: a blob damaged in the
 //! repository (same size, one byte flipped) is refused by the bucket restore before its object is
-//! committed on the gateway (single PUT and multipart).
+//! committed on the gateway (single PUT and multipart), found by `verify --read-data` (and not by
+//! sizes alone), and never made to look good by a later incremental snapshot.
 //!
 //! Every bucket is a fresh one, removed at the end; what reached the gateway is checked with the
 //! test's own client (the SDK with SigV4), never with the code under test.
@@ -11,9 +12,12 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use deis_backup_coordinator::ErrorKind;
 use deis_backup_coordinator::bucket_restore::{Existing, restore_bucket};
 use deis_backup_coordinator::gateway::{Gateway, GatewayOptions, Signature};
-use deis_backup_coordinator::mirror::{NoProgress, mirror_bucket};
-use deis_backup_coordinator::repository::ObjectEntry;
+use deis_backup_coordinator::mirror::{NoProgress, mirror_bucket, mirror_buckets};
 use deis_backup_coordinator::repository::format::blob_path;
+use deis_backup_coordinator::repository::{
+    BlobCheck, BlobRef, Manifest, ObjectEntry, Repository, SnapshotId,
+};
+use deis_backup_coordinator::verify::{Depth, verify};
 
 use super::gateway::{fresh_bucket, local_repo, options};
 use super::support::Cluster;
@@ -267,5 +271,177 @@ async fn integrity_restore_refuses_a_damaged_blob_before_the_put_single_and_mult
 
     remove_bucket(&target).await;
     remove_bucket(&good).await;
+    remove_bucket(&source).await;
+}
+
+#[tokio::test]
+async fn integrity_verify_read_data_finds_a_damaged_blob_that_sizes_miss() {
+    let source = source_bucket(
+        "integrity_verify",
+        &[("a", bytes(4000, 5)), ("b", bytes(3000, 6))],
+        None,
+    )
+    .await;
+    let gw = small_parts_gateway().await;
+    let (dir, repo) = local_repo().await;
+    let mut s = repo.start_snapshot(SnapshotId::generate());
+    mirror_buckets(
+        &gw,
+        &mut s,
+        std::slice::from_ref(&source),
+        None,
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    let m = s.commit().await.unwrap();
+    assert!(verify(&repo, &m, Depth::All).await.unwrap().ok());
+
+    let a = entry(&repo.listing(&m, &source).await.unwrap(), "a").clone();
+    flip_byte(dir.path(), &a.sha256);
+    let sizes = verify(&repo, &m, Depth::Sizes).await.unwrap();
+    assert!(
+        sizes.ok(),
+        "sizes cannot see a flipped byte: {:?}",
+        sizes.problems
+    );
+    let read = verify(&repo, &m, Depth::All).await.unwrap();
+    assert_eq!(read.problems.len(), 1, "{:?}", read.problems);
+    let p = &read.problems[0];
+    assert!(
+        p.contains(&format!("s3://{source}/a")) && p.contains(&a.sha256) && p.contains("damaged"),
+        "{p}"
+    );
+
+    remove_bucket(&source).await;
+}
+
+/// Blob of `e` as a reference.
+fn blob(e: &ObjectEntry) -> BlobRef {
+    BlobRef {
+        sha256: e.sha256.clone(),
+        size: e.size,
+    }
+}
+
+#[tokio::test]
+async fn integrity_incremental_snapshot_reuses_only_blobs_present_whole() {
+    let source = source_bucket(
+        "integrity_reuse",
+        &[
+            ("missing", bytes(2000, 7)),
+            ("short", bytes(2100, 8)),
+            ("flipped", bytes(2200, 9)),
+            ("intact", bytes(2300, 10)),
+        ],
+        None,
+    )
+    .await;
+    let buckets = [source.clone()];
+    let gw = small_parts_gateway().await;
+    let (dir, repo) = local_repo().await;
+    let snapshot = async |repo: &Repository, previous: Option<&Manifest>| {
+        let mut s = repo.start_snapshot(SnapshotId::generate());
+        let stats = mirror_buckets(&gw, &mut s, &buckets, previous, &NoProgress)
+            .await
+            .unwrap();
+        (s.commit().await.unwrap(), stats[&source])
+    };
+    let (m1, _) = snapshot(&repo, None).await;
+    let l1 = repo.listing(&m1, &source).await.unwrap();
+
+    // One blob gone, one cut short (a crash before the flush), one damaged in place.
+    std::fs::remove_file(blob_file(dir.path(), &entry(&l1, "missing").sha256)).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(blob_file(dir.path(), &entry(&l1, "short").sha256))
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    let flipped = entry(&l1, "flipped").clone();
+    flip_byte(dir.path(), &flipped.sha256);
+
+    // The missing and the short one are downloaded again, not reused by size and ETag.
+    let (m2, stats) = snapshot(&repo, Some(&m1)).await;
+    assert_eq!(stats.downloaded_objects, 2, "{stats:?}");
+    assert_eq!(stats.unchanged_objects, 2, "{stats:?}");
+    let l2 = repo.listing(&m2, &source).await.unwrap();
+    assert_eq!(l2, l1, "same bytes, same listing");
+    for key in ["missing", "short"] {
+        let b = blob(entry(&l2, key));
+        assert_eq!(
+            repo.check_blob(&b).await.unwrap(),
+            BlobCheck::Intact,
+            "{key}"
+        );
+    }
+    // The damaged one keeps its name (the SHA-256 its bytes had) in the new listing, so verify
+    // --read-data reports it there too: reuse never makes damage look good.
+    let read = verify(&repo, &m2, Depth::All).await.unwrap();
+    assert_eq!(read.problems.len(), 1, "{:?}", read.problems);
+    assert!(
+        read.problems[0].contains(&format!("s3://{source}/flipped")),
+        "{:?}",
+        read.problems
+    );
+
+    // Repair: remove the damaged blob; the next snapshot downloads the object again.
+    std::fs::remove_file(blob_file(dir.path(), &flipped.sha256)).unwrap();
+    let (m3, stats) = snapshot(&repo, Some(&m2)).await;
+    assert_eq!(stats.downloaded_objects, 1, "{stats:?}");
+    let read = verify(&repo, &m3, Depth::All).await.unwrap();
+    assert!(read.ok(), "{:?}", read.problems);
+    assert_eq!(
+        repo.check_blob(&blob(&flipped)).await.unwrap(),
+        BlobCheck::Intact
+    );
+
+    remove_bucket(&source).await;
+}
+
+#[tokio::test]
+async fn integrity_reuse_needs_the_previous_entrys_sha256() {
+    let source = source_bucket("integrity_sha", &[("k", bytes(1500, 11))], None).await;
+    let gw = small_parts_gateway().await;
+    let (_dir, repo) = local_repo().await;
+    let (first, _) = mirror_bucket(&gw, &repo, &source, &[], &NoProgress)
+        .await
+        .unwrap();
+    let good = first[0].clone();
+
+    // The same key, size and ETag: reused only with a well-formed SHA-256 naming a blob present
+    // with that size.
+    let other = repo
+        .write_blob_from(&b"other bytes"[..])
+        .await
+        .unwrap()
+        .blob;
+    let cases = [
+        ("no sha256", String::new()),
+        ("upper case", good.sha256.to_ascii_uppercase()),
+        ("cut", good.sha256[..63].to_owned()),
+        ("absent blob", "0".repeat(64)),
+        ("blob of another size", other.sha256.clone()),
+    ];
+    for (what, sha256) in cases {
+        let prev = ObjectEntry {
+            sha256,
+            ..good.clone()
+        };
+        let (entries, stats) = mirror_bucket(&gw, &repo, &source, &[prev], &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!(stats.downloaded_objects, 1, "{what}: {stats:?}");
+        assert_eq!(entries, first, "{what}: recorded what was downloaded");
+    }
+    let (entries, stats) = mirror_bucket(&gw, &repo, &source, &first, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(
+        stats.unchanged_objects, 1,
+        "an intact previous entry is reused"
+    );
+    assert_eq!(entries, first);
+
     remove_bucket(&source).await;
 }
