@@ -16,5 +16,11 @@ pub mod registration;
 /// Metadata key every call carries, as `Bearer <token>`.
 pub const AUTHORIZATION: &str = "authorization";
 
+/// Largest gRPC message either side accepts. Sized for the largest lists a message carries: a
+/// store archive of one million segments (RestoreStoreHeader's digests, about 44 bytes each) or
+/// one million reusable fingerprints (ArchiveStoreRequest, about 35 bytes each), with room to
+/// spare. Data chunks are far smaller.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Default port an agent serves on.
 pub const DEFAULT_AGENT_PORT: u16 = 4195;

@@ -192,9 +192,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     tracing::info!(%address, version = VERSION, docker_api = %engine.api_version(), "deis-backup-agent serving");
     let svc = service::AgentService::new(settings, engine);
     let result = server
-        .add_service(AgentServer::with_interceptor(svc, move |req| {
-            auth.check(req)
-        }))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            AgentServer::new(svc)
+                .max_decoding_message_size(deis_backup_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(deis_backup_proto::MAX_MESSAGE_BYTES),
+            move |req| auth.check(req),
+        ))
         .serve_with_incoming_shutdown(listener::incoming(listener, limits), shutdown)
         .await;
     let _ = stop_tx.send(true);

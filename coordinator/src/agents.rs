@@ -219,8 +219,8 @@ pub fn connect(options: &AgentOptions, locations: &[Location]) -> Result<Vec<Age
                     .map_err(|e| Error::config(format!("agent TLS for {}: {e}", l.address)))?;
             }
             let client = AgentClient::with_interceptor(ep.connect_lazy(), bearer.clone())
-                .max_decoding_message_size(16 << 20)
-                .max_encoding_message_size(16 << 20);
+                .max_decoding_message_size(deis_backup_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(deis_backup_proto::MAX_MESSAGE_BYTES);
             Ok(Agent {
                 host_id: l.host_id.clone(),
                 address: l.address.clone(),

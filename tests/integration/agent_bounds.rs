@@ -279,3 +279,80 @@ async fn a_zstd_level_above_the_agent_cap_is_refused() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(e.message().contains("1..=19"), "{e}");
 }
+
+/// A client allowed to send the largest messages the agent takes.
+async fn big_client(agent: &Agent) -> super::agent::Client {
+    agent
+        .client()
+        .await
+        .max_encoding_message_size(deis_backup_proto::MAX_MESSAGE_BYTES)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_million_segments_and_a_million_fingerprints_fit_in_one_message() {
+    use deis_backup_proto::v1::{
+        ArchiveStoreRequest, Digest, RestoreStoreHeader, RestoreStoreRequest, restore_store_request,
+    };
+    let store = tempfile::tempdir().unwrap();
+    let target = store.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(store.path().join("f"), b"x").unwrap();
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        target.to_str().unwrap(),
+        "--store-path",
+        store.path().to_str().unwrap(),
+    ])
+    .await;
+    // One million synthetic segment digests: the header is taken, and the data that does not
+    // match them is refused as such (not as a message too large).
+    let segments: Vec<Digest> = (0u32..1_000_000)
+        .map(|i| Digest {
+            size: 4096,
+            sha256: Sha256::digest(i.to_le_bytes()).to_vec(),
+        })
+        .collect();
+    let msgs = vec![
+        RestoreStoreRequest {
+            kind: Some(restore_store_request::Kind::Header(RestoreStoreHeader {
+                path: target.display().to_string(),
+                overwrite: false,
+                segments,
+            })),
+        },
+        RestoreStoreRequest {
+            kind: Some(restore_store_request::Kind::Data(vec![0u8; 4096])),
+        },
+    ];
+    let e = big_client(&agent)
+        .await
+        .restore_store(futures::stream::iter(msgs))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("segment"), "{e}");
+
+    // One million reusable fingerprints: the archive is made (none of them matches).
+    let reusable: Vec<Vec<u8>> = (0u32..1_000_000)
+        .map(|i| Sha256::digest(i.to_be_bytes()).to_vec())
+        .collect();
+    let mut stream = big_client(&agent)
+        .await
+        .archive_store(ArchiveStoreRequest {
+            path: store.path().display().to_string(),
+            zstd_level: 0,
+            reusable,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut trailer = None;
+    while let Some(c) = stream.message().await.unwrap() {
+        if let Some(deis_backup_proto::v1::chunk::Kind::Trailer(t)) = c.kind {
+            trailer = Some(t);
+        }
+    }
+    let t = trailer.expect("a trailer");
+    assert_eq!(t.reused_segments, 0);
+}
