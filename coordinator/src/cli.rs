@@ -408,6 +408,27 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    #[test]
+    fn secrets_are_never_taken_from_the_command_line() {
+        for (flag, value) in [
+            ("--gateway-secret-key", "s3cret"),
+            ("--repository-secret-key", "s3cret"),
+            ("--agent-token", "s3cret"),
+        ] {
+            let parsed = Cli::try_parse_from(["deis-backup", "snapshot", flag, value]);
+            assert!(parsed.is_err(), "{flag} is accepted");
+        }
+        let files = Cli::try_parse_from([
+            "deis-backup",
+            "snapshot",
+            "--gateway-secret-key-file",
+            "/etc/deis-backup/gateway-secret",
+            "--repository-secret-key-file",
+            "/etc/deis-backup/repository-secret",
+        ]);
+        assert!(files.is_ok(), "{files:?}");
+    }
+
     /// The fleet unit's command line, after the image name, as a shell would split it.
     fn unit_args(unit: &str) -> Vec<String> {
         let text = unit.replace("\\\n", " ");
