@@ -61,6 +61,7 @@ async fn refused_with_bounded_memory(kind: u8, what: &str) {
     // Refused from its header, by the agent's own guard, before tar parses it.
     assert!(e.message().contains("extension header"), "{what}: {e}");
     let peak = peak_rss_kib(pid);
+    eprintln!("{what}: agent peak RSS {peak} KiB");
     assert!(peak < BOUND_KIB, "{what}: agent peak RSS {peak} KiB");
     assert_eq!(
         std::fs::read_dir(&target).unwrap().count(),
@@ -189,6 +190,7 @@ async fn an_sql_line_without_end_is_refused_with_bounded_memory() {
         .unwrap_err();
     assert!(e.message().contains("line 1"), "{e}");
     let peak = peak_rss_kib(pid);
+    eprintln!("SQL line bomb: agent peak RSS {peak} KiB");
     assert!(peak < BOUND_KIB, "agent peak RSS {peak} KiB");
 }
 
