@@ -857,7 +857,20 @@ impl Lister<'_> {
         rel: &[u8],
     ) -> io::Result<Option<Box<Xattrs>>> {
         Ok(match self.out.tree.xattrs(d, file)? {
-            Some(Ok(x)) if !x.0.is_empty() => Some(Box::new(x)),
+            Some(Ok(x)) if !x.0.is_empty() => {
+                for name in x.unwritable() {
+                    self.out.warnings.push(warn(
+                        WarningKind::Other,
+                        rel,
+                        format!(
+                            "extended attribute {} holds a newline, which the restore cannot \
+                             read; not archived",
+                            String::from_utf8_lossy(name)
+                        ),
+                    ));
+                }
+                Some(Box::new(x))
+            }
             Some(Err(TooBig(n))) => {
                 self.out.warnings.push(warn(
                     WarningKind::Other,
@@ -1014,7 +1027,7 @@ pub fn archive(root: &Path, opts: Options, tx: ChunkTx) -> Result<Trailer> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::fs;
     use std::io::Read;
     use std::path::PathBuf;
@@ -1598,7 +1611,7 @@ mod tests {
     }
 
     /// Archives `dir` whole; returns the compressed archive, its tar bytes and the trailer.
-    fn archive_all(dir: &Path) -> (Vec<u8>, Vec<u8>, Trailer) {
+    pub(in crate::store) fn archive_all(dir: &Path) -> (Vec<u8>, Vec<u8>, Trailer) {
         archive_paused(dir, "\0never", || {})
     }
 
@@ -1762,7 +1775,7 @@ mod tests {
             assert!(holds(&tar, b" SCHILY.xattr.system.posix_acl_default="));
             assert!(holds(
                 &tar,
-                b" SCHILY.acl.access=user::rw-\nuser:1234:r--\n"
+                b" SCHILY.acl.access=user::rw-,user:1234:r--,group::r--,mask::r--,other::r--\n"
             ));
         }
         let out = dir.path().join("gnu");
@@ -1781,5 +1794,17 @@ mod tests {
             assert!(getfacl(&out.join("f")).contains("user:1234:r--"));
             assert!(getfacl(&out.join("d")).contains("default:user:1234:r-x"));
         }
+    }
+
+    /// The archive of `dir` (every segment sent): its bytes and each segment's (size, sha256), as
+    /// a restore is given them.
+    pub(in crate::store) fn archived(dir: &Path) -> (Vec<u8>, Vec<(u64, Vec<u8>)>) {
+        let (sent, _) = segments(dir, &HashSet::new());
+        let whole = sent.iter().flat_map(|(_, _, d)| d.clone()).collect();
+        let sums = sent
+            .iter()
+            .map(|(_, _, d)| (d.len() as u64, Sha256::digest(d).to_vec()))
+            .collect();
+        (whole, sums)
     }
 }

@@ -22,7 +22,12 @@
 //! - Resources are bounded before the `tar` crate sees the stream (module `tar_guard`): extension
 //!   headers over 64 KiB and paths over 4096 bytes are refused from their headers, the tar bytes
 //!   of one restore are capped by `max-restore-bytes` and the zstd window by
-//!   `max-zstd-window-log`.
+//!   `max-zstd-window-log`; a GNU sparse entry's map is checked there too (at most a million
+//!   regions, sorted, not overlapping, within its size), and a pax record holding a newline
+//!   (which `tar` would split) is refused.
+//! - Sparse files come back sparse (holes where whole aligned blocks are zeros), and extended
+//!   attributes and ACLs (`SCHILY.xattr.*`) are set where the filesystem keeps them; where it
+//!   refuses one, a warning in the reply, not a failure (module `staging`).
 //! - Only then are the staged entries renamed into the target (module `commit`; same filesystem,
 //!   so each move is atomic); with `overwrite`, the target's previous entries are moved aside
 //!   first (into the staging directory's `previous/`), and removed with the staging directory only
@@ -1044,5 +1049,382 @@ mod tests {
         let mut replaced: Vec<_> = reply.warnings.iter().map(|w| w.path.as_str()).collect();
         replaced.sort_unstable();
         assert_eq!(replaced, ["a", "old"]);
+    }
+
+    /// Restores the archive `z` (segments `sums`) into `target` with the default policy, or `policy`.
+    fn restore_archived(
+        target: &Path,
+        (z, sums): &(Vec<u8>, Vec<(u64, Vec<u8>)>),
+        policy: RestorePolicy,
+    ) -> Result<RestoreStoreReply> {
+        let opts = Options {
+            overwrite: false,
+            policy,
+            segments: sums.clone(),
+        };
+        restore(target, &z[..], &opts)
+    }
+
+    #[test]
+    fn a_sparse_file_round_trips_with_its_holes() {
+        use crate::store::archive::tests::{SPARSE_SIZE, same_content, sparse_file};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        fs::create_dir(&store).unwrap();
+        sparse_file(&store.join("s"));
+        fs::write(store.join("plain"), vec![0u8; 64 << 10]).unwrap();
+        let archived = crate::store::archive::tests::archived(&store);
+        assert!(archived.0.len() < 64 << 10, "{} bytes", archived.0.len());
+        let target = tmp.path().join("restored");
+        let reply = restore_archived(&target, &archived, policy()).unwrap();
+        assert_eq!(reply.warnings, []);
+        assert_eq!(reply.bytes, SPARSE_SIZE + 4 + (64 << 10));
+        let got = fs::metadata(target.join("s")).unwrap();
+        assert_eq!(got.len(), SPARSE_SIZE + 4);
+        assert!(got.blocks() < 1024, "{} blocks allocated", got.blocks());
+        assert!(same_content(
+            &mut fs::File::open(target.join("s")).unwrap(),
+            &mut fs::File::open(store.join("s")).unwrap()
+        ));
+        // An ordinary file full of zeros is written as it was, allocated.
+        let plain = fs::metadata(target.join("plain")).unwrap();
+        assert_eq!(plain.blocks(), 128);
+    }
+
+    #[test]
+    fn a_sparse_archive_from_gnu_tar_is_restored_sparse() {
+        use crate::store::archive::tests::{SPARSE_SIZE, same_content, sparse_file};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        fs::create_dir(&store).unwrap();
+        sparse_file(&store.join("s"));
+        let out = std::process::Command::new("tar")
+            .args(["--format=gnu", "-cSf", "-", "-C"])
+            .arg(&store)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let target = tmp.path().join("restored");
+        let reply = run(&target, &out.stdout).unwrap();
+        assert_eq!(reply.bytes, SPARSE_SIZE + 4);
+        let got = fs::metadata(target.join("s")).unwrap();
+        assert!(got.blocks() < 1024, "{} blocks allocated", got.blocks());
+        assert!(same_content(
+            &mut fs::File::open(target.join("s")).unwrap(),
+            &mut fs::File::open(store.join("s")).unwrap()
+        ));
+    }
+
+    fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 256];
+        rustix::fs::getxattr(p, name, &mut buf[..])
+            .ok()
+            .map(|n| buf[..n].to_vec())
+    }
+
+    /// A store with `f` (`user.color=blue`, an ACL for uid 1234 when `setfacl` is there) and `d`
+    /// (`user.color=green`, a default ACL, a `trusted.*` attribute); None without user xattrs.
+    fn store_with_xattrs(tmp: &Path) -> Option<(PathBuf, bool)> {
+        use crate::store::archive::tests::{set_user_xattr, setfacl};
+        let store = tmp.join("store");
+        fs::create_dir_all(store.join("d")).unwrap();
+        fs::write(store.join("f"), b"data").unwrap();
+        fs::write(store.join("plain"), b"none").unwrap();
+        if !set_user_xattr(&store.join("f"), b"blue") {
+            return None;
+        }
+        set_user_xattr(&store.join("d"), b"green");
+        rustix::fs::setxattr(
+            store.join("d"),
+            "trusted.not-kept",
+            b"x",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let acls = setfacl(&["-m", "u:1234:r"], &store.join("f"))
+            && setfacl(&["-d", "-m", "u:1234:rx"], &store.join("d"));
+        Some((store, acls))
+    }
+
+    #[test]
+    fn extended_attributes_and_acls_round_trip() {
+        use crate::store::archive::tests::getfacl;
+        let tmp = tempfile::tempdir().unwrap();
+        let Some((store, acls)) = store_with_xattrs(tmp.path()) else {
+            return;
+        };
+        let archived = crate::store::archive::tests::archived(&store);
+        let target = tmp.path().join("restored");
+        let reply = restore_archived(&target, &archived, policy()).unwrap();
+        assert_eq!(reply.warnings, []);
+        assert_eq!(fs::read(target.join("f")).unwrap(), b"data");
+        assert_eq!(xattr(&target.join("f"), "user.color").unwrap(), b"blue");
+        assert_eq!(xattr(&target.join("d"), "user.color").unwrap(), b"green");
+        assert_eq!(xattr(&target.join("d"), "trusted.not-kept"), None);
+        assert_eq!(xattr(&target.join("plain"), "user.color"), None);
+        if acls {
+            assert_eq!(getfacl(&target.join("f")), getfacl(&store.join("f")));
+            assert_eq!(getfacl(&target.join("d")), getfacl(&store.join("d")));
+            assert!(getfacl(&target.join("d")).contains("default:user:1234:r-x"));
+        }
+    }
+
+    /// Unmounts a test mount when dropped.
+    struct Mounted(PathBuf);
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    #[test]
+    fn attributes_a_filesystem_refuses_are_warnings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Some((store, _)) = store_with_xattrs(tmp.path()) else {
+            return;
+        };
+        let archived = crate::store::archive::tests::archived(&store);
+        // ramfs keeps no extended attributes (EOPNOTSUPP); mounting it needs root.
+        let target = tmp.path().join("ramfs");
+        fs::create_dir(&target).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "none"])
+            .arg(&target)
+            .output()
+            .unwrap();
+        if !mounted.status.success() {
+            eprintln!(
+                "cannot mount ramfs ({}); skipped",
+                String::from_utf8_lossy(&mounted.stderr)
+            );
+            return;
+        }
+        let _mounted = Mounted(target.clone());
+        let reply = restore_archived(&target, &archived, policy()).unwrap();
+        assert_eq!(fs::read(target.join("f")).unwrap(), b"data");
+        let shown: Vec<(String, String)> = reply
+            .warnings
+            .iter()
+            .map(|w| (w.path.clone(), w.message.clone()))
+            .collect();
+        assert!(
+            shown.contains(&(
+                "f".into(),
+                "extended attribute user.color not restored: Operation not supported (os error 95)"
+                    .into()
+            )),
+            "{shown:?}"
+        );
+        assert!(shown.iter().any(|(p, _)| p == "d"), "{shown:?}");
+    }
+
+    #[test]
+    fn file_capabilities_are_restored_only_where_setid_bits_would_be() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut h = header(EntryType::Regular, 0o755, 0, 0);
+        h.set_size(2);
+        // The value `setcap cap_net_raw+ep` writes.
+        let cap =
+            b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+        let mut pax = Vec::new();
+        let rec = [&b" SCHILY.xattr.security.capability="[..], cap, b"\n"].concat();
+        let len = rec.len() + 2;
+        pax.extend_from_slice(format!("{len}").as_bytes());
+        pax.extend_from_slice(&rec);
+        assert_eq!(pax.len(), len);
+        let mut ph = header(EntryType::XHeader, 0o644, 0, 0);
+        ph.set_size(pax.len() as u64);
+        let tar = Ar::new()
+            .add(ph, "pax", &pax)
+            .add(h, "ping", b"#!")
+            .finish();
+        let reply = run(&tmp.path().join("with"), &tar).unwrap();
+        assert_eq!(reply.warnings, []);
+        assert_eq!(
+            xattr(&tmp.path().join("with/ping"), "security.capability").unwrap(),
+            cap
+        );
+        let strict = RestorePolicy {
+            setid: false,
+            ..policy()
+        };
+        let reply = run_with(&tmp.path().join("without"), &tar, strict).unwrap();
+        assert_eq!(
+            xattr(&tmp.path().join("without/ping"), "security.capability"),
+            None
+        );
+        assert_eq!(reply.warnings.len(), 1);
+        assert!(
+            reply.warnings[0].message.contains("restore-setid"),
+            "{:?}",
+            reply.warnings
+        );
+    }
+
+    #[test]
+    fn a_sparse_file_with_many_regions_round_trips() {
+        use crate::store::archive::tests::same_content;
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        fs::create_dir(&store).unwrap();
+        // 40 islands of data 2 MiB apart: 4 regions in the header, 36 in two extension blocks.
+        let f = fs::File::create(store.join("s")).unwrap();
+        for i in 0..40u64 {
+            f.write_all_at(format!("island {i}").as_bytes(), i * (2 << 20) + 1000)
+                .unwrap();
+        }
+        f.set_len(90 << 20).unwrap();
+        f.sync_all().unwrap();
+        let archived = crate::store::archive::tests::archived(&store);
+        let target = tmp.path().join("restored");
+        restore_archived(&target, &archived, policy()).unwrap();
+        let got = fs::metadata(target.join("s")).unwrap();
+        assert_eq!(got.len(), 90 << 20);
+        assert!(
+            got.blocks() < 40 * 8 * 4,
+            "{} blocks allocated",
+            got.blocks()
+        );
+        assert!(same_content(
+            &mut fs::File::open(target.join("s")).unwrap(),
+            &mut fs::File::open(store.join("s")).unwrap()
+        ));
+    }
+
+    /// The GNU sparse header of `stored` bytes for a file of `real` bytes with `regions`
+    /// (offset, length) in its header (4 at most), `extended` when blocks follow.
+    fn sparse_header(real: u64, stored: u64, regions: &[(u64, u64)], extended: bool) -> Header {
+        let mut h = header(EntryType::GNUSparse, 0o644, 0, 0);
+        h.set_path("s").unwrap();
+        h.set_size(stored);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.set_real_size(real);
+        for (slot, (off, len)) in gnu.sparse.iter_mut().zip(regions) {
+            slot.set_offset(*off);
+            slot.set_length(*len);
+        }
+        gnu.set_is_extended(extended);
+        h.set_cksum();
+        h
+    }
+
+    #[test]
+    fn sparse_maps_out_of_order_past_the_size_or_too_long_are_refused_by_the_guard() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (real, stored, regions, why) in [
+            (
+                1 << 20,
+                1024,
+                &[(4096, 512), (0, 512)][..],
+                "out of order or overlapping",
+            ),
+            (
+                1 << 20,
+                1024,
+                &[(0, 1024), (512, 0)],
+                "out of order or overlapping",
+            ),
+            (4096, 1024, &[(0, 512), (4000, 512)], "past its size"),
+            (
+                1 << 20,
+                1024,
+                &[(0, 512)],
+                "holds 512 bytes but the entry stores 1024",
+            ),
+        ] {
+            let mut raw = sparse_header(real, stored, regions, false)
+                .as_bytes()
+                .to_vec();
+            raw.extend(vec![b'x'; usize::try_from(stored).unwrap()]);
+            raw.extend([0u8; 1024]);
+            let e = refused(run(&tmp.path().join("t"), &raw));
+            assert!(e.contains(why), "{e}");
+        }
+        // More regions than the cap: extension blocks of 21 empty regions each, one after another.
+        let mut raw = sparse_header(1 << 40, 0, &[(0, 0); 4], true)
+            .as_bytes()
+            .to_vec();
+        let mut ext = tar::GnuExtSparseHeader::new();
+        for slot in &mut ext.sparse {
+            slot.set_offset(0);
+            slot.set_length(0);
+        }
+        ext.set_is_extended(true);
+        for _ in 0..=crate::store::archive::sparse::MAX_REGIONS / 21 {
+            raw.extend_from_slice(ext.as_bytes());
+        }
+        let e = refused(run(&tmp.path().join("t"), &raw));
+        assert!(e.contains("more than 1000000 regions"), "{e}");
+    }
+
+    #[test]
+    fn a_pax_record_holding_a_newline_is_refused_by_the_guard() {
+        let tmp = tempfile::tempdir().unwrap();
+        // `tar` would read a `path` record out of the attribute's value.
+        let rec = b" SCHILY.xattr.user.x=a\n12 path=zz\n";
+        let pax = [format!("{}", rec.len() + 2).as_bytes(), rec].concat();
+        let tar = Ar::new()
+            .add(header(EntryType::XHeader, 0o644, 0, 0), "pax", &pax)
+            .file("f", 0o644, 0, 0, b"data")
+            .finish();
+        let e = refused(run(&tmp.path().join("t"), &tar));
+        assert!(e.contains("holds a newline"), "{e}");
+    }
+
+    #[test]
+    fn an_acl_whose_value_holds_a_newline_byte_round_trips_by_its_text() {
+        use crate::store::archive::tests::{getfacl, setfacl};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        fs::create_dir(&store).unwrap();
+        fs::write(store.join("f"), b"data").unwrap();
+        // uid 10 is byte 0x0a in the ACL's value.
+        if !setfacl(&["-m", "u:10:rw"], &store.join("f")) {
+            return;
+        }
+        let (_, tar, trailer) = crate::store::archive::tests::archive_all(&store);
+        assert_eq!(trailer.warnings, []);
+        assert!(!tar.windows(24).any(|w| w == b"xattr.system.posix_acl_a"));
+        let archived = crate::store::archive::tests::archived(&store);
+        let target = tmp.path().join("restored");
+        let reply = restore_archived(&target, &archived, policy()).unwrap();
+        assert_eq!(reply.warnings, []);
+        assert!(getfacl(&target.join("f")).contains("user:10:rw-"));
+        assert_eq!(getfacl(&target.join("f")), getfacl(&store.join("f")));
+    }
+
+    #[test]
+    fn an_attribute_holding_a_newline_is_left_out_with_a_warning() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        fs::create_dir(&store).unwrap();
+        fs::write(store.join("f"), b"data").unwrap();
+        if !crate::store::archive::tests::set_user_xattr(&store.join("f"), b"two\nlines") {
+            return;
+        }
+        let (_, tar, trailer) = crate::store::archive::tests::archive_all(&store);
+        assert!(!tar.windows(9).any(|w| w == b"two\nlines"));
+        let w: Vec<_> = trailer
+            .warnings
+            .iter()
+            .map(|w| (&w.path[..], &w.message[..]))
+            .collect();
+        assert_eq!(
+            w,
+            [(
+                "f",
+                "extended attribute user.color holds a newline, which the restore cannot read; \
+                 not archived"
+            )]
+        );
+        let archived = crate::store::archive::tests::archived(&store);
+        restore_archived(&tmp.path().join("restored"), &archived, policy()).unwrap();
+        assert_eq!(fs::read(tmp.path().join("restored/f")).unwrap(), b"data");
     }
 }

@@ -12,6 +12,9 @@
 //!   lengths that are multiples of 512 (what the `tar` crate requires), and end within the real
 //!   size. When the file ends in a hole (or has no data at all) the last region is the empty one
 //!   at the real size, as GNU tar writes it.
+//! - A map read back ([`MapCheck`], by the restore's tar guard) is refused unless it keeps those
+//!   bounds: at most [`MAX_REGIONS`] regions, sorted, not overlapping, within the real size, and
+//!   holding exactly the bytes the entry stores.
 //! - The entry is an old-GNU header (GNU magic, type `S`): `size` is the bytes stored (the
 //!   regions' data, one after another), `realsize` the file's size, the first 4 regions in the
 //!   header and the rest in extension blocks of 21 that follow it. GNU tar (`tar -x`, `-S`) and
@@ -107,20 +110,38 @@ pub fn map(fd: impl AsFd, size: u64) -> io::Result<Option<Vec<Region>>> {
     Ok(Some(regions))
 }
 
-/// Checks a sparse map read from an archive against the entry's real size and stored bytes:
-/// at most [`MAX_REGIONS`] regions, sorted, not overlapping, within the real size, their lengths
-/// adding up to the stored bytes.
-// Used by the restore, once it reads sparse entries.
-#[allow(dead_code)]
-pub fn check(regions: &[Region], real_size: u64, stored: u64) -> Result<(), String> {
-    if regions.len() > MAX_REGIONS {
-        return Err(format!(
-            "its sparse map has more than {MAX_REGIONS} regions"
-        ));
+/// Checks a sparse map read from an archive, region by region as it arrives: at most
+/// [`MAX_REGIONS`] regions, sorted, not overlapping, within the real size, their lengths adding up
+/// to the bytes the entry stores.
+#[derive(Debug)]
+pub struct MapCheck {
+    real_size: u64,
+    stored: u64,
+    count: usize,
+    /// The end of the last region.
+    at: u64,
+    data: u64,
+}
+
+impl MapCheck {
+    pub fn new(real_size: u64, stored: u64) -> Self {
+        Self {
+            real_size,
+            stored,
+            count: 0,
+            at: 0,
+            data: 0,
+        }
     }
-    let mut at = 0u64;
-    let mut data = 0u64;
-    for r in regions {
+
+    pub fn add(&mut self, r: Region) -> Result<(), String> {
+        self.count += 1;
+        if self.count > MAX_REGIONS {
+            return Err(format!(
+                "its sparse map has more than {MAX_REGIONS} regions"
+            ));
+        }
+        let real_size = self.real_size;
         let end = r
             .offset
             .checked_add(r.len)
@@ -131,21 +152,36 @@ pub fn check(regions: &[Region], real_size: u64, stored: u64) -> Result<(), Stri
                     r.len, r.offset
                 )
             })?;
-        if r.offset < at {
+        if r.offset < self.at {
             return Err(format!(
                 "its sparse map has regions out of order or overlapping (at {})",
                 r.offset
             ));
         }
-        at = end;
-        data += r.len;
+        self.at = end;
+        self.data += r.len;
+        Ok(())
     }
-    if data != stored {
-        return Err(format!(
-            "its sparse map holds {data} bytes but the entry stores {stored}"
-        ));
+
+    pub fn finish(&self) -> Result<(), String> {
+        if self.data != self.stored {
+            return Err(format!(
+                "its sparse map holds {} bytes but the entry stores {}",
+                self.data, self.stored
+            ));
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+/// [`MapCheck`] of a whole map.
+#[cfg(test)]
+pub fn check(regions: &[Region], real_size: u64, stored: u64) -> Result<(), String> {
+    let mut c = MapCheck::new(real_size, stored);
+    for r in regions {
+        c.add(*r)?;
+    }
+    c.finish()
 }
 
 /// Bytes stored for `regions`: their lengths added up.
@@ -182,33 +218,21 @@ pub fn fill_header(h: &mut tar::Header, size: u64, regions: &[Region]) -> Vec<u8
 }
 
 /// Reads one 24-byte sparse slot (12 bytes offset, 12 bytes length; octal or base-256); None for
-/// an unused slot (its first byte NUL).
-// Used by the restore, once it reads sparse entries.
-#[allow(dead_code)]
+/// a slot the `tar` crate skips (the first byte of either field NUL).
 pub fn parse_slot(slot: &[u8]) -> Result<Option<Region>, String> {
-    if slot[0] == 0 {
+    if slot[0] == 0 || slot[12] == 0 {
         return Ok(None);
     }
+    // As the `tar` crate reads them: base-256 (its last 8 bytes) or octal text up to a NUL.
     let num = |f: &[u8]| -> Result<u64, String> {
         if f[0] & 0x80 != 0 {
-            if f[0] != 0x80 || f[1..4].iter().any(|b| *b != 0) {
-                return Err("a sparse map number out of range".into());
-            }
             return Ok(f[4..].iter().fold(0u64, |n, b| (n << 8) | u64::from(*b)));
         }
-        let t: Vec<u8> = f
-            .iter()
-            .copied()
-            .skip_while(|b| *b == b' ')
-            .take_while(|b| *b != 0 && *b != b' ')
-            .collect();
-        if t.is_empty() {
-            return Ok(0);
-        }
-        std::str::from_utf8(&t)
+        let text = f.split(|b| *b == 0).next().unwrap_or(f);
+        std::str::from_utf8(text)
             .ok()
-            .and_then(|s| u64::from_str_radix(s, 8).ok())
-            .ok_or_else(|| "a sparse map number is not octal".to_string())
+            .and_then(|t| u64::from_str_radix(t.trim(), 8).ok())
+            .ok_or_else(|| "its sparse map has a number that is not octal".to_string())
     };
     Ok(Some(Region {
         offset: num(&slot[..12])?,

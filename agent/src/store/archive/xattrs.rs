@@ -12,8 +12,12 @@
 //!   warning from the archive; the restore refuses an entry whose records go past it.
 //! - In the tar, every attribute is a pax record `SCHILY.xattr.<name>=<value bytes>`, in name
 //!   order. An ACL is also written as the text record GNU tar `--acls` restores from
-//!   (`SCHILY.acl.access`, `SCHILY.acl.default`: entries with numeric ids, one a line); the restore
-//!   reads only the `SCHILY.xattr.` records.
+//!   (`SCHILY.acl.access`, `SCHILY.acl.default`: entries with numeric ids, separated by commas).
+//! - No record holds a newline: the `tar` crate, which the restore reads with, splits pax records
+//!   at newlines (and the restore's guard refuses any that does). An attribute whose name or
+//!   value holds one is left out with a warning; an ACL's binary value with one (an id such as 10)
+//!   is left out silently, its text record standing for it, which the restore turns back into
+//!   the value when no `SCHILY.xattr.` record gives it.
 //! - An entry without kept attributes gets no record at all: its tar bytes are what they were
 //!   before attributes were archived.
 
@@ -26,8 +30,13 @@ use rustix::io::Errno;
 pub const MAX_BYTES: usize = 48 << 10;
 /// The pax key prefix of an attribute record.
 pub const PAX_PREFIX: &[u8] = b"SCHILY.xattr.";
-const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
-const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+pub const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+pub const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+/// The pax keys of the ACLs' text, beside their attribute names.
+pub const ACL_TEXT: [(&[u8], &[u8]); 2] = [
+    (b"SCHILY.acl.access", ACL_ACCESS),
+    (b"SCHILY.acl.default", ACL_DEFAULT),
+];
 
 /// Whether the attribute `name` is archived and restored.
 pub fn kept(name: &[u8]) -> bool {
@@ -42,17 +51,16 @@ pub fn kept(name: &[u8]) -> bool {
 pub struct Xattrs(pub Vec<(Vec<u8>, Vec<u8>)>);
 
 impl Xattrs {
-    /// The pax records for these attributes: `SCHILY.xattr.<name>`, then the ACLs' text.
+    /// The pax records for these attributes: `SCHILY.xattr.<name>` (but for those holding a
+    /// newline), then the ACLs' text.
     pub fn pax(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut out: Vec<(Vec<u8>, Vec<u8>)> = self
             .0
             .iter()
+            .filter(|(n, v)| !newline(n, v))
             .map(|(n, v)| ([PAX_PREFIX, n].concat(), v.clone()))
             .collect();
-        for (name, key) in [
-            (ACL_ACCESS, &b"SCHILY.acl.access"[..]),
-            (ACL_DEFAULT, &b"SCHILY.acl.default"[..]),
-        ] {
+        for (key, name) in ACL_TEXT {
             if let Some((_, v)) = self.0.iter().find(|(n, _)| n == name)
                 && let Some(text) = acl_text(v)
             {
@@ -60,6 +68,22 @@ impl Xattrs {
             }
         }
         out
+    }
+}
+
+/// Whether an attribute holds a newline: the `tar` crate (the restore's reader) splits pax records
+/// at newlines, so such a record is never written (an ACL is still written as text).
+fn newline(name: &[u8], value: &[u8]) -> bool {
+    name.contains(&b'\n') || value.contains(&b'\n')
+}
+
+impl Xattrs {
+    /// The attributes not written (they hold a newline; ACLs, written as text, left out).
+    pub fn unwritable(&self) -> impl Iterator<Item = &[u8]> {
+        self.0
+            .iter()
+            .filter(|(n, v)| newline(n, v) && n != ACL_ACCESS && n != ACL_DEFAULT)
+            .map(|(n, _)| n.as_slice())
     }
 }
 
@@ -145,8 +169,9 @@ pub fn read(fd: impl AsFd) -> io::Result<Result<Xattrs, TooBig>> {
     Ok(Ok(x))
 }
 
-/// The text GNU tar writes for a POSIX ACL (`user::rw-`, `user:1000:r--`, … one a line), from its
-/// `system.posix_acl_*` value; None for a value that is not one.
+/// The text of a POSIX ACL as GNU tar restores it (`user::rw-,user:1000:r--,…`: numeric ids, the
+/// entries separated by commas, which `acl_from_text` reads as it reads GNU tar's own newlines),
+/// from its `system.posix_acl_*` value; None for a value that is not one.
 pub fn acl_text(v: &[u8]) -> Option<Vec<u8>> {
     let (head, body) = v.split_at_checked(4)?;
     if head != 2u32.to_le_bytes() || body.len() % 8 != 0 {
@@ -175,7 +200,49 @@ pub fn acl_text(v: &[u8]) -> Option<Vec<u8>> {
             .iter()
             .map(|(bit, c)| if perm & bit != 0 { *c } else { '-' })
             .collect();
-        out.extend_from_slice(format!("{kind}:{id}:{rwx}\n").as_bytes());
+        if !out.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(format!("{kind}:{id}:{rwx}").as_bytes());
+    }
+    Some(out)
+}
+
+/// The `system.posix_acl_*` value of an ACL's text as [`acl_text`] writes it (also `u`, `g`, `m`,
+/// `o` and newlines, as GNU tar writes it); None for text that is not one.
+pub fn acl_value(text: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for e in text
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        let mut f = e.split(':');
+        let (kind, id, perms) = (f.next()?, f.next()?, f.next()?);
+        let (tag, id): (u16, u32) = match (kind, id) {
+            ("user" | "u", "") => (0x01, u32::MAX),
+            ("user" | "u", id) => (0x02, id.parse().ok()?),
+            ("group" | "g", "") => (0x04, u32::MAX),
+            ("group" | "g", id) => (0x08, id.parse().ok()?),
+            ("mask" | "m", "") => (0x10, u32::MAX),
+            ("other" | "o", "") => (0x20, u32::MAX),
+            _ => return None,
+        };
+        let mut perm = 0u16;
+        if perms.len() != 3 {
+            return None;
+        }
+        for ((c, want), bit) in perms.chars().zip(['r', 'w', 'x']).zip([4, 2, 1]) {
+            if c == want {
+                perm |= bit;
+            } else if c != '-' {
+                return None;
+            }
+        }
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
     }
     Some(out)
 }
@@ -212,10 +279,16 @@ mod tests {
         let v = b"\x02\x00\x00\x00\x01\x00\x06\x00\xff\xff\xff\xff\x02\x00\x04\x00\xd2\x04\x00\x00\
                   \x04\x00\x04\x00\xff\xff\xff\xff\x10\x00\x04\x00\xff\xff\xff\xff\x20\x00\x04\x00\
                   \xff\xff\xff\xff";
+        let text = acl_text(v).unwrap();
         assert_eq!(
-            acl_text(v).unwrap(),
-            b"user::rw-\nuser:1234:r--\ngroup::r--\nmask::r--\nother::r--\n"
+            text,
+            b"user::rw-,user:1234:r--,group::r--,mask::r--,other::r--"
         );
         assert_eq!(acl_text(b"\x01\x00\x00\x00"), None);
+        assert_eq!(acl_value(&text).unwrap(), v);
+        let gnu = b"user::rw-\nuser:1234:r--\ngroup::r--\nmask::r--\nother::r--\n";
+        assert_eq!(acl_value(gnu).unwrap(), v);
+        assert_eq!(acl_value(b"user::rwz"), None);
+        assert_eq!(acl_value(b"user:bob:rw-"), None);
     }
 }

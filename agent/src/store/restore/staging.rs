@@ -17,6 +17,14 @@
 //! - Owners, setuid/setgid bits and device nodes follow the agent's [`RestorePolicy`]. Without
 //!   `owners`, entries belong to the agent, and a setuid (setgid) bit stays only where the recorded
 //!   uid (gid) is the agent's own: it never grants the agent's identity to someone else's program.
+//! - A sparse entry (GNU type `S`, its map checked by the tar guard) is written with holes: whole
+//!   4 KiB blocks of zeros, at aligned offsets, are skipped rather than written, and the file's
+//!   length is then set to its real size, so it takes about the space its data takes.
+//! - Extended attributes (pax `SCHILY.xattr.<name>` records, kept names only: `user.*`,
+//!   `security.capability`, POSIX ACLs) are set through the entry's own handle after its owner and
+//!   mode; `security.capability` only where a setuid bit would be kept. Where the filesystem
+//!   refuses one (`EOPNOTSUPP`, `EPERM`, …) it is a warning in the reply, not a failure; a full
+//!   disk is `NoSpace`. The archive root's own attributes, like its owner and mode, are not set.
 //! - A failing filesystem call is an I/O error naming the path (`NoSpace` for ENOSPC/EDQUOT); only
 //!   the archive's own faults are `BadArchive`.
 
@@ -28,8 +36,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use deis_backup_proto::v1::RestoreStoreReply;
-use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid};
+use std::os::unix::fs::FileExt;
+
+use deis_backup_proto::v1::{RestoreStoreReply, Warning, warning::Kind as WarningKind};
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags};
 use rustix::io::Errno;
 use tar::EntryType;
 
@@ -37,6 +47,7 @@ use super::resolve::{open_beneath, open_path_beneath};
 use super::tar_guard::PATH_MAX;
 use crate::config::RestorePolicy;
 use crate::error::{Error, Result};
+use crate::store::archive::xattrs;
 
 /// The error for a failing filesystem call on `path`: `NoSpace` for a full disk or quota.
 pub(super) fn fs_error(op: &'static str, path: PathBuf) -> impl FnOnce(io::Error) -> Error {
@@ -113,6 +124,52 @@ impl Meta {
     }
 }
 
+/// An entry's extended attributes to set: (name, value), kept names only.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Attributes that could not be set are reported one by one up to this many, then counted.
+const XATTR_WARNINGS: usize = 20;
+
+/// Bytes a hole must span (and be aligned to) for a sparse file's zeros to be skipped.
+const HOLE_BLOCK: usize = 4096;
+
+/// Whether `b` is all zeros.
+fn zeros(b: &[u8]) -> bool {
+    let (head, rest) = b.split_at(b.len() % 16);
+    head.iter().all(|x| *x == 0)
+        && rest
+            .chunks_exact(16)
+            .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or_default()) == 0)
+}
+
+/// The kept extended attributes an entry's pax header records (`SCHILY.xattr.<name>`).
+fn entry_xattrs(entry: &mut tar::Entry<'_, impl Read>, shown: &str) -> Result<Xattrs> {
+    let mut out = Xattrs::new();
+    let Some(records) = entry.pax_extensions().map_err(super::read_error)? else {
+        return Ok(out);
+    };
+    let mut acl_text = Vec::new();
+    for r in records {
+        let r = r.map_err(|_| refuse(format!("entry '{shown}' has a malformed pax header")))?;
+        if let Some(name) = r.key_bytes().strip_prefix(xattrs::PAX_PREFIX)
+            && xattrs::kept(name)
+        {
+            out.push((name.to_vec(), r.value_bytes().to_vec()));
+        } else if let Some((_, name)) = xattrs::ACL_TEXT.iter().find(|(k, _)| *k == r.key_bytes()) {
+            acl_text.push((*name, r.value_bytes()));
+        }
+    }
+    // An ACL given only as text (its value held a newline): its value from the text.
+    for (name, text) in acl_text {
+        if !out.iter().any(|(n, _)| n == name) {
+            let value = xattrs::acl_value(text)
+                .ok_or_else(|| refuse(format!("entry '{shown}' has an ACL that cannot be read")))?;
+            out.push((name.to_vec(), value));
+        }
+    }
+    Ok(out)
+}
+
 /// The staging tree being written.
 pub(super) struct Staging {
     root: OwnedFd,
@@ -123,8 +180,10 @@ pub(super) struct Staging {
     policy: RestorePolicy,
     /// The agent's own uid and gid.
     me: (u32, u32),
-    /// Directories to finish, by archive-relative path.
-    dirs: BTreeMap<Vec<u8>, Meta>,
+    /// Directories to finish (metadata and attributes), by archive-relative path.
+    dirs: BTreeMap<Vec<u8>, (Meta, Xattrs)>,
+    /// Extended attributes that could not be set (the first `XATTR_WARNINGS` reported each).
+    xattrs_unset: u64,
     buf: Vec<u8>,
     pub reply: RestoreStoreReply,
 }
@@ -147,6 +206,7 @@ impl Staging {
                 rustix::process::getegid().as_raw(),
             ),
             dirs: BTreeMap::new(),
+            xattrs_unset: 0,
             buf: vec![0; 256 * 1024],
             reply: RestoreStoreReply::default(),
         }
@@ -180,6 +240,48 @@ impl Staging {
         }
         rustix::fs::fchmod(fd, self.mode(m))?;
         rustix::fs::futimens(fd, &m.times())
+    }
+
+    /// Sets the extended attributes `x` of the entry `rel` (shown as `shown`, recorded with `m`)
+    /// through its handle `fd`, after its owner and mode (a chown drops file capabilities). Where
+    /// the filesystem or the kernel refuses one, a warning; only a full disk fails the restore.
+    /// `security.capability` is set only where a setuid bit would be kept: it grants privileges
+    /// as that bit does.
+    fn set_xattrs(
+        &mut self,
+        fd: &OwnedFd,
+        x: &Xattrs,
+        m: &Meta,
+        rel: &[u8],
+        shown: &str,
+    ) -> Result<()> {
+        for (name, value) in x {
+            let shown_name = String::from_utf8_lossy(name);
+            let why = if name == b"security.capability"
+                && !(self.policy.setid && (self.policy.owners || m.uid == self.me.0))
+            {
+                "file capabilities are restored only where a setuid bit would be (restore-setid, restore-owners in the agent's config)".to_string()
+            } else {
+                match rustix::fs::fsetxattr(fd, name.as_slice(), value, XattrFlags::empty()) {
+                    Ok(()) => continue,
+                    Err(e @ (Errno::NOSPC | Errno::DQUOT)) => {
+                        return Err(fs_error("setting extended attributes of", self.path(rel))(
+                            e.into(),
+                        ));
+                    }
+                    Err(e) => e.to_string(),
+                }
+            };
+            if self.xattrs_unset < XATTR_WARNINGS as u64 {
+                self.reply.warnings.push(Warning {
+                    kind: WarningKind::Other.into(),
+                    path: shown.to_owned(),
+                    message: format!("extended attribute {shown_name} not restored: {why}"),
+                });
+            }
+            self.xattrs_unset += 1;
+        }
+        Ok(())
     }
 
     /// The parent directory of `parts`, beneath the root; missing ones are created when `create`.
@@ -284,6 +386,7 @@ impl Staging {
         let h = entry.header().clone();
         let kind = h.entry_type();
         let meta = Meta::of(&h, &shown)?;
+        let xattrs = entry_xattrs(&mut entry, &shown)?;
         if parts.is_empty() {
             // The archive root: the store root keeps its own owner and mode.
             if kind != EntryType::Directory {
@@ -316,8 +419,15 @@ impl Staging {
             shown: &shown,
         };
         match (kind, link) {
-            (EntryType::Regular | EntryType::Continuous, _) => self.file(&at, &mut entry, &meta),
-            (EntryType::Directory, _) => self.dir(&at, kept, meta),
+            (EntryType::Regular | EntryType::Continuous, _) => {
+                self.file(&at, &mut entry, &meta, None, &xattrs)
+            }
+            (EntryType::GNUSparse, _) => {
+                // `tar` checked the map against the real size, which is the entry's size.
+                let size = entry.size();
+                self.file(&at, &mut entry, &meta, Some(size), &xattrs)
+            }
+            (EntryType::Directory, _) => self.dir(&at, kept, meta, xattrs),
             (EntryType::Symlink, Some(to)) => self.symlink(&at, &to, &meta),
             (EntryType::Link, Some(to)) => self.hard_link(&at, &to),
             (EntryType::Fifo | EntryType::Char | EntryType::Block, _) => {
@@ -329,7 +439,16 @@ impl Staging {
         }
     }
 
-    fn file(&mut self, at: &Target<'_>, entry: &mut impl Read, m: &Meta) -> Result<()> {
+    /// Writes a regular file; a sparse one (`sparse`: its real size) with holes where its
+    /// content has whole zero blocks, the file's length then set to its real size.
+    fn file(
+        &mut self,
+        at: &Target<'_>,
+        entry: &mut impl Read,
+        m: &Meta,
+        sparse: Option<u64>,
+        xattrs: &Xattrs,
+    ) -> Result<()> {
         let path = self.path(at.rel);
         let flags =
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -338,29 +457,51 @@ impl Staging {
         let mut f = File::from(fd);
         let mut n = 0u64;
         loop {
-            let got = match entry.read(&mut self.buf) {
-                Ok(0) => break,
-                Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(super::read_error(e)),
+            // A sparse file's pieces are whole buffers (but the last), so holes stay aligned.
+            let got = if sparse.is_some() {
+                fill(entry, &mut self.buf)?
+            } else {
+                match entry.read(&mut self.buf) {
+                    Ok(got) => got,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(super::read_error(e)),
+                }
             };
-            f.write_all(&self.buf[..got])
-                .map_err(fs_error("writing", path.clone()))?;
+            if got == 0 {
+                break;
+            }
+            if sparse.is_some() {
+                for (i, block) in self.buf[..got].chunks(HOLE_BLOCK).enumerate() {
+                    if block.len() < HOLE_BLOCK || !zeros(block) {
+                        f.write_all_at(block, n + (i * HOLE_BLOCK) as u64)
+                            .map_err(fs_error("writing", path.clone()))?;
+                    }
+                }
+            } else {
+                f.write_all(&self.buf[..got])
+                    .map_err(fs_error("writing", path.clone()))?;
+            }
             n += got as u64;
         }
-        self.apply(&f.into(), m)
+        if let Some(size) = sparse {
+            f.set_len(size.max(n))
+                .map_err(fs_error("writing", path.clone()))?;
+        }
+        let fd = OwnedFd::from(f);
+        self.apply(&fd, m)
             .map_err(|e| fs_error("setting metadata of", path)(e.into()))?;
+        self.set_xattrs(&fd, xattrs, m, at.rel, at.shown)?;
         self.reply.files += 1;
         self.reply.bytes += n;
         Ok(())
     }
 
-    fn dir(&mut self, at: &Target<'_>, kept: bool, m: Meta) -> Result<()> {
+    fn dir(&mut self, at: &Target<'_>, kept: bool, m: Meta, x: Xattrs) -> Result<()> {
         if !kept {
             rustix::fs::mkdirat(at.parent, at.name, Mode::from_raw_mode(0o700))
                 .map_err(|e| fs_error("creating", self.path(at.rel))(e.into()))?;
         }
-        self.dirs.insert(at.rel.to_vec(), m);
+        self.dirs.insert(at.rel.to_vec(), (m, x));
         self.reply.dirs += 1;
         Ok(())
     }
@@ -473,15 +614,43 @@ impl Staging {
     pub fn finish_dirs(&mut self) -> Result<()> {
         let mut dirs: Vec<_> = std::mem::take(&mut self.dirs).into_iter().collect();
         dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.split(|b| *b == b'/').count()));
-        for (rel, m) in dirs {
+        for (rel, (m, x)) in dirs {
             let path = self.path(&rel);
             let fd = open_beneath(&self.root, &rel)
                 .map_err(|e| fs_error("opening", path.clone())(e.into()))?;
             self.apply(&fd, &m)
                 .map_err(|e| fs_error("setting metadata of", path)(e.into()))?;
+            let shown = String::from_utf8_lossy(&rel).into_owned();
+            self.set_xattrs(&fd, &x, &m, &rel, &shown)?;
         }
+        if let Some(more) = self.xattrs_unset.checked_sub(XATTR_WARNINGS as u64)
+            && more > 0
+        {
+            self.reply.warnings.push(Warning {
+                kind: WarningKind::Other.into(),
+                path: String::new(),
+                message: format!(
+                    "{more} more extended attributes not restored (the first {XATTR_WARNINGS} are reported)"
+                ),
+            });
+        }
+        self.xattrs_unset = 0;
         Ok(())
     }
+}
+
+/// Reads from `entry` until `buf` is full or the entry ends; returns the bytes read.
+fn fill(entry: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match entry.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(got) => n += got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(super::read_error(e)),
+        }
+    }
+    Ok(n)
 }
 
 /// Where an entry goes: `name` inside `parent`.

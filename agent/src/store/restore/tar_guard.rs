@@ -3,8 +3,15 @@
 //! allocates anything for them.
 //!
 //! Invariants:
-//! - Only ustar and GNU headers pass (old v7 headers and GNU sparse entries are refused): for those
-//!   `tar` reads extension headers exactly as this reader does, so both see the same entries.
+//! - Only ustar and GNU headers pass (old v7 headers are refused): for those `tar` reads extension
+//!   headers exactly as this reader does, so both see the same entries.
+//! - A pax record holding a newline inside it is refused: `tar` splits records at newlines, so it
+//!   would read other records (a `path`, say) out of that one's value than the archive wrote.
+//! - A GNU sparse entry (type `S`, GNU magic only) is framed as `tar` frames it: its header, then
+//!   extension blocks while the previous block's `isextended` is 1, then its stored bytes. Its map
+//!   is checked as it passes (`sparse::MapCheck`): at most `sparse::MAX_REGIONS` regions, sorted,
+//!   not overlapping, within the real size, adding up to the stored bytes; anything else is
+//!   refused before `tar` hands the entry out.
 //! - An extension entry (GNU long name `L`, long link `K`, pax `x` or `g`) whose header claims more
 //!   than [`MAX_EXTENSION`] bytes is refused from its header alone, before one byte of its data
 //!   reaches `tar`. Its data (at most that much) is held here to follow a pax `size` the way `tar`
@@ -17,6 +24,8 @@
 
 use std::fmt;
 use std::io::{self, Read};
+
+use crate::store::archive::sparse::{self, MapCheck};
 
 /// Bytes in a tar block (and header).
 const BLOCK: usize = 512;
@@ -56,6 +65,12 @@ enum State {
     Data(u64),
     /// Holding the data of an extension entry of `kind` and `size` bytes; `left` includes padding.
     Extension { kind: u8, size: u64, left: u64 },
+    /// Collecting an extension block of a sparse entry that stores `size` bytes.
+    Sparse {
+        size: u64,
+        check: MapCheck,
+        shown: String,
+    },
     /// After the end-of-archive block.
     End,
 }
@@ -124,6 +139,16 @@ impl<R: Read> TarGuard<R> {
                     }
                     n
                 }
+                State::Sparse { .. } => {
+                    let n = (BLOCK - self.header.len()).min(data.len());
+                    self.header.extend_from_slice(&data[..n]);
+                    if self.header.len() == BLOCK {
+                        let state = std::mem::replace(&mut self.state, State::Header);
+                        self.state = self.sparse_block_done(state)?;
+                        self.header.clear();
+                    }
+                    n
+                }
             };
             data = &data[took..];
         }
@@ -149,9 +174,29 @@ impl<R: Read> TarGuard<R> {
         let size = size_field(&h[124..136])
             .ok_or_else(|| refused(format!("entry '{shown}' has an unreadable size field")))?;
         match kind {
-            b'S' => Err(refused(format!(
-                "entry '{shown}' is a GNU sparse file, which a store archive never holds"
-            ))),
+            b'S' => {
+                if !gnu {
+                    return Err(refused(format!(
+                        "entry '{shown}' is a GNU sparse file without a GNU header"
+                    )));
+                }
+                let size = self.pax.take().flatten().unwrap_or(size);
+                let real = size_field(&h[483..495]).ok_or_else(|| {
+                    refused(format!("entry '{shown}' has an unreadable sparse size"))
+                })?;
+                let mut check = MapCheck::new(real, size);
+                let bad = |why: String| refused(format!("entry '{shown}': {why}"));
+                for slot in h[386..482].chunks(24) {
+                    if let Some(r) = sparse::parse_slot(slot).map_err(bad)? {
+                        check.add(r).map_err(bad)?;
+                    }
+                }
+                if h[482] == 1 {
+                    return Ok(State::Sparse { size, check, shown });
+                }
+                check.finish().map_err(bad)?;
+                Self::data(size, &shown)
+            }
             b'L' | b'K' | b'x' | b'g' => {
                 if size > MAX_EXTENSION {
                     return Err(refused(format!(
@@ -179,11 +224,40 @@ impl<R: Read> TarGuard<R> {
             }
             _ => {
                 let size = self.pax.take().flatten().unwrap_or(size);
-                padded(size)
-                    .map(State::Data)
-                    .ok_or_else(|| refused(format!("entry '{shown}' has an impossible size")))
+                Self::data(size, &shown)
             }
         }
+    }
+
+    /// The state for `size` bytes of data of the entry `shown`.
+    fn data(size: u64, shown: &str) -> Result<State, Refusal> {
+        padded(size)
+            .map(State::Data)
+            .ok_or_else(|| refused(format!("entry '{shown}' has an impossible size")))
+    }
+
+    /// The state after an extension block of a sparse entry (`state`, whose map so far is checked)
+    /// was collected.
+    fn sparse_block_done(&self, state: State) -> Result<State, Refusal> {
+        let State::Sparse {
+            size,
+            mut check,
+            shown,
+        } = state
+        else {
+            unreachable!("called in the sparse state only")
+        };
+        let bad = |why: String| refused(format!("entry '{shown}': {why}"));
+        for slot in self.header[..21 * 24].chunks(24) {
+            if let Some(r) = sparse::parse_slot(slot).map_err(bad)? {
+                check.add(r).map_err(bad)?;
+            }
+        }
+        if self.header[504] == 1 {
+            return Ok(State::Sparse { size, check, shown });
+        }
+        check.finish().map_err(bad)?;
+        Self::data(size, &shown)
     }
 
     /// Checks the extension entry just held and remembers a pax header for the next entry.
@@ -195,6 +269,11 @@ impl<R: Read> TarGuard<R> {
                 check_path_len(path)?;
             }
             b'x' => {
+                if pax_newline(&data) {
+                    return Err(refused(
+                        "a pax record holds a newline, which this restore cannot read".into(),
+                    ));
+                }
                 for record in tar::PaxExtensions::new(&data).flatten() {
                     if matches!(record.key(), Ok("path" | "linkpath")) {
                         check_path_len(record.value_bytes())?;
@@ -280,6 +359,29 @@ fn pax_size(data: &[u8]) -> Option<u64> {
         return record.value().ok()?.parse().ok();
     }
     None
+}
+
+/// Whether a pax record in `data` (read by its length, as the format says) holds a newline before
+/// its end: `tar` splits records at newlines and would read that one differently.
+fn pax_newline(data: &[u8]) -> bool {
+    let mut rest = data;
+    while !rest.is_empty() {
+        let Some(len) = rest
+            .iter()
+            .position(|b| *b == b' ')
+            .and_then(|i| std::str::from_utf8(&rest[..i]).ok())
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n > 0 && *n <= rest.len())
+        else {
+            // Malformed: `tar` refuses or skips it as it would without the guard.
+            return false;
+        };
+        if rest[..len - 1].contains(&b'\n') {
+            return true;
+        }
+        rest = &rest[len..];
+    }
+    false
 }
 
 /// The guard's refusal inside `e`, if that is what `e` is.
