@@ -400,6 +400,9 @@ fn refused(op: &'static str, key: &str, e: ErrorBody) -> Error {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -187,6 +187,9 @@ impl Intercept for SigV2Signer {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     //! Vectors from the AWS S3 developer guide, "Signing and Authenticating REST Requests"
     //! (Signature Version 2), with its example keys.

@@ -400,6 +400,9 @@ pub fn decode_listing(data: &[u8], what: &str) -> Result<Vec<ObjectEntry>> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
