@@ -57,9 +57,15 @@ pub struct Region {
 
 /// The data regions of the file open on `fd`, `size` bytes long, when archiving it sparse is
 /// [`worth`] it; None to archive it dense (no holes worth it, too many regions, or a filesystem
-/// without `SEEK_DATA`).
+/// without `SEEK_DATA`). The file's offset is back at its start afterwards, for a dense read.
 pub fn map(fd: impl AsFd, size: u64) -> io::Result<Option<Vec<Region>>> {
     let fd = fd.as_fd();
+    let found = find(fd, size);
+    rustix::fs::seek(fd, SeekFrom::Start(0))?;
+    found
+}
+
+fn find(fd: std::os::fd::BorrowedFd<'_>, size: u64) -> io::Result<Option<Vec<Region>>> {
     let mut regions: Vec<Region> = Vec::new();
     let mut pos = 0;
     while pos < size {
@@ -279,8 +285,9 @@ mod tests {
 
         let q = dir.path().join("d");
         fs::write(&q, vec![7u8; 4 << 20]).unwrap();
-        let f = fs::File::open(&q).unwrap();
+        let mut f = fs::File::open(&q).unwrap();
         assert_eq!(map(&f, 4 << 20).unwrap(), None);
+        assert_eq!(f.stream_position().unwrap(), 0, "a dense read starts at 0");
     }
 
     #[test]
