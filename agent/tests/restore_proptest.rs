@@ -161,7 +161,8 @@ fn check(tar: &[u8], overwrite: bool) {
     );
     assert!(
         escaped_before || escape.symlink_metadata().is_err(),
-        "{escape:?} created"
+        "{} created",
+        escape.display()
     );
     let staging_left = fs::read_dir(&target)
         .unwrap()

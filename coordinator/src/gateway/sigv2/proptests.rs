@@ -2,6 +2,8 @@
 //! panic, the same string every time, sub-resources sorted, and equal to a plain reference model
 //! of the AWS guide for queries that need no decoding.
 
+use std::fmt::Write as _;
+
 use proptest::prelude::*;
 
 use super::*;
@@ -41,7 +43,10 @@ fn reference(method: &str, pq: &str, headers: &[(String, String)]) -> String {
         last("content-type")
     );
     for (n, vs) in &amz {
-        s.push_str(&format!("{n}:{}\n", vs.join(",")));
+        s.push_str(n);
+        s.push(':');
+        s.push_str(&vs.join(","));
+        s.push('\n');
     }
     let mut subs: Vec<(&str, Option<&str>)> = query
         .split('&')
@@ -166,7 +171,10 @@ proptest! {
             .iter()
             .map(|(k, enc, v)| {
                 let k = if *enc {
-                    k.bytes().map(|b| format!("%{b:02X}")).collect()
+                    k.bytes().fold(String::new(), |mut e, b| {
+                        write!(e, "%{b:02X}").unwrap();
+                        e
+                    })
                 } else {
                     k.clone()
                 };
