@@ -9,6 +9,7 @@ mod integration {
     mod agent;
     mod agent_bounds;
     mod gateway;
+    mod faults;
     mod integrity;
     mod mirror;
     mod repository;

@@ -17,13 +17,13 @@ use tokio::sync::{Mutex, MutexGuard};
 use super::support::{self, AgentContainer, Cluster, Target, unique};
 
 /// Serialises the tests that take the source cluster's lock (within one test process).
-async fn cluster_lock() -> MutexGuard<'static, ()> {
+pub(super) async fn cluster_lock() -> MutexGuard<'static, ()> {
     static M: Mutex<()> = Mutex::const_new(());
     M.lock().await
 }
 
 /// `deis-backup` with these arguments, the agents' token and the coordinator's certificate.
-fn command(token: &Path, args: &[&str]) -> Command {
+pub(super) fn command(token: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(support::binary("deis-backup"));
     c.args(args)
         .env("DEIS_BACKUP_TOKEN_FILE", token)
@@ -33,12 +33,12 @@ fn command(token: &Path, args: &[&str]) -> Command {
 }
 
 /// Runs `deis-backup` to completion.
-fn deis_backup(token: &Path, args: &[&str]) -> Output {
+pub(super) fn deis_backup(token: &Path, args: &[&str]) -> Output {
     command(token, args).output().expect("deis-backup runs")
 }
 
 /// Starts `deis-backup` in the background, its output captured.
-fn spawn_deis_backup(token: &Path, args: &[&str]) -> std::process::Child {
+pub(super) fn spawn_deis_backup(token: &Path, args: &[&str]) -> std::process::Child {
     command(token, args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -56,7 +56,7 @@ async fn assert_no_buckets(s3: &aws_sdk_s3::Client) {
     }
 }
 
-fn ok(out: &Output, what: &str) -> Value {
+pub(super) fn ok(out: &Output, what: &str) -> Value {
     assert!(
         out.status.success(),
         "{what} failed ({}):\nstdout: {}\nstderr: {}",
@@ -67,7 +67,7 @@ fn ok(out: &Output, what: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
-fn stderr(out: &Output) -> String {
+pub(super) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -107,13 +107,13 @@ impl Source {
 }
 
 /// A target cluster with its agent.
-struct Fresh {
-    target: Target,
-    agent: AgentContainer,
+pub(super) struct Fresh {
+    pub(super) target: Target,
+    pub(super) agent: AgentContainer,
 }
 
 impl Fresh {
-    fn new() -> Fresh {
+    pub(super) fn new() -> Fresh {
         let target = Target::up(&unique("t"));
         let agent = AgentContainer::up(
             &format!("{}-agent", target.name),
@@ -124,7 +124,7 @@ impl Fresh {
         Fresh { target, agent }
     }
 
-    fn restore(&self, repo: &Path, id: &str, extra: &[&str]) -> Output {
+    pub(super) fn restore(&self, repo: &Path, id: &str, extra: &[&str]) -> Output {
         let repo = repo.display().to_string();
         let mut args = vec![
             "restore",
@@ -141,7 +141,7 @@ impl Fresh {
         deis_backup(&self.agent.token_file, &args)
     }
 
-    async fn s3(&self) -> aws_sdk_s3::Client {
+    pub(super) async fn s3(&self) -> aws_sdk_s3::Client {
         let etcd = self.target.etcd();
         let access = etcd
             .get("/deis/store/gateway/accessKey")
@@ -225,14 +225,14 @@ fn comparable_dump(container: &str) -> Vec<String> {
         .collect()
 }
 
-fn snapshot_id(v: &Value) -> String {
+pub(super) fn snapshot_id(v: &Value) -> String {
     v["manifest"]["id"]
         .as_str()
         .expect("snapshot id")
         .to_owned()
 }
 
-fn list_ids(token: &Path, repo: &Path) -> (Vec<String>, Vec<String>) {
+pub(super) fn list_ids(token: &Path, repo: &Path) -> (Vec<String>, Vec<String>) {
     let r = repo.display().to_string();
     let v = ok(&deis_backup(token, &["list", "--json", "-r", &r]), "list");
     let ids = |k: &str| -> Vec<String> {
@@ -251,7 +251,7 @@ fn list_ids(token: &Path, repo: &Path) -> (Vec<String>, Vec<String>) {
     (ids("snapshots"), ids("incomplete"))
 }
 
-fn repo_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
+pub(super) fn repo_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap();
     let repo = dir.path().join("repo");
     (dir, repo)
@@ -643,7 +643,7 @@ async fn prune_keeps_what_the_policy_says_and_what_is_left_verifies() {
     }
 }
 
-fn walk_files(dir: &Path) -> Vec<PathBuf> {
+pub(super) fn walk_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

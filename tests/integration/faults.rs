@@ -1,0 +1,862 @@
+//! Faults injected end to end, against real components: etcd stopped under a running snapshot, a
+//! full disk under the repository and under the restore target's store, the gateway going away
+//! mid-mirror, a flaky gateway during restore uploads, and tampered manifests.
+//!
+//! Invariants: every test works on clusters of its own (`Fresh`: a target cluster with its own
+//! etcd, gateway tenant, store directory, database and agent) and never stops or locks the shared
+//! source cluster's components; every mount, proxy and stopped process is undone by a guard, on
+//! failure too. Each failing run must end in one clear line naming the problem, leave nothing
+//! that looks complete, and the next run after the fault is gone must succeed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::gateway::gateway_addr;
+use super::gateway::proxy::{Behaviour, Proxy};
+use super::snapshot::{
+    Fresh, command, list_ids, ok, repo_dir, snapshot_id, spawn_deis_backup, stderr, walk_files,
+};
+use super::support::{self, AgentContainer, Target, unique};
+
+/// `deis-backup` run to completion off the async workers (proxies run on them meanwhile).
+async fn run(token: &Path, args: &[&str]) -> Output {
+    let mut c = command(token, args);
+    tokio::task::spawn_blocking(move || c.output().expect("deis-backup runs"))
+        .await
+        .unwrap()
+}
+
+/// Waits for a background `deis-backup` off the async workers.
+async fn wait(child: Child) -> Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// The run failed with one error line on stderr (the last; warnings and logs may come before it)
+/// that contains every one of `words` (case-insensitive), and nothing panicked.
+fn one_line_error(out: &Output, words: &[&str]) -> String {
+    let msg = stderr(out);
+    assert!(!out.status.success(), "it succeeded: {msg}");
+    assert!(!msg.contains("panicked"), "a panic: {msg}");
+    let errors: Vec<&str> = msg
+        .lines()
+        .filter(|l| l.starts_with("deis-backup: ") && !l.starts_with("deis-backup: warning:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "not one error line: {msg}");
+    assert_eq!(
+        Some(errors[0]),
+        msg.trim().lines().last(),
+        "the error is not last: {msg}"
+    );
+    let line = errors[0];
+    eprintln!("expected error: {line}");
+    let lower = line.to_lowercase();
+    for w in words {
+        assert!(lower.contains(&w.to_lowercase()), "no {w:?} in: {line}");
+    }
+    line.to_owned()
+}
+
+/// `snapshot` of a fresh cluster (its etcd, its agent) into `repo`.
+fn snapshot_args<'a>(src: &'a Fresh, repo: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "snapshot",
+        "--json",
+        "--etcd",
+        src.target.etcd_endpoints(),
+        "--agent",
+        src.agent.spec(),
+        "-r",
+        repo,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn prune_args<'a>(src: &'a Fresh, repo: &'a str) -> Vec<&'a str> {
+    vec![
+        "prune",
+        "--keep-last",
+        "5",
+        "--json",
+        "--etcd",
+        src.target.etcd_endpoints(),
+        "-r",
+        repo,
+    ]
+}
+
+/// `len` bytes nothing compresses.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    fastrand::Rng::with_seed(seed).fill(&mut v);
+    v
+}
+
+/// Writes `files` files of `mib` MiB each (incompressible) and a few small ones into `store`.
+fn fill_store(store: &Path, files: usize, mib: usize) {
+    for i in 0..files {
+        std::fs::write(
+            store.join(format!("slug-{i}.tar.gz")),
+            noise(mib << 20, i as u64),
+        )
+        .unwrap();
+    }
+    std::fs::create_dir_all(store.join("logs")).unwrap();
+    std::fs::write(store.join("logs/app.log"), "GET /\n".repeat(1000)).unwrap();
+}
+
+/// Creates `db_wal` and `registry` in the fresh cluster's own gateway tenant and puts `per_bucket`
+/// objects of `size` bytes (incompressible) in each.
+async fn seed_buckets(s3: &aws_sdk_s3::Client, per_bucket: usize, size: usize) {
+    for (b, bucket) in ["db_wal", "registry"].into_iter().enumerate() {
+        s3.create_bucket().bucket(bucket).send().await.unwrap();
+        for i in 0..per_bucket {
+            let key = if bucket == "db_wal" {
+                format!("wal_005/0000000100000000000000{i:02X}.lzo")
+            } else {
+                format!("docker/registry/v2/blobs/layer {i}/data")
+            };
+            s3.put_object()
+                .bucket(bucket)
+                .key(&key)
+                .body(noise(size, (b * 1000 + i) as u64).into())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("put {bucket}/{key}: {e:?}"));
+        }
+    }
+}
+
+/// Key -> (size, ETag) of every object of a bucket, or `None` when the bucket is absent.
+async fn listing(s3: &aws_sdk_s3::Client, bucket: &str) -> Option<BTreeMap<String, (i64, String)>> {
+    let mut out = BTreeMap::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let page = match s3
+            .list_objects()
+            .bucket(bucket)
+            .set_marker(marker.clone())
+            .send()
+            .await
+        {
+            Ok(p) => p,
+            Err(e) if format!("{e:?}").contains("NoSuchBucket") => return None,
+            Err(e) => panic!("listing {bucket}: {e:?}"),
+        };
+        for o in page.contents() {
+            out.insert(
+                o.key().unwrap().to_owned(),
+                (o.size().unwrap_or(-1), o.e_tag().unwrap_or("").to_owned()),
+            );
+        }
+        if page.is_truncated() == Some(true) {
+            marker = out.keys().next_back().cloned();
+        } else {
+            return Some(out);
+        }
+    }
+}
+
+/// A tmpfs mounted on a directory; unmounted on drop.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs on {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Gives the file system `size` in all (its files stay).
+    fn resize(&self, size: &str) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = std::process::Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.dir)
+                .status();
+        }
+    }
+}
+
+/// A process stopped with SIGSTOP; continued (SIGCONT) on drop.
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: i32) -> Stopped {
+        let s = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(s.success(), "kill -STOP {pid}");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// The pid of a target cluster's etcd, from the PID file `tests/cluster/target` keeps.
+fn target_etcd_pid(target: &Target) -> i32 {
+    let dir = PathBuf::from(support::Cluster::get().var("CLUSTER_DIR"));
+    let f = dir.join(format!("run/target-{}-etcd.pid", target.name));
+    let pid: i32 = std::fs::read_to_string(&f)
+        .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(exe.ends_with("etcd"), "pid {pid} is {}", exe.display());
+    pid
+}
+
+async fn wait_for_lock(etcd: &deis_backup_etcd::Client, present: bool, within: Duration) {
+    let deadline = Instant::now() + within;
+    while etcd.get("/deis/backup/lock").await.unwrap().is_some() != present {
+        assert!(
+            Instant::now() < deadline,
+            "the lock is still {}",
+            if present { "absent" } else { "held" }
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The snapshot's blobs are intact and it is the only complete one.
+async fn assert_only_snapshot(token: &Path, repo: &Path, id: &str) {
+    let (ids, _) = list_ids(token, repo);
+    assert_eq!(ids, [id], "other complete snapshots");
+    let r = repo.display().to_string();
+    ok(
+        &run(token, &["verify", id, "--read-data", "--json", "-r", &r]).await,
+        "verify",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_etcd_stopped_mid_snapshot_stops_it_before_the_manifest_and_no_prune_takes_its_blobs()
+{
+    let src = Fresh::new();
+    let token = src.agent.token_file.clone();
+    // 12 x 3 MiB in the cluster's own buckets: at 640 KiB/s the mirror takes ~57 s, longer than
+    // the 45 s after which a holder whose refreshes fail stops trusting its lock.
+    seed_buckets(&src.s3().await, 6, 3 << 20).await;
+    let (_d, repo) = repo_dir("e2e-fault-etcd");
+    let r = repo.display().to_string();
+    let etcd = src.target.etcd();
+    let a = spawn_deis_backup(
+        &token,
+        &snapshot_args(&src, &r, &["--bandwidth-limit", "640KiB"]),
+    );
+    wait_for_lock(&etcd, true, Duration::from_secs(30)).await;
+    let started = Instant::now();
+    // Let the etcd export be taken (it reads etcd once, at the start).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // While the snapshot holds the lock, a prune is refused and deletes nothing.
+    let before = walk_files(&repo.join("blobs"));
+    let refused = run(&token, &prune_args(&src, &r)).await;
+    assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
+    one_line_error(&refused, &["holds the cluster lock", "snapshot by pid"]);
+    let after = walk_files(&repo.join("blobs"));
+    assert!(
+        before.iter().all(|b| after.contains(b)),
+        "the refused prune deleted blobs"
+    );
+
+    // etcd stops answering before the first lock refresh (15 s after it was taken).
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let stopped = Stopped::new(target_etcd_pid(&src.target));
+    let cut_off = run(&token, &prune_args(&src, &r)).await;
+    one_line_error(&cut_off, &["etcd"]);
+    let out = wait(a).await;
+    let took = started.elapsed();
+    drop(stopped);
+
+    assert!(
+        took > Duration::from_secs(45),
+        "the snapshot ended after {took:?}, before its lock could be lost"
+    );
+    one_line_error(
+        &out,
+        &[
+            "cluster lock was lost",
+            "before writing the manifest",
+            "not complete",
+        ],
+    );
+    let (ids, _) = list_ids(&token, &repo);
+    assert!(ids.is_empty(), "a complete-looking snapshot: {ids:?}");
+    assert!(
+        before
+            .iter()
+            .all(|b| repo.join("blobs").exists() && walk_files(&repo.join("blobs")).contains(b)),
+        "blobs went while etcd was cut off"
+    );
+
+    // The refreshes that timed out while etcd was stopped were still queued in its sockets: etcd
+    // applies them when it runs again, so the lock can live on for a TTL after that. A prune now is
+    // refused if so; then the test removes the dead run's lock, standing in for its expiry.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if etcd.get("/deis/backup/lock").await.unwrap().is_some() {
+        let blobs = walk_files(&repo.join("blobs"));
+        let refused = run(&token, &prune_args(&src, &r)).await;
+        assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
+        assert_eq!(
+            walk_files(&repo.join("blobs")),
+            blobs,
+            "the refused prune deleted blobs"
+        );
+        etcd.delete("/deis/backup/lock", None).await.unwrap();
+    }
+    ok(&run(&token, &prune_args(&src, &r)).await, "prune");
+    let (ids, incomplete) = list_ids(&token, &repo);
+    assert!(
+        ids.is_empty() && incomplete.is_empty(),
+        "{ids:?} {incomplete:?}"
+    );
+
+    let id = snapshot_id(&ok(
+        &run(&token, &snapshot_args(&src, &r, &[])).await,
+        "the next snapshot",
+    ));
+    assert_only_snapshot(&token, &repo, &id).await;
+    assert!(etcd.get("/deis/backup/lock").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_disk_full_at_the_repository_names_the_path_and_leaves_no_snapshot() {
+    let src = Fresh::new();
+    let token = src.agent.token_file.clone();
+    fill_store(&src.target.store_dir(), 3, 10);
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-fault-enospc")
+        .tempdir()
+        .unwrap();
+    let disk = Tmpfs::mount(&dir.path().join("disk"), "20m");
+    let repo = dir.path().join("disk/repo");
+    let r = repo.display().to_string();
+
+    let out = run(&token, &snapshot_args(&src, &r, &["--no-buckets"])).await;
+    let line = one_line_error(&out, &["no space left on device"]);
+    assert!(line.contains(&r), "the error names no path: {line}");
+    let (ids, _) = list_ids(&token, &repo);
+    assert!(ids.is_empty(), "a complete-looking snapshot: {ids:?}");
+    assert!(
+        src.target
+            .etcd()
+            .get("/deis/backup/lock")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    disk.resize("200m");
+    let id = snapshot_id(&ok(
+        &run(&token, &snapshot_args(&src, &r, &["--no-buckets"])).await,
+        "the snapshot after the disk grew",
+    ));
+    assert_only_snapshot(&token, &repo, &id).await;
+    drop(disk);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_disk_full_at_the_restore_target_leaves_its_store_as_it_was() {
+    let src = Fresh::new();
+    let token = src.agent.token_file.clone();
+    fill_store(&src.target.store_dir(), 3, 10);
+    let (_d, repo) = repo_dir("e2e-fault-target-full");
+    let r = repo.display().to_string();
+    let id = snapshot_id(&ok(
+        &run(&token, &snapshot_args(&src, &r, &["--no-buckets"])).await,
+        "snapshot",
+    ));
+
+    // The target's store directory is a 20 MiB disk, mounted before its agent starts.
+    let target = Target::up(&unique("tfull"));
+    let disk = Tmpfs::mount(&target.store_dir(), "20m");
+    let agent = AgentContainer::up(
+        &format!("{}-agent", target.name),
+        target.etcd_endpoints(),
+        &target.store_dir(),
+        target.database_container(),
+    );
+    let dst = Fresh { target, agent };
+    let db_before = support::pg_dumpall(dst.target.database_container());
+
+    let out = dst.restore(&repo, &id, &["--database-sql"]);
+    one_line_error(&out, &["no space left on device"]);
+    assert!(
+        support::tree(&dst.target.store_dir()).is_empty(),
+        "the failed restore left files in the store"
+    );
+    assert_eq!(
+        support::comparable_dump(&support::pg_dumpall(dst.target.database_container())),
+        support::comparable_dump(&db_before),
+        "the database changed although the restore stopped at the store"
+    );
+
+    disk.resize("200m");
+    ok(
+        &dst.restore(&repo, &id, &["--database-sql"]),
+        "the restore after the disk grew",
+    );
+    assert_eq!(
+        support::tree(&dst.target.store_dir()),
+        support::tree(&src.target.store_dir()),
+        "the restored store differs"
+    );
+    let Fresh { target, agent } = dst;
+    drop(agent);
+    drop(disk);
+    drop(target);
+}
+
+/// A TCP forwarder that can be cut: every open connection dropped and the port closed.
+struct Cuttable {
+    addr: SocketAddr,
+    cut: watch::Sender<bool>,
+    connections: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn start(upstream: SocketAddr) -> Cuttable {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, rx) = watch::channel(false);
+        let connections = Arc::new(AtomicU64::new(0));
+        let n = Arc::clone(&connections);
+        let task = tokio::spawn(async move {
+            let mut stop = rx.clone();
+            loop {
+                let (mut client, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
+                    _ = stop.wait_for(|c| *c) => return,
+                };
+                n.fetch_add(1, Ordering::Relaxed);
+                let mut stop = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut up) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut up) => {}
+                        _ = stop.wait_for(|c| *c) => {
+                            // Reset, as a dead host's kernel would.
+                            let _ = client.set_zero_linger();
+                        }
+                    }
+                });
+            }
+        });
+        Cuttable {
+            addr,
+            cut,
+            connections,
+            task,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+/// Waits until the mirror has stored `n` blobs beyond the three parts (etcd, database, store).
+async fn wait_for_objects(repo: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while walk_files(&repo.join("blobs")).len() < 3 + n {
+        assert!(Instant::now() < deadline, "the mirror stored no object");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_gateway_gone_mid_mirror_fails_clearly_and_a_second_gateway_carries_the_snapshot() {
+    let src = Fresh::new();
+    let token = src.agent.token_file.clone();
+    let s3 = src.s3().await;
+    seed_buckets(&s3, 8, 1 << 20).await;
+    let (_d, repo) = repo_dir("e2e-fault-gateway");
+    let r = repo.display().to_string();
+
+    // One gateway, gone after the first objects.
+    let only = Cuttable::start(gateway_addr()).await;
+    let ep = only.endpoint();
+    let a = spawn_deis_backup(
+        &token,
+        &snapshot_args(&src, &r, &["--gateway", &ep, "--bandwidth-limit", "2MiB"]),
+    );
+    wait_for_objects(&repo, 1).await;
+    only.cut();
+    let out = wait(a).await;
+    one_line_error(&out, &["gateway", &only.addr.to_string()]);
+    let (ids, _) = list_ids(&token, &repo);
+    assert!(ids.is_empty(), "a complete-looking snapshot: {ids:?}");
+    assert!(
+        src.target
+            .etcd()
+            .get("/deis/backup/lock")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Two gateways, one of them gone mid-mirror: the other carries the snapshot.
+    let dying = Cuttable::start(gateway_addr()).await;
+    let healthy = Cuttable::start(gateway_addr()).await;
+    let both = format!("{},{}", dying.endpoint(), healthy.endpoint());
+    let blobs_before = walk_files(&repo.join("blobs")).len();
+    let b = spawn_deis_backup(
+        &token,
+        &snapshot_args(
+            &src,
+            &r,
+            &["--gateway", &both, "--bandwidth-limit", "2MiB", "--full"],
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while walk_files(&repo.join("blobs")).len() < blobs_before + 1 {
+        assert!(Instant::now() < deadline, "the mirror stored no object");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    dying.cut();
+    let cut_at = healthy.connections.load(Ordering::Relaxed);
+    let snap = ok(&wait(b).await, "the snapshot through the remaining gateway");
+    assert!(
+        healthy.connections.load(Ordering::Relaxed) > cut_at,
+        "nothing went through the remaining gateway after the cut"
+    );
+    let id = snapshot_id(&snap);
+    assert_only_snapshot(&token, &repo, &id).await;
+    for bucket in ["db_wal", "registry"] {
+        assert_eq!(
+            snap["manifest"]["buckets"][bucket]["objects"].as_u64(),
+            Some(8),
+            "{bucket}: {}",
+            snap["manifest"]["buckets"][bucket]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_slow_downs_and_resets_during_restore_uploads_still_give_identical_buckets() {
+    let src = Fresh::new();
+    let token = src.agent.token_file.clone();
+    let src_s3 = src.s3().await;
+    seed_buckets(&src_s3, 30, 40 << 10).await;
+    let (_d, repo) = repo_dir("e2e-fault-flaky-restore");
+    let r = repo.display().to_string();
+    let id = snapshot_id(&ok(
+        &run(&token, &snapshot_args(&src, &r, &[])).await,
+        "snapshot",
+    ));
+
+    let dst = Fresh::new();
+    let flaky = Proxy::start(
+        gateway_addr(),
+        Behaviour {
+            p_slow_down: 0.2,
+            p_reset: 0.15,
+            max_faults: 40,
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let ep = flaky.endpoint();
+    let dst_token = dst.agent.token_file.clone();
+    let out = run(
+        &dst_token,
+        &[
+            "restore",
+            &id,
+            "--json",
+            "--etcd",
+            dst.target.etcd_endpoints(),
+            "--agent",
+            dst.agent.spec(),
+            "-r",
+            &r,
+            "--gateway",
+            &ep,
+            "--database-sql",
+        ],
+    )
+    .await;
+    ok(&out, "restore through the flaky gateway");
+    let c = &flaky.counts;
+    let (slow, resets) = (
+        c.slow_downs.load(Ordering::Relaxed),
+        c.resets.load(Ordering::Relaxed),
+    );
+    assert!(
+        slow > 0 && resets > 0,
+        "faults injected: {slow} 503s, {resets} resets"
+    );
+    let dst_s3 = dst.s3().await;
+    for bucket in ["db_wal", "registry"] {
+        let want = listing(&src_s3, bucket).await.unwrap();
+        assert_eq!(want.len(), 30);
+        assert_eq!(
+            listing(&dst_s3, bucket).await.expect("bucket restored"),
+            want,
+            "{bucket} differs (keys, sizes, ETags)"
+        );
+    }
+}
+
+/// A tampering case: what, how to tamper, how to undo it, words the error must hold, whether
+/// `show` refuses it.
+type Case<'a> = (
+    &'a str,
+    Box<dyn Fn() + 'a>,
+    Box<dyn Fn() + 'a>,
+    &'a [&'a str],
+    bool,
+);
+
+/// The database dump's part name.
+const DB: &str = "database/pg_dumpall.sql.zst";
+
+/// Swaps the bytes of two files.
+fn swap_files(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    std::fs::write(a, y).unwrap();
+    std::fs::write(b, x).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_tampered_manifests_give_one_clear_error_from_verify_show_and_restore() {
+    let src = Fresh::new();
+    let token = src.agent.token_file.clone();
+    fill_store(&src.target.store_dir(), 1, 1);
+    let (_d, repo) = repo_dir("e2e-fault-tamper");
+    let r = repo.display().to_string();
+    let snap = ok(
+        &run(&token, &snapshot_args(&src, &r, &["--no-buckets"])).await,
+        "snapshot",
+    );
+    let id = snapshot_id(&snap);
+    let manifest_path = repo.join("snapshots").join(&id).join("manifest.json");
+    let original = std::fs::read(&manifest_path).unwrap();
+    let manifest: Value = serde_json::from_slice(&original).unwrap();
+    let etcd_part = manifest["parts"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| k.starts_with("etcd"))
+        .expect("an etcd part")
+        .clone();
+    let blob = |part: &str| {
+        let sha = manifest["parts"][part]["sha256"].as_str().unwrap();
+        repo.join("blobs/sha256").join(&sha[..2]).join(sha)
+    };
+    let dst = Fresh::new();
+
+    let edit = |f: &dyn Fn(&mut Value)| {
+        let mut m = manifest.clone();
+        f(&mut m);
+        std::fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    };
+    let cases: Vec<Case> = vec![
+        (
+            "bad digest",
+            Box::new(|| {
+                edit(&|m| {
+                    let sha = m["parts"][DB]["sha256"].as_str().unwrap().to_owned();
+                    let flipped = if sha.ends_with('0') { "1" } else { "0" };
+                    m["parts"][DB]["sha256"] = format!("{}{flipped}", &sha[..63]).into();
+                });
+            }),
+            Box::new(|| {}),
+            &[DB],
+            false,
+        ),
+        (
+            "malformed digest",
+            Box::new(|| edit(&|m| m["parts"][DB]["sha256"] = "../../../etc/passwd".into())),
+            Box::new(|| {}),
+            &[DB, "sha-256"],
+            true,
+        ),
+        (
+            "bad size",
+            Box::new(|| {
+                edit(&|m| {
+                    let size = m["parts"][DB]["size"].as_u64().unwrap();
+                    m["parts"][DB]["size"] = (size + 1).into();
+                });
+            }),
+            Box::new(|| {}),
+            &[DB],
+            false,
+        ),
+        (
+            "unsafe key",
+            Box::new(|| {
+                edit(&|m| {
+                    let parts = m["parts"].as_object_mut().unwrap();
+                    let p = parts.remove(DB).unwrap();
+                    parts.insert("store/../../../etc/cron.d".into(), p);
+                });
+            }),
+            Box::new(|| {}),
+            &["not a safe name"],
+            true,
+        ),
+        (
+            "swapped blob",
+            Box::new(|| swap_files(&blob(DB), &blob(&etcd_part))),
+            Box::new(|| swap_files(&blob(DB), &blob(&etcd_part))),
+            &[],
+            false,
+        ),
+    ];
+    for (what, tamper, untamper, words, show_fails) in &cases {
+        tamper();
+        for args in [
+            vec!["verify", &id, "--read-data", "-r", &r],
+            vec!["show", &id, "-r", &r],
+        ] {
+            let out = run(&token, &args).await;
+            if args[0] == "show" && !show_fails {
+                // A well-formed manifest naming a wrong or damaged blob: `show` only prints it,
+                // checking blobs is verify's and restore's job.
+                ok(&out, "show of a well-formed manifest");
+                continue;
+            }
+            let msg = stderr(&out);
+            assert!(
+                !out.status.success(),
+                "{what}: {} succeeded: {msg}",
+                args[0]
+            );
+            assert!(!msg.contains("panicked"), "{what}: {msg}");
+            let line = msg.trim();
+            if args[0] == "verify" && out.status.code() == Some(3) {
+                // verify's report names the damaged part on stdout.
+                let report = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    report.contains(DB) || report.contains("store/"),
+                    "{what}: {report}"
+                );
+                assert!(line.lines().count() <= 1, "{what}: {msg}");
+                continue;
+            }
+            assert_eq!(
+                line.lines().count(),
+                1,
+                "{what}: {} not one line: {msg}",
+                args[0]
+            );
+            for w in *words {
+                assert!(
+                    line.to_lowercase().contains(&w.to_lowercase()),
+                    "{what}: no {w:?} in {line}"
+                );
+            }
+        }
+        let out = dst.restore(&repo, &id, &["--database-sql"]);
+        let line = one_line_error(&out, words);
+        assert!(
+            line.contains("nothing was restored") || line.contains("snapshot"),
+            "{what}: {line}"
+        );
+        assert!(
+            support::tree(&dst.target.store_dir()).is_empty(),
+            "{what}: the refused restore wrote into the store"
+        );
+        assert!(
+            dst.target
+                .etcd()
+                .get("/deis/backup/lock")
+                .await
+                .unwrap()
+                .is_none(),
+            "{what}: the target's lock is held"
+        );
+        assert!(
+            src.target
+                .etcd()
+                .get("/deis/backup/lock")
+                .await
+                .unwrap()
+                .is_none(),
+            "{what}: the source's lock is held"
+        );
+        untamper();
+        std::fs::write(&manifest_path, &original).unwrap();
+    }
+    // Untampered, the snapshot restores.
+    ok(
+        &run(&token, &["verify", &id, "--read-data", "-r", &r]).await,
+        "verify",
+    );
+    ok(&dst.restore(&repo, &id, &["--database-sql"]), "restore");
+}
