@@ -8,8 +8,8 @@ mod integration {
 
     mod agent;
     mod agent_bounds;
-    mod gateway;
     mod faults;
+    mod gateway;
     mod integrity;
     mod mirror;
     mod repository;

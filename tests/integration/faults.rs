@@ -860,3 +860,77 @@ async fn fault_tampered_manifests_give_one_clear_error_from_verify_show_and_rest
     );
     ok(&dst.restore(&repo, &id, &["--database-sql"]), "restore");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_coordinator_killed_mid_restore_and_run_again_gives_an_identical_cluster() {
+    let src = Fresh::new();
+    let token = src.agent.token_file.clone();
+    let src_s3 = src.s3().await;
+    seed_buckets(&src_s3, 40, 256 << 10).await;
+    fill_store(&src.target.store_dir(), 2, 4);
+    let (_d, repo) = repo_dir("e2e-fault-kill-restore");
+    let r = repo.display().to_string();
+    let id = snapshot_id(&ok(
+        &run(&token, &snapshot_args(&src, &r, &[])).await,
+        "snapshot",
+    ));
+
+    // A slowed restore (20 MiB of objects at 2 MiB/s), SIGKILLed once some objects are back.
+    let dst = Fresh::new();
+    let dst_token = dst.agent.token_file.clone();
+    let restore = |extra: &[&'static str]| {
+        let mut args = vec![
+            "restore".to_owned(),
+            id.clone(),
+            "--json".into(),
+            "--etcd".into(),
+            dst.target.etcd_endpoints().to_owned(),
+            "--agent".into(),
+            dst.agent.spec().to_owned(),
+            "-r".into(),
+            r.clone(),
+            // The target's database container runs: the platform check is waived on purpose.
+            "--force".into(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    let slow = restore(&["--bandwidth-limit", "2MiB"]);
+    let slow: Vec<&str> = slow.iter().map(String::as_str).collect();
+    let mut child = spawn_deis_backup(&dst_token, &slow);
+    let dst_s3 = dst.s3().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = listing(&dst_s3, "db_wal").await.map_or(0, |l| l.len());
+        if n >= 5 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = listing(&dst_s3, "db_wal").await.map_or(0, |l| l.len());
+    assert!(
+        (1..40).contains(&partial),
+        "the restore was not killed midway ({partial} of 40 objects)"
+    );
+
+    // The same restore again, merging into what the killed run left, completes it.
+    let again = restore(&["--overwrite-store"]);
+    let again: Vec<&str> = again.iter().map(String::as_str).collect();
+    ok(&run(&dst_token, &again).await, "the restore run again");
+    for bucket in ["db_wal", "registry"] {
+        let want = listing(&src_s3, bucket).await.unwrap();
+        assert_eq!(want.len(), 40);
+        assert_eq!(
+            listing(&dst_s3, bucket).await.expect("bucket restored"),
+            want,
+            "{bucket} differs (keys, sizes, ETags)"
+        );
+    }
+    assert_eq!(
+        support::tree(&dst.target.store_dir()),
+        support::tree(&src.target.store_dir()),
+        "the restored store differs"
+    );
+}
