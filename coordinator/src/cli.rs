@@ -315,9 +315,18 @@ async fn cmd_restore(
             ),
             _ => e,
         })?;
+    // The target cluster's lock: no snapshot or prune of it, and no second restore, meanwhile.
+    let lock = if options.dry_run {
+        None
+    } else {
+        Some(Lock::acquire(etcd, "restore").await?)
+    };
     let progress = progress::Bars::new(out.is_json());
-    let r = restore::restore(&repo, &manifest, &target, options, &progress).await;
+    let r = restore::restore(&repo, &manifest, &target, options, &progress, lock.as_ref()).await;
     progress.finish();
+    if let Some(lock) = lock {
+        release(lock).await;
+    }
     out.restore(&r?);
     Ok(ExitCode::SUCCESS)
 }

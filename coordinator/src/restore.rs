@@ -10,6 +10,9 @@
 //!   `--force` overrides the last three only.
 //! - `--dry-run` runs the preflight and prints the plan, and writes nothing.
 //! - A failure after writing began says exactly which steps completed.
+//! - A restore that writes holds the target cluster's lock (taken by the caller); each step starts
+//!   only while it is still held, so no snapshot, prune or second restore of that cluster runs
+//!   meanwhile.
 
 use std::time::Instant;
 
@@ -26,6 +29,7 @@ use crate::agents::{self, Agent, Described};
 use crate::bucket_restore::{self, Existing};
 use crate::error::{Error, ErrorKind, Result};
 use crate::gateway::DeisBuckets;
+use crate::lock::Lock;
 use crate::platform_keys;
 use crate::repository::{BlobReader, BlobRef, Manifest, PartInfo, Repository};
 use crate::snapshot::{self, Cluster, DATABASE_PART, ETCD_PART, STORE_PREFIX};
@@ -90,6 +94,7 @@ pub async fn restore(
     target: &Cluster,
     options: &RestoreOptions,
     progress: &dyn snapshot::Progress,
+    lock: Option<&Lock>,
 ) -> Result<Report> {
     let (etcd, agents) = (&target.etcd, target.agents.as_slice());
     let (gateway, target_buckets) = (target.gateway.as_ref(), target.deis_buckets.as_ref());
@@ -224,8 +229,15 @@ pub async fn restore(
         return Ok(report);
     }
 
-    // 3. Write, in the documented order.
+    // 3. Write, in the documented order; each step only while the target's lock is still held.
     let mut i = 0;
+    let held = |report: &Report, i: usize| match lock {
+        Some(l) => l.check(&format!(
+            "{} {}",
+            report.steps[i].what, report.steps[i].target
+        )),
+        None => Ok(()),
+    };
     let fail = |report: &Report, e: Error| {
         let done: Vec<String> = report
             .steps
@@ -246,6 +258,7 @@ pub async fn restore(
         for source in manifest.buckets.keys() {
             let gw = gateway.expect("checked above");
             let bucket = &target_bucket(manifest, target_buckets, source);
+            held(&report, i).map_err(|e| fail(&report, e))?;
             let r = async {
                 let listing = repo.listing(manifest, source).await?;
                 let existing = if options.existing == Existing::Refuse && options.force {
@@ -270,6 +283,7 @@ pub async fn restore(
         }
     }
     for (name, info, agent) in &store_targets {
+        held(&report, i).map_err(|e| fail(&report, e))?;
         progress.part_started(name, &format!("agent {}", agent.host_id));
         let r = restore_store(
             repo,
@@ -291,6 +305,7 @@ pub async fn restore(
         i += 1;
     }
     if let Some(agent) = &db_agent {
+        held(&report, i).map_err(|e| fail(&report, e))?;
         progress.part_started(DATABASE_PART, &format!("agent {}", agent.host_id));
         let r = restore_database(repo, manifest, agent).await;
         progress.part_finished(DATABASE_PART, r.is_ok());
@@ -305,6 +320,7 @@ pub async fn restore(
         report.next = "deisctl start platform (the database already holds the dump)".into();
     }
     if options.etcd_keys && manifest.parts.contains_key(ETCD_PART) {
+        held(&report, i).map_err(|e| fail(&report, e))?;
         let r = async {
             let blob = single_blob(manifest, ETCD_PART)?;
             let mut data = Vec::new();

@@ -915,9 +915,14 @@ async fn fault_a_coordinator_killed_mid_restore_and_run_again_gives_an_identical
         "the restore was not killed midway ({partial} of 40 objects)"
     );
 
-    // The same restore again, merging into what the killed run left, completes it.
+    // The killed run's lock on the target holds a new run off until it expires.
     let again = restore(&["--overwrite-store"]);
     let again: Vec<&str> = again.iter().map(String::as_str).collect();
+    let refused = run(&dst_token, &again).await;
+    wait_for_lock(&dst.target.etcd(), false, Duration::from_secs(90)).await;
+    one_line_error(&refused, &["holds the cluster lock", "restore by pid"]);
+
+    // The same restore again, merging into what the killed run left, completes it.
     ok(&run(&dst_token, &again).await, "the restore run again");
     for bucket in ["db_wal", "registry"] {
         let want = listing(&src_s3, bucket).await.unwrap();
