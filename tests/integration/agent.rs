@@ -766,19 +766,18 @@ fn psql(container: &str, sql: &str) -> String {
     support::psql(container, "postgres", sql).unwrap()
 }
 
-pub(super) async fn restore_sql(
+/// Sends a RestoreDatabase stream: a header announcing `sha256`, then `compressed` in pieces.
+pub(super) async fn restore_compressed_sql(
     client: &mut Client,
-    sql: &str,
+    sha256: Vec<u8>,
+    compressed: &[u8],
 ) -> Result<deis_backup_proto::v1::RestoreDatabaseReply, Status> {
-    let z = zstd::encode_all(sql.as_bytes(), 3).unwrap();
     let mut msgs = vec![RestoreDatabaseRequest {
         kind: Some(restore_database_request::Kind::Header(
-            RestoreDatabaseHeader {
-                sha256: Sha256::digest(&z).to_vec(),
-            },
+            RestoreDatabaseHeader { sha256 },
         )),
     }];
-    for piece in z.chunks(1000) {
+    for piece in compressed.chunks(1000) {
         msgs.push(RestoreDatabaseRequest {
             kind: Some(restore_database_request::Kind::Data(piece.to_vec())),
         });
@@ -787,6 +786,15 @@ pub(super) async fn restore_sql(
         .restore_database(futures::stream::iter(msgs))
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// Sends `sql`, zstd-compressed, with its true digest.
+pub(super) async fn restore_sql(
+    client: &mut Client,
+    sql: &str,
+) -> Result<deis_backup_proto::v1::RestoreDatabaseReply, Status> {
+    let z = zstd::encode_all(sql.as_bytes(), 3).unwrap();
+    restore_compressed_sql(client, Sha256::digest(&z).to_vec(), &z).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,13 +9,10 @@
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use deis_backup_proto::v1::{
-    RestoreDatabaseHeader, RestoreDatabaseRequest, restore_database_request,
-};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
-use super::agent::{Agent, peak_rss_kib, restore_sql, restore_store};
+use super::agent::{Agent, peak_rss_kib, restore_compressed_sql, restore_sql, restore_store};
 use super::support::{self, Cluster, unique};
 
 /// Peak RSS a bomb may drive the agent to.
@@ -129,24 +126,13 @@ async fn a_tampered_sql_body_is_refused_before_psql_runs() {
     let db = unique("agent_tampered").replace('-', "_");
     let announced = zstd::encode_all(b"SELECT 1;\n".as_slice(), 3).unwrap();
     let sent = zstd::encode_all(format!("CREATE DATABASE {db};\n").as_bytes(), 3).unwrap();
-    let msgs = vec![
-        RestoreDatabaseRequest {
-            kind: Some(restore_database_request::Kind::Header(
-                RestoreDatabaseHeader {
-                    sha256: Sha256::digest(&announced).to_vec(),
-                },
-            )),
-        },
-        RestoreDatabaseRequest {
-            kind: Some(restore_database_request::Kind::Data(sent)),
-        },
-    ];
-    let e = agent
-        .client()
-        .await
-        .restore_database(futures::stream::iter(msgs))
-        .await
-        .unwrap_err();
+    let e = restore_compressed_sql(
+        &mut agent.client().await,
+        Sha256::digest(&announced).to_vec(),
+        &sent,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(!database_exists(&db), "psql ran the tampered SQL");
 }
@@ -170,22 +156,7 @@ async fn an_sql_line_without_end_is_refused_with_bounded_memory() {
         std::io::Write::write_all(&mut enc, &block).unwrap();
     }
     let z = enc.finish().unwrap();
-    let msgs = vec![
-        RestoreDatabaseRequest {
-            kind: Some(restore_database_request::Kind::Header(
-                RestoreDatabaseHeader {
-                    sha256: Sha256::digest(&z).to_vec(),
-                },
-            )),
-        },
-        RestoreDatabaseRequest {
-            kind: Some(restore_database_request::Kind::Data(z)),
-        },
-    ];
-    let e = agent
-        .client()
-        .await
-        .restore_database(futures::stream::iter(msgs))
+    let e = restore_compressed_sql(&mut agent.client().await, Sha256::digest(&z).to_vec(), &z)
         .await
         .unwrap_err();
     assert!(e.message().contains("line 1"), "{e}");
