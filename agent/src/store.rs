@@ -158,12 +158,16 @@ pub fn describe(path: &Path, machine_id: &str) -> Result<StorePath> {
             break;
         }
     }
+    let free_bytes = rustix::fs::statvfs(&canon)
+        .ok()
+        .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
     Ok(StorePath {
         path: path.display().to_string(),
         fs_type,
         fs_identity,
         shared,
         empty,
+        free_bytes,
     })
 }
 

@@ -12,6 +12,8 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use deis_backup_coordinator::agents::{self, AgentOptions};
 use deis_backup_coordinator::gateway::GatewayOptions;
+use deis_backup_coordinator::hold::Hold;
+use deis_backup_coordinator::lease::{self, Lease, Operation};
 use deis_backup_coordinator::lock::Lock;
 use deis_backup_coordinator::prune::{self, PruneOptions};
 use deis_backup_coordinator::repository::{Repository, RepositoryOptions, SnapshotId};
@@ -209,9 +211,16 @@ pub async fn run() -> Result<ExitCode> {
             repository,
         } => {
             let repo = Repository::open(&file.repository(repository, sub)?).await?;
-            let m = repo.manifest(&resolve_id(&repo, &id).await?).await?;
+            let id = resolve_id(&repo, &id).await?;
+            // No cluster lock: a verify changes nothing. Its lease keeps a prune (of any
+            // cluster) from deleting what it reads.
+            let (lease, _) =
+                Lease::take_to_read(&repo, Operation::Verify, vec![id.clone()], None).await?;
+            let hold = Hold::new(None, lease);
             let depth = if read_data { Depth::All } else { Depth::Sizes };
-            let report = verify::verify(&repo, &m, depth).await?;
+            let r = async { verify::verify(&repo, &repo.manifest(&id).await?, depth).await }.await;
+            release(hold).await;
+            let report = r?;
             out.verify(&report);
             Ok(if report.ok() {
                 ExitCode::SUCCESS
@@ -239,9 +248,10 @@ pub async fn run() -> Result<ExitCode> {
             let repo = Repository::open(&file.repository(repository, sub)?).await?;
             let options = file.prune(options, sub)?;
             let lock = Lock::acquire(&etcd, "prune").await?;
-            clean_staging(&repo).await;
-            let r = prune::prune(&repo, &options, &lock).await;
-            release(lock).await;
+            let (hold, others) = hold(&repo, Operation::Prune, Vec::new(), lock).await?;
+            clean_staging(&repo, &others).await;
+            let r = prune::prune(&repo, &options, &hold, &others).await;
+            release(hold).await;
             out.prune(&r?);
             Ok(ExitCode::SUCCESS)
         }
@@ -278,16 +288,23 @@ async fn cmd_snapshot(
         return Ok(ExitCode::SUCCESS);
     }
     let lock = Lock::acquire(&cluster.etcd, "snapshot").await?;
+    let repo = match Repository::open_or_init(repository).await {
+        Ok(r) => r,
+        Err(e) => {
+            release(Hold::new(Some(lock), None)).await;
+            return Err(e);
+        }
+    };
+    let (hold, others) = hold(&repo, Operation::Snapshot, Vec::new(), lock).await?;
+    clean_staging(&repo, &others).await;
     let progress = progress::Bars::new(out.is_json());
     let result = async {
-        let repo = Repository::open_or_init(repository).await?;
-        clean_staging(&repo).await;
         let plan = snapshot::plan(&cluster, Some(&repo), options).await?;
-        snapshot::run(&cluster, &repo, &plan, options, &lock, &progress).await
+        snapshot::run(&cluster, &repo, &plan, options, &hold, &progress).await
     }
     .await;
     progress.finish();
-    release(lock).await;
+    release(hold).await;
     let outcome = result?;
     out.snapshot(&outcome);
     Ok(ExitCode::SUCCESS)
@@ -303,7 +320,8 @@ async fn cmd_restore(
     options: &RestoreOptions,
 ) -> Result<ExitCode> {
     let repo = Repository::open(repository).await?;
-    let manifest = repo.manifest(&resolve_id(&repo, id).await?).await?;
+    let id = resolve_id(&repo, id).await?;
+    let manifest = repo.manifest(&id).await?;
     let no_buckets = options.no_buckets || manifest.buckets.is_empty();
     let target = Cluster::discover(etcd.clone(), agent_options, gateway, no_buckets)
         .await
@@ -315,18 +333,35 @@ async fn cmd_restore(
             ),
             _ => e,
         })?;
-    // The target cluster's lock: no snapshot or prune of it, and no second restore, meanwhile.
-    let lock = if options.dry_run {
-        None
-    } else {
-        Some(Lock::acquire(etcd, "restore").await?)
-    };
-    let progress = progress::Bars::new(out.is_json());
-    let r = restore::restore(&repo, &manifest, &target, options, &progress, lock.as_ref()).await;
-    progress.finish();
-    if let Some(lock) = lock {
-        release(lock).await;
+    if options.dry_run {
+        let progress = progress::Bars::new(out.is_json());
+        let r = restore::restore(&repo, &manifest, &target, options, &progress, None).await;
+        progress.finish();
+        out.restore(&r?);
+        return Ok(ExitCode::SUCCESS);
     }
+    // The target cluster's lock: no snapshot or prune of it, and no second restore, meanwhile.
+    // The lease: no prune of the repository (from any cluster) deletes the snapshot meanwhile.
+    let lock = Lock::acquire(etcd, "restore").await?;
+    let (lease, _) =
+        match Lease::take_to_read(&repo, Operation::Restore, vec![id.clone()], Some(&lock)).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                release(Hold::new(Some(lock), None)).await;
+                return Err(e);
+            }
+        };
+    let hold = Hold::new(Some(lock), lease);
+    let progress = progress::Bars::new(out.is_json());
+    // Read again under the lease: a prune that ran in between shows here, not half-way through.
+    let r = match repo.manifest(&id).await {
+        Ok(manifest) => {
+            restore::restore(&repo, &manifest, &target, options, &progress, Some(&hold)).await
+        }
+        Err(e) => Err(e),
+    };
+    progress.finish();
+    release(hold).await;
     out.restore(&r?);
     Ok(ExitCode::SUCCESS)
 }
@@ -350,13 +385,35 @@ fn cmd_pki(action: &PkiCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Takes the repository lease for `operation` beside the cluster lock `lock`: refused (and the
+/// lock released) beside a run it must not overlap (see `lease`). The other live leases come
+/// back with it.
+async fn hold(
+    repo: &Repository,
+    operation: Operation,
+    reads: Vec<SnapshotId>,
+    lock: Lock,
+) -> Result<(Hold, Vec<lease::Record>)> {
+    match Lease::take(repo, operation, reads, Some(&lock)).await {
+        Ok((lease, others)) => Ok((Hold::new(Some(lock), Some(lease)), others)),
+        Err(e) => {
+            release(Hold::new(Some(lock), None)).await;
+            Err(e)
+        }
+    }
+}
+
 /// Removes staging files a killed run left; a failure to clean is a warning, never the run's
 /// outcome. A local repository's staging directory (`<repository>/tmp`) is written only by runs
-/// holding the cluster lock, which the caller now holds: anything there untouched for 30 s
-/// belongs to a dead run. An S3 repository stages in a directory others may share (the system's
-/// temporary directory), so only files older than the repository's long threshold go.
-async fn clean_staging(repo: &Repository) {
-    let age = if repo.location().starts_with("s3://") {
+/// holding the cluster lock, which the caller now holds, and by snapshots of other clusters
+/// sharing the repository, whose leases are among `others`: without those, anything there
+/// untouched for 30 s belongs to a dead run. An S3 repository stages in a directory others may
+/// share (the system's temporary directory), so only files older than the repository's long
+/// threshold go.
+async fn clean_staging(repo: &Repository, others: &[lease::Record]) {
+    let shared = repo.location().starts_with("s3://")
+        || others.iter().any(|o| o.operation == Operation::Snapshot);
+    let age = if shared {
         deis_backup_coordinator::repository::STALE_STAGING_AGE
     } else {
         std::time::Duration::from_secs(30)
@@ -366,20 +423,14 @@ async fn clean_staging(repo: &Repository) {
     }
 }
 
-/// Releases the cluster lock. A failure is a warning, not the run's outcome: the work is done (or
-/// its own error stands), and the lock expires by itself within its TTL.
-async fn release(lock: Lock) {
-    if let Err(e) = lock.release().await {
-        eprintln!(
-            "deis-backup: warning: could not release the cluster lock ({}); it expires by itself \
-             within {} s",
-            e.message(),
-            deis_backup_coordinator::lock::TTL.as_secs()
-        );
+/// Releases what the run holds. A failure is a warning, not the run's outcome: the work is done
+/// (or its own error stands), and the lock and lease lapse by themselves.
+async fn release(hold: Hold) {
+    for w in hold.release().await {
+        eprintln!("deis-backup: warning: {w}");
     }
 }
 
-/// A snapshot id, or the newest for `latest`.
 async fn resolve_id(repo: &Repository, id: &str) -> Result<SnapshotId> {
     if id == "latest" {
         return repo.snapshots().await?.pop().ok_or_else(|| {

@@ -11,6 +11,8 @@ pub mod agents;
 pub mod bucket_restore;
 pub mod error;
 pub mod gateway;
+pub mod hold;
+pub mod lease;
 pub mod lock;
 pub mod mirror;
 pub mod pki;

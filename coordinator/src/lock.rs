@@ -11,6 +11,9 @@
 //!   the lock expiring). The holder calls [`Lock::check`] before every step that deletes or
 //!   commits (each prune delete batch, a snapshot's manifest) and stops with a clear error.
 //! - Release deletes the key only if it still holds this holder's value.
+//! - The cluster names itself to repositories by a random id kept at [`CLUSTER_ID_KEY`], made
+//!   once by the first holder; repository leases ([`crate::lease`]) carry it and the holder's
+//!   token, so a run can tell a lease of its own cluster's dead run from another cluster's.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +32,8 @@ pub const TTL: Duration = Duration::from_secs(60);
 pub const REFRESH: Duration = Duration::from_secs(15);
 /// How long before the TTL runs out a holder without a successful refresh stops trusting its lock.
 pub const MARGIN: Duration = Duration::from_secs(15);
+/// The etcd key holding the cluster's id (never exported: `/deis/backup` is not configuration).
+pub const CLUSTER_ID_KEY: &str = "/deis/backup/cluster-id";
 
 /// Who holds the lock, as stored in etcd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +84,8 @@ fn foreign() -> Error {
 pub struct Lock {
     etcd: Client,
     value: String,
+    token: String,
+    cluster: String,
     lost: watch::Receiver<bool>,
     /// When the lock was last known to be ours (taken or refreshed).
     confirmed: watch::Receiver<Instant>,
@@ -96,6 +103,7 @@ impl Lock {
             token: random_token(),
         };
         let value = serde_json::to_string(&holder).expect("holder serialises");
+        let cluster = cluster_id(etcd).await?;
         match etcd.create(KEY, &value, Some(TTL)).await? {
             Conditional::Done(_) => {}
             Conditional::Failed(node) => {
@@ -114,10 +122,22 @@ impl Lock {
         Ok(Lock {
             etcd: etcd.clone(),
             value,
+            token: holder.token,
+            cluster,
             lost,
             confirmed,
             refresher,
         })
+    }
+
+    /// This holder's unique token (as stored in the lock's value).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The id of the cluster whose lock this is.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
     }
 
     /// True once a refresh found the lock gone or taken by someone else, or no refresh has
@@ -199,12 +219,31 @@ async fn refresh(
     }
 }
 
-fn hostname() -> String {
+/// The cluster's id, made by whoever asks first.
+async fn cluster_id(etcd: &Client) -> Result<String> {
+    if let Some(id) = etcd.get(CLUSTER_ID_KEY).await? {
+        return Ok(id);
+    }
+    let fresh = random_token();
+    match etcd.create(CLUSTER_ID_KEY, &fresh, None).await? {
+        Conditional::Done(_) => Ok(fresh),
+        // Another process made it first: theirs stands.
+        Conditional::Failed(_) => etcd.get(CLUSTER_ID_KEY).await?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Etcd,
+                format!("{CLUSTER_ID_KEY} vanished while it was being created"),
+                "run it again",
+            )
+        }),
+    }
+}
+
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
 }
 
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     use std::hash::{BuildHasher, RandomState};
     let a = RandomState::new().hash_one(std::process::id());
     let b = RandomState::new().hash_one(std::time::SystemTime::now());

@@ -2,9 +2,12 @@
 //! remaining snapshot names.
 //!
 //! Invariants:
-//! - The caller holds the cluster lock, so no snapshot is being written: an incomplete snapshot
-//!   (no manifest) is then a dead run and is removed too. The lock is checked before every
-//!   deletion (each snapshot, each batch of blobs): once it is lost, prune stops.
+//! - The caller holds the cluster lock and a repository lease beside which no snapshot runs (see
+//!   `lease`), so no snapshot is being written: an incomplete snapshot (no manifest) is then a
+//!   dead run and is removed too. Both are checked before every deletion (each snapshot, each
+//!   batch of blobs): once either is lost, prune stops.
+//! - A snapshot a live restore or verify reads (their leases say which) is kept, whatever the
+//!   policy says.
 //! - A policy that keeps nothing is refused (see `retention`).
 //! - Snapshots go manifest first; blobs go only after every forgotten snapshot is gone, and only if
 //!   no kept snapshot names them.
@@ -17,8 +20,9 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::error::{Error, Result};
-use crate::lock::Lock;
-use crate::repository::{PartRef, PruneStats, Repository};
+use crate::hold::Hold;
+use crate::lease::Record;
+use crate::repository::{PartRef, PruneStats, Repository, SnapshotId};
 use crate::retention::{self, Candidate, Decision, Policy};
 
 /// Options of `prune`. Serve the CLI, the config file (`[prune]`) and the library.
@@ -74,8 +78,17 @@ pub struct DecisionOut {
     pub reasons: Vec<&'static str>,
 }
 
-/// Applies `options` to `repo` while `lock` is held; stops before any deletion once it is lost.
-pub async fn prune(repo: &Repository, options: &PruneOptions, lock: &Lock) -> Result<Report> {
+/// The reason a snapshot in use by another run is kept.
+pub const IN_USE: &str = "in-use";
+
+/// Applies `options` to `repo` while `hold` is held; stops before any deletion once it is lost.
+/// `others` are the live leases of other runs on the repository.
+pub async fn prune(
+    repo: &Repository,
+    options: &PruneOptions,
+    hold: &Hold,
+    others: &[Record],
+) -> Result<Report> {
     let mut candidates = Vec::new();
     for id in repo.snapshots().await? {
         let m = repo.manifest(&id).await?;
@@ -90,8 +103,18 @@ pub async fn prune(repo: &Repository, options: &PruneOptions, lock: &Lock) -> Re
             time,
         });
     }
-    let decisions: Vec<Decision> = retention::apply(options.policy(), &candidates)
+    let mut decisions: Vec<Decision> = retention::apply(options.policy(), &candidates)
         .map_err(|e| Error::config(e.to_string()))?;
+    let in_use: HashSet<&str> = others
+        .iter()
+        .flat_map(|o| o.reads.iter().map(SnapshotId::as_str))
+        .collect();
+    for d in &mut decisions {
+        if in_use.contains(d.id.as_str()) {
+            d.keep = true;
+            d.reasons.push(IN_USE);
+        }
+    }
     let incomplete = repo.incomplete_snapshots().await?;
     let times: std::collections::HashMap<&str, OffsetDateTime> =
         candidates.iter().map(|c| (c.id.as_str(), c.time)).collect();
@@ -109,14 +132,14 @@ pub async fn prune(repo: &Repository, options: &PruneOptions, lock: &Lock) -> Re
         would_delete(repo, &decisions).await?
     } else {
         for d in decisions.iter().filter(|d| !d.keep) {
-            lock.check(&format!("forgetting snapshot {}", d.id))?;
+            hold.check(&format!("forgetting snapshot {}", d.id))?;
             repo.delete_snapshot(&d.id.parse()?).await?;
         }
         for id in &incomplete {
-            lock.check(&format!("removing incomplete snapshot {id}"))?;
+            hold.check(&format!("removing incomplete snapshot {id}"))?;
             repo.delete_snapshot(id).await?;
         }
-        repo.prune_blobs(|| lock.check("deleting unreferenced blobs"))
+        repo.prune_blobs(|| hold.check("deleting unreferenced blobs"))
             .await?
     };
     Ok(Report {

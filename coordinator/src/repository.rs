@@ -54,6 +54,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// is then kept (every name a repository writes is content-addressed or written once). A file
     /// of another size there (cut short by a crash) is replaced, as by [`Backend::put_file`].
     async fn put_bytes(&self, name: &str, data: Bytes) -> Result<bool>;
+    /// Stores small `data` as `name`, atomically, replacing what is there: only for the one kind
+    /// of file that changes in place, a run's lease (`leases/`).
+    async fn replace_bytes(&self, name: &str, data: Bytes) -> Result<()>;
     /// The whole content of a small file (manifest, listing).
     async fn get_bytes(&self, name: &str) -> Result<Bytes>;
     /// A local file holding `name`'s bytes (the file itself, or a staged download).
@@ -1025,6 +1028,10 @@ mod tests {
         async fn put_bytes(&self, name: &str, data: Bytes) -> Result<bool> {
             self.log.lock().unwrap().push(format!("put {name}"));
             self.inner.put_bytes(name, data).await
+        }
+        async fn replace_bytes(&self, name: &str, data: Bytes) -> Result<()> {
+            self.log.lock().unwrap().push(format!("replace {name}"));
+            self.inner.replace_bytes(name, data).await
         }
         async fn get_bytes(&self, name: &str) -> Result<Bytes> {
             self.inner.get_bytes(name).await

@@ -6,13 +6,14 @@
 //! Invariants:
 //! - Nothing is written before the preflight passes: the snapshot's parts re-hash to their recorded
 //!   sha256 and every object's blob exists; the gateway takes the cluster's *current* keys; no
-//!   platform container runs on any host; the target buckets and store directories are empty.
-//!   `--force` overrides the last three only.
+//!   platform container runs on any host; the target buckets and store directories are empty; each
+//!   store's filesystem has room for the archive's files beside what it holds (an overwrite keeps
+//!   the old content until the new one is in place). `--force` overrides the last four only.
 //! - `--dry-run` runs the preflight and prints the plan, and writes nothing.
 //! - A failure after writing began says exactly which steps completed.
-//! - A restore that writes holds the target cluster's lock (taken by the caller); each step starts
-//!   only while it is still held, so no snapshot, prune or second restore of that cluster runs
-//!   meanwhile.
+//! - A restore that writes holds the target cluster's lock and a lease on the repository (taken by
+//!   the caller); each step starts only while both are still held, so no snapshot, prune or second
+//!   restore of that cluster runs meanwhile, and no prune of the repository deletes the snapshot.
 
 use std::time::Instant;
 
@@ -20,6 +21,7 @@ use deis_backup_proto::v1::restore_database_request::Kind as DbKind;
 use deis_backup_proto::v1::restore_store_request::Kind as StoreKind;
 use deis_backup_proto::v1::{
     Digest, RestoreDatabaseHeader, RestoreDatabaseRequest, RestoreStoreHeader, RestoreStoreRequest,
+    StorePath,
 };
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
@@ -29,7 +31,7 @@ use crate::agents::{self, Agent, Described};
 use crate::bucket_restore::{self, Existing};
 use crate::error::{Error, ErrorKind, Result};
 use crate::gateway::DeisBuckets;
-use crate::lock::Lock;
+use crate::hold::Hold;
 use crate::platform_keys;
 use crate::repository::{BlobReader, BlobRef, Manifest, PartInfo, Repository};
 use crate::snapshot::{self, Cluster, DATABASE_PART, ETCD_PART, STORE_PREFIX};
@@ -87,6 +89,22 @@ pub struct Report {
     pub next: String,
 }
 
+/// Why the store's filesystem cannot take the archive's files, if it cannot: they need about the
+/// archive's uncompressed size, on top of what the directory holds now (an overwrite keeps the old
+/// content until the new one is in place).
+fn too_little_room(there: Option<&StorePath>, info: &PartInfo) -> Option<String> {
+    let need = info.raw_bytes?;
+    let free = there?.free_bytes?;
+    (need > free).then(|| {
+        format!(
+            "not enough space: the snapshot's files need about {} and the filesystem has {} free \
+             (an overwrite keeps the old content until the new one is in place)",
+            indicatif::HumanBytes(need),
+            indicatif::HumanBytes(free)
+        )
+    })
+}
+
 /// Restores `manifest` onto the cluster. See the module invariants.
 pub async fn restore(
     repo: &Repository,
@@ -94,7 +112,7 @@ pub async fn restore(
     target: &Cluster,
     options: &RestoreOptions,
     progress: &dyn snapshot::Progress,
-    lock: Option<&Lock>,
+    hold: Option<&Hold>,
 ) -> Result<Report> {
     let (etcd, agents) = (&target.etcd, target.agents.as_slice());
     let (gateway, target_buckets) = (target.gateway.as_ref(), target.deis_buckets.as_ref());
@@ -155,14 +173,20 @@ pub async fn restore(
             let info = manifest.part_info.get(name).cloned().unwrap_or_default();
             let agent = store_target(agents, name, &info)?;
             let path = info.path.as_deref().unwrap_or_default();
-            let target_is_empty = agents
+            let there = agents
                 .iter()
                 .filter(|d| d.agent.host_id == agent.host_id)
                 .flat_map(|d| &d.info.store_paths)
-                .any(|p| p.path == path && p.empty);
-            if !target_is_empty && !options.overwrite_store {
+                .find(|p| p.path == path);
+            if !there.is_some_and(|p| p.empty) && !options.overwrite_store {
                 refusals.push(format!(
                     "store directory {path} on {} is not empty (--overwrite-store replaces it)",
+                    agent.host_id
+                ));
+            }
+            if let Some(short) = too_little_room(there, &info) {
+                refusals.push(format!(
+                    "store directory {path} on {}: {short}",
                     agent.host_id
                 ));
             }
@@ -231,7 +255,7 @@ pub async fn restore(
 
     // 3. Write, in the documented order; each step only while the target's lock is still held.
     let mut i = 0;
-    let held = |report: &Report, i: usize| match lock {
+    let held = |report: &Report, i: usize| match hold {
         Some(l) => l.check(&format!(
             "{} {}",
             report.steps[i].what, report.steps[i].target
@@ -534,4 +558,33 @@ fn find<'a>(agents: &'a [Described], host: &str) -> &'a Agent {
         .find(|d| d.agent.host_id == host)
         .expect("the database agent is among the agents")
         .agent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_without_room_for_the_archive_is_a_preflight_refusal() {
+        let info = |raw| PartInfo {
+            raw_bytes: raw,
+            ..PartInfo::default()
+        };
+        let path = |free| StorePath {
+            free_bytes: free,
+            ..StorePath::default()
+        };
+        let mib = 1 << 20;
+        let short = too_little_room(Some(&path(Some(20 * mib))), &info(Some(30 * mib)))
+            .expect("30 MiB do not fit in 20");
+        assert!(
+            short.contains("not enough space") && short.contains("30.00 MiB"),
+            "{short}"
+        );
+        assert!(too_little_room(Some(&path(Some(30 * mib))), &info(Some(30 * mib))).is_none());
+        // Unknown on either side (an older agent or snapshot): no finding.
+        assert!(too_little_room(Some(&path(None)), &info(Some(30 * mib))).is_none());
+        assert!(too_little_room(Some(&path(Some(0))), &info(None)).is_none());
+        assert!(too_little_room(None, &info(Some(1))).is_none());
+    }
 }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::agents::{self, Agent, AgentOptions, Described};
 use crate::error::{Error, ErrorKind, Result};
 use crate::gateway::{DeisBuckets, Gateway, GatewayOptions};
-use crate::lock::Lock;
+use crate::hold::Hold;
 use crate::mirror::{self, MirrorStats};
 use crate::platform_keys;
 use crate::repository::{
@@ -308,13 +308,14 @@ async fn reusable_parts(repo: &Repository, previous: &Manifest) -> Result<Reuse>
     Ok(reuse)
 }
 
-/// Takes the snapshot the plan describes. The caller holds `lock`.
+/// Takes the snapshot the plan describes. The caller holds `hold` (the cluster lock and a
+/// repository lease).
 pub async fn run(
     cluster: &Cluster,
     repo: &Repository,
     plan: &Plan,
     options: &SnapshotOptions,
-    lock: &Lock,
+    hold: &Hold,
     progress: &dyn Progress,
 ) -> Result<Outcome> {
     let mut snapshot = repo.start_snapshot(SnapshotId::generate());
@@ -414,7 +415,7 @@ pub async fn run(
         snapshot.add_part(&name, blob)?;
         snapshot.describe_part(&name, info);
     }
-    lock.check("writing the manifest; the snapshot is not complete")?;
+    hold.check("writing the manifest; the snapshot is not complete")?;
     let manifest = snapshot.commit().await?;
     Ok(Outcome {
         manifest,
@@ -848,6 +849,7 @@ mod tests {
                         fs_identity: (*id).to_owned(),
                         shared: *shared,
                         empty: false,
+                        free_bytes: None,
                     })
                     .collect(),
                 ..DescribeReply::default()

@@ -45,6 +45,9 @@ impl Backend for OneFile {
     async fn put_bytes(&self, _: &str, _: Bytes) -> CoordResult<bool> {
         panic!("a read wrote to the repository")
     }
+    async fn replace_bytes(&self, _: &str, _: Bytes) -> CoordResult<()> {
+        panic!("a read wrote to the repository")
+    }
     async fn get_bytes(&self, name: &str) -> CoordResult<Bytes> {
         if name == self.name {
             Ok(self.data.clone())

@@ -438,7 +438,12 @@ async fn fault_disk_full_at_the_restore_target_leaves_its_store_as_it_was() {
     let dst = Fresh { target, agent };
     let db_before = support::pg_dumpall(dst.target.database_container());
 
+    // The preflight sees the archive's 30 MiB of files will not fit, and says so up front.
     let out = dst.restore(&repo, &id, &["--database-sql"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    one_line_error(&out, &["nothing was written", "not enough space", "free"]);
+    // Forced past it, the disk fills mid-restore: a clear error, and the store as it was.
+    let out = dst.restore(&repo, &id, &["--database-sql", "--force"]);
     one_line_error(&out, &["no space left on device"]);
     assert!(
         support::tree(&dst.target.store_dir()).is_empty(),
@@ -944,4 +949,121 @@ async fn fault_a_coordinator_killed_mid_restore_and_run_again_gives_an_identical
         support::tree(&src.target.store_dir()),
         "the restored store differs"
     );
+}
+
+/// The operations of the repository's live leases, from the files.
+fn leases(repo: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(repo.join("leases")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let v: Value = serde_json::from_slice(&std::fs::read(e.ok()?.path()).ok()?).ok()?;
+        Some(v["operation"].as_str()?.to_owned())
+    })
+    .collect()
+}
+
+async fn wait_for_lease(repo: &Path, operation: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !leases(repo).iter().any(|o| o == operation) {
+        assert!(Instant::now() < deadline, "no {operation} lease appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_two_clusters_sharing_a_repository_keep_out_of_each_others_way() {
+    // Two clusters, two etcds, two cluster locks, one repository: only the leases in the
+    // repository keep them apart.
+    let a = Fresh::new();
+    let b = Fresh::new();
+    let (ta, tb) = (a.agent.token_file.clone(), b.agent.token_file.clone());
+    seed_buckets(&a.s3().await, 8, 1 << 20).await;
+    let (_d, repo) = repo_dir("e2e-fault-two-clusters");
+    let r = repo.display().to_string();
+    let first = snapshot_id(&ok(
+        &run(&tb, &snapshot_args(&b, &r, &["--no-buckets"])).await,
+        "b's snapshot",
+    ));
+
+    // 16 MiB of a's buckets at 2 MiB/s: a's snapshot runs ~8 s. b's prune (keeping 1, so b's
+    // snapshot would go, and every blob of a's no manifest names yet) finds b's lock free.
+    let running = spawn_deis_backup(&ta, &snapshot_args(&a, &r, &["--bandwidth-limit", "2MiB"]));
+    wait_for_lease(&repo, "snapshot", Duration::from_secs(30)).await;
+    let before = walk_files(&repo.join("blobs"));
+    let mut keep_one = prune_args(&b, &r);
+    keep_one[2] = "1";
+    let refused = run(&tb, &keep_one).await;
+    assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
+    one_line_error(
+        &refused,
+        &[
+            "prune refused",
+            "a snapshot by pid",
+            "using this repository",
+        ],
+    );
+    let after = walk_files(&repo.join("blobs"));
+    assert!(
+        before.iter().all(|f| after.contains(f)),
+        "the refused prune deleted blobs"
+    );
+    let second = snapshot_id(&ok(&wait(running).await, "a's snapshot"));
+    assert!(leases(&repo).is_empty(), "leases left: {:?}", leases(&repo));
+    let third = snapshot_id(&ok(
+        &run(&tb, &snapshot_args(&b, &r, &["--no-buckets"])).await,
+        "b's second snapshot",
+    ));
+
+    // A slowed restore of a's snapshot onto a third cluster; meanwhile a's prune keeping only
+    // the newest snapshot keeps the one being restored too, and forgets the other.
+    let c = Fresh::new();
+    let restore_args = [
+        "restore",
+        &second,
+        "--json",
+        "--etcd",
+        c.target.etcd_endpoints(),
+        "--agent",
+        c.agent.spec(),
+        "-r",
+        &r,
+        // The target's database container runs: the platform check is waived on purpose.
+        "--force",
+        "--bandwidth-limit",
+        "2MiB",
+    ];
+    let restoring = spawn_deis_backup(&c.agent.token_file, &restore_args);
+    wait_for_lease(&repo, "restore", Duration::from_secs(60)).await;
+    let mut keep_one = prune_args(&a, &r);
+    keep_one[2] = "1";
+    let pruned = ok(&run(&ta, &keep_one).await, "a's prune beside the restore");
+    let kept: BTreeMap<String, (bool, String)> = pruned["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["id"].as_str().unwrap().to_owned(),
+                (d["keep"].as_bool().unwrap(), d["reasons"].to_string()),
+            )
+        })
+        .collect();
+    assert!(!kept[&first].0, "{kept:?}");
+    assert_eq!(kept[&second], (true, "[\"in-use\"]".to_owned()), "{kept:?}");
+    assert!(kept[&third].0, "{kept:?}");
+    ok(&wait(restoring).await, "the restore beside the prune");
+    let want = listing(&a.s3().await, "db_wal").await.unwrap();
+    assert_eq!(listing(&c.s3().await, "db_wal").await, Some(want));
+
+    // With the restore done, the same prune forgets it; what stays verifies.
+    ok(&run(&ta, &keep_one).await, "a's prune after the restore");
+    let (ids, incomplete) = list_ids(&ta, &repo);
+    assert_eq!(ids, std::slice::from_ref(&third));
+    assert!(incomplete.is_empty(), "{incomplete:?}");
+    ok(
+        &run(&ta, &["verify", &third, "--read-data", "-r", &r]).await,
+        "verify",
+    );
+    assert!(leases(&repo).is_empty(), "leases left: {:?}", leases(&repo));
 }

@@ -1010,6 +1010,11 @@ async fn fault_a_coordinator_killed_mid_snapshot_leaves_no_complete_snapshot_and
         staged.is_empty(),
         "debris in the staging directory: {staged:?}"
     );
+    // Its repository lease too: its cluster's lock went to the next run, and it fell silent.
+    let leases: Vec<_> = std::fs::read_dir(repo.join("leases"))
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    assert!(leases.is_empty(), "a dead run's lease stayed: {leases:?}");
     ok(&prune(&source, &repo, "5"), "prune");
     let (ids, incomplete) = list_ids(&source.agent.token_file, &repo);
     assert_eq!(ids, [id]);

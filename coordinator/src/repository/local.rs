@@ -153,6 +153,28 @@ impl Backend for LocalBackend {
         .map_err(|e| Error::repository(format!("write task failed: {e}")))?
     }
 
+    async fn replace_bytes(&self, name: &str, data: Bytes) -> Result<()> {
+        let dest = self.path(name)?;
+        let staging = self.staging.clone();
+        tokio::task::spawn_blocking(move || {
+            let what = format!("write {}", dest.display());
+            if let Some(p) = dest.parent() {
+                std::fs::create_dir_all(p)
+                    .map_err(|e| Error::io(format!("create {}", p.display()), &e))?;
+            }
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".put-")
+                .tempfile_in(&staging)
+                .map_err(|e| Error::io(&what, &e))?;
+            tmp.write_all(&data).map_err(|e| Error::io(&what, &e))?;
+            tmp.persist(&dest)
+                .map(drop)
+                .map_err(|e| Error::io(&what, &e.error))
+        })
+        .await
+        .map_err(|e| Error::repository(format!("write task failed: {e}")))?
+    }
+
     async fn get_bytes(&self, name: &str) -> Result<Bytes> {
         let p = self.path(name)?;
         match tokio::fs::read(&p).await {

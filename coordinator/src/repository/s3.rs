@@ -173,6 +173,13 @@ impl Backend for S3Backend {
         Ok(true)
     }
 
+    async fn replace_bytes(&self, name: &str, data: Bytes) -> Result<()> {
+        // A PUT replaces an object whole.
+        self.gateway
+            .put_bytes(&self.bucket, &self.key(name), data)
+            .await
+    }
+
     async fn get_bytes(&self, name: &str) -> Result<Bytes> {
         let file = self.local_file(name).await?;
         let data = tokio::fs::read(file.path())

@@ -36,6 +36,9 @@ impl Backend for OneFile {
     async fn put_bytes(&self, _: &str, _: Bytes) -> Result<bool> {
         unreachable!("a read wrote")
     }
+    async fn replace_bytes(&self, _: &str, _: Bytes) -> Result<()> {
+        unreachable!("a read wrote")
+    }
     async fn get_bytes(&self, name: &str) -> Result<Bytes> {
         if name == self.name {
             Ok(self.data.clone())
