@@ -16,6 +16,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// Hooks merge by name; the command line names none, so the file's all stay.
+fn extend(over: &mut BTreeMap<String, Hook>, file: BTreeMap<String, Hook>) {
+    for (name, hook) in file {
+        over.entry(name).or_insert(hook);
+    }
+}
+
 /// Default Docker socket (mounted into the agent's container).
 pub const DEFAULT_DOCKER: &str = "unix:///var/run/docker.sock";
 /// Default database container, as Deis v1 names it.
@@ -51,8 +58,9 @@ pub struct Hook {
 
 /// deis-backup agent: serves the database dump, the store archive, their restores and named hooks
 /// to the coordinator over authenticated gRPC.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args, merge::Merge)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[merge(strategy = merge::option::overwrite_none)]
 pub struct Config {
     /// Address to serve gRPC on [default: $COREOS_PRIVATE_IPV4:4195].
     #[arg(long, env = "DEIS_BACKUP_AGENT_LISTEN")]
@@ -62,6 +70,7 @@ pub struct Config {
     pub etcd: Option<String>,
     /// Do not register in etcd (for running by hand).
     #[arg(long)]
+    #[merge(strategy = merge::bool::overwrite_false)]
     pub no_register: bool,
     /// Identity of this host in etcd and Describe [default: the contents of --machine-id-file].
     #[arg(long)]
@@ -90,11 +99,13 @@ pub struct Config {
     pub database_container: Option<String>,
     /// A store path the agent may archive and restore; repeat for several [default: /var/lib/deis/store].
     #[arg(long = "store-path")]
+    #[merge(strategy = merge::vec::overwrite_empty)]
     pub store_paths: Vec<PathBuf>,
     /// A platform container Describe reports when it runs; repeat for several [default:
     /// deis-database, deis-registry, deis-controller, deis-logger, deis-builder, and the database
     /// container].
     #[arg(long = "platform-container")]
+    #[merge(strategy = merge::vec::overwrite_empty)]
     pub platform_containers: Vec<String>,
     /// Default zstd level for dumps and archives [default: 3].
     #[arg(long)]
@@ -105,6 +116,7 @@ pub struct Config {
     /// Serve plain HTTP/2 without TLS: the token then travels in clear and any caller that has it
     /// is served. For a throwaway test network only; every start says so in the log.
     #[arg(long)]
+    #[merge(strategy = merge::bool::overwrite_false)]
     pub insecure_plaintext: bool,
     /// Restore the numeric owners an archive records, uid/gid 0 included [default: true].
     #[arg(long)]
@@ -146,6 +158,7 @@ pub struct Config {
     pub idle_timeout: Option<u64>,
     /// Hooks by name (config file only).
     #[arg(skip)]
+    #[merge(strategy = extend)]
     pub hooks: BTreeMap<String, Hook>,
 }
 
@@ -198,48 +211,14 @@ impl Config {
         })
     }
 
-    /// This config with every value set in `over` replacing ours (command line over file).
+    /// This config with every value set in `over` replacing ours (command line over file):
+    /// a value `over` leaves unset (`None`, `false`, empty) comes from `self`. Derived
+    /// ([`merge::Merge`]): a new optional field merges without a line here; a field of another
+    /// type does not compile until it names how.
     #[must_use]
-    pub fn merged(mut self, over: Config) -> Self {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
-        }
-        take!(
-            listen,
-            etcd,
-            host_id,
-            machine_id_file,
-            token_file,
-            tls_cert,
-            tls_key,
-            tls_client_ca,
-            docker,
-            database_container,
-            zstd_level,
-            zstd_workers,
-            restore_owners,
-            restore_setid,
-            allow_devices,
-            max_restore_bytes,
-            max_zstd_level,
-            max_zstd_window_log,
-            restore_database,
-            max_sql_line,
-            spool_dir,
-            max_connections,
-            max_streams,
-            idle_timeout
-        );
-        self.no_register |= over.no_register;
-        self.insecure_plaintext |= over.insecure_plaintext;
-        if !over.store_paths.is_empty() {
-            self.store_paths = over.store_paths;
-        }
-        if !over.platform_containers.is_empty() {
-            self.platform_containers = over.platform_containers;
-        }
-        self.hooks.extend(over.hooks);
-        self
+    pub fn merged(self, mut over: Config) -> Self {
+        merge::Merge::merge(&mut over, self);
+        over
     }
 
     /// The address to serve on: `--listen`, else `$COREOS_PRIVATE_IPV4:4195`.
@@ -488,6 +467,65 @@ mod tests {
         assert_eq!(hooks["vacuum"].command, ["vacuumdb", "--all"]);
         assert!(hooks.contains_key("wal-e-backup-push"));
         assert_eq!(c.database_container(), "deis-database");
+    }
+
+    /// A config with every field set; a field added to `Config` and not here does not compile.
+    fn every_field_set() -> Config {
+        Config {
+            listen: Some("10.0.0.1:1".into()),
+            etcd: Some("http://10.0.0.1:4001".into()),
+            no_register: true,
+            host_id: Some("h".into()),
+            machine_id_file: Some("/m".into()),
+            token_file: Some("/t".into()),
+            tls_cert: Some("/c".into()),
+            tls_key: Some("/k".into()),
+            tls_client_ca: Some("/ca".into()),
+            docker: Some("unix:///d".into()),
+            database_container: Some("db".into()),
+            store_paths: vec!["/s".into()],
+            platform_containers: vec!["p".into()],
+            zstd_level: Some(7),
+            zstd_workers: Some(3),
+            insecure_plaintext: true,
+            restore_owners: Some(false),
+            restore_setid: Some(false),
+            allow_devices: Some(true),
+            max_restore_bytes: Some(5),
+            max_zstd_level: Some(9),
+            max_zstd_window_log: Some(20),
+            restore_database: Some(true),
+            max_sql_line: Some(6),
+            spool_dir: Some("/sp".into()),
+            max_connections: Some(2),
+            max_streams: Some(4),
+            idle_timeout: Some(8),
+            hooks: BTreeMap::from([(
+                "h".into(),
+                Hook {
+                    container: None,
+                    user: None,
+                    command: vec!["true".into()],
+                },
+            )]),
+        }
+    }
+
+    #[test]
+    fn every_field_merges_from_the_file_and_from_the_command_line() {
+        let all = every_field_set();
+        // From the file, under an empty command line; from the command line, over an empty file.
+        assert_eq!(all.clone().merged(Config::default()), all);
+        assert_eq!(Config::default().merged(all.clone()), all);
+        // The command line wins, `Some(false)` included.
+        let file = Config {
+            restore_owners: Some(true),
+            zstd_level: Some(1),
+            ..Config::default()
+        };
+        let c = file.merged(all.clone());
+        assert_eq!(c.restore_owners, Some(false));
+        assert_eq!(c.zstd_level, Some(7));
     }
 
     #[test]

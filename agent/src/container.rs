@@ -219,7 +219,7 @@ impl Engine {
                 output,
                 input,
             }),
-            StartExecResults::Detached => Err(Error::BadRequest {
+            StartExecResults::Detached => Err(Error::Internal {
                 what: "Docker started the exec detached though it was asked to attach".into(),
             }),
         }
@@ -248,7 +248,7 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(5 * attempt.min(10))).await;
         }
-        Err(Error::BadRequest {
+        Err(Error::Internal {
             what: format!("the exec in '{container}' still runs after its output ended"),
         })
     }

@@ -48,7 +48,7 @@ fn millis(start: Instant) -> u64 {
 }
 
 fn join_error(e: &tokio::task::JoinError) -> Error {
-    Error::BadRequest {
+    Error::Internal {
         what: format!("an agent worker thread failed: {e}"),
     }
 }
@@ -181,7 +181,7 @@ pub async fn dump(
         Ok(v) => v,
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(Error::Cancelled),
         Err(e) => {
-            return Err(Error::BadRequest {
+            return Err(Error::Internal {
                 what: format!("compressing the dump failed: {e}"),
             });
         }

@@ -88,6 +88,11 @@ pub enum Error {
     },
     #[error("the caller went away")]
     Cancelled,
+    /// A failure inside the agent that no request caused (a worker that panicked, Docker
+    /// answering against its API); INVALID_ARGUMENT stays for requests refused before anything
+    /// was written.
+    #[error("internal agent failure: {what}")]
+    Internal { what: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -136,6 +141,9 @@ impl Error {
             }
             Error::Io { .. } => "check the path's permissions and free space on this host",
             Error::Cancelled => "nothing to do: the caller cancelled",
+            Error::Internal { .. } => {
+                "retry; if it happens again, the agent's log on this host has the details"
+            }
         }
     }
 
@@ -143,9 +151,11 @@ impl Error {
     pub fn status(&self) -> tonic::Status {
         use tonic::Code;
         let code = match self {
-            Error::Config { .. } | Error::Docker { .. } | Error::Exec { .. } | Error::Io { .. } => {
-                Code::Internal
-            }
+            Error::Config { .. }
+            | Error::Docker { .. }
+            | Error::Exec { .. }
+            | Error::Io { .. }
+            | Error::Internal { .. } => Code::Internal,
             Error::NoContainer { .. } | Error::NoHook { .. } => Code::NotFound,
             Error::NotRunning { .. } | Error::NotEmpty { .. } | Error::Disabled { .. } => {
                 Code::FailedPrecondition

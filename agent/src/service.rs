@@ -212,7 +212,7 @@ impl agent_server::Agent for AgentService {
         Ok(Response::new(Self::download(move |tx| async move {
             tokio::task::spawn_blocking(move || store::archive::archive(&root, opts, tx))
                 .await
-                .map_err(|e| Error::BadRequest {
+                .map_err(|e| Error::Internal {
                     what: format!("the archive worker failed: {e}"),
                 })?
         })))

@@ -125,7 +125,7 @@ pub async fn restore_bucket(
                     .map_err(|err| err.context(ctx))?;
                 let on_disk = tokio::fs::metadata(file.path())
                     .await
-                    .map_err(|err| Error::io(format!("stat {}", file.path().display()), &err))?
+                    .map_err(|err| Error::io(format!("stat {}", file.path().display()), err))?
                     .len();
                 if on_disk != e.size {
                     return Err(damaged(

@@ -30,7 +30,7 @@ use self::config::ConfigFile;
 /// the store files (/var/lib/deis/store) and the platform's etcd keys.
 #[derive(Debug, Parser)]
 #[command(name = "deis-backup", version, about, long_about)]
-struct Cli {
+pub(crate) struct Cli {
     /// TOML config file; its sections ([repository], [gateway], [agents], [snapshot], [restore],
     /// [prune]) take the long option names without dashes' prefix.
     #[arg(long, short = 'c', global = true, env = "DEIS_BACKUP_CONFIG")]

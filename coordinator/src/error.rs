@@ -41,12 +41,14 @@ pub enum ErrorKind {
     Preflight,
 }
 
-/// An error of the coordinator library: a kind, a message, and a guidance line.
+/// An error of the coordinator library: a kind, a message, a guidance line, and the error that
+/// caused it, when there is one (kept for `source()`; its text is already in the message).
 #[derive(Debug)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
     guidance: Cow<'static, str>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl Error {
@@ -59,7 +61,15 @@ impl Error {
             kind,
             message: message.into(),
             guidance: guidance.into(),
+            source: None,
         }
+    }
+
+    /// Keeps `source` as the cause of this error.
+    #[must_use]
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -83,12 +93,13 @@ impl Error {
         self
     }
 
-    pub(crate) fn io(what: impl fmt::Display, e: &std::io::Error) -> Self {
+    pub(crate) fn io(what: impl fmt::Display, e: std::io::Error) -> Self {
         Self::new(
             ErrorKind::Io,
             format!("{what}: {e}"),
             "check that the path exists, is writable and that the disk is not full",
         )
+        .with_source(e)
     }
 
     pub(crate) fn repository(message: impl Into<String>) -> Self {
@@ -130,7 +141,13 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 impl From<deis_backup_etcd::Error> for Error {
     fn from(e: deis_backup_etcd::Error) -> Self {
@@ -139,6 +156,7 @@ impl From<deis_backup_etcd::Error> for Error {
             e.to_string(),
             "pass --etcd with a reachable endpoint, or give the gateway endpoint and keys explicitly",
         )
+        .with_source(e)
     }
 }
 
@@ -155,5 +173,20 @@ mod tests {
         let s = e.to_string();
         assert!(s.starts_with("restoring: no snapshot x"), "{s}");
         assert!(s.contains("next: list the snapshots"), "{s}");
+    }
+
+    #[test]
+    fn the_cause_stays_reachable_through_context() {
+        use std::error::Error as _;
+        let io = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let e = Error::io("write /r/blobs/x", io).context("snapshot");
+        assert_eq!(e.kind(), ErrorKind::Io);
+        let cause = e.source().expect("the io error is the source");
+        let io = cause.downcast_ref::<std::io::Error>().unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::StorageFull);
+        assert!(
+            e.message().starts_with("snapshot: write /r/blobs/x: "),
+            "{e}"
+        );
     }
 }

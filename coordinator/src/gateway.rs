@@ -764,14 +764,14 @@ async fn fold_range<S: Send + 'static>(
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
         let what = format!("read {}", path.display());
-        let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&what, &e))?;
+        let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&what, e))?;
         f.seek(std::io::SeekFrom::Start(offset))
-            .map_err(|e| Error::io(&what, &e))?;
+            .map_err(|e| Error::io(&what, e))?;
         let mut buf = vec![0u8; 1024 * 1024];
         let mut left = len;
         while left > 0 {
             let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-            let n = f.read(&mut buf[..want]).map_err(|e| Error::io(&what, &e))?;
+            let n = f.read(&mut buf[..want]).map_err(|e| Error::io(&what, e))?;
             if n == 0 {
                 return Err(Error::integrity(format!("{what}: shorter than recorded")));
             }

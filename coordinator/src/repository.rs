@@ -357,7 +357,7 @@ impl Repository {
             let n = reader
                 .read(&mut buf)
                 .await
-                .map_err(|e| Error::io(format!("read blob {}", blob.sha256), &e))?;
+                .map_err(|e| Error::io(format!("read blob {}", blob.sha256), e))?;
             if n == 0 {
                 break;
             }
@@ -383,7 +383,7 @@ impl Repository {
         let file = self.blob_file(sha256).await?;
         let f = tokio::fs::File::open(file.path())
             .await
-            .map_err(|e| Error::io(format!("open {}", file.path().display()), &e))?;
+            .map_err(|e| Error::io(format!("open {}", file.path().display()), e))?;
         Ok(BlobReader {
             file: f,
             _local: file,
@@ -411,15 +411,15 @@ impl Repository {
     pub async fn clean_staging(&self, age: std::time::Duration) -> Result<usize> {
         let dir = self.backend.staging_dir().to_owned();
         tokio::task::spawn_blocking(move || {
-            let what = |e: &std::io::Error| Error::io(format!("clean {}", dir.display()), e);
+            let what = |e: std::io::Error| Error::io(format!("clean {}", dir.display()), e);
             let entries = match std::fs::read_dir(&dir) {
                 Ok(e) => e,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-                Err(e) => return Err(what(&e)),
+                Err(e) => return Err(what(e)),
             };
             let mut removed = 0;
             for entry in entries {
-                let entry = entry.map_err(|e| what(&e))?;
+                let entry = entry.map_err(what)?;
                 let name = entry.file_name();
                 let ours = name.to_str().is_some_and(|n| n.starts_with(".blob-") || n.starts_with(".put-"));
                 let Ok(md) = entry.metadata() else { continue };
@@ -431,7 +431,7 @@ impl Repository {
                             removed += 1;
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(what(&e)),
+                        Err(e) => return Err(what(e)),
                     }
                 }
             }
@@ -450,7 +450,7 @@ impl Repository {
                 .prefix(".blob-")
                 .tempfile_in(&dir)
                 .map(tempfile::NamedTempFile::into_temp_path)
-                .map_err(|e| Error::io(format!("create a staging file in {}", dir.display()), &e))
+                .map_err(|e| Error::io(format!("create a staging file in {}", dir.display()), e))
         })
         .await
         .map_err(|e| Error::repository(format!("staging task failed: {e}")))?
@@ -490,7 +490,7 @@ impl Repository {
             let n = reader
                 .read(&mut buf)
                 .await
-                .map_err(|e| Error::io("read a part's stream", &e))?;
+                .map_err(|e| Error::io("read a part's stream", e))?;
             if n == 0 {
                 break;
             }
@@ -650,7 +650,7 @@ impl BlobWriter {
             let (file, temp) = self.staging_file().await?;
             file.write_all(data)
                 .await
-                .map_err(|e| Error::io(format!("write {}", temp.display()), &e))?;
+                .map_err(|e| Error::io(format!("write {}", temp.display()), e))?;
         } else {
             self.buf.extend_from_slice(data);
         }
@@ -665,7 +665,7 @@ impl BlobWriter {
                     .prefix(".blob-")
                     .tempfile_in(&dir)
                     .map_err(|e| {
-                        Error::io(format!("create a staging file in {}", dir.display()), &e)
+                        Error::io(format!("create a staging file in {}", dir.display()), e)
                     })
             })
             .await
@@ -682,7 +682,7 @@ impl BlobWriter {
             let (file, temp) = self.staging_file().await?;
             file.write_all(&buf)
                 .await
-                .map_err(|e| Error::io(format!("write {}", temp.display()), &e))?;
+                .map_err(|e| Error::io(format!("write {}", temp.display()), e))?;
             self.buf = buf;
             self.buf.clear();
         }
@@ -696,10 +696,10 @@ impl BlobWriter {
         self.size = 0;
         if let Some((file, temp)) = &mut self.staged {
             let what = format!("truncate {}", temp.display());
-            file.set_len(0).await.map_err(|e| Error::io(&what, &e))?;
+            file.set_len(0).await.map_err(|e| Error::io(&what, e))?;
             file.seek(std::io::SeekFrom::Start(0))
                 .await
-                .map_err(|e| Error::io(&what, &e))?;
+                .map_err(|e| Error::io(&what, e))?;
         }
         Ok(())
     }
@@ -728,7 +728,7 @@ impl BlobWriter {
         self.flush_buf().await?;
         let (mut file, temp) = self.staged.take().expect("staged above");
         let what = format!("write {}", temp.display());
-        file.flush().await.map_err(|e| Error::io(&what, &e))?;
+        file.flush().await.map_err(|e| Error::io(&what, e))?;
         drop(file);
         let new = self.repo.backend.put_file(&name, &temp, blob.size).await?;
         Ok(StoredBlob { blob, new })

@@ -352,7 +352,7 @@ pub async fn restore(
                 .await?
                 .read_to_end(&mut data)
                 .await
-                .map_err(|e| Error::io("read the etcd export", &e))?;
+                .map_err(|e| Error::io("read the etcd export", e))?;
             let export: platform_keys::Export = serde_json::from_slice(&data).map_err(|e| {
                 Error::repository(format!("{ETCD_PART} is not an etcd export: {e}"))
             })?;
@@ -437,27 +437,30 @@ async fn restore_store(
 ) -> Result<String> {
     let started = Instant::now();
     let blobs = manifest.parts[name].blobs();
+    let segments = blobs
+        .iter()
+        .map(|b| {
+            Ok(Digest {
+                size: b.size,
+                sha256: digest_bytes(b)?,
+            })
+        })
+        .collect::<Result<_>>()?;
     let header = RestoreStoreRequest {
         kind: Some(StoreKind::Header(RestoreStoreHeader {
             path: info.path.clone().unwrap_or_default(),
             overwrite,
-            segments: blobs
-                .iter()
-                .map(|b| Digest {
-                    size: b.size,
-                    sha256: hex::decode(&b.sha256).unwrap_or_default(),
-                })
-                .collect(),
+            segments,
         })),
     };
-    let data = blob_chunks(repo, blobs, name);
+    let (data, read_failure) = blob_chunks(repo, blobs);
     let requests = futures::stream::iter([header]).chain(data.map(|d| RestoreStoreRequest {
         kind: Some(StoreKind::Data(d)),
     }));
     let mut c = agent.client.clone();
-    let reply = c
-        .restore_store(requests)
-        .await
+    let reply = c.restore_store(requests).await;
+    read_failure.check(name)?;
+    let reply = reply
         .map_err(|s| agents::status_error(agent, &format!("RestoreStore of {name}"), &s))?
         .into_inner();
     Ok(format!(
@@ -479,17 +482,17 @@ async fn restore_database(repo: &Repository, manifest: &Manifest, agent: &Agent)
     let blob = single_blob(manifest, DATABASE_PART)?;
     let header = RestoreDatabaseRequest {
         kind: Some(DbKind::Header(RestoreDatabaseHeader {
-            sha256: hex::decode(&blob.sha256).unwrap_or_default(),
+            sha256: digest_bytes(&blob)?,
         })),
     };
-    let data = blob_chunks(repo, vec![blob], DATABASE_PART);
+    let (data, read_failure) = blob_chunks(repo, vec![blob]);
     let requests = futures::stream::iter([header]).chain(data.map(|d| RestoreDatabaseRequest {
         kind: Some(DbKind::Data(d)),
     }));
     let mut c = agent.client.clone();
-    let reply = c
-        .restore_database(requests)
-        .await
+    let reply = c.restore_database(requests).await;
+    read_failure.check(DATABASE_PART)?;
+    let reply = reply
         .map_err(|s| agents::status_error(agent, "RestoreDatabase", &s))?
         .into_inner();
     Ok(format!(
@@ -509,19 +512,56 @@ fn single_blob(manifest: &Manifest, name: &str) -> Result<BlobRef> {
     })
 }
 
+/// A blob's digest as bytes; manifests are validated when read, so a bad one is damage.
+fn digest_bytes(blob: &BlobRef) -> Result<Vec<u8>> {
+    hex::decode(&blob.sha256)
+        .map_err(|e| Error::integrity(format!("blob digest '{}': {e}", blob.sha256)))
+}
+
+/// Where [`blob_chunks`] leaves the error that ended its stream early.
+#[derive(Debug, Clone, Default)]
+struct ReadFailure(std::sync::Arc<std::sync::Mutex<Option<Error>>>);
+
+impl ReadFailure {
+    fn set(&self, e: Error) {
+        let mut slot = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.get_or_insert(e);
+    }
+
+    /// The read error, if the stream ended on one: it, not what the agent made of the short
+    /// stream, is what failed.
+    fn check(&self, part: &str) -> Result<()> {
+        let taken = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        taken.map_or(Ok(()), |e| {
+            Err(e.context(format!("reading part {part} from the repository")))
+        })
+    }
+}
+
 /// Blobs, one after another, as a stream of 1 MiB chunks. A failure to open or read one ends the
-/// stream early (logged); the agent then sees the data fall short of its digests and refuses it.
+/// stream early and is left in the [`ReadFailure`]; the agent sees the data fall short of its
+/// digests and refuses it, and the caller reports the read error.
 fn blob_chunks(
     repo: &Repository,
     blobs: Vec<BlobRef>,
-    part: &str,
-) -> impl futures::Stream<Item = Vec<u8>> + Send + 'static {
+) -> (
+    impl futures::Stream<Item = Vec<u8>> + Send + 'static,
+    ReadFailure,
+) {
     let repo = repo.clone();
-    let part = part.to_owned();
+    let failure = ReadFailure::default();
+    let failed = failure.clone();
     let state = (std::collections::VecDeque::from(blobs), None::<BlobReader>);
-    futures::stream::unfold(state, move |(mut rest, mut reader)| {
+    let stream = futures::stream::unfold(state, move |(mut rest, mut reader)| {
         let repo = repo.clone();
-        let part = part.clone();
+        let failed = failed.clone();
         async move {
             loop {
                 if reader.is_none() {
@@ -529,7 +569,7 @@ fn blob_chunks(
                     match repo.open_blob(&blob.sha256).await {
                         Ok(r) => reader = Some(r),
                         Err(e) => {
-                            tracing::error!(part, "reading the snapshot failed: {e}");
+                            failed.set(e);
                             return None;
                         }
                     }
@@ -543,13 +583,14 @@ fn blob_chunks(
                         return Some((buf, (rest, reader)));
                     }
                     Err(e) => {
-                        tracing::error!(part, "reading the snapshot failed: {e}");
+                        failed.set(Error::io("read a blob", e));
                         return None;
                     }
                 }
             }
         }
-    })
+    });
+    (stream, failure)
 }
 
 fn find<'a>(agents: &'a [Described], host: &str) -> &'a Agent {
@@ -586,5 +627,34 @@ mod tests {
         assert!(too_little_room(Some(&path(None)), &info(Some(30 * mib))).is_none());
         assert!(too_little_room(Some(&path(Some(0))), &info(None)).is_none());
         assert!(too_little_room(None, &info(Some(1))).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_blob_that_cannot_be_read_is_the_error_not_a_short_stream() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_init(&crate::repository::RepositoryOptions {
+            location: tmp.path().join("repo").display().to_string(),
+            fsync: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let there = repo.write_blob_from(&b"abc"[..]).await.unwrap().blob;
+        let gone = BlobRef {
+            sha256: "ab".repeat(32),
+            size: 3,
+        };
+        let (stream, failure) = blob_chunks(&repo, vec![there.clone(), gone]);
+        let chunks: Vec<Vec<u8>> = stream.collect().await;
+        assert_eq!(chunks, [b"abc".to_vec()]);
+        let e = failure.check("store/x").unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("reading part store/x from the repository"),
+            "{e}"
+        );
+        let (stream, failure) = blob_chunks(&repo, vec![there]);
+        assert_eq!(stream.collect::<Vec<_>>().await.len(), 1);
+        failure.check("store/x").unwrap();
     }
 }

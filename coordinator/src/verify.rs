@@ -184,7 +184,7 @@ async fn check_blob(
         let n = reader
             .read(&mut buf)
             .await
-            .map_err(|e| crate::Error::io(format!("read blob {sha}"), &e))?;
+            .map_err(|e| crate::Error::io(format!("read blob {sha}"), e))?;
         if n == 0 {
             break;
         }

@@ -967,7 +967,7 @@ pub fn archive(root: &Path, opts: Options, tx: ChunkTx) -> Result<Trailer> {
     // The root itself may be a symlink to the store (followed); nothing below it is.
     let (tree, root_md) = Tree::open(root).map_err(|e| {
         if e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) {
-            Error::BadRequest {
+            Error::Config {
                 what: format!("store path {} is not a directory", root.display()),
             }
         } else {

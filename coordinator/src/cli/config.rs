@@ -102,6 +102,8 @@ impl ConfigFile {
 }
 
 /// Takes each listed field from the file when the file sets it and the command line does not.
+/// Also lists the clap ids it merges (`<section>::IDS`), so a test catches an option that is
+/// added to a struct but not here.
 macro_rules! merge_fields {
     (@id $field:ident) => { stringify!($field) };
     (@id $field:ident $id:literal) => { $id };
@@ -120,6 +122,10 @@ macro_rules! merge_fields {
                 }
                 Ok(out)
             }
+        }
+        #[cfg(test)]
+        pub(crate) mod $name {
+            pub const IDS: &[&str] = &[$(merge_fields!(@id $field $($id)?)),*];
         }
     };
 }
@@ -152,13 +158,27 @@ merge_fields!(
     agents,
     AgentOptions,
     "agents",
-    [agents, token_file, tls_ca, tls_cert, tls_key]
+    [
+        agents,
+        token_file,
+        tls_ca,
+        tls_cert,
+        tls_key,
+        insecure_plaintext
+    ]
 );
 merge_fields!(
     snapshot,
     SnapshotOptions,
     "snapshot",
-    [pre_hook, zstd_level, no_database, no_store, no_buckets]
+    [
+        pre_hook,
+        zstd_level,
+        no_database,
+        no_store,
+        no_buckets,
+        full
+    ]
 );
 merge_fields!(
     restore,
@@ -179,3 +199,93 @@ merge_fields!(
     "prune",
     [keep_last, keep_daily, keep_weekly, keep_monthly]
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Args, CommandFactory as _, FromArgMatches as _};
+
+    /// The clap ids of `T`'s options that the config file may set: all but the per-run decisions
+    /// `--dry-run` and `--force`, which the file refuses (`#[serde(skip)]`).
+    fn arg_ids<T: Args>() -> Vec<String> {
+        T::augment_args(clap::Command::new("t"))
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .filter(|id| id != "dry_run" && id != "force")
+            .collect()
+    }
+
+    #[test]
+    fn per_run_decisions_are_refused_in_the_config_file() {
+        for (section, key) in [("snapshot", "dry-run"), ("restore", "force")] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, format!("[{section}]\n{key} = true\n")).unwrap();
+            let config = ConfigFile::read(&path).unwrap();
+            let e = match section {
+                "snapshot" => config.section::<SnapshotOptions>(section).map(drop),
+                _ => config.section::<RestoreOptions>(section).map(drop),
+            }
+            .unwrap_err();
+            assert!(e.message().contains("unknown field"), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_option_of_every_section_is_read_from_the_config_file() {
+        for (section, ids, merged) in [
+            (
+                "repository",
+                arg_ids::<RepositoryOptions>(),
+                repository::IDS,
+            ),
+            ("gateway", arg_ids::<GatewayOptions>(), gateway::IDS),
+            ("agents", arg_ids::<AgentOptions>(), agents::IDS),
+            ("snapshot", arg_ids::<SnapshotOptions>(), snapshot::IDS),
+            ("restore", arg_ids::<RestoreOptions>(), restore::IDS),
+            ("prune", arg_ids::<PruneOptions>(), prune::IDS),
+        ] {
+            let missing: Vec<&String> = ids
+                .iter()
+                .filter(|id| !merged.contains(&id.as_str()))
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "[{section}]: options not merged from the config file: {missing:?}"
+            );
+        }
+    }
+
+    /// The file and the command line, parsed and merged as `run` does.
+    fn snapshot_options(file: &str, args: &[&str]) -> SnapshotOptions {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, file).unwrap();
+        let config = ConfigFile::read(&path).unwrap();
+        let m = crate::cli::Cli::command()
+            .try_get_matches_from([&["deis-backup", "snapshot"], args].concat())
+            .unwrap();
+        let (_, sub) = m.subcommand().unwrap();
+        let options = SnapshotOptions::from_arg_matches(sub).unwrap();
+        config.snapshot(options, sub).unwrap()
+    }
+
+    #[test]
+    fn snapshot_full_in_the_config_file_is_honoured() {
+        assert!(snapshot_options("[snapshot]\nfull = true\n", &[]).full);
+        assert!(!snapshot_options("[snapshot]\nfull = false\n", &[]).full);
+        assert!(!snapshot_options("", &[]).full);
+        assert!(snapshot_options("", &["--full"]).full);
+    }
+
+    #[test]
+    fn the_command_line_wins_over_the_file_and_the_file_over_the_default() {
+        let o = snapshot_options(
+            "[snapshot]\nzstd-level = 9\npre-hook = \"a\"\n",
+            &["--zstd-level", "3"],
+        );
+        assert_eq!(o.zstd_level, Some(3));
+        assert_eq!(o.pre_hook.as_deref(), Some("a"));
+        assert_eq!(snapshot_options("", &[]).zstd_level, None);
+    }
+}

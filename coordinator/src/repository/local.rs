@@ -32,7 +32,7 @@ impl LocalBackend {
         if create {
             tokio::fs::create_dir_all(root)
                 .await
-                .map_err(|e| Error::io(format!("create repository {}", root.display()), &e))?;
+                .map_err(|e| Error::io(format!("create repository {}", root.display()), e))?;
         }
         let meta = tokio::fs::metadata(root).await;
         if !meta.is_ok_and(|m| m.is_dir()) {
@@ -45,7 +45,7 @@ impl LocalBackend {
         let staging = root.join("tmp");
         tokio::fs::create_dir_all(&staging)
             .await
-            .map_err(|e| Error::io(format!("create {}", staging.display()), &e))?;
+            .map_err(|e| Error::io(format!("create {}", staging.display()), e))?;
         Ok(Self {
             root: root.to_owned(),
             staging,
@@ -66,7 +66,7 @@ async fn parent_dir(path: &Path) -> Result<()> {
     if let Some(p) = path.parent() {
         tokio::fs::create_dir_all(p)
             .await
-            .map_err(|e| Error::io(format!("create {}", p.display()), &e))?;
+            .map_err(|e| Error::io(format!("create {}", p.display()), e))?;
     }
     Ok(())
 }
@@ -86,7 +86,7 @@ impl Backend for LocalBackend {
         match tokio::fs::metadata(&p).await {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == IoKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("stat {}", p.display()), &e)),
+            Err(e) => Err(Error::io(format!("stat {}", p.display()), e)),
         }
     }
 
@@ -105,11 +105,11 @@ impl Backend for LocalBackend {
                 } else {
                     tokio::fs::rename(file, &dest)
                         .await
-                        .map_err(|e| Error::io(what(), &e))?;
+                        .map_err(|e| Error::io(what(), e))?;
                     return Ok(true);
                 }
             }
-            Err(e) => return Err(Error::io(what(), &e)),
+            Err(e) => return Err(Error::io(what(), e)),
         };
         if let Err(e) = tokio::fs::remove_file(file).await {
             tracing::debug!("removing staged {}: {e}", file.display());
@@ -125,28 +125,28 @@ impl Backend for LocalBackend {
             let what = format!("write {}", dest.display());
             if let Some(p) = dest.parent() {
                 std::fs::create_dir_all(p)
-                    .map_err(|e| Error::io(format!("create {}", p.display()), &e))?;
+                    .map_err(|e| Error::io(format!("create {}", p.display()), e))?;
             }
             let mut tmp = tempfile::Builder::new()
                 .prefix(".put-")
                 .tempfile_in(&staging)
-                .map_err(|e| Error::io(&what, &e))?;
-            tmp.write_all(&data).map_err(|e| Error::io(&what, &e))?;
+                .map_err(|e| Error::io(&what, e))?;
+            tmp.write_all(&data).map_err(|e| Error::io(&what, e))?;
             match tmp.persist_noclobber(&dest) {
                 Ok(_) => Ok(true),
                 Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
                     // Kept if whole; replaced if cut short by a crash before it was flushed.
-                    let there = std::fs::metadata(&dest).map_err(|e| Error::io(&what, &e))?;
+                    let there = std::fs::metadata(&dest).map_err(|e| Error::io(&what, e))?;
                     if there.len() == data.len() as u64 {
                         Ok(false)
                     } else {
                         e.file
                             .persist(&dest)
-                            .map_err(|e| Error::io(&what, &e.error))?;
+                            .map_err(|e| Error::io(&what, e.error))?;
                         Ok(true)
                     }
                 }
-                Err(e) => Err(Error::io(&what, &e.error)),
+                Err(e) => Err(Error::io(&what, e.error)),
             }
         })
         .await
@@ -160,16 +160,16 @@ impl Backend for LocalBackend {
             let what = format!("write {}", dest.display());
             if let Some(p) = dest.parent() {
                 std::fs::create_dir_all(p)
-                    .map_err(|e| Error::io(format!("create {}", p.display()), &e))?;
+                    .map_err(|e| Error::io(format!("create {}", p.display()), e))?;
             }
             let mut tmp = tempfile::Builder::new()
                 .prefix(".put-")
                 .tempfile_in(&staging)
-                .map_err(|e| Error::io(&what, &e))?;
-            tmp.write_all(&data).map_err(|e| Error::io(&what, &e))?;
+                .map_err(|e| Error::io(&what, e))?;
+            tmp.write_all(&data).map_err(|e| Error::io(&what, e))?;
             tmp.persist(&dest)
                 .map(drop)
-                .map_err(|e| Error::io(&what, &e.error))
+                .map_err(|e| Error::io(&what, e.error))
         })
         .await
         .map_err(|e| Error::repository(format!("write task failed: {e}")))?
@@ -182,7 +182,7 @@ impl Backend for LocalBackend {
             Err(e) if e.kind() == IoKind::NotFound => {
                 Err(Error::not_found(format!("{} does not exist", p.display())))
             }
-            Err(e) => Err(Error::io(format!("read {}", p.display()), &e)),
+            Err(e) => Err(Error::io(format!("read {}", p.display()), e)),
         }
     }
 
@@ -205,13 +205,13 @@ impl Backend for LocalBackend {
                 let rd = match std::fs::read_dir(&dir) {
                     Ok(rd) => rd,
                     Err(e) if e.kind() == IoKind::NotFound => continue,
-                    Err(e) => return Err(Error::io(format!("list {}", dir.display()), &e)),
+                    Err(e) => return Err(Error::io(format!("list {}", dir.display()), e)),
                 };
                 for ent in rd {
-                    let ent = ent.map_err(|e| Error::io(format!("list {}", dir.display()), &e))?;
+                    let ent = ent.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
                     let ft = ent
                         .file_type()
-                        .map_err(|e| Error::io(format!("list {}", dir.display()), &e))?;
+                        .map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
                     let p = ent.path();
                     if ft.is_dir() {
                         stack.push(p);
@@ -242,7 +242,7 @@ impl Backend for LocalBackend {
             match tokio::fs::remove_file(&p).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == IoKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("delete {}", p.display()), &e)),
+                Err(e) => return Err(Error::io(format!("delete {}", p.display()), e)),
             }
             // Remove directories left empty (snapshot dirs, blob fan-out dirs); ignore the rest.
             let mut dir = p.parent().map(Path::to_path_buf);
@@ -260,8 +260,8 @@ impl Backend for LocalBackend {
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
             let what = format!("flush {} to disk", root.display());
-            let dir = std::fs::File::open(&root).map_err(|e| Error::io(&what, &e))?;
-            sync_file_system(&dir).map_err(|e| Error::io(&what, &e))
+            let dir = std::fs::File::open(&root).map_err(|e| Error::io(&what, e))?;
+            sync_file_system(&dir).map_err(|e| Error::io(&what, e))
         })
         .await
         .map_err(|e| Error::repository(format!("flush task failed: {e}")))?

@@ -96,7 +96,7 @@ impl S3Backend {
             .unwrap_or_else(std::env::temp_dir);
         tokio::fs::create_dir_all(&staging)
             .await
-            .map_err(|e| Error::io(format!("create {}", staging.display()), &e))?;
+            .map_err(|e| Error::io(format!("create {}", staging.display()), e))?;
         Ok(Self {
             gateway,
             bucket,
@@ -184,7 +184,7 @@ impl Backend for S3Backend {
         let file = self.local_file(name).await?;
         let data = tokio::fs::read(file.path())
             .await
-            .map_err(|e| Error::io(format!("read {}", file.path().display()), &e))?;
+            .map_err(|e| Error::io(format!("read {}", file.path().display()), e))?;
         Ok(Bytes::from(data))
     }
 
@@ -192,7 +192,7 @@ impl Backend for S3Backend {
         let (file, temp) = tempfile::Builder::new()
             .prefix(".get-")
             .tempfile_in(&self.staging)
-            .map_err(|e| Error::io(format!("stage {name}"), &e))?
+            .map_err(|e| Error::io(format!("stage {name}"), e))?
             .into_parts();
         let mut sink = FileSink(tokio::fs::File::from_std(file));
         self.gateway
@@ -201,7 +201,7 @@ impl Backend for S3Backend {
         sink.0
             .flush()
             .await
-            .map_err(|e| Error::io(format!("write {}", temp.display()), &e))?;
+            .map_err(|e| Error::io(format!("write {}", temp.display()), e))?;
         Ok(LocalFile::staged(temp))
     }
 
