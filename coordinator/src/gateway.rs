@@ -987,11 +987,6 @@ impl Gateway {
         }
     }
 
-    /// The adaptive concurrency limit now.
-    pub fn concurrency_limit(&self) -> usize {
-        self.limiter.limit()
-    }
-
     /// The most requests ever in flight (the configured concurrency).
     pub fn max_concurrency(&self) -> usize {
         self.limiter.max()

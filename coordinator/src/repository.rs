@@ -343,16 +343,19 @@ impl Repository {
         self.backend.size(&format::blob_path(sha256)).await
     }
 
-    /// Reads a blob whole and checks it: present, of `size` bytes, with the SHA-256 it is named by.
-    pub async fn check_blob(&self, blob: &BlobRef) -> Result<BlobCheck> {
+    /// Checks a blob: present with its recorded size, and, with `rehash`, read whole to see it
+    /// still hashes to its name. Also returns the bytes read.
+    pub async fn check_blob(&self, blob: &BlobRef, rehash: bool) -> Result<(BlobCheck, u64)> {
         match self.blob_size(&blob.sha256).await? {
-            None => return Ok(BlobCheck::Missing),
-            Some(n) if n != blob.size => return Ok(BlobCheck::WrongSize(n)),
+            None => return Ok((BlobCheck::Missing, 0)),
+            Some(n) if n != blob.size => return Ok((BlobCheck::WrongSize(n), 0)),
+            Some(_) if !rehash => return Ok((BlobCheck::Intact, 0)),
             Some(_) => {}
         }
         let mut reader = self.open_blob(&blob.sha256).await?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; BUF_SIZE];
+        let mut read = 0u64;
         loop {
             let n = reader
                 .read(&mut buf)
@@ -361,13 +364,18 @@ impl Repository {
             if n == 0 {
                 break;
             }
+            read += n as u64;
             h.update(&buf[..n]);
         }
-        Ok(if hex::encode(h.finalize()) == blob.sha256 {
-            BlobCheck::Intact
-        } else {
-            BlobCheck::Corrupt
-        })
+        let got = hex::encode(h.finalize());
+        Ok((
+            if got == blob.sha256 {
+                BlobCheck::Intact
+            } else {
+                BlobCheck::Corrupt(got)
+            },
+            read,
+        ))
     }
 
     /// A local file with the blob's bytes (for uploads by range).
@@ -592,14 +600,14 @@ pub const STALE_STAGING_AGE: std::time::Duration = std::time::Duration::from_sec
 const PRUNE_BATCH: usize = 500;
 
 /// What [`Repository::check_blob`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlobCheck {
     Intact,
     Missing,
     /// Present with this many bytes instead of the recorded size.
     WrongSize(u64),
-    /// The right size, but the bytes do not hash to the blob's name.
-    Corrupt,
+    /// The right size, but the bytes hash to this instead of the blob's name.
+    Corrupt(String),
 }
 
 /// A blob being read.
@@ -998,7 +1006,7 @@ mod tests {
         let again = r.write_blob_from(&big_bytes[..]).await.unwrap();
         assert!(again.new, "a short staged blob is replaced");
         for (b, len) in [(&small, 10), (&big, BUF_SIZE + 10)] {
-            assert_eq!(r.check_blob(b).await.unwrap(), BlobCheck::Intact);
+            assert_eq!(r.check_blob(b, true).await.unwrap().0, BlobCheck::Intact);
             assert_eq!(b.size, len as u64);
         }
     }
@@ -1106,23 +1114,35 @@ mod tests {
             .unwrap();
         s.add_part("p", part.clone()).unwrap();
         s.commit().await.unwrap();
-        assert_eq!(r.check_blob(&kept).await.unwrap(), BlobCheck::Intact);
+        assert_eq!(
+            r.check_blob(&kept, true).await.unwrap().0,
+            BlobCheck::Intact
+        );
         let wrong = BlobRef {
             size: 5,
             ..kept.clone()
         };
-        assert_eq!(r.check_blob(&wrong).await.unwrap(), BlobCheck::WrongSize(4));
+        assert_eq!(
+            r.check_blob(&wrong, true).await.unwrap().0,
+            BlobCheck::WrongSize(4)
+        );
         let path = tmp
             .path()
             .join("repo")
             .join(format::blob_path(&orphan.sha256));
         std::fs::write(&path, b"ORPHAN").unwrap();
-        assert_eq!(r.check_blob(&orphan).await.unwrap(), BlobCheck::Corrupt);
+        assert!(matches!(
+            r.check_blob(&orphan, true).await.unwrap().0,
+            BlobCheck::Corrupt(_)
+        ));
         let stats = r.prune_blobs(|| Ok(())).await.unwrap();
         assert_eq!(stats.blobs_deleted, 1);
         assert_eq!(stats.bytes_deleted, orphan.size);
         assert_eq!(r.blob_size(&orphan.sha256).await.unwrap(), None);
-        assert_eq!(r.check_blob(&orphan).await.unwrap(), BlobCheck::Missing);
+        assert_eq!(
+            r.check_blob(&orphan, true).await.unwrap().0,
+            BlobCheck::Missing
+        );
         assert_eq!(r.blob_size(&kept.sha256).await.unwrap(), Some(4));
         r.delete_snapshot(&id).await.unwrap();
         assert!(r.snapshots().await.unwrap().is_empty());

@@ -32,9 +32,7 @@ use crate::gateway::{DeisBuckets, Gateway, GatewayOptions};
 use crate::hold::Hold;
 use crate::mirror::{self, MirrorStats};
 use crate::platform_keys;
-use crate::repository::{
-    BlobRef, Manifest, ObjectEntry, PartInfo, PartRef, Repository, SegmentRef, SnapshotId,
-};
+use crate::repository::{BlobRef, Manifest, PartInfo, PartRef, Repository, SegmentRef, SnapshotId};
 
 /// Part name of the database dump.
 pub const DATABASE_PART: &str = "database/pg_dumpall.sql.zst";
@@ -83,12 +81,6 @@ pub trait Progress: mirror::Progress {
     fn part_bytes(&self, _part: &str, _bytes: u64) {}
     fn part_finished(&self, _part: &str, _ok: bool) {}
 }
-
-/// No progress output.
-#[derive(Debug, Default)]
-pub struct Quiet;
-impl mirror::Progress for Quiet {}
-impl Progress for Quiet {}
 
 /// What a snapshot will do.
 #[derive(Debug, Clone, Serialize)]
@@ -336,16 +328,16 @@ pub async fn run(
     let buckets = async {
         match &cluster.gateway {
             Some(gw) => {
-                mirror_all(
+                mirror::mirror_buckets(
                     gw,
-                    repo,
+                    &mut snapshot,
                     &plan.buckets,
                     plan.previous_manifest.as_ref(),
                     progress,
                 )
                 .await
             }
-            None => Ok(Vec::new()),
+            None => Ok(BTreeMap::new()),
         }
     };
     let database = async {
@@ -407,9 +399,6 @@ pub async fn run(
 
     let (buckets, database, stores, etcd) = tokio::try_join!(buckets, database, stores, etcd)?;
 
-    for (bucket, entries, _) in &buckets {
-        snapshot.add_bucket(bucket, entries).await?;
-    }
     let parts: Vec<(String, Part)> = database.into_iter().chain(stores).chain([etcd]).collect();
     for (name, (blob, info)) in parts {
         snapshot.add_part(&name, blob)?;
@@ -417,29 +406,10 @@ pub async fn run(
     }
     hold.check("writing the manifest; the snapshot is not complete")?;
     let manifest = snapshot.commit().await?;
-    Ok(Outcome {
-        manifest,
-        buckets: buckets.into_iter().map(|(b, _, s)| (b, s)).collect(),
-    })
+    Ok(Outcome { manifest, buckets })
 }
 
 type Part = (PartRef, PartInfo);
-
-/// Mirrors every bucket at once (they share the gateway's adaptive concurrency limit).
-async fn mirror_all(
-    gw: &Gateway,
-    repo: &Repository,
-    buckets: &[String],
-    previous: Option<&Manifest>,
-    progress: &dyn Progress,
-) -> Result<Vec<(String, Vec<ObjectEntry>, MirrorStats)>> {
-    futures::future::try_join_all(buckets.iter().map(|bucket| async move {
-        let before = mirror::previous_listing(repo, previous, bucket).await;
-        let (entries, stats) = mirror::mirror_bucket(gw, repo, bucket, &before, progress).await?;
-        Ok::<_, Error>((bucket.clone(), entries, stats))
-    }))
-    .await
-}
 
 async fn dump_database(
     agent: &Agent,

@@ -18,11 +18,9 @@ use std::collections::btree_map::Entry;
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncReadExt as _;
 
 use crate::error::Result;
-use crate::repository::{Manifest, Repository};
+use crate::repository::{BlobCheck, BlobRef, Manifest, Repository};
 
 /// How deep to look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,45 +161,22 @@ async fn check_blob(
     size: u64,
     rehash: bool,
 ) -> Result<(u64, Option<String>)> {
-    match repo.blob_size(sha).await? {
-        None => return Ok((0, Some(format!("blob {sha} is missing")))),
-        Some(s) if s != size => {
-            return Ok((
-                0,
-                Some(format!("blob {sha} holds {s} bytes, {size} were recorded")),
-            ));
+    let blob = BlobRef {
+        sha256: sha.to_owned(),
+        size,
+    };
+    let (check, read) = repo.check_blob(&blob, rehash).await?;
+    let problem = match check {
+        BlobCheck::Intact => None,
+        BlobCheck::Missing => Some(format!("blob {sha} is missing")),
+        BlobCheck::WrongSize(s) => {
+            Some(format!("blob {sha} holds {s} bytes, {size} were recorded"))
         }
-        Some(_) => {}
-    }
-    if !rehash {
-        return Ok((0, None));
-    }
-    let mut reader = repo.open_blob(sha).await?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut read = 0u64;
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .await
-            .map_err(|e| crate::Error::io(format!("read blob {sha}"), e))?;
-        if n == 0 {
-            break;
-        }
-        read += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    let got = hex::encode(hasher.finalize());
-    if got == sha {
-        Ok((read, None))
-    } else {
-        Ok((
-            read,
-            Some(format!(
-                "blob {sha} now hashes to {got}: its bytes are damaged"
-            )),
-        ))
-    }
+        BlobCheck::Corrupt(got) => Some(format!(
+            "blob {sha} now hashes to {got}: its bytes are damaged"
+        )),
+    };
+    Ok((read, problem))
 }
 
 #[cfg(test)]

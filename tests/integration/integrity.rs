@@ -370,7 +370,7 @@ async fn integrity_incremental_snapshot_reuses_only_blobs_present_whole() {
     for key in ["missing", "short"] {
         let b = blob(entry(&l2, key));
         assert_eq!(
-            repo.check_blob(&b).await.unwrap(),
+            repo.check_blob(&b, true).await.unwrap().0,
             BlobCheck::Intact,
             "{key}"
         );
@@ -392,7 +392,7 @@ async fn integrity_incremental_snapshot_reuses_only_blobs_present_whole() {
     let read = verify(&repo, &m3, Depth::All).await.unwrap();
     assert!(read.ok(), "{:?}", read.problems);
     assert_eq!(
-        repo.check_blob(&blob(&flipped)).await.unwrap(),
+        repo.check_blob(&blob(&flipped), true).await.unwrap().0,
         BlobCheck::Intact
     );
 
