@@ -24,3 +24,44 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Default port an agent serves on.
 pub const DEFAULT_AGENT_PORT: u16 = 4195;
+
+/// Default etcd endpoint of both binaries (Deis v1 clients use port 4001 on every host).
+pub const DEFAULT_ETCD: &str = "http://127.0.0.1:4001";
+
+/// Environment variable holding the bearer token, for both binaries (a token file is preferred).
+pub const TOKEN_ENV: &str = "DEIS_BACKUP_TOKEN";
+
+/// Fewest characters a bearer token may have: short enough to type, long enough not to guess.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// The bearer token in `text` (a token file's content or the environment variable's value):
+/// trimmed, at least [`MIN_TOKEN_CHARS`] characters, and only what an HTTP header can carry. Both
+/// sides apply the same rule, so a token one accepts the other does too. The error names the rule,
+/// never the token.
+pub fn check_token(text: &str) -> Result<&str, String> {
+    let t = text.trim();
+    if t.chars().count() < MIN_TOKEN_CHARS {
+        return Err(format!(
+            "the bearer token must have at least {MIN_TOKEN_CHARS} characters"
+        ));
+    }
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the bearer token must be printable ASCII without spaces".into());
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn both_sides_take_the_same_tokens() {
+        assert_eq!(
+            super::check_token("  0123456789abcdef\n"),
+            Ok("0123456789abcdef")
+        );
+        assert!(super::check_token("0123456789abcde").is_err());
+        assert!(super::check_token("").is_err());
+        let e = super::check_token("0123456789abcdef é").unwrap_err();
+        assert!(!e.contains("0123"), "{e}");
+    }
+}

@@ -37,10 +37,7 @@ pub const DEFAULT_PLATFORM_CONTAINERS: &[&str] = &[
 ];
 /// Default allow-listed store path: where store-volume mounts CephFS on every host.
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/deis/store";
-/// Default etcd endpoints (Deis v1 clients use port 4001).
-pub const DEFAULT_ETCD: &str = "http://127.0.0.1:4001";
-/// Environment variable holding the bearer token.
-pub const TOKEN_ENV: &str = "DEIS_BACKUP_TOKEN";
+pub use deis_backup_proto::{DEFAULT_ETCD, TOKEN_ENV};
 
 /// A command run by name inside a container (`[hooks.<name>]` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,14 +405,9 @@ impl Config {
             }
             t
         };
-        let t = text.trim();
-        if t.len() < 16 {
-            return Err(Error::Config {
-                what: format!(
-                    "no bearer token of at least 16 characters: set ${TOKEN_ENV} or --token-file"
-                ),
-            });
-        }
+        let t = deis_backup_proto::check_token(&text).map_err(|why| Error::Config {
+            what: format!("{why}: set ${TOKEN_ENV} or --token-file"),
+        })?;
         Ok(Token(t.to_owned()))
     }
 }

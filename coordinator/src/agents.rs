@@ -66,7 +66,7 @@ impl AgentOptions {
 }
 
 /// Environment variable holding the bearer token (the agent reads the same one).
-pub const TOKEN_ENV: &str = "DEIS_BACKUP_TOKEN";
+pub use deis_backup_proto::TOKEN_ENV;
 
 /// The gRPC client of one agent, with the token on every call.
 pub type Client = AgentClient<InterceptedService<Channel, Bearer>>;
@@ -340,10 +340,10 @@ fn load_token(options: &AgentOptions) -> Result<MetadataValue<tonic::metadata::A
             ))
         })?,
     };
-    let token = Secret::new(token.trim());
-    if token.expose().is_empty() {
-        return Err(Error::config("the agent token is empty"));
-    }
+    let token = Secret::new(
+        deis_backup_proto::check_token(&token)
+            .map_err(|why| Error::config(format!("{why} (the agent token)")))?,
+    );
     format!("Bearer {}", token.expose())
         .parse()
         .map_err(|_| Error::config("the agent token holds characters a header cannot carry"))

@@ -40,7 +40,7 @@ pub(crate) struct Cli {
         long,
         global = true,
         env = "ETCDCTL_PEERS",
-        default_value = "http://127.0.0.1:4001"
+        default_value = deis_backup_proto::DEFAULT_ETCD
     )]
     etcd: String,
     /// Machine-readable output (JSON) instead of tables.

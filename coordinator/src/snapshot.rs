@@ -798,7 +798,7 @@ mod tests {
         // connect() reads the token; it connects lazily, so nothing is dialled here.
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
-        std::fs::write(&token, "t").unwrap();
+        std::fs::write(&token, "a-test-token-of-16+-chars").unwrap();
         std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
         let options = crate::agents::AgentOptions {
