@@ -27,7 +27,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::gateway::Secret;
+use crate::secret::Secret;
 
 /// How to find and reach the agents. Serves the CLI, the config file and the library.
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]

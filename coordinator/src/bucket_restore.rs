@@ -24,10 +24,10 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::gateway::{Gateway, etag_is_md5};
 use crate::mirror::Progress;
 use crate::repository::format::is_sha256;
 use crate::repository::{ObjectEntry, Repository};
+use crate::s3::{self, etag_is_md5};
 
 /// What to do with a bucket that already holds objects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -60,7 +60,7 @@ pub struct RestoreStats {
 
 /// Restores `entries` (a snapshot's listing) into `bucket` on `gateway`.
 pub async fn restore_bucket(
-    gateway: &Gateway,
+    gateway: &s3::Client,
     repo: &Repository,
     entries: &[ObjectEntry],
     bucket: &str,
@@ -243,7 +243,7 @@ mod tests {
             etag: "x".into(),
             sha256: "ab".repeat(32),
             last_modified: None,
-            meta: crate::gateway::ObjectMeta::default(),
+            meta: crate::s3::ObjectMeta::default(),
         };
         let err = damaged(
             "restoring bucket db_wal",

@@ -11,13 +11,13 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use deis_backup_coordinator::agents::{self, AgentOptions};
-use deis_backup_coordinator::gateway::GatewayOptions;
 use deis_backup_coordinator::hold::Hold;
 use deis_backup_coordinator::lease::{self, Lease, Operation};
 use deis_backup_coordinator::lock::Lock;
 use deis_backup_coordinator::prune::{self, PruneOptions};
 use deis_backup_coordinator::repository::{Repository, RepositoryOptions, SnapshotId};
 use deis_backup_coordinator::restore::{self, RestoreOptions};
+use deis_backup_coordinator::s3::GatewayOptions;
 use deis_backup_coordinator::snapshot::{self, Cluster, SnapshotOptions};
 use deis_backup_coordinator::verify::{self, Depth};
 use deis_backup_coordinator::{Error, ErrorKind, Result};

@@ -1,9 +1,9 @@
 //! deis-backup's coordinator library: everything the `deis-backup` CLI does, as functions.
 //!
-//! Owns the flow from the cluster into a repository and back: [`gateway`] talks to the
-//! store-gateway (Ceph radosgw), [`repository`] stores snapshots (blobs, bucket listings, parts and
-//! a manifest written last), [`mirror`] copies buckets into a snapshot incrementally and
-//! [`bucket_restore`] puts them back.
+//! Owns the flow from the cluster into a repository and back: [`gateway`] finds the store-gateway
+//! (Ceph radosgw) through etcd and [`s3`] talks to it (and to an S3 repository), [`repository`]
+//! stores snapshots (blobs, bucket listings, parts and a manifest written last), [`mirror`] copies
+//! buckets into a snapshot incrementally and [`bucket_restore`] puts them back.
 //! Invariants: one error type ([`Error`]) with a guidance line; secrets never reach logs, errors or
 //! stored listings and manifests.
 
@@ -21,6 +21,8 @@ pub mod prune;
 pub mod repository;
 pub mod restore;
 pub mod retention;
+pub mod s3;
+pub mod secret;
 pub mod snapshot;
 pub mod verify;
 

@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::error::{Error, Result};
-use crate::gateway::{ChunkSink, DOWNLOAD_RANGE, Gateway, ListedObject};
 use crate::repository::format::is_sha256;
 use crate::repository::{BlobRef, BlobWriter, Manifest, ObjectEntry, Repository, SnapshotWriter};
+use crate::s3::{self, ChunkSink, DOWNLOAD_RANGE, ListedObject};
 
 /// Told about each object as it is done; the CLI draws progress from this.
 pub trait Progress: Send + Sync {
@@ -81,7 +81,7 @@ impl ChunkSink for BlobSink {
 /// Mirrors `bucket` into `repo`'s blobs and returns its listing (sorted by key). `previous` is the
 /// bucket's listing in the previous snapshot (empty for a first run).
 pub async fn mirror_bucket(
-    gateway: &Gateway,
+    gateway: &s3::Client,
     repo: &Repository,
     bucket: &str,
     previous: &[ObjectEntry],
@@ -250,7 +250,7 @@ pub async fn previous_listing(
 /// Mirrors each of `buckets` into `snapshot`, incrementally against `previous` (the last
 /// snapshot's manifest, if any), and adds their listings to the snapshot.
 pub async fn mirror_buckets(
-    gateway: &Gateway,
+    gateway: &s3::Client,
     snapshot: &mut SnapshotWriter,
     buckets: &[String],
     previous: Option<&Manifest>,

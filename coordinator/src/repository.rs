@@ -31,7 +31,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::gateway::Secret;
+use crate::secret::Secret;
 pub use format::{
     BlobRef, BucketRef, Manifest, ObjectEntry, PartInfo, PartRef, SegmentRef, SnapshotId,
 };
@@ -868,7 +868,7 @@ mod tests {
             etag: "x".into(),
             sha256: blob.sha256.clone(),
             last_modified: None,
-            meta: crate::gateway::ObjectMeta::default(),
+            meta: crate::s3::ObjectMeta::default(),
         }
     }
 

@@ -28,11 +28,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::agents::{self, Agent, AgentOptions, Described};
 use crate::error::{Error, ErrorKind, Result};
-use crate::gateway::{DeisBuckets, Gateway, GatewayOptions};
+use crate::gateway::DeisBuckets;
 use crate::hold::Hold;
 use crate::mirror::{self, MirrorStats};
 use crate::platform_keys;
 use crate::repository::{BlobRef, Manifest, PartInfo, PartRef, Repository, SegmentRef, SnapshotId};
+use crate::s3::{self, GatewayOptions};
 
 /// Part name of the database dump.
 pub const DATABASE_PART: &str = "database/pg_dumpall.sql.zst";
@@ -147,7 +148,7 @@ pub struct Outcome {
 pub struct Cluster {
     pub etcd: deis_backup_etcd::Client,
     pub agents: Vec<Described>,
-    pub gateway: Option<Gateway>,
+    pub gateway: Option<s3::Client>,
     /// The database and registry buckets, as this cluster names them in etcd.
     pub deis_buckets: Option<DeisBuckets>,
     pub buckets: Vec<String>,
@@ -167,7 +168,7 @@ impl Cluster {
         let (gateway, deis_buckets) = if no_buckets {
             (None, None)
         } else {
-            let gw = Gateway::connect(gateway_options, Some(&etcd)).await?;
+            let gw = s3::Client::connect(gateway_options, Some(&etcd)).await?;
             (Some(gw), Some(DeisBuckets::discover(&etcd).await?))
         };
         let buckets = deis_buckets

@@ -192,7 +192,7 @@ mod tests {
             etag: "x".into(),
             sha256: blob.sha256.clone(),
             last_modified: None,
-            meta: crate::gateway::ObjectMeta::default(),
+            meta: crate::s3::ObjectMeta::default(),
         }
     }
 

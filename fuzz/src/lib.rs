@@ -531,7 +531,7 @@ pub fn reference_sts(method: &str, path_and_query: &str, headers: &[(String, Str
 /// twice, header names' case irrelevant, the resource's sub-resources sorted, and (no `%` in the
 /// query) equal to the reference model.
 pub fn sigv2(data: &[u8]) {
-    use deis_backup_coordinator::gateway::sigv2::string_to_sign;
+    use deis_backup_coordinator::s3::sigv2::string_to_sign;
     let text = String::from_utf8_lossy(data);
     let mut lines = text.split('\n');
     let method = lines.next().unwrap_or("");
@@ -569,7 +569,7 @@ pub fn sigv2(data: &[u8]) {
     );
     assert_eq!(a, c, "header names are case-insensitive");
     assert!(a.starts_with(&format!("{method}\n")));
-    let _ = deis_backup_coordinator::gateway::sigv2::signature("secret", &a);
+    let _ = deis_backup_coordinator::s3::sigv2::signature("secret", &a);
     let query = pq.split_once('?').map_or("", |(_, q)| q);
     if !query.contains('%') {
         // A content-md5/content-type/date header repeated: the implementation keeps the last.

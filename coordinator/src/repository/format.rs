@@ -16,7 +16,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::gateway::ObjectMeta;
+use crate::s3::ObjectMeta;
 
 /// The format this code writes and reads.
 pub const FORMAT: &str = "deis-backup/1";

@@ -5,8 +5,8 @@
 //! Invariants:
 //! - A PUT is atomic on S3: an object is there whole or not at all, so the manifest's PUT, issued
 //!   last, is what makes a snapshot complete.
-//! - Transfers go through [`Gateway`], so they get the same retries, load control and MD5 checks
-//!   as the store-gateway's; the repository's keys never appear in errors or logs.
+//! - Transfers go through [`crate::s3::Client`], so they get the same retries, load control and
+//!   MD5 checks as the store-gateway's; the repository's keys never appear in errors or logs.
 
 use std::path::{Path, PathBuf};
 
@@ -16,14 +16,13 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::{Backend, LocalFile, RepositoryOptions};
 use crate::error::{Error, ErrorKind, Result};
-use crate::gateway::{
-    ChunkSink, Gateway, GatewayOptions, GatewayTarget, ObjectMeta, Secret, Signature,
-};
+use crate::s3::{ChunkSink, Client, GatewayOptions, ObjectMeta, Signature, Target};
+use crate::secret::Secret;
 
 /// A repository under `s3://bucket/prefix`.
 #[derive(Debug)]
 pub struct S3Backend {
-    gateway: Gateway,
+    gateway: Client,
     bucket: String,
     prefix: String,
     endpoint: String,
@@ -68,7 +67,7 @@ impl S3Backend {
                  (or --repository-access-key and --repository-secret-key-file)",
             ));
         };
-        let target = GatewayTarget {
+        let target = Target {
             endpoints: vec![endpoint.clone()],
             access_key: access_key.clone(),
             secret_key: secret_key.clone(),
@@ -78,7 +77,7 @@ impl S3Backend {
             region: options.region.clone(),
             ..GatewayOptions::default()
         };
-        let gateway = Gateway::new(&target, &gw_options)?;
+        let gateway = Client::new(&target, &gw_options)?;
         if !gateway.bucket_exists(&bucket).await? {
             if create {
                 gateway.create_bucket(&bucket).await?;

@@ -24,7 +24,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
-use super::Secret;
+use crate::secret::Secret;
 
 /// Query parameters that are part of the V2 canonical resource (the AWS list plus `tagging`/`cors`
 /// that later S3 versions added and radosgw honours).
