@@ -3,9 +3,12 @@
 #
 #   bench/fuzz.sh                 # every target, 10 minutes each
 #   FUZZ_SECONDS=120 bench/fuzz.sh manifest sigv2
+#   FUZZ_SANITIZER=address FUZZ_SECONDS=300 bench/fuzz.sh restore manifest
 #
 # Env: FUZZ_SECONDS (per target, default 600), FUZZ_RSS_MB (libFuzzer's memory cap per target,
-# default 2048: "bounded memory" is part of every property).
+# default 2048: "bounded memory" is part of every property), FUZZ_SANITIZER (`none`, the default,
+# or `address`: passed as `-s` to `cargo fuzz build` and `cargo fuzz run`; AddressSanitizer with
+# its leak checker, run logs named corpus/<target>.address.runN.log; the corpora are shared).
 # Targets: manifest (repository manifest + listing), restore (agent store restore of a tar stream
 # into a scratch root), etcd_keys (key_path + dry-run import), sigv2 (V2 string to sign).
 # The stable toolchain builds them with RUSTC_BOOTSTRAP=1 and no sanitizer (`-s none`): panics and
@@ -17,6 +20,12 @@ cd "$(dirname "$0")/../fuzz"
 
 SECONDS_PER_TARGET="${FUZZ_SECONDS:-600}"
 RSS_MB="${FUZZ_RSS_MB:-2048}"
+SANITIZER="${FUZZ_SANITIZER:-none}"
+case "$SANITIZER" in
+  none) LOGTAG= ;;
+  address) LOGTAG=.address ;;
+  *) echo "FUZZ_SANITIZER must be none or address, not '$SANITIZER'" >&2; exit 2 ;;
+esac
 ALL=(manifest restore etcd_keys sigv2)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL[@]}")
@@ -46,8 +55,8 @@ if [ ! -e seeds/restore/tree.bin ]; then
   rm -rf "$d"
 fi
 
-echo "building fuzz targets (cargo fuzz build -s none)..."
-cargo fuzz build -s none >/dev/null 2>build.log || { cat build.log; exit 1; }
+echo "building fuzz targets (cargo fuzz build -s $SANITIZER)..."
+cargo fuzz build -s "$SANITIZER" >/dev/null 2>build.log || { cat build.log; exit 1; }
 
 declare -A MAXLEN=([manifest]=16384 [restore]=65536 [etcd_keys]=4096 [sigv2]=4096)
 summary=()
@@ -59,9 +68,9 @@ for t in "${TARGETS[@]}"; do
   end=$((SECONDS + SECONDS_PER_TARGET))
   while [ $((end - SECONDS)) -gt 0 ] && [ $runs -lt 6 ]; do
     runs=$((runs + 1))
-    log="corpus/$t.run$runs.log"
+    log="corpus/$t$LOGTAG.run$runs.log"
     set +e
-    cargo fuzz run -s none "$t" "corpus/$t" "seeds/$t" -- \
+    cargo fuzz run -s "$SANITIZER" "$t" "corpus/$t" "seeds/$t" -- \
       -max_total_time=$((end - SECONDS)) -rss_limit_mb="$RSS_MB" -timeout=10 \
       -max_len="${MAXLEN[$t]:-4096}" -print_final_stats=1 >"$log" 2>&1
     rc=$?
@@ -73,7 +82,7 @@ for t in "${TARGETS[@]}"; do
     execs=$((execs + ${n:-0}))
     if [ $rc -ne 0 ]; then
       echo "--- $t: run $runs stopped (exit $rc):"
-      grep -E "panicked at|ERROR: libFuzzer|SUMMARY|Test unit written" "$log" | head -5 || tail -5 "$log"
+      grep -E "panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer|ERROR: LeakSanitizer|SUMMARY|Test unit written" "$log" | head -5 || tail -5 "$log"
     else
       break
     fi
@@ -84,5 +93,5 @@ for t in "${TARGETS[@]}"; do
   summary+=("$line")
 done
 echo
-echo "=== fuzz summary (FUZZ_SECONDS=$SECONDS_PER_TARGET) ==="
+echo "=== fuzz summary (FUZZ_SECONDS=$SECONDS_PER_TARGET, FUZZ_SANITIZER=$SANITIZER) ==="
 printf '%s\n' "${summary[@]}"
