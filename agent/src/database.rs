@@ -111,6 +111,11 @@ pub async fn state(engine: &Engine, container: &str) -> Result<String> {
 
 /// Streams `pg_dumpall` of `container` as zstd data chunks on `tx`; returns the trailer to send.
 /// When the database is still in state `unchanged_since`, sends nothing and says so.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the exec, its stdout compressor and its stderr tail run concurrently and end \
+              together; the order of their joins and errors is the point, and reads best whole"
+)]
 pub async fn dump(
     engine: &Engine,
     container: &str,
@@ -277,6 +282,11 @@ impl Output {
 /// Restores the zstd-compressed SQL arriving on `data` into the database of `container`: spools
 /// and checks it against `expected_sha` (see `spool`), then feeds it to `psql`. `window_log` is
 /// the largest zstd window accepted.
+#[expect(
+    clippy::too_many_lines,
+    reason = "spool, check, then feed psql while draining its output: the steps share the exec \
+              and its error handling, and read best in order"
+)]
 pub async fn restore(
     engine: &Engine,
     container: &str,

@@ -103,6 +103,11 @@ fn tls_config(files: &config::TlsFiles, host_id: &str) -> Result<ServerTlsConfig
 }
 
 /// Serves until `shutdown` completes, registered in etcd meanwhile (unless disabled).
+#[expect(
+    clippy::too_many_lines,
+    reason = "the server's assembly: config, engine, TLS, limits, service, registration and \
+              shutdown, each a few lines, in the order they must happen"
+)]
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let token = config.token()?;
     let host_id = config.host_id()?;

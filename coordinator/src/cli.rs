@@ -160,6 +160,11 @@ pub fn exit_code(e: &Error) -> u8 {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the dispatch: one short arm per subcommand, each merging its config sections and \
+              calling its command"
+)]
 pub async fn run() -> Result<ExitCode> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).map_err(|e| Error::config(e.to_string()))?;

@@ -34,6 +34,7 @@ use crate::gateway::DeisBuckets;
 use crate::hold::Hold;
 use crate::platform_keys;
 use crate::repository::{BlobReader, BlobRef, Manifest, PartInfo, Repository};
+use crate::s3;
 use crate::snapshot::{self, Cluster, DATABASE_PART, ETCD_PART, STORE_PREFIX};
 use crate::verify::{self, Depth};
 
@@ -105,6 +106,36 @@ fn too_little_room(there: Option<&StorePath>, info: &PartInfo) -> Option<String>
     })
 }
 
+/// What one planned step writes, with the agent or gateway that writes it resolved once, at
+/// planning time.
+#[derive(Debug)]
+enum Action<'a> {
+    /// Bucket `source` of the snapshot into `bucket` on the target's gateway.
+    Bucket {
+        source: String,
+        bucket: String,
+        gateway: &'a s3::Client,
+    },
+    /// Store part `part` through `agent`.
+    Store {
+        part: String,
+        info: Box<PartInfo>,
+        agent: Agent,
+    },
+    /// The SQL dump into the database that `agent` runs.
+    DatabaseSql { agent: Agent },
+    /// The platform's etcd keys.
+    EtcdKeys,
+}
+
+/// The steps a restore takes, in the documented order, and what the preflight found against
+/// them.
+#[derive(Debug)]
+struct Plan<'a> {
+    steps: Vec<(Action<'a>, Step)>,
+    refusals: Vec<String>,
+}
+
 /// Restores `manifest` onto the cluster. See the module invariants.
 pub async fn restore(
     repo: &Repository,
@@ -114,8 +145,6 @@ pub async fn restore(
     progress: &dyn snapshot::Progress,
     hold: Option<&Hold>,
 ) -> Result<Report> {
-    let (etcd, agents) = (&target.etcd, target.agents.as_slice());
-    let (gateway, target_buckets) = (target.gateway.as_ref(), target.deis_buckets.as_ref());
     // 1. The snapshot itself must be whole.
     let check = verify::verify(repo, manifest, Depth::Parts).await?;
     if !check.ok() {
@@ -125,85 +154,84 @@ pub async fn restore(
             check.problems.join("; ")
         )));
     }
+    // 2. Plan and preflight on the target cluster; nothing is written before it passes.
+    let plan = plan(manifest, target, options).await?;
+    if !plan.refusals.is_empty() && !options.force {
+        return Err(Error::new(
+            ErrorKind::Preflight,
+            format!(
+                "restore refused, nothing was written: {}",
+                plan.refusals.join("; ")
+            ),
+            "restore onto a cluster where only the store components run (deisctl stop platform; \
+             start store-*), or pass --force",
+        ));
+    }
+    let (actions, steps): (Vec<_>, Vec<_>) = plan.steps.into_iter().unzip();
+    let mut report = Report {
+        snapshot: manifest.id.to_string(),
+        dry_run: options.dry_run,
+        steps,
+        forced: plan.refusals,
+        next: "deisctl start platform".into(),
+    };
+    if options.dry_run {
+        return Ok(report);
+    }
+    // 3. Write, in the planned order; each step only while the lock and lease are still held.
+    for (i, action) in actions.iter().enumerate() {
+        let step = &report.steps[i];
+        let r = match hold {
+            Some(h) => h.check(&format!("{} {}", step.what, step.target)),
+            None => Ok(()),
+        };
+        let r = match r {
+            Ok(()) => execute(repo, manifest, &target.etcd, options, progress, action).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(detail) => {
+                report.steps[i].done = true;
+                report.steps[i].detail = detail;
+            }
+            Err(e) => return Err(stopped_part_way(&report, e)),
+        }
+        if matches!(action, Action::DatabaseSql { .. }) {
+            report.next = "deisctl start platform (the database already holds the dump)".into();
+        }
+    }
+    Ok(report)
+}
 
-    // 2. Preflight on the target cluster.
-    let mut refusals = Vec::new();
+/// The plan: every step the options ask for, with the preflight's findings.
+async fn plan<'a>(
+    manifest: &Manifest,
+    target: &'a Cluster,
+    options: &RestoreOptions,
+) -> Result<Plan<'a>> {
+    let agents = target.agents.as_slice();
+    let mut plan = Plan {
+        steps: Vec::new(),
+        refusals: Vec::new(),
+    };
     for d in agents {
         // The agent reports the platform containers it watches (its config; the Deis ones and its
         // database container by default).
         for c in &d.info.running_platform_containers {
             let is_database = d.info.database.as_ref().is_some_and(|db| &db.name == c);
             if !(options.database_sql && is_database) {
-                refusals.push(format!("{c} runs on {}", d.agent.host_id));
+                plan.refusals
+                    .push(format!("{c} runs on {}", d.agent.host_id));
             }
         }
     }
-    let mut steps = Vec::new();
     if !options.no_buckets && !manifest.buckets.is_empty() {
-        let gw = gateway.ok_or_else(|| {
-            Error::config("the snapshot holds buckets but no gateway is configured")
-        })?;
-        for (source, b) in &manifest.buckets {
-            let bucket = &target_bucket(manifest, target_buckets, source);
-            if options.existing == Existing::Refuse
-                && gw.bucket_exists(bucket).await?
-                && !gw.bucket_is_empty(bucket).await?
-            {
-                refusals.push(format!("bucket {bucket} already holds objects"));
-            }
-            steps.push(Step {
-                what: "bucket".into(),
-                target: if bucket == source {
-                    bucket.clone()
-                } else {
-                    format!("{bucket} (was {source})")
-                },
-                done: false,
-                detail: format!("{} objects, {} bytes", b.objects, b.bytes),
-            });
-        }
+        plan_buckets(&mut plan, manifest, target, options).await?;
     }
-    let mut store_targets = Vec::new();
     if !options.no_store {
-        for (name, blob) in manifest
-            .parts
-            .iter()
-            .filter(|(n, _)| n.starts_with(STORE_PREFIX))
-        {
-            let info = manifest.part_info.get(name).cloned().unwrap_or_default();
-            let agent = store_target(agents, name, &info)?;
-            let path = info.path.as_deref().unwrap_or_default();
-            let there = agents
-                .iter()
-                .filter(|d| d.agent.host_id == agent.host_id)
-                .flat_map(|d| &d.info.store_paths)
-                .find(|p| p.path == path);
-            if !there.is_some_and(|p| p.empty) && !options.overwrite_store {
-                refusals.push(format!(
-                    "store directory {path} on {} is not empty (--overwrite-store replaces it)",
-                    agent.host_id
-                ));
-            }
-            if let Some(short) = too_little_room(there, &info) {
-                refusals.push(format!(
-                    "store directory {path} on {}: {short}",
-                    agent.host_id
-                ));
-            }
-            steps.push(Step {
-                what: "store".into(),
-                target: format!(
-                    "{} on {}",
-                    info.path.as_deref().unwrap_or("?"),
-                    agent.host_id
-                ),
-                done: false,
-                detail: format!("{name}, {} bytes compressed", blob.size),
-            });
-            store_targets.push((name.clone(), info, agent));
-        }
+        plan_stores(&mut plan, manifest, agents, options)?;
     }
-    let db_agent = if options.database_sql {
+    if options.database_sql {
         if !manifest.parts.contains_key(DATABASE_PART) {
             return Err(Error::config(format!(
                 "snapshot {} holds no database dump; restore without --database-sql",
@@ -213,167 +241,197 @@ pub async fn restore(
         let r = snapshot::database_agent(agents).map_err(|e| {
             e.context("--database-sql needs the database running (deisctl start database)")
         })?;
-        steps.push(Step {
+        let step = Step {
             what: "database-sql".into(),
             target: format!("deis-database on {}", r.host),
             done: false,
             detail: DATABASE_PART.into(),
-        });
-        Some(find(agents, &r.host).clone())
-    } else {
-        None
-    };
+        };
+        let agent = find(agents, &r.host).clone();
+        plan.steps.push((Action::DatabaseSql { agent }, step));
+    }
     if options.etcd_keys && manifest.parts.contains_key(ETCD_PART) {
-        steps.push(Step {
+        let step = Step {
             what: "etcd".into(),
             target: platform_keys::ROOT.into(),
             done: false,
             detail: "platform keys, ephemeral ones left out".into(),
-        });
+        };
+        plan.steps.push((Action::EtcdKeys, step));
     }
-    if !refusals.is_empty() && !options.force {
-        return Err(Error::new(
-            ErrorKind::Preflight,
-            format!(
-                "restore refused, nothing was written: {}",
-                refusals.join("; ")
-            ),
-            "restore onto a cluster where only the store components run (deisctl stop platform; \
-             start store-*), or pass --force",
-        ));
-    }
-    let mut report = Report {
-        snapshot: manifest.id.to_string(),
-        dry_run: options.dry_run,
-        steps,
-        forced: refusals,
-        next: "deisctl start platform".into(),
-    };
-    if options.dry_run {
-        return Ok(report);
-    }
+    Ok(plan)
+}
 
-    // 3. Write, in the documented order; each step only while the target's lock is still held.
-    let mut i = 0;
-    let held = |report: &Report, i: usize| match hold {
-        Some(l) => l.check(&format!(
-            "{} {}",
-            report.steps[i].what, report.steps[i].target
-        )),
-        None => Ok(()),
-    };
-    let fail = |report: &Report, e: Error| {
-        let done: Vec<String> = report
-            .steps
-            .iter()
-            .filter(|s| s.done)
-            .map(|s| format!("{} {}", s.what, s.target))
-            .collect();
-        e.context(format!(
-            "restore stopped part-way (completed: {})",
-            if done.is_empty() {
-                "nothing".to_owned()
+async fn plan_buckets<'a>(
+    plan: &mut Plan<'a>,
+    manifest: &Manifest,
+    target: &'a Cluster,
+    options: &RestoreOptions,
+) -> Result<()> {
+    let gateway = target
+        .gateway
+        .as_ref()
+        .ok_or_else(|| Error::config("the snapshot holds buckets but no gateway is configured"))?;
+    for (source, b) in &manifest.buckets {
+        let bucket = target_bucket(manifest, target.deis_buckets.as_ref(), source);
+        if options.existing == Existing::Refuse
+            && gateway.bucket_exists(&bucket).await?
+            && !gateway.bucket_is_empty(&bucket).await?
+        {
+            plan.refusals
+                .push(format!("bucket {bucket} already holds objects"));
+        }
+        let step = Step {
+            what: "bucket".into(),
+            target: if &bucket == source {
+                bucket.clone()
             } else {
-                done.join(", ")
-            }
-        ))
-    };
-    if !options.no_buckets {
-        for source in manifest.buckets.keys() {
-            let gw = gateway.expect("checked above");
-            let bucket = &target_bucket(manifest, target_buckets, source);
-            held(&report, i).map_err(|e| fail(&report, e))?;
-            let r = async {
-                let listing = repo.listing(manifest, source).await?;
-                let existing = if options.existing == Existing::Refuse && options.force {
-                    Existing::Merge
-                } else {
-                    options.existing
-                };
-                bucket_restore::restore_bucket(gw, repo, &listing, bucket, existing, progress).await
-            }
-            .await;
-            match r {
-                Ok(stats) => {
-                    report.steps[i].done = true;
-                    report.steps[i].detail = format!(
-                        "{} objects, {} uploaded, {} bytes",
-                        stats.objects, stats.uploaded_objects, stats.uploaded_bytes
-                    );
-                }
-                Err(e) => return Err(fail(&report, e)),
-            }
-            i += 1;
-        }
+                format!("{bucket} (was {source})")
+            },
+            done: false,
+            detail: format!("{} objects, {} bytes", b.objects, b.bytes),
+        };
+        let action = Action::Bucket {
+            source: source.clone(),
+            bucket,
+            gateway,
+        };
+        plan.steps.push((action, step));
     }
-    for (name, info, agent) in &store_targets {
-        held(&report, i).map_err(|e| fail(&report, e))?;
-        progress.part_started(name, &format!("agent {}", agent.host_id));
-        let r = restore_store(
-            repo,
-            manifest,
-            name,
-            info,
+    Ok(())
+}
+
+fn plan_stores(
+    plan: &mut Plan<'_>,
+    manifest: &Manifest,
+    agents: &[Described],
+    options: &RestoreOptions,
+) -> Result<()> {
+    for (name, blob) in manifest
+        .parts
+        .iter()
+        .filter(|(n, _)| n.starts_with(STORE_PREFIX))
+    {
+        let info = manifest.part_info.get(name).cloned().unwrap_or_default();
+        let agent = store_target(agents, name, &info)?;
+        let path = info.path.as_deref().unwrap_or_default();
+        let there = agents
+            .iter()
+            .filter(|d| d.agent.host_id == agent.host_id)
+            .flat_map(|d| &d.info.store_paths)
+            .find(|p| p.path == path);
+        if !there.is_some_and(|p| p.empty) && !options.overwrite_store {
+            plan.refusals.push(format!(
+                "store directory {path} on {} is not empty (--overwrite-store replaces it)",
+                agent.host_id
+            ));
+        }
+        if let Some(short) = too_little_room(there, &info) {
+            plan.refusals.push(format!(
+                "store directory {path} on {}: {short}",
+                agent.host_id
+            ));
+        }
+        let step = Step {
+            what: "store".into(),
+            target: format!("{path} on {}", agent.host_id),
+            done: false,
+            detail: format!("{name}, {} bytes compressed", blob.size),
+        };
+        let action = Action::Store {
+            part: name.clone(),
+            info: Box::new(info),
             agent,
-            options.overwrite_store || options.force,
-        )
-        .await;
-        progress.part_finished(name, r.is_ok());
-        match r {
-            Ok(detail) => {
-                report.steps[i].done = true;
-                report.steps[i].detail = detail;
-            }
-            Err(e) => return Err(fail(&report, e)),
-        }
-        i += 1;
+        };
+        plan.steps.push((action, step));
     }
-    if let Some(agent) = &db_agent {
-        held(&report, i).map_err(|e| fail(&report, e))?;
-        progress.part_started(DATABASE_PART, &format!("agent {}", agent.host_id));
-        let r = restore_database(repo, manifest, agent).await;
-        progress.part_finished(DATABASE_PART, r.is_ok());
-        match r {
-            Ok(detail) => {
-                report.steps[i].done = true;
-                report.steps[i].detail = detail;
-            }
-            Err(e) => return Err(fail(&report, e)),
+    Ok(())
+}
+
+/// Writes one planned step; returns what it did, for the report.
+async fn execute(
+    repo: &Repository,
+    manifest: &Manifest,
+    etcd: &deis_backup_etcd::Client,
+    options: &RestoreOptions,
+    progress: &dyn snapshot::Progress,
+    action: &Action<'_>,
+) -> Result<String> {
+    match action {
+        Action::Bucket {
+            source,
+            bucket,
+            gateway,
+        } => {
+            let listing = repo.listing(manifest, source).await?;
+            let existing = if options.existing == Existing::Refuse && options.force {
+                Existing::Merge
+            } else {
+                options.existing
+            };
+            let stats =
+                bucket_restore::restore_bucket(gateway, repo, &listing, bucket, existing, progress)
+                    .await?;
+            Ok(format!(
+                "{} objects, {} uploaded, {} bytes",
+                stats.objects, stats.uploaded_objects, stats.uploaded_bytes
+            ))
         }
-        i += 1;
-        report.next = "deisctl start platform (the database already holds the dump)".into();
+        Action::Store { part, info, agent } => {
+            progress.part_started(part, &format!("agent {}", agent.host_id));
+            let overwrite = options.overwrite_store || options.force;
+            let r = restore_store(repo, manifest, part, info, agent, overwrite).await;
+            progress.part_finished(part, r.is_ok());
+            r
+        }
+        Action::DatabaseSql { agent } => {
+            progress.part_started(DATABASE_PART, &format!("agent {}", agent.host_id));
+            let r = restore_database(repo, manifest, agent).await;
+            progress.part_finished(DATABASE_PART, r.is_ok());
+            r
+        }
+        Action::EtcdKeys => restore_etcd_keys(repo, manifest, etcd).await,
     }
-    if options.etcd_keys && manifest.parts.contains_key(ETCD_PART) {
-        held(&report, i).map_err(|e| fail(&report, e))?;
-        let r = async {
-            let blob = single_blob(manifest, ETCD_PART)?;
-            let mut data = Vec::new();
-            repo.open_blob(&blob.sha256)
-                .await?
-                .read_to_end(&mut data)
-                .await
-                .map_err(|e| Error::io("read the etcd export", e))?;
-            let export: platform_keys::Export = serde_json::from_slice(&data).map_err(|e| {
-                Error::repository(format!("{ETCD_PART} is not an etcd export: {e}"))
-            })?;
-            platform_keys::import(etcd, &export, false)
-                .await
-                .map_err(Error::from)
+}
+
+async fn restore_etcd_keys(
+    repo: &Repository,
+    manifest: &Manifest,
+    etcd: &deis_backup_etcd::Client,
+) -> Result<String> {
+    let blob = single_blob(manifest, ETCD_PART)?;
+    let mut data = Vec::new();
+    repo.open_blob(&blob.sha256)
+        .await?
+        .read_to_end(&mut data)
+        .await
+        .map_err(|e| Error::io("read the etcd export", e))?;
+    let export: platform_keys::Export = serde_json::from_slice(&data)
+        .map_err(|e| Error::repository(format!("{ETCD_PART} is not an etcd export: {e}")))?;
+    let r = platform_keys::import(etcd, &export, false).await?;
+    Ok(format!(
+        "{} keys written, {} refused as ephemeral",
+        r.written.len(),
+        r.refused.len()
+    ))
+}
+
+/// `e`, saying which steps completed before it.
+fn stopped_part_way(report: &Report, e: Error) -> Error {
+    let done: Vec<String> = report
+        .steps
+        .iter()
+        .filter(|s| s.done)
+        .map(|s| format!("{} {}", s.what, s.target))
+        .collect();
+    e.context(format!(
+        "restore stopped part-way (completed: {})",
+        if done.is_empty() {
+            "nothing".to_owned()
+        } else {
+            done.join(", ")
         }
-        .await;
-        match r {
-            Ok(r) => {
-                report.steps[i].done = true;
-                report.steps[i].detail = format!(
-                    "{} keys written, {} refused as ephemeral",
-                    r.written.len(),
-                    r.refused.len()
-                );
-            }
-            Err(e) => return Err(fail(&report, e)),
-        }
-    }
-    Ok(report)
+    ))
 }
 
 /// The bucket on the target cluster for `source`: the target's bucket of the same Deis role

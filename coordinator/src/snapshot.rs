@@ -303,6 +303,11 @@ async fn reusable_parts(repo: &Repository, previous: &Manifest) -> Result<Reuse>
 
 /// Takes the snapshot the plan describes. The caller holds `hold` (the cluster lock and a
 /// repository lease).
+#[expect(
+    clippy::too_many_lines,
+    reason = "the four parts run as concurrent branches of one try_join; each branch is a few \
+              lines that calls its own function"
+)]
 pub async fn run(
     cluster: &Cluster,
     repo: &Repository,
