@@ -101,6 +101,11 @@ pub struct Record {
 }
 
 impl Record {
+    /// The lease's file in the repository.
+    fn file_name(&self) -> String {
+        format!("{DIR}{}.json", self.token)
+    }
+
     fn new(operation: Operation, reads: Vec<SnapshotId>, lock: Option<&Lock>) -> Record {
         let now = OffsetDateTime::now_utc();
         Record {
@@ -154,8 +159,8 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Writes this run's lease, then reads the other live ones (removing dead ones it finds).
-    /// `lock` is the cluster lock the run holds, if any.
+    /// Writes this run's lease, then reads the other live ones (removing dead ones it finds);
+    /// refused beside a run it must not overlap. `lock` is the cluster lock the run holds, if any.
     pub async fn take(
         repo: &Repository,
         operation: Operation,
@@ -164,19 +169,8 @@ impl Lease {
     ) -> Result<(Lease, Vec<Record>)> {
         let me = Record::new(operation, reads, lock);
         let lease = Lease::write_first(repo, &me).await?;
-        match others(repo, &me).await {
-            Ok(others) => match refusal(operation, &others) {
-                None => Ok((lease, others)),
-                Some(e) => {
-                    lease.release_quietly().await;
-                    Err(e)
-                }
-            },
-            Err(e) => {
-                lease.release_quietly().await;
-                Err(e)
-            }
-        }
+        let (lease, others) = look(repo, &me, Some(lease)).await?;
+        Ok((lease.expect("look returns the lease it was given"), others))
     }
 
     /// [`Lease::take`] for a run that only reads: a repository it cannot write (read-only
@@ -199,21 +193,11 @@ impl Lease {
                 None
             }
         };
-        let refused = match others(repo, &me).await {
-            Ok(others) => match refusal(operation, &others) {
-                None => return Ok((lease, others)),
-                Some(e) => e,
-            },
-            Err(e) => e,
-        };
-        if let Some(l) = lease {
-            l.release_quietly().await;
-        }
-        Err(refused)
+        look(repo, &me, lease).await
     }
 
     async fn write_first(repo: &Repository, me: &Record) -> Result<Lease> {
-        let name = format!("{DIR}{}.json", me.token);
+        let name = me.file_name();
         let asked = Instant::now();
         write(repo, &name, me).await.map_err(|e| {
             e.context(format!(
@@ -270,6 +254,26 @@ impl Drop for Lease {
     }
 }
 
+/// The other live leases, seen by `me` (whose `lease`, if written, is released when its run is
+/// refused or the look fails).
+async fn look(
+    repo: &Repository,
+    me: &Record,
+    lease: Option<Lease>,
+) -> Result<(Option<Lease>, Vec<Record>)> {
+    let refused = match others(repo, me).await {
+        Ok(others) => match refusal(me.operation, &others) {
+            None => return Ok((lease, others)),
+            Some(e) => e,
+        },
+        Err(e) => e,
+    };
+    if let Some(l) = lease {
+        l.release_quietly().await;
+    }
+    Err(refused)
+}
+
 /// The error for a run of `operation` that must not start beside one of `others`.
 fn refusal(operation: Operation, others: &[Record]) -> Option<Error> {
     let other = others
@@ -298,8 +302,9 @@ async fn others(repo: &Repository, me: &Record) -> Result<Vec<Record>> {
     let now = OffsetDateTime::now_utc();
     let mut live = Vec::new();
     let mut dead = Vec::new();
+    let mine = me.file_name();
     for (name, _) in repo.backend().list(DIR).await? {
-        if name == format!("{DIR}{}.json", me.token)
+        if name == mine
             || std::path::Path::new(&name)
                 .extension()
                 .is_none_or(|e| e != "json")
@@ -468,9 +473,7 @@ mod tests {
 
         // A lease whose holder died long ago is removed by the next run that looks.
         let old = record(Operation::Snapshot, None, None, TTL.as_secs() + 1);
-        write(&r, &format!("{DIR}{}.json", old.token), &old)
-            .await
-            .unwrap();
+        write(&r, &old.file_name(), &old).await.unwrap();
         let (l, others) = Lease::take(&r, Operation::Prune, Vec::new(), None)
             .await
             .unwrap();

@@ -62,6 +62,21 @@ impl LocalBackend {
     }
 }
 
+/// `data` in a staging file, for a small write to `dest` (whose directory it makes); with the
+/// description of the write for errors. Blocking.
+fn stage(staging: &Path, dest: &Path, data: &[u8]) -> Result<(tempfile::NamedTempFile, String)> {
+    let what = format!("write {}", dest.display());
+    if let Some(p) = dest.parent() {
+        std::fs::create_dir_all(p).map_err(|e| Error::io(format!("create {}", p.display()), e))?;
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".put-")
+        .tempfile_in(staging)
+        .map_err(|e| Error::io(&what, e))?;
+    tmp.write_all(data).map_err(|e| Error::io(&what, e))?;
+    Ok((tmp, what))
+}
+
 async fn parent_dir(path: &Path) -> Result<()> {
     if let Some(p) = path.parent() {
         tokio::fs::create_dir_all(p)
@@ -120,18 +135,9 @@ impl Backend for LocalBackend {
     async fn put_bytes(&self, name: &str, data: Bytes) -> Result<bool> {
         let dest = self.path(name)?;
         let staging = self.staging.clone();
-        // One blocking task for the whole write: stage, flush to disk, rename into place.
+        // One blocking task for the whole write: stage, then link into place.
         tokio::task::spawn_blocking(move || {
-            let what = format!("write {}", dest.display());
-            if let Some(p) = dest.parent() {
-                std::fs::create_dir_all(p)
-                    .map_err(|e| Error::io(format!("create {}", p.display()), e))?;
-            }
-            let mut tmp = tempfile::Builder::new()
-                .prefix(".put-")
-                .tempfile_in(&staging)
-                .map_err(|e| Error::io(&what, e))?;
-            tmp.write_all(&data).map_err(|e| Error::io(&what, e))?;
+            let (tmp, what) = stage(&staging, &dest, &data)?;
             match tmp.persist_noclobber(&dest) {
                 Ok(_) => Ok(true),
                 Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -157,16 +163,7 @@ impl Backend for LocalBackend {
         let dest = self.path(name)?;
         let staging = self.staging.clone();
         tokio::task::spawn_blocking(move || {
-            let what = format!("write {}", dest.display());
-            if let Some(p) = dest.parent() {
-                std::fs::create_dir_all(p)
-                    .map_err(|e| Error::io(format!("create {}", p.display()), e))?;
-            }
-            let mut tmp = tempfile::Builder::new()
-                .prefix(".put-")
-                .tempfile_in(&staging)
-                .map_err(|e| Error::io(&what, e))?;
-            tmp.write_all(&data).map_err(|e| Error::io(&what, e))?;
+            let (tmp, what) = stage(&staging, &dest, &data)?;
             tmp.persist(&dest)
                 .map(drop)
                 .map_err(|e| Error::io(&what, e.error))
