@@ -51,6 +51,11 @@ pub fn check_token(text: &str) -> Result<&str, String> {
     Ok(t)
 }
 
+/// A duration as the contract's `duration_ms` fields carry it: whole milliseconds, saturating.
+pub fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

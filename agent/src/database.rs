@@ -44,7 +44,7 @@ use crate::error::{Error, Result};
 const STDERR_TAIL: usize = 4096;
 
 fn millis(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    deis_backup_proto::duration_ms(start.elapsed())
 }
 
 fn join_error(e: &tokio::task::JoinError) -> Error {

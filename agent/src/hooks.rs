@@ -59,7 +59,7 @@ pub async fn run(
         });
     }
     Ok(RunHookReply {
-        duration_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        duration_ms: deis_backup_proto::duration_ms(start.elapsed()),
         output_tail: out.text(),
     })
 }

@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::mirror::Progress;
-use crate::repository::format::is_sha256;
 use crate::repository::{ObjectEntry, Repository};
 use crate::s3::{self, etag_is_md5};
 
@@ -118,12 +117,7 @@ pub async fn restore_bucket(
                     progress.object_done(bucket, &e.key, e.size, false);
                     return Ok(());
                 }
-                let want = blob_digest(&e.sha256).ok_or_else(|| {
-                    Error::integrity(format!(
-                        "{ctx}: s3://{bucket}/{}: the listing names the blob '{}', not a SHA-256",
-                        e.key, e.sha256
-                    ))
-                })?;
+                let want = *e.sha256.as_bytes();
                 let file = repo
                     .blob_file(&e.sha256)
                     .await
@@ -203,14 +197,6 @@ pub async fn restore_bucket(
     Ok(stats)
 }
 
-/// The 32 bytes a listing's hex `sha256` names; `None` when it is not a SHA-256.
-fn blob_digest(sha256: &str) -> Option<[u8; 32]> {
-    if !is_sha256(sha256) {
-        return None;
-    }
-    hex::decode(sha256).ok()?.try_into().ok()
-}
-
 /// The error for an object whose stored blob is not what its name says (`why`): nothing of the
 /// object was committed on the gateway.
 fn damaged(ctx: &str, bucket: &str, e: &ObjectEntry, why: &str) -> Error {
@@ -231,22 +217,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn blob_digests_are_read_only_from_well_formed_names() {
-        let sha = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
-        let d = blob_digest(sha).unwrap();
-        assert_eq!(hex::encode(d), sha);
-        assert_eq!(blob_digest(&sha.to_ascii_uppercase()), None);
-        assert_eq!(blob_digest(&sha[..62]), None);
-        assert_eq!(blob_digest(""), None);
-    }
-
-    #[test]
     fn a_damaged_blob_is_named_with_what_to_do() {
         let e = ObjectEntry {
             key: "wal_005/0001.lzo".into(),
             size: 3,
             etag: "x".into(),
-            sha256: "ab".repeat(32),
+            sha256: "ab".repeat(32).parse().unwrap(),
             last_modified: None,
             meta: crate::s3::ObjectMeta::default(),
         };

@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock::Lock;
 use crate::repository::{Repository, SnapshotId};
+use crate::rfc3339::rfc3339;
 
 /// Where leases live in a repository.
 pub const DIR: &str = "leases/";
@@ -356,11 +357,6 @@ async fn renew(repo: Repository, name: String, mut me: Record, confirmed: watch:
             Err(e) => tracing::warn!("could not renew the repository lease: {}", e.message()),
         }
     }
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub mod prune;
 pub mod repository;
 pub mod restore;
 pub mod retention;
+pub mod rfc3339;
 pub mod s3;
 pub mod secret;
 pub mod snapshot;

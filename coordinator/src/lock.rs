@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::rfc3339::rfc3339;
 
 /// The etcd key of the lock.
 pub const KEY: &str = "/deis/backup/lock";
@@ -43,8 +44,9 @@ pub struct Holder {
     /// Host name and process id of the holder.
     pub host: String,
     pub pid: u32,
-    /// RFC 3339 time the lock was taken.
-    pub since: String,
+    /// When the lock was taken (RFC 3339 in etcd).
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: time::OffsetDateTime,
     /// Random token that makes this holder's value unique.
     pub token: String,
 }
@@ -54,7 +56,10 @@ impl std::fmt::Display for Holder {
         write!(
             f,
             "{} by pid {} on {} since {}",
-            self.operation, self.pid, self.host, self.since
+            self.operation,
+            self.pid,
+            self.host,
+            rfc3339(self.since)
         )
     }
 }
@@ -99,7 +104,7 @@ impl Lock {
             operation: operation.to_owned(),
             host: hostname(),
             pid: std::process::id(),
-            since: now_rfc3339(),
+            since: time::OffsetDateTime::now_utc(),
             token: random_token(),
         };
         let value = serde_json::to_string(&holder).expect("holder serialises");
@@ -248,12 +253,6 @@ pub(crate) fn random_token() -> String {
     let a = RandomState::new().hash_one(std::process::id());
     let b = RandomState::new().hash_one(std::time::SystemTime::now());
     format!("{a:016x}{b:016x}")
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -24,8 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::error::{Error, Result};
-use crate::repository::format::is_sha256;
-use crate::repository::{BlobRef, BlobWriter, Manifest, ObjectEntry, Repository, SnapshotWriter};
+use crate::repository::{
+    BlobRef, BlobWriter, Manifest, ObjectEntry, Repository, Sha256, SnapshotWriter,
+};
 use crate::s3::{self, ChunkSink, DOWNLOAD_RANGE, ListedObject};
 
 /// Told about each object as it is done; the CLI draws progress from this.
@@ -117,7 +118,7 @@ pub async fn mirror_bucket(
     let mut entries = Vec::with_capacity(unchanged.len() + todo.len());
     let mut refetch = 0u64;
     for (o, prev) in unchanged {
-        if present.contains(&(prev.sha256.as_str(), prev.size)) {
+        if present.contains(&(prev.sha256, prev.size)) {
             let mut e = prev.clone();
             e.last_modified.clone_from(&o.last_modified);
             progress.object_done(bucket, &o.key, o.size, false);
@@ -153,7 +154,7 @@ pub async fn mirror_bucket(
                         .await
                         .map_err(ctx)?;
                     let blob = BlobRef {
-                        sha256: hex::encode(sha256),
+                        sha256: sha256.into(),
                         size: head.size,
                     };
                     (head, repo.store_staged(temp, blob).await?)
@@ -204,10 +205,10 @@ pub async fn mirror_bucket(
 }
 
 /// Whether `prev` (the previous snapshot's entry for the key) still describes `o`: same size,
-/// same non-empty ETag, and a well-formed SHA-256 to carry over. Whether that blob is present is
+/// same non-empty ETag. Whether that blob is present is
 /// [`present_blobs`]' question.
 fn unchanged_since(prev: &ObjectEntry, o: &ListedObject) -> bool {
-    prev.size == o.size && !o.etag.is_empty() && prev.etag == o.etag && is_sha256(&prev.sha256)
+    prev.size == o.size && !o.etag.is_empty() && prev.etag == o.etag
 }
 
 /// Which of the blobs `entries` name are in `repo` with the size recorded for them; each distinct
@@ -215,11 +216,11 @@ fn unchanged_since(prev: &ObjectEntry, o: &ListedObject) -> bool {
 async fn present_blobs<'a>(
     repo: &Repository,
     entries: impl Iterator<Item = &'a ObjectEntry>,
-) -> Result<HashSet<(&'a str, u64)>> {
-    let wanted: HashSet<(&str, u64)> = entries.map(|e| (e.sha256.as_str(), e.size)).collect();
+) -> Result<HashSet<(Sha256, u64)>> {
+    let wanted: HashSet<(Sha256, u64)> = entries.map(|e| (e.sha256, e.size)).collect();
     futures::stream::iter(wanted)
         .map(|(sha, size)| async move {
-            let there = repo.blob_size(sha).await? == Some(size);
+            let there = repo.blob_size(&sha).await? == Some(size);
             Ok::<_, Error>(there.then_some((sha, size)))
         })
         .buffer_unordered(PRESENCE_CHECKS)

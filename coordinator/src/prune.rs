@@ -17,12 +17,11 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::error::{Error, Result};
 use crate::hold::Hold;
 use crate::lease::Record;
-use crate::repository::{PartRef, PruneStats, Repository, SnapshotId};
+use crate::repository::{PartRef, PruneStats, Repository, Sha256, SnapshotId};
 use crate::retention::{self, Candidate, Decision, Policy};
 
 /// Options of `prune`. Serve the CLI, the config file (`[prune]`) and the library.
@@ -73,7 +72,8 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionOut {
     pub id: String,
-    pub time: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
     pub keep: bool,
     pub reasons: Vec<&'static str>,
 }
@@ -92,15 +92,9 @@ pub async fn prune(
     let mut candidates = Vec::new();
     for id in repo.snapshots().await? {
         let m = repo.manifest(&id).await?;
-        let time = OffsetDateTime::parse(&m.started, &Rfc3339).map_err(|e| {
-            Error::repository(format!(
-                "snapshot {id}: bad start time '{}': {e}",
-                m.started
-            ))
-        })?;
         candidates.push(Candidate {
             id: id.to_string(),
-            time,
+            time: m.started,
         });
     }
     let mut decisions: Vec<Decision> = retention::apply(options.policy(), &candidates)
@@ -122,7 +116,7 @@ pub async fn prune(
         .iter()
         .map(|d| DecisionOut {
             id: d.id.clone(),
-            time: times[d.id.as_str()].format(&Rfc3339).unwrap_or_default(),
+            time: times[d.id.as_str()],
             keep: d.keep,
             reasons: d.reasons.clone(),
         })
@@ -154,7 +148,7 @@ pub async fn prune(
 
 /// The blob counts a real prune would give.
 async fn would_delete(repo: &Repository, decisions: &[Decision]) -> Result<PruneStats> {
-    let mut keep: HashSet<String> = HashSet::new();
+    let mut keep: HashSet<Sha256> = HashSet::new();
     for d in decisions.iter().filter(|d| d.keep) {
         let m = repo.manifest(&d.id.parse()?).await?;
         keep.extend(m.parts.values().flat_map(PartRef::blobs).map(|b| b.sha256));

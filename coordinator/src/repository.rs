@@ -27,13 +27,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
+use sha2::Digest as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::secret::Secret;
 pub use format::{
-    BlobRef, BucketRef, Manifest, ObjectEntry, PartInfo, PartRef, SegmentRef, SnapshotId,
+    BlobRef, BucketRef, Manifest, ObjectEntry, PartInfo, PartRef, SegmentRef, Sha256, SnapshotId,
 };
 
 /// A flat store of named files (`a/b/c` names, `/`-separated), the only thing a repository needs.
@@ -190,7 +190,7 @@ impl Repository {
         if repo.backend.size(format::CONFIG_FILE).await?.is_none() {
             let config = format::RepositoryConfig {
                 format: format::FORMAT.to_owned(),
-                created: format::now_rfc3339(),
+                created: time::OffsetDateTime::now_utc(),
             };
             let data = serde_json::to_vec_pretty(&config).expect("config serializes");
             repo.backend
@@ -295,23 +295,7 @@ impl Repository {
             .get_bytes(&format::manifest_path(id))
             .await
             .map_err(|e| e.context(format!("snapshot {id}")))?;
-        let m: Manifest = serde_json::from_slice(&data)
-            .map_err(|e| Error::repository(format!("snapshot {id}: bad manifest: {e}")))?;
-        if m.format != format::FORMAT {
-            return Err(Error::repository(format!(
-                "snapshot {id} has format {}, this deis-backup reads {}",
-                m.format,
-                format::FORMAT
-            )));
-        }
-        if m.id != *id {
-            return Err(Error::repository(format!(
-                "snapshot {id}: its manifest names snapshot {}",
-                m.id
-            )));
-        }
-        m.validate()?;
-        Ok(m)
+        format::decode_manifest(&data, id)
     }
 
     /// The newest complete snapshot's manifest.
@@ -328,7 +312,7 @@ impl Repository {
             Error::not_found(format!("snapshot {} holds no bucket {bucket}", manifest.id))
         })?;
         let data = self.backend.get_bytes(&b.listing).await?;
-        let sha = hex::encode(Sha256::digest(&data));
+        let sha = Sha256::of(&data);
         if sha != b.listing_sha256 {
             return Err(Error::integrity(format!(
                 "snapshot {}: listing {} has SHA-256 {sha}, the manifest says {}",
@@ -339,7 +323,7 @@ impl Repository {
     }
 
     /// The size of a blob, `None` when it is missing.
-    pub async fn blob_size(&self, sha256: &str) -> Result<Option<u64>> {
+    pub async fn blob_size(&self, sha256: &Sha256) -> Result<Option<u64>> {
         self.backend.size(&format::blob_path(sha256)).await
     }
 
@@ -353,7 +337,7 @@ impl Repository {
             Some(_) => {}
         }
         let mut reader = self.open_blob(&blob.sha256).await?;
-        let mut h = Sha256::new();
+        let mut h = sha2::Sha256::new();
         let mut buf = vec![0u8; BUF_SIZE];
         let mut read = 0u64;
         loop {
@@ -367,7 +351,7 @@ impl Repository {
             read += n as u64;
             h.update(&buf[..n]);
         }
-        let got = hex::encode(h.finalize());
+        let got = Sha256::finish(h);
         Ok((
             if got == blob.sha256 {
                 BlobCheck::Intact
@@ -379,7 +363,7 @@ impl Repository {
     }
 
     /// A local file with the blob's bytes (for uploads by range).
-    pub async fn blob_file(&self, sha256: &str) -> Result<LocalFile> {
+    pub async fn blob_file(&self, sha256: &Sha256) -> Result<LocalFile> {
         self.backend
             .local_file(&format::blob_path(sha256))
             .await
@@ -387,7 +371,7 @@ impl Repository {
     }
 
     /// Streams a blob.
-    pub async fn open_blob(&self, sha256: &str) -> Result<BlobReader> {
+    pub async fn open_blob(&self, sha256: &Sha256) -> Result<BlobReader> {
         let file = self.blob_file(sha256).await?;
         let f = tokio::fs::File::open(file.path())
             .await
@@ -407,7 +391,7 @@ impl Repository {
             repo: self.clone(),
             staged: None,
             buf: Vec::with_capacity(64 * 1024),
-            hasher: Sha256::new(),
+            hasher: sha2::Sha256::new(),
             size: 0,
         })
     }
@@ -512,7 +496,7 @@ impl Repository {
         SnapshotWriter {
             repo: self.clone(),
             id,
-            started: format::now_rfc3339(),
+            started: time::OffsetDateTime::now_utc(),
             labels: BTreeMap::new(),
             parts: BTreeMap::new(),
             buckets: BTreeMap::new(),
@@ -536,7 +520,7 @@ impl Repository {
     }
 
     /// Every blob any complete snapshot names (parts and listed objects).
-    pub async fn referenced_blobs(&self) -> Result<HashSet<String>> {
+    pub async fn referenced_blobs(&self) -> Result<HashSet<Sha256>> {
         let mut out = HashSet::new();
         for id in self.snapshots().await? {
             let m = self.manifest(&id).await?;
@@ -554,7 +538,7 @@ impl Repository {
     }
 
     /// Every stored blob with its size.
-    pub async fn blobs(&self) -> Result<Vec<(String, u64)>> {
+    pub async fn blobs(&self) -> Result<Vec<(Sha256, u64)>> {
         Ok(self
             .backend
             .list(format::BLOBS_DIR)
@@ -562,7 +546,7 @@ impl Repository {
             .into_iter()
             .filter_map(|(name, size)| {
                 let sha = name.rsplit('/').next()?;
-                format::is_sha256(sha).then(|| (sha.to_owned(), size))
+                Some((sha.parse().ok()?, size))
             })
             .collect())
     }
@@ -607,7 +591,7 @@ pub enum BlobCheck {
     /// Present with this many bytes instead of the recorded size.
     WrongSize(u64),
     /// The right size, but the bytes hash to this instead of the blob's name.
-    Corrupt(String),
+    Corrupt(Sha256),
 }
 
 /// A blob being read.
@@ -643,7 +627,7 @@ pub struct BlobWriter {
     repo: Repository,
     staged: Option<(tokio::fs::File, tempfile::TempPath)>,
     buf: Vec<u8>,
-    hasher: Sha256,
+    hasher: sha2::Sha256,
     size: u64,
 }
 
@@ -700,7 +684,7 @@ impl BlobWriter {
     /// Forgets everything written (a download starts over).
     pub async fn reset(&mut self) -> Result<()> {
         self.buf.clear();
-        self.hasher = Sha256::new();
+        self.hasher = sha2::Sha256::new();
         self.size = 0;
         if let Some((file, temp)) = &mut self.staged {
             let what = format!("truncate {}", temp.display());
@@ -720,7 +704,7 @@ impl BlobWriter {
     /// Stores the blob (unless its bytes are already stored) and returns its reference.
     pub async fn finish(mut self) -> Result<StoredBlob> {
         let blob = BlobRef {
-            sha256: hex::encode(self.hasher.finalize_reset()),
+            sha256: Sha256::from(<[u8; 32]>::from(self.hasher.finalize_reset())),
             size: self.size,
         };
         let name = format::blob_path(&blob.sha256);
@@ -748,7 +732,7 @@ impl BlobWriter {
 pub struct SnapshotWriter {
     repo: Repository,
     id: SnapshotId,
-    started: String,
+    started: time::OffsetDateTime,
     labels: BTreeMap<String, String>,
     parts: BTreeMap<String, PartRef>,
     buckets: BTreeMap<String, BucketRef>,
@@ -796,7 +780,7 @@ impl SnapshotWriter {
         reader: R,
     ) -> Result<BlobRef> {
         let stored = self.repo.write_blob_from(reader).await?;
-        self.add_part(name, stored.blob.clone())?;
+        self.add_part(name, stored.blob)?;
         Ok(stored.blob)
     }
 
@@ -811,7 +795,7 @@ impl SnapshotWriter {
         let listing = format::listing_path(&self.id, bucket);
         let b = BucketRef {
             listing: listing.clone(),
-            listing_sha256: hex::encode(Sha256::digest(&data)),
+            listing_sha256: Sha256::of(&data),
             objects: entries.len() as u64,
             bytes: entries.iter().map(|e| e.size).sum(),
         };
@@ -829,7 +813,7 @@ impl SnapshotWriter {
             format: format::FORMAT.to_owned(),
             id: self.id,
             started: self.started,
-            completed: format::now_rfc3339(),
+            completed: time::OffsetDateTime::now_utc(),
             labels: self.labels,
             parts: self.parts,
             buckets: self.buckets,
@@ -866,7 +850,7 @@ mod tests {
             key: key.into(),
             size: blob.size,
             etag: "x".into(),
-            sha256: blob.sha256.clone(),
+            sha256: blob.sha256,
             last_modified: None,
             meta: crate::s3::ObjectMeta::default(),
         }
@@ -879,7 +863,7 @@ mod tests {
         let a = r.write_blob_from(&b"hello"[..]).await.unwrap();
         assert!(a.new);
         assert_eq!(
-            a.blob.sha256,
+            a.blob.sha256.to_string(),
             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
         let b = r.write_blob_from(&b"hello"[..]).await.unwrap();
@@ -911,7 +895,7 @@ mod tests {
         }
         let stored = w.finish().await.unwrap();
         assert_eq!(stored.blob.size, big.len() as u64);
-        assert_eq!(stored.blob.sha256, hex::encode(Sha256::digest(&big)));
+        assert_eq!(stored.blob.sha256, Sha256::of(&big));
         let mut back = Vec::new();
         r.open_blob(&stored.blob.sha256)
             .await
@@ -970,7 +954,7 @@ mod tests {
         assert!(r.incomplete_snapshots().await.unwrap().is_empty());
         let back = r.manifest(&id).await.unwrap();
         assert_eq!(back, m);
-        assert_eq!(back.parts["etcd/export.json"], PartRef::blob(part));
+        assert_eq!(back.parts["etcd/export.json"], PartRef::Blob(part));
         let listing = r.listing(&back, "db_wal").await.unwrap();
         assert_eq!(listing[0].key, "a b+%/ü");
         assert_eq!(r.latest().await.unwrap().unwrap().id, id);
@@ -1112,7 +1096,7 @@ mod tests {
         s.add_bucket("registry", &[entry("k", &kept)])
             .await
             .unwrap();
-        s.add_part("p", part.clone()).unwrap();
+        s.add_part("p", part).unwrap();
         s.commit().await.unwrap();
         assert_eq!(
             r.check_blob(&kept, true).await.unwrap().0,
@@ -1120,7 +1104,7 @@ mod tests {
         );
         let wrong = BlobRef {
             size: 5,
-            ..kept.clone()
+            ..kept
         };
         assert_eq!(
             r.check_blob(&wrong, true).await.unwrap().0,

@@ -336,7 +336,7 @@ fn plan_stores(
             what: "store".into(),
             target: format!("{path} on {}", agent.host_id),
             done: false,
-            detail: format!("{name}, {} bytes compressed", blob.size),
+            detail: format!("{name}, {} bytes compressed", blob.size()),
         };
         let action = Action::Store {
             part: name.clone(),
@@ -500,7 +500,7 @@ async fn restore_store(
         .map(|b| {
             Ok(Digest {
                 size: b.size,
-                sha256: digest_bytes(b)?,
+                sha256: digest_bytes(b),
             })
         })
         .collect::<Result<_>>()?;
@@ -540,7 +540,7 @@ async fn restore_database(repo: &Repository, manifest: &Manifest, agent: &Agent)
     let blob = single_blob(manifest, DATABASE_PART)?;
     let header = RestoreDatabaseRequest {
         kind: Some(DbKind::Header(RestoreDatabaseHeader {
-            sha256: digest_bytes(&blob)?,
+            sha256: digest_bytes(&blob),
         })),
     };
     let (data, read_failure) = blob_chunks(repo, vec![blob]);
@@ -570,10 +570,9 @@ fn single_blob(manifest: &Manifest, name: &str) -> Result<BlobRef> {
     })
 }
 
-/// A blob's digest as bytes; manifests are validated when read, so a bad one is damage.
-fn digest_bytes(blob: &BlobRef) -> Result<Vec<u8>> {
-    hex::decode(&blob.sha256)
-        .map_err(|e| Error::integrity(format!("blob digest '{}': {e}", blob.sha256)))
+/// A blob's digest as the contract carries it.
+fn digest_bytes(blob: &BlobRef) -> Vec<u8> {
+    blob.sha256.as_bytes().to_vec()
 }
 
 /// Where [`blob_chunks`] leaves the error that ended its stream early.
@@ -699,10 +698,10 @@ mod tests {
         .unwrap();
         let there = repo.write_blob_from(&b"abc"[..]).await.unwrap().blob;
         let gone = BlobRef {
-            sha256: "ab".repeat(32),
+            sha256: "ab".repeat(32).parse().unwrap(),
             size: 3,
         };
-        let (stream, failure) = blob_chunks(&repo, vec![there.clone(), gone]);
+        let (stream, failure) = blob_chunks(&repo, vec![there, gone]);
         let chunks: Vec<Vec<u8>> = stream.collect().await;
         assert_eq!(chunks, [b"abc".to_vec()]);
         let e = failure.check("store/x").unwrap_err();

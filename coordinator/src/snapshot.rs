@@ -17,7 +17,7 @@
 //!   its size); a previous listing that cannot be read or fails its SHA-256 is not used.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use deis_backup_proto::v1::chunk::Kind;
 use deis_backup_proto::v1::{
@@ -32,7 +32,9 @@ use crate::gateway::DeisBuckets;
 use crate::hold::Hold;
 use crate::mirror::{self, MirrorStats};
 use crate::platform_keys;
-use crate::repository::{BlobRef, Manifest, PartInfo, PartRef, Repository, SegmentRef, SnapshotId};
+use crate::repository::{
+    BlobRef, Manifest, PartInfo, PartRef, Repository, SegmentRef, Sha256, SnapshotId,
+};
 use crate::s3::{self, GatewayOptions};
 
 /// Part name of the database dump.
@@ -281,19 +283,13 @@ async fn reusable_parts(repo: &Repository, previous: &Manifest) -> Result<Reuse>
         .filter(|(n, _)| n.starts_with(STORE_PREFIX))
     {
         let mut offered = HashMap::new();
-        for seg in &part.segments {
+        for seg in part.segments() {
             let Some(fp) = seg.fingerprint.as_deref().and_then(|f| hex::decode(f).ok()) else {
                 continue;
             };
             offered.insert(fp, seg.clone());
         }
-        let blobs = offered
-            .values()
-            .map(|s| BlobRef {
-                sha256: s.sha256.clone(),
-                size: s.size,
-            })
-            .collect();
+        let blobs = offered.values().map(SegmentRef::blob).collect();
         if !offered.is_empty() && present(blobs).await? {
             reuse.segments.insert(name.clone(), offered);
         }
@@ -388,7 +384,7 @@ pub async fn run(
         Ok::<_, Error>((
             ETCD_PART.to_owned(),
             (
-                PartRef::blob(stored.blob),
+                PartRef::Blob(stored.blob),
                 PartInfo {
                     source: format!(
                         "etcd {}: {} keys, {} ephemeral or cluster-specific left out",
@@ -396,7 +392,7 @@ pub async fn run(
                         export.keys.len(),
                         export.excluded.len()
                     ),
-                    duration_ms: millis(started.elapsed()),
+                    duration_ms: deis_backup_proto::duration_ms(started.elapsed()),
                     ..PartInfo::default()
                 },
             ),
@@ -446,14 +442,14 @@ async fn dump_database(
     let mut info = PartInfo {
         source: format!("agent {} pg_dumpall", agent.host_id),
         raw_bytes: Some(trailer.raw_bytes),
-        duration_ms: millis(started.elapsed()),
+        duration_ms: deis_backup_proto::duration_ms(started.elapsed()),
         host: Some(agent.host_id.clone()),
         warnings: warnings(&trailer),
         state,
         ..PartInfo::default()
     };
     match (blob, trailer.unchanged, previous) {
-        (Some(blob), false, _) => Ok((PartRef::blob(blob), info)),
+        (Some(blob), false, _) => Ok((PartRef::Blob(blob), info)),
         (None, true, Some((part, before, taken_in))) => {
             info.raw_bytes = before.raw_bytes;
             info.taken_in = Some(taken_in.clone());
@@ -508,11 +504,11 @@ async fn archive_store(
         return Err(malformed(agent, call));
     }
     Ok((
-        PartRef::segmented(segments),
+        PartRef::Segmented(segments),
         PartInfo {
             source: format!("agent {} {}", agent.host_id, task.path),
             raw_bytes: Some(trailer.raw_bytes),
-            duration_ms: millis(started.elapsed()),
+            duration_ms: deis_backup_proto::duration_ms(started.elapsed()),
             host: Some(agent.host_id.clone()),
             path: Some(task.path.clone()),
             shared: Some(task.shared),
@@ -547,7 +543,7 @@ fn incomplete(agent: &Agent, call: &str) -> Error {
 
 /// Checks a stored blob against the size and sha256 the agent announced for it.
 fn check_digest(agent: &Agent, call: &str, got: &BlobRef, size: u64, sha256: &[u8]) -> Result<()> {
-    if got.size == size && got.sha256 == hex::encode(sha256) {
+    if got.size == size && Sha256::try_from(sha256) == Ok(got.sha256) {
         return Ok(());
     }
     Err(Error::integrity(format!(
@@ -784,10 +780,6 @@ fn list_or_none(v: &[String]) -> String {
     } else {
         v.join(", ")
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -129,7 +129,7 @@ pub fn assert_listing_matches_seed(bucket: &str, entries: &[ObjectEntry]) {
                 Seeded {
                     size: e.size,
                     etag: e.etag.clone(),
-                    sha256: e.sha256.clone(),
+                    sha256: e.sha256.to_string(),
                     meta: ObjectMeta {
                         content_type: e.meta.content_type.clone(),
                         cache_control: e.meta.cache_control.clone(),

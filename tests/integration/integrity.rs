@@ -15,7 +15,7 @@ use deis_backup_coordinator::gateway::{Gateway, GatewayOptions, Signature};
 use deis_backup_coordinator::mirror::{NoProgress, mirror_bucket, mirror_buckets};
 use deis_backup_coordinator::repository::format::blob_path;
 use deis_backup_coordinator::repository::{
-    BlobCheck, BlobRef, Manifest, ObjectEntry, Repository, SnapshotId,
+    BlobCheck, BlobRef, Manifest, ObjectEntry, Repository, Sha256, SnapshotId,
 };
 use deis_backup_coordinator::verify::{Depth, verify};
 
@@ -169,12 +169,12 @@ async fn exists(bucket: &str, key: &str) -> bool {
 }
 
 /// The file of blob `sha256` in the local repository under `dir`.
-fn blob_file(dir: &Path, sha256: &str) -> PathBuf {
+fn blob_file(dir: &Path, sha256: &Sha256) -> PathBuf {
     dir.join("repo").join(blob_path(sha256))
 }
 
 /// Flips one byte in the middle of a blob: same size, other bytes.
-fn flip_byte(dir: &Path, sha256: &str) {
+fn flip_byte(dir: &Path, sha256: &Sha256) {
     let path = blob_file(dir, sha256);
     let mut data = std::fs::read(&path).unwrap();
     let at = data.len() / 2;
@@ -254,7 +254,7 @@ async fn integrity_restore_refuses_a_damaged_blob_before_the_put_single_and_mult
         for want in [
             target.as_str(),
             key,
-            e.sha256.as_str(),
+            &e.sha256.to_string(),
             "damaged",
             "deis-backup verify --read-data",
         ] {
@@ -309,7 +309,9 @@ async fn integrity_verify_read_data_finds_a_damaged_blob_that_sizes_miss() {
     assert_eq!(read.problems.len(), 1, "{:?}", read.problems);
     let p = &read.problems[0];
     assert!(
-        p.contains(&format!("s3://{source}/a")) && p.contains(&a.sha256) && p.contains("damaged"),
+        p.contains(&format!("s3://{source}/a"))
+            && p.contains(&a.sha256.to_string())
+            && p.contains("damaged"),
         "{p}"
     );
 
@@ -319,7 +321,7 @@ async fn integrity_verify_read_data_finds_a_damaged_blob_that_sizes_miss() {
 /// Blob of `e` as a reference.
 fn blob(e: &ObjectEntry) -> BlobRef {
     BlobRef {
-        sha256: e.sha256.clone(),
+        sha256: e.sha256,
         size: e.size,
     }
 }
@@ -409,19 +411,16 @@ async fn integrity_reuse_needs_the_previous_entrys_sha256() {
         .unwrap();
     let good = first[0].clone();
 
-    // The same key, size and ETag: reused only with a well-formed SHA-256 naming a blob present
-    // with that size.
+    // The same key, size and ETag: reused only when the blob it names is present with that size.
+    // (A malformed digest never gets this far: the listing does not parse.)
     let other = repo
         .write_blob_from(&b"other bytes"[..])
         .await
         .unwrap()
         .blob;
     let cases = [
-        ("no sha256", String::new()),
-        ("upper case", good.sha256.to_ascii_uppercase()),
-        ("cut", good.sha256[..63].to_owned()),
-        ("absent blob", "0".repeat(64)),
-        ("blob of another size", other.sha256.clone()),
+        ("absent blob", "0".repeat(64).parse().unwrap()),
+        ("blob of another size", other.sha256),
     ];
     for (what, sha256) in cases {
         let prev = ObjectEntry {

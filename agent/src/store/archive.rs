@@ -1017,7 +1017,7 @@ pub fn archive(root: &Path, opts: Options, tx: ChunkTx) -> Result<Trailer> {
         raw_bytes: out.raw,
         compressed_bytes: sent,
         sha256: Vec::new(),
-        duration_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        duration_ms: deis_backup_proto::duration_ms(start.elapsed()),
         warnings: out.warnings,
         store: Some(out.counts),
         segments: out.sent_or_reused,

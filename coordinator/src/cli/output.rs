@@ -9,8 +9,9 @@ use std::fmt::Write as _;
 use deis_backup_coordinator::Result;
 use deis_backup_coordinator::agents::Agent;
 use deis_backup_coordinator::prune;
-use deis_backup_coordinator::repository::{Manifest, PartInfo, Repository};
+use deis_backup_coordinator::repository::{Manifest, PartInfo, PartRef, Repository};
 use deis_backup_coordinator::restore;
+use deis_backup_coordinator::rfc3339::rfc3339;
 use deis_backup_coordinator::snapshot::{Outcome, Plan};
 use deis_backup_coordinator::verify;
 use deis_backup_proto::v1::DescribeReply;
@@ -50,8 +51,8 @@ impl Output {
                 .map(|m| {
                     json!({
                         "id": m.id.to_string(),
-                        "started": m.started,
-                        "completed": m.completed,
+                        "started": rfc3339(m.started),
+                        "completed": rfc3339(m.completed),
                         "parts": m.parts.len(),
                         "objects": m.buckets.values().map(|b| b.objects).sum::<u64>(),
                         "bytes": total_bytes(m),
@@ -68,7 +69,7 @@ impl Output {
         for m in &rows {
             t.row(vec![
                 m.id.to_string(),
-                m.started.clone(),
+                rfc3339(m.started),
                 m.parts.len().to_string(),
                 m.buckets
                     .values()
@@ -95,8 +96,8 @@ impl Output {
             return;
         }
         println!("snapshot {}", m.id);
-        println!("  started   {}", m.started);
-        println!("  completed {}", m.completed);
+        println!("  started   {}", rfc3339(m.started));
+        println!("  completed {}", rfc3339(m.completed));
         for (k, v) in &m.labels {
             println!("  {k} = {v}");
         }
@@ -105,15 +106,15 @@ impl Output {
             let info = m.part_info.get(name);
             t.row(vec![
                 name.clone(),
-                size(b.size),
+                size(b.size()),
                 info.and_then(|i| i.raw_bytes).map(size).unwrap_or_default(),
                 info.map(|i| format!("{:.1}", i.duration_ms as f64 / 1000.0))
                     .unwrap_or_default(),
-                match &b.sha256 {
-                    Some(sha) => sha[..16.min(sha.len())].to_owned(),
-                    None => format!(
+                match b {
+                    PartRef::Blob(blob) => blob.sha256.to_hex()[..16].to_owned(),
+                    PartRef::Segmented(segments) => format!(
                         "{} segments{}",
-                        b.segments.len(),
+                        segments.len(),
                         info.and_then(|i| i.segments_reused)
                             .map(|r| format!(", {r} reused"))
                             .unwrap_or_default()
@@ -168,7 +169,7 @@ impl Output {
         for d in &r.snapshots {
             t.row(vec![
                 d.id.clone(),
-                d.time.clone(),
+                rfc3339(d.time),
                 if d.keep { "keep" } else { "forget" }.to_owned(),
                 d.reasons.join(","),
             ]);
@@ -352,12 +353,12 @@ impl Output {
                 Some(PartInfo {
                     segments_reused: Some(r),
                     ..
-                }) => format!(" ({r} of {} segments unchanged)", b.segments.len()),
+                }) => format!(" ({r} of {} segments unchanged)", b.segments().len()),
                 _ => String::new(),
             };
             println!(
                 "  part {name}: {}{reused}{}{}",
-                size(b.size),
+                size(b.size()),
                 info.map(|i| format!(" in {:.1} s", i.duration_ms as f64 / 1000.0))
                     .unwrap_or_default(),
                 info.filter(|i| !i.warnings.is_empty())
@@ -404,7 +405,8 @@ impl Output {
 }
 
 fn total_bytes(m: &Manifest) -> u64 {
-    m.parts.values().map(|b| b.size).sum::<u64>() + m.buckets.values().map(|b| b.bytes).sum::<u64>()
+    m.parts.values().map(PartRef::size).sum::<u64>()
+        + m.buckets.values().map(|b| b.bytes).sum::<u64>()
 }
 
 /// `1.5 GiB`.

@@ -4,7 +4,9 @@
 //! snapshot manifest and the bucket listings.
 //! Invariants:
 //! - Blobs are content-addressed: `blobs/sha256/<first two hex digits>/<sha256 hex>`; the name is
-//!   the SHA-256 of the bytes, so equal bytes are stored once.
+//!   the SHA-256 of the bytes ([`Sha256`]), so equal bytes are stored once.
+//! - A part is one blob or a list of segments, never both or neither ([`PartRef`]); a segmented
+//!   part's size is the sum of its segments'. A manifest that says otherwise does not parse.
 //! - A snapshot is the directory `snapshots/<id>/`; it is complete only when its `manifest.json`
 //!   exists, and the manifest is written after everything it names.
 //! - Listings are JSON Lines, one object per line, sorted by key.
@@ -14,9 +16,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 use crate::s3::ObjectMeta;
+
+mod sha256;
+pub use sha256::{NotSha256, Sha256};
 
 /// The format this code writes and reads.
 pub const FORMAT: &str = "deis-backup/1";
@@ -34,7 +40,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RepositoryConfig {
     pub format: String,
-    pub created: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created: OffsetDateTime,
 }
 
 /// A snapshot's name: `YYYYMMDDTHHMMSS.mmmZ-xxxx` (UTC start time to the millisecond, a random
@@ -100,77 +107,119 @@ pub fn safe_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// A stored blob: its SHA-256 (lower-case hex) and size.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A stored blob: its SHA-256 and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct BlobRef {
-    pub sha256: String,
+    pub sha256: Sha256,
     pub size: u64,
 }
 
 /// A part's bytes: one blob, or (store archives) the concatenation of segment blobs in order.
+/// On disk, `{"sha256", "size"}` or `{"size", "segments"}` ([`PartFields`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PartFields", into = "PartFields")]
+pub enum PartRef {
+    /// The part is one blob.
+    Blob(BlobRef),
+    /// The part is these segments, in order; never empty.
+    Segmented(Vec<SegmentRef>),
+}
+
+/// A [`PartRef`] as the manifest spells it.
+#[derive(Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct PartRef {
-    /// The one blob holding the part; absent for a segmented part.
+struct PartFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
-    /// Bytes of the part (of all its segments).
-    pub size: u64,
-    /// The segments, in order, of a segmented part.
+    sha256: Option<Sha256>,
+    size: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub segments: Vec<SegmentRef>,
+    segments: Vec<SegmentRef>,
+}
+
+impl TryFrom<PartFields> for PartRef {
+    type Error = String;
+    fn try_from(p: PartFields) -> std::result::Result<Self, String> {
+        match (p.sha256, p.segments.is_empty()) {
+            (Some(sha256), true) => Ok(Self::Blob(BlobRef {
+                sha256,
+                size: p.size,
+            })),
+            (None, false) => {
+                let total = p
+                    .segments
+                    .iter()
+                    .try_fold(0u64, |t, s| t.checked_add(s.size))
+                    .ok_or("segment sizes overflow")?;
+                if total == p.size {
+                    Ok(Self::Segmented(p.segments))
+                } else {
+                    Err(format!(
+                        "segments add up to {total} bytes, the part says {}",
+                        p.size
+                    ))
+                }
+            }
+            _ => Err("neither one SHA-256 nor a list of segments".into()),
+        }
+    }
+}
+
+impl From<PartRef> for PartFields {
+    fn from(p: PartRef) -> Self {
+        let size = p.size();
+        match p {
+            PartRef::Blob(b) => Self {
+                sha256: Some(b.sha256),
+                size,
+                segments: Vec::new(),
+            },
+            PartRef::Segmented(segments) => Self {
+                sha256: None,
+                size,
+                segments,
+            },
+        }
+    }
 }
 
 impl PartRef {
-    /// A part held in one blob.
-    pub fn blob(blob: BlobRef) -> Self {
-        Self {
-            sha256: Some(blob.sha256),
-            size: blob.size,
-            segments: Vec::new(),
-        }
-    }
-
-    /// A part held in segments.
-    pub fn segmented(segments: Vec<SegmentRef>) -> Self {
-        Self {
-            sha256: None,
-            size: segments.iter().map(|s| s.size).sum(),
-            segments,
+    /// Bytes of the part (of all its segments).
+    pub fn size(&self) -> u64 {
+        match self {
+            Self::Blob(b) => b.size,
+            Self::Segmented(segments) => segments.iter().map(|s| s.size).sum(),
         }
     }
 
     /// The blobs whose concatenation, in this order, is the part.
     pub fn blobs(&self) -> Vec<BlobRef> {
-        match &self.sha256 {
-            Some(sha) => vec![BlobRef {
-                sha256: sha.clone(),
-                size: self.size,
-            }],
-            None => self
-                .segments
-                .iter()
-                .map(|s| BlobRef {
-                    sha256: s.sha256.clone(),
-                    size: s.size,
-                })
-                .collect(),
+        match self {
+            Self::Blob(b) => vec![*b],
+            Self::Segmented(segments) => segments.iter().map(SegmentRef::blob).collect(),
         }
     }
 
     /// The one blob of a part that is not segmented.
     pub fn single(&self) -> Option<BlobRef> {
-        self.sha256.as_ref().map(|sha| BlobRef {
-            sha256: sha.clone(),
-            size: self.size,
-        })
+        match self {
+            Self::Blob(b) => Some(*b),
+            Self::Segmented(_) => None,
+        }
+    }
+
+    /// The segments of a segmented part; none for a one-blob part.
+    pub fn segments(&self) -> &[SegmentRef] {
+        match self {
+            Self::Blob(_) => &[],
+            Self::Segmented(segments) => segments,
+        }
     }
 }
 
 impl From<BlobRef> for PartRef {
     fn from(blob: BlobRef) -> Self {
-        Self::blob(blob)
+        Self::Blob(blob)
     }
 }
 
@@ -178,12 +227,22 @@ impl From<BlobRef> for PartRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SegmentRef {
-    pub sha256: String,
+    pub sha256: Sha256,
     pub size: u64,
     /// What the producer fingerprinted the segment's source as (hex); a later snapshot reuses the
     /// segment when the source still has this fingerprint. Absent: never reused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+}
+
+impl SegmentRef {
+    /// The blob holding the segment.
+    pub fn blob(&self) -> BlobRef {
+        BlobRef {
+            sha256: self.sha256,
+            size: self.size,
+        }
+    }
 }
 
 /// One object of a bucket listing: where it was, what it was, and which blob holds its bytes.
@@ -194,7 +253,7 @@ pub struct ObjectEntry {
     pub size: u64,
     /// The gateway's ETag, without quotes.
     pub etag: String,
-    pub sha256: String,
+    pub sha256: Sha256,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_modified: Option<String>,
     #[serde(flatten)]
@@ -207,7 +266,7 @@ pub struct ObjectEntry {
 pub struct BucketRef {
     /// The listing's path from the repository root.
     pub listing: String,
-    pub listing_sha256: String,
+    pub listing_sha256: Sha256,
     pub objects: u64,
     pub bytes: u64,
 }
@@ -219,9 +278,11 @@ pub struct Manifest {
     pub format: String,
     pub id: SnapshotId,
     /// RFC 3339 UTC.
-    pub started: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started: OffsetDateTime,
     /// RFC 3339 UTC.
-    pub completed: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub completed: OffsetDateTime,
     /// Free-form facts the coordinator records (cluster, version, ...). Never secrets.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -270,47 +331,21 @@ pub struct PartInfo {
     pub segments_reused: Option<u64>,
 }
 
-/// `blobs/sha256/ab/ab12...`. Callers pass a checked digest ([`is_sha256`]); anything else still
-/// gives a path (never a panic), which then names no blob.
-pub fn blob_path(sha256: &str) -> String {
-    format!("{BLOBS_DIR}{}/{sha256}", sha256.get(..2).unwrap_or(""))
+/// `blobs/sha256/ab/ab12...`.
+pub fn blob_path(sha256: &Sha256) -> String {
+    let hex = sha256.to_hex();
+    format!("{BLOBS_DIR}{}/{hex}", &hex[..2])
 }
 
 impl Manifest {
-    /// Checks what parsing cannot: every digest well formed, every size sum representable, every
-    /// part and bucket name safe, each bucket's listing where the format puts it. One line names
-    /// the first fault.
+    /// Checks what parsing cannot: every part and bucket name safe, each bucket's listing where
+    /// the format puts it. (Digests and part shapes are checked by parsing.) One line names the
+    /// first fault.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(Error::repository(format!("snapshot {}: {what}", self.id)));
-        for (name, part) in &self.parts {
+        for name in self.parts.keys() {
             if !name.split('/').all(safe_name) {
                 return bad(format!("part name {name:?} is not a safe name"));
-            }
-            match (&part.sha256, part.segments.is_empty()) {
-                (Some(sha), true) if is_sha256(sha) => {}
-                (None, false) => {
-                    let mut total = 0u64;
-                    for seg in &part.segments {
-                        if !is_sha256(&seg.sha256) {
-                            return bad(format!("part {name}: a segment digest is not a SHA-256"));
-                        }
-                        let Some(t) = total.checked_add(seg.size) else {
-                            return bad(format!("part {name}: segment sizes overflow"));
-                        };
-                        total = t;
-                    }
-                    if total != part.size {
-                        return bad(format!(
-                            "part {name}: segments add up to {total} bytes, the part says {}",
-                            part.size
-                        ));
-                    }
-                }
-                _ => {
-                    return bad(format!(
-                        "part {name}: neither one SHA-256 nor a list of segments"
-                    ));
-                }
             }
         }
         for (bucket, b) in &self.buckets {
@@ -320,21 +355,13 @@ impl Manifest {
             if b.listing != listing_path(&self.id, bucket) {
                 return bad(format!("bucket {bucket}: listing at an unexpected path"));
             }
-            if !is_sha256(&b.listing_sha256) {
-                return bad(format!(
-                    "bucket {bucket}: the listing digest is not a SHA-256"
-                ));
-            }
         }
         Ok(())
     }
 }
 
-/// Checks one listing entry: its digest well formed and its key one an S3 gateway can hold.
+/// Checks one listing entry: its key one an S3 gateway can hold (its digest is checked by parsing).
 fn validate_entry(e: &ObjectEntry) -> std::result::Result<(), String> {
-    if !is_sha256(&e.sha256) {
-        return Err("its sha256 is not a SHA-256".into());
-    }
     // S3 keys may hold any UTF-8, control characters included; only emptiness and length are
     // beyond what a gateway can store.
     if e.key.is_empty() || e.key.len() > 1024 {
@@ -358,16 +385,31 @@ pub fn listing_path(id: &SnapshotId, bucket: &str) -> String {
     format!("{SNAPSHOTS_DIR}{id}/buckets/{bucket}.jsonl")
 }
 
-/// True for a lower-case hex SHA-256.
-pub fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// RFC 3339 UTC now.
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("a UTC time formats")
+/// Parses the manifest of snapshot `id`; one line names where it is wrong (`parts.database.sha256:
+/// not a SHA-256 …`), then [`Manifest::validate`] checks the names.
+pub fn decode_manifest(data: &[u8], id: &SnapshotId) -> Result<Manifest> {
+    let de = &mut serde_json::Deserializer::from_slice(data);
+    let m: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
+        Error::repository(format!(
+            "snapshot {id}: bad manifest: {}: {}",
+            e.path(),
+            e.inner()
+        ))
+    })?;
+    if m.format != FORMAT {
+        return Err(Error::repository(format!(
+            "snapshot {id} has format {}, this deis-backup reads {FORMAT}",
+            m.format
+        )));
+    }
+    if m.id != *id {
+        return Err(Error::repository(format!(
+            "snapshot {id}: its manifest names snapshot {}",
+            m.id
+        )));
+    }
+    m.validate()?;
+    Ok(m)
 }
 
 /// Encodes a listing as JSON Lines, sorted by key.
@@ -406,80 +448,90 @@ mod proptests;
 mod tests {
     use super::*;
 
-    fn manifest_with(part: PartRef) -> Manifest {
-        Manifest {
-            format: FORMAT.into(),
-            id: "20261124T233000.123Z-abcd".parse().unwrap(),
-            started: String::new(),
-            completed: String::new(),
-            labels: BTreeMap::new(),
-            parts: BTreeMap::from([("database".to_owned(), part)]),
-            buckets: BTreeMap::new(),
-            part_info: BTreeMap::new(),
-        }
+    const ID: &str = "20261124T233000.123Z-abcd";
+
+    /// A manifest whose `database` part is `part` (JSON), as it would sit on disk.
+    fn manifest_json(part: &serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "format": FORMAT,
+            "id": ID,
+            "started": "2026-11-24T23:30:00.123Z",
+            "completed": "2026-11-24T23:31:00Z",
+            "parts": {"database": part},
+        }))
+        .unwrap()
+    }
+
+    fn decode(part: &serde_json::Value) -> Result<Manifest> {
+        decode_manifest(&manifest_json(part), &ID.parse().unwrap())
     }
 
     #[test]
-    fn tampered_manifests_are_one_clear_error() {
+    fn a_well_formed_manifest_round_trips_to_the_same_json() {
         let sha = "a".repeat(64);
-        assert!(
-            manifest_with(PartRef::blob(BlobRef {
-                sha256: sha.clone(),
-                size: 1
-            }))
-            .validate()
-            .is_ok()
-        );
-        let seg = |sha256: &str, size| SegmentRef {
-            sha256: sha256.into(),
-            size,
-            fingerprint: None,
-        };
+        let seg = serde_json::json!({"sha256": sha, "size": 2, "fingerprint": "00ff"});
+        for part in [
+            serde_json::json!({"sha256": sha, "size": 1}),
+            serde_json::json!({"size": 4, "segments": [seg, seg]}),
+        ] {
+            let m = decode(&part).unwrap();
+            let again: serde_json::Value = serde_json::to_value(&m).unwrap();
+            assert_eq!(again["parts"]["database"], part);
+            assert_eq!(again["started"], "2026-11-24T23:30:00.123Z");
+            assert_eq!(again["completed"], "2026-11-24T23:31:00Z");
+        }
+        let m = decode(&serde_json::json!({"size": 4, "segments": [seg, seg]})).unwrap();
+        assert_eq!(m.parts["database"].size(), 4);
+        assert_eq!(m.parts["database"].blobs().len(), 2);
+    }
+
+    #[test]
+    fn tampered_manifests_are_one_clear_error_naming_the_place() {
+        let sha = "a".repeat(64);
+        let seg = |sha256: &str, size: u64| serde_json::json!({"sha256": sha256, "size": size});
         for (part, want) in [
             (
-                PartRef::blob(BlobRef {
-                    sha256: "é".repeat(32),
-                    size: 1,
-                }),
+                serde_json::json!({"sha256": "é".repeat(32), "size": 1}),
+                "not a SHA-256",
+            ),
+            (
+                serde_json::json!({"sha256": "../../x", "size": 1}),
+                "not a SHA-256",
+            ),
+            (serde_json::json!({"size": 1}), "neither"),
+            (
+                serde_json::json!({"sha256": sha, "size": 2, "segments": [seg(&sha, 2)]}),
                 "neither",
             ),
             (
-                PartRef::blob(BlobRef {
-                    sha256: "../../x".into(),
-                    size: 1,
-                }),
-                "neither",
-            ),
-            (
-                PartRef {
-                    sha256: None,
-                    size: 0,
-                    segments: vec![seg(&sha, u64::MAX), seg(&sha, 2)],
-                },
+                serde_json::json!({"size": 0, "segments": [seg(&sha, u64::MAX), seg(&sha, 2)]}),
                 "overflow",
             ),
             (
-                PartRef {
-                    sha256: None,
-                    size: 5,
-                    segments: vec![seg(&sha, 2)],
-                },
+                serde_json::json!({"size": 5, "segments": [seg(&sha, 2)]}),
                 "add up",
             ),
             (
-                PartRef {
-                    sha256: None,
-                    size: 2,
-                    segments: vec![seg("ÿ", 2)],
-                },
-                "segment digest",
+                serde_json::json!({"size": 2, "segments": [seg("ÿ", 2)]}),
+                "not a SHA-256",
             ),
         ] {
-            let e = manifest_with(part).validate().unwrap_err();
-            assert!(e.to_string().contains(want), "{e}");
+            let e = decode(&part).unwrap_err().to_string();
+            assert!(e.contains(want), "{part}: {e}");
+            assert!(e.contains("parts.database"), "{part}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
         }
-        // A digest cut inside a character gives a path naming no blob, not a panic.
-        assert_eq!(blob_path("aé"), format!("{BLOBS_DIR}/aé"));
+        let mut bad_time = serde_json::from_slice::<serde_json::Value>(&manifest_json(
+            &serde_json::json!({"sha256": sha, "size": 1}),
+        ))
+        .unwrap();
+        bad_time["started"] = "yesterday".into();
+        let e = decode_manifest(
+            &serde_json::to_vec(&bad_time).unwrap(),
+            &ID.parse().unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("started"), "{e}");
     }
 
     #[test]
@@ -491,6 +543,7 @@ mod tests {
         assert_eq!(decode_listing(ok.as_bytes(), "l").unwrap().len(), 1);
         for bad in [
             line("é", "a"),
+            line(&"B".repeat(64), "a"),
             line(&"b".repeat(64), ""),
             line(&"b".repeat(64), &"k".repeat(1025)),
         ] {
@@ -512,7 +565,8 @@ mod tests {
     #[test]
     fn paths() {
         let id: SnapshotId = "s1".parse().unwrap();
-        assert_eq!(blob_path("abcdef"), "blobs/sha256/ab/abcdef");
+        let sha = Sha256::of(b"");
+        assert_eq!(blob_path(&sha), format!("blobs/sha256/e3/{sha}"));
         assert_eq!(manifest_path(&id), "snapshots/s1/manifest.json");
         assert_eq!(
             listing_path(&id, "db_wal"),
@@ -532,7 +586,7 @@ mod tests {
                 key: "z/ü a+b%20\n".into(),
                 size: 3,
                 etag: "e".into(),
-                sha256: "c".repeat(64),
+                sha256: "c".repeat(64).parse().unwrap(),
                 last_modified: None,
                 meta,
             },
@@ -540,7 +594,7 @@ mod tests {
                 key: "/a//b".into(),
                 size: 0,
                 etag: "e2".into(),
-                sha256: "d".repeat(64),
+                sha256: "d".repeat(64).parse().unwrap(),
                 last_modified: Some("2026-01-01T00:00:00Z".into()),
                 meta: ObjectMeta::default(),
             },

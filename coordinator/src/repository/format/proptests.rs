@@ -75,6 +75,12 @@ fn read_manifest(data: &[u8]) -> Result<Manifest> {
     futures::executor::block_on(repo.manifest(&id))
 }
 
+/// A digest whose text is 64 lower-case hex digits that parse back to it.
+fn well_formed(sha: &Sha256) -> bool {
+    let hex = sha.to_string();
+    hex.len() == 64 && hex.parse::<Sha256>() == Ok(*sha)
+}
+
 /// What an accepted manifest must hold.
 fn check_accepted(m: &Manifest) {
     m.validate().expect("an accepted manifest validates");
@@ -85,11 +91,11 @@ fn check_accepted(m: &Manifest) {
         let blobs = part.blobs();
         let mut total = 0u64;
         for b in &blobs {
-            assert!(is_sha256(&b.sha256), "{b:?}");
+            assert!(well_formed(&b.sha256), "{b:?}");
             assert!(blob_path(&b.sha256).starts_with(BLOBS_DIR));
             total = total.checked_add(b.size).expect("sizes add up");
         }
-        assert_eq!(total, part.size);
+        assert_eq!(total, part.size());
     }
     for (bucket, b) in &m.buckets {
         assert_eq!(b.listing, listing_path(&m.id, bucket));
@@ -209,7 +215,7 @@ proptest! {
         let data = lines.join("\n");
         if let Ok(entries) = decode_listing(data.as_bytes(), "p") {
             for e in &entries {
-                prop_assert!(is_sha256(&e.sha256));
+                prop_assert!(well_formed(&e.sha256));
                 prop_assert!(!e.key.is_empty() && e.key.len() <= 1024);
             }
             let mut again = decode_listing(&encode_listing(&entries).unwrap(), "re").unwrap();
