@@ -303,13 +303,33 @@ async fn gateway_mirror_with_v4_forced_matches_seed() {
 
 #[tokio::test]
 async fn gateway_auto_keeps_v4_when_the_gateway_takes_it() {
-    let gw = connect(Signature::Auto).await;
+    // A proxy that only forwards, and counts how each request reaching the gateway is signed.
+    let seen = Proxy::start(gateway_addr(), Behaviour::default()).await;
+    let opts = GatewayOptions {
+        endpoints: vec![seen.endpoint()],
+        ..options(Signature::Auto)
+    };
+    let gw = Gateway::connect(&opts, Some(&Cluster::get().etcd()))
+        .await
+        .expect("auto connects");
     assert_eq!(gw.signature_in_use(), Signature::V4);
+    let stats = mirror_seeded_and_check(&gw).await;
+    assert!(stats.iter().all(|s| s.downloaded_objects == s.objects));
+    assert_eq!(gw.signature_in_use(), Signature::V4, "auto switched");
+
+    // Every request, from the first probe to the last download, went out signed with V4.
+    let c = &seen.counts;
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    let objects: u64 = stats.iter().map(|s| s.objects).sum();
     assert!(
-        gw.list_buckets()
-            .await
-            .unwrap()
-            .contains(&"db_wal".to_owned())
+        load(&c.requests) > objects,
+        "{} requests for {objects} objects",
+        load(&c.requests)
+    );
+    assert_eq!(
+        (load(&c.signed_v4), load(&c.signed_v2), load(&c.unsigned)),
+        (load(&c.requests), 0, 0),
+        "requests signed V4, V2, not at all"
     );
 }
 
