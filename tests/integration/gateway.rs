@@ -365,6 +365,13 @@ async fn gateway_auto_falls_back_to_v2_when_v4_is_refused() {
         1,
         "no V4 request after the fallback"
     );
+    let c = &hammer.counts;
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        (load(&c.signed_v4), load(&c.signed_v2), load(&c.unsigned)),
+        (1, load(&c.requests) - 1, 0),
+        "requests signed V4, V2, not at all"
+    );
     // Forced V4 against the same gateway fails with one clear authentication error.
     let opts = GatewayOptions {
         endpoints: vec![hammer.endpoint()],
