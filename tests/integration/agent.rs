@@ -1066,12 +1066,25 @@ async fn agent_serves_while_etcd_is_away() {
         .unwrap()
         .into_inner();
     assert_eq!(d.machine_id, agent.host_id);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        agent.log_text().contains("cannot refresh the registration"),
-        "{}",
-        agent.log_text()
-    );
+    // Its registration fails (the first try comes at start) ...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !agent.log_text().contains("cannot refresh the registration") {
+        assert!(
+            Instant::now() < deadline,
+            "no failed registration logged:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... and it serves on after it, on a new connection too.
+    let d = agent
+        .client()
+        .await
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.machine_id, agent.host_id);
 }
 
 /// Runs openssl in `dir`, failing the test on error.

@@ -682,16 +682,6 @@ async fn fault_slow_downs_and_resets_during_restore_uploads_still_give_identical
     }
 }
 
-/// A tampering case: what, how to tamper, how to undo it, words the error must hold, whether
-/// `show` refuses it.
-type Case<'a> = (
-    &'a str,
-    Box<dyn Fn() + 'a>,
-    Box<dyn Fn() + 'a>,
-    &'a [&'a str],
-    bool,
-);
-
 /// The database dump's part name.
 const DB: &str = "database/pg_dumpall.sql.zst";
 
@@ -702,174 +692,240 @@ fn swap_files(a: &Path, b: &Path) {
     std::fs::write(b, x).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_tampered_manifests_give_one_clear_error_from_verify_show_and_restore() {
-    let src = Fresh::new();
-    let token = src.agent.token_file.clone();
-    fill_store(&src.target.store_dir(), 1, 1);
-    let (_d, repo) = repo_dir("e2e-fault-tamper");
-    let r = repo.display().to_string();
-    let snap = ok(
-        &run(&token, &snapshot_args(&src, &r, &["--no-buckets"])).await,
-        "snapshot",
-    );
-    let id = snapshot_id(&snap);
-    let manifest_path = repo.join("snapshots").join(&id).join("manifest.json");
-    let original = std::fs::read(&manifest_path).unwrap();
-    let manifest: Value = serde_json::from_slice(&original).unwrap();
-    let etcd_part = manifest["parts"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .find(|k| k.starts_with("etcd"))
-        .expect("an etcd part")
-        .clone();
-    let blob = |part: &str| {
-        let sha = manifest["parts"][part]["sha256"].as_str().unwrap();
-        repo.join("blobs/sha256").join(&sha[..2]).join(sha)
-    };
-    let dst = Fresh::new();
+/// Stderr is one line (nothing panicked) holding every one of `words` (case-insensitive).
+fn assert_one_line(what: &str, msg: &str, words: &[&str]) {
+    assert!(!msg.contains("panicked"), "{what}: {msg}");
+    let line = msg.trim();
+    assert_eq!(line.lines().count(), 1, "{what}: not one line: {msg}");
+    for w in words {
+        assert!(
+            line.to_lowercase().contains(&w.to_lowercase()),
+            "{what}: no {w:?} in {line}"
+        );
+    }
+}
 
-    let edit = |f: &dyn Fn(&mut Value)| {
-        let mut m = manifest.clone();
-        f(&mut m);
-        std::fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-    };
-    let cases: Vec<Case> = vec![
-        (
-            "bad digest",
-            Box::new(|| {
-                edit(&|m| {
-                    let sha = m["parts"][DB]["sha256"].as_str().unwrap().to_owned();
-                    let flipped = if sha.ends_with('0') { "1" } else { "0" };
-                    m["parts"][DB]["sha256"] = format!("{}{flipped}", &sha[..63]).into();
-                });
-            }),
-            Box::new(|| {}),
-            &[DB],
-            false,
-        ),
-        (
-            "malformed digest",
-            Box::new(|| edit(&|m| m["parts"][DB]["sha256"] = "../../../etc/passwd".into())),
-            Box::new(|| {}),
-            &[DB, "sha-256"],
-            true,
-        ),
-        (
-            "bad size",
-            Box::new(|| {
-                edit(&|m| {
-                    let size = m["parts"][DB]["size"].as_u64().unwrap();
-                    m["parts"][DB]["size"] = (size + 1).into();
-                });
-            }),
-            Box::new(|| {}),
-            &[DB],
-            false,
-        ),
-        (
-            "unsafe key",
-            Box::new(|| {
-                edit(&|m| {
-                    let parts = m["parts"].as_object_mut().unwrap();
-                    let p = parts.remove(DB).unwrap();
-                    parts.insert("store/../../../etc/cron.d".into(), p);
-                });
-            }),
-            Box::new(|| {}),
-            &["not a safe name"],
-            true,
-        ),
-        (
-            "swapped blob",
-            Box::new(|| swap_files(&blob(DB), &blob(&etcd_part))),
-            Box::new(|| swap_files(&blob(DB), &blob(&etcd_part))),
-            &[],
-            false,
-        ),
-    ];
-    for (what, tamper, untamper, words, show_fails) in &cases {
-        tamper();
-        for args in [
-            vec!["verify", &id, "--read-data", "-r", &r],
-            vec!["show", &id, "-r", &r],
-        ] {
-            let out = run(&token, &args).await;
-            if args[0] == "show" && !show_fails {
-                // A well-formed manifest naming a wrong or damaged blob: `show` only prints it,
-                // checking blobs is verify's and restore's job.
-                ok(&out, "show of a well-formed manifest");
-                continue;
-            }
-            let msg = stderr(&out);
-            assert!(
-                !out.status.success(),
-                "{what}: {} succeeded: {msg}",
-                args[0]
-            );
-            assert!(!msg.contains("panicked"), "{what}: {msg}");
-            let line = msg.trim();
-            if args[0] == "verify" && out.status.code() == Some(3) {
-                // verify's report names the damaged part on stdout.
-                let report = String::from_utf8_lossy(&out.stdout);
-                assert!(
-                    report.contains(DB) || report.contains("store/"),
-                    "{what}: {report}"
-                );
-                assert!(line.lines().count() <= 1, "{what}: {msg}");
-                continue;
-            }
-            assert_eq!(
-                line.lines().count(),
-                1,
-                "{what}: {} not one line: {msg}",
-                args[0]
-            );
-            for w in *words {
-                assert!(
-                    line.to_lowercase().contains(&w.to_lowercase()),
-                    "{what}: no {w:?} in {line}"
-                );
-            }
+/// What each tampering test starts from: a snapshot of a cluster of its own (a small store, its
+/// database, no buckets) in a local repository, and a fresh cluster to restore it onto.
+struct Tampering {
+    src: Fresh,
+    dst: Fresh,
+    _dir: tempfile::TempDir,
+    repo: PathBuf,
+    r: String,
+    id: String,
+    manifest_path: PathBuf,
+    original: Vec<u8>,
+    manifest: Value,
+}
+
+impl Tampering {
+    async fn new() -> Tampering {
+        let src = Fresh::new();
+        fill_store(&src.target.store_dir(), 1, 1);
+        let (dir, repo) = repo_dir("e2e-fault-tamper");
+        let r = repo.display().to_string();
+        let snap = ok(
+            &run(
+                &src.agent.token_file,
+                &snapshot_args(&src, &r, &["--no-buckets"]),
+            )
+            .await,
+            "snapshot",
+        );
+        let id = snapshot_id(&snap);
+        let manifest_path = repo.join("snapshots").join(&id).join("manifest.json");
+        let original = std::fs::read(&manifest_path).unwrap();
+        let manifest = serde_json::from_slice(&original).unwrap();
+        Tampering {
+            src,
+            dst: Fresh::new(),
+            _dir: dir,
+            repo,
+            r,
+            id,
+            manifest_path,
+            original,
+            manifest,
         }
-        let out = dst.restore(&repo, &id, &["--database-sql"]);
+    }
+
+    fn token(&self) -> &Path {
+        &self.src.agent.token_file
+    }
+
+    /// Rewrites the manifest as `f` changes it.
+    fn edit(&self, f: impl FnOnce(&mut Value)) {
+        let mut m = self.manifest.clone();
+        f(&mut m);
+        std::fs::write(&self.manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    }
+
+    /// Puts the manifest back as the snapshot wrote it.
+    fn untamper_manifest(&self) {
+        std::fs::write(&self.manifest_path, &self.original).unwrap();
+    }
+
+    /// The blob file of `part`.
+    fn blob(&self, part: &str) -> PathBuf {
+        let sha = self.manifest["parts"][part]["sha256"].as_str().unwrap();
+        self.repo.join("blobs/sha256").join(&sha[..2]).join(sha)
+    }
+
+    /// The name of the snapshot's etcd part.
+    fn etcd_part(&self) -> String {
+        self.manifest["parts"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|k| k.starts_with("etcd"))
+            .expect("an etcd part")
+            .clone()
+    }
+
+    /// `verify --read-data` fails: with its report naming the damaged part on stdout (exit 3), or
+    /// with one error line holding `words`.
+    async fn assert_verify_refuses(&self, words: &[&str]) {
+        let out = run(
+            self.token(),
+            &["verify", &self.id, "--read-data", "-r", &self.r],
+        )
+        .await;
+        let msg = stderr(&out);
+        assert!(!out.status.success(), "verify succeeded: {msg}");
+        if out.status.code() == Some(3) {
+            assert!(!msg.contains("panicked"), "{msg}");
+            let report = String::from_utf8_lossy(&out.stdout);
+            assert!(report.contains(DB) || report.contains("store/"), "{report}");
+            assert!(msg.trim().lines().count() <= 1, "{msg}");
+        } else {
+            assert_one_line("verify", &msg, words);
+        }
+    }
+
+    /// `show` fails with one error line holding `words`.
+    async fn assert_show_refuses(&self, words: &[&str]) {
+        let out = run(self.token(), &["show", &self.id, "-r", &self.r]).await;
+        assert!(!out.status.success(), "show succeeded: {}", stderr(&out));
+        assert_one_line("show", &stderr(&out), words);
+    }
+
+    /// `show` prints a well-formed manifest whatever blobs it names: checking blobs is verify's
+    /// and restore's job.
+    async fn assert_show_prints(&self) {
+        let out = run(self.token(), &["show", &self.id, "-r", &self.r]).await;
+        ok(&out, "show of a well-formed manifest");
+    }
+
+    /// `restore` fails with one error line holding `words`, having written nothing to the target
+    /// and left neither cluster locked.
+    async fn assert_restore_refuses(&self, words: &[&str]) {
+        let out = self.dst.restore(&self.repo, &self.id, &["--database-sql"]);
         let line = one_line_error(&out, words);
         assert!(
             line.contains("nothing was restored") || line.contains("snapshot"),
-            "{what}: {line}"
+            "{line}"
         );
         assert!(
-            support::tree(&dst.target.store_dir()).is_empty(),
-            "{what}: the refused restore wrote into the store"
+            support::tree(&self.dst.target.store_dir()).is_empty(),
+            "the refused restore wrote into the store"
         );
-        assert!(
-            dst.target
-                .etcd()
-                .get("/deis/backup/lock")
-                .await
-                .unwrap()
-                .is_none(),
-            "{what}: the target's lock is held"
-        );
-        assert!(
-            src.target
-                .etcd()
-                .get("/deis/backup/lock")
-                .await
-                .unwrap()
-                .is_none(),
-            "{what}: the source's lock is held"
-        );
-        untamper();
-        std::fs::write(&manifest_path, &original).unwrap();
+        for (which, cluster) in [("target", &self.dst), ("source", &self.src)] {
+            assert!(
+                cluster
+                    .target
+                    .etcd()
+                    .get("/deis/backup/lock")
+                    .await
+                    .unwrap()
+                    .is_none(),
+                "the {which}'s lock is held"
+            );
+        }
     }
-    // Untampered, the snapshot restores.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_manifest_naming_a_wrong_digest_is_refused_by_verify_and_restore() {
+    let t = Tampering::new().await;
+    t.edit(|m| {
+        let sha = m["parts"][DB]["sha256"].as_str().unwrap().to_owned();
+        let flipped = if sha.ends_with('0') { "1" } else { "0" };
+        m["parts"][DB]["sha256"] = format!("{}{flipped}", &sha[..63]).into();
+    });
+    t.assert_verify_refuses(&[DB]).await;
+    t.assert_show_prints().await;
+    t.assert_restore_refuses(&[DB]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_manifest_with_a_malformed_digest_is_refused_by_verify_show_and_restore() {
+    let t = Tampering::new().await;
+    t.edit(|m| m["parts"][DB]["sha256"] = "../../../etc/passwd".into());
+    t.assert_verify_refuses(&[DB, "sha-256"]).await;
+    t.assert_show_refuses(&[DB, "sha-256"]).await;
+    t.assert_restore_refuses(&[DB, "sha-256"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_manifest_naming_a_wrong_size_is_refused_by_verify_and_restore() {
+    let t = Tampering::new().await;
+    t.edit(|m| {
+        let size = m["parts"][DB]["size"].as_u64().unwrap();
+        m["parts"][DB]["size"] = (size + 1).into();
+    });
+    t.assert_verify_refuses(&[DB]).await;
+    t.assert_show_prints().await;
+    t.assert_restore_refuses(&[DB]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_manifest_with_an_unsafe_part_name_is_refused_by_verify_show_and_restore() {
+    let t = Tampering::new().await;
+    t.edit(|m| {
+        let parts = m["parts"].as_object_mut().unwrap();
+        let p = parts.remove(DB).unwrap();
+        parts.insert("store/../../../etc/cron.d".into(), p);
+    });
+    t.assert_verify_refuses(&["not a safe name"]).await;
+    t.assert_show_refuses(&["not a safe name"]).await;
+    t.assert_restore_refuses(&["not a safe name"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_swapped_blobs_are_refused_by_verify_and_restore() {
+    let t = Tampering::new().await;
+    swap_files(&t.blob(DB), &t.blob(&t.etcd_part()));
+    t.assert_verify_refuses(&[]).await;
+    t.assert_show_prints().await;
+    t.assert_restore_refuses(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_refused_tampered_restore_leaves_the_target_to_take_the_untampered_snapshot() {
+    let t = Tampering::new().await;
+    // Both kinds of tampering, refused one after the other on the same target ...
+    t.edit(|m| m["parts"][DB]["sha256"] = "../../../etc/passwd".into());
+    t.assert_restore_refuses(&[DB]).await;
+    t.untamper_manifest();
+    let (db, etcd) = (t.blob(DB), t.blob(&t.etcd_part()));
+    swap_files(&db, &etcd);
+    t.assert_restore_refuses(&[]).await;
+    swap_files(&db, &etcd);
+    // ... and, undone, the snapshot verifies and restores there.
     ok(
-        &run(&token, &["verify", &id, "--read-data", "-r", &r]).await,
+        &run(t.token(), &["verify", &t.id, "--read-data", "-r", &t.r]).await,
         "verify",
     );
-    ok(&dst.restore(&repo, &id, &["--database-sql"]), "restore");
+    ok(
+        &t.dst.restore(&t.repo, &t.id, &["--database-sql"]),
+        "restore",
+    );
+    assert_eq!(
+        support::tree(&t.dst.target.store_dir()),
+        support::tree(&t.src.target.store_dir()),
+        "the restored store differs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,113 @@ pub fn fresh_bucket(tag: &str) -> String {
     format!("t_{tag}_{:08x}", fastrand::u32(..))
 }
 
+/// A scratch bucket on the cluster's gateway under a fresh name: whatever a test puts there goes
+/// when the guard drops, whether the test passed or failed (objects and unfinished multipart
+/// uploads first, then the bucket). A bucket that was never created or is already gone is fine.
+pub struct ScratchBucket {
+    name: String,
+}
+
+impl ScratchBucket {
+    /// A fresh name (see [`fresh_bucket`]); the bucket itself is created by the test or the code
+    /// under test.
+    pub fn new(tag: &str) -> ScratchBucket {
+        ScratchBucket {
+            name: fresh_bucket(tag),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::ops::Deref for ScratchBucket {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+/// For the SDK's `.bucket(&scratch)`.
+impl From<&ScratchBucket> for String {
+    fn from(b: &ScratchBucket) -> String {
+        b.name.clone()
+    }
+}
+
+impl std::fmt::Display for ScratchBucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Drop for ScratchBucket {
+    fn drop(&mut self) {
+        // Drop cannot await and may run on the test's runtime: remove it on a thread of its own
+        // with its own runtime, and wait for it. Never panic here (a panic while unwinding aborts).
+        let name = self.name.clone();
+        let removed = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?
+                .block_on(remove_bucket(&name))
+        })
+        .join();
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("scratch bucket {} left behind: {e}", self.name),
+            Err(_) => eprintln!("scratch bucket {} left behind: removal panicked", self.name),
+        }
+    }
+}
+
+/// Removes `bucket` with the test's own client (the SDK): every object, every unfinished
+/// multipart upload, then the bucket. An absent bucket is not an error.
+async fn remove_bucket(bucket: &str) -> Result<(), String> {
+    let s3 = Cluster::get().s3().await;
+    let absent = |e: &dyn std::fmt::Debug| format!("{e:?}").contains("NoSuchBucket");
+    loop {
+        let listed = match s3.list_objects_v2().bucket(bucket).send().await {
+            Ok(l) => l,
+            Err(e) if absent(&e) => return Ok(()),
+            Err(e) => return Err(format!("listing: {e:?}")),
+        };
+        if listed.contents().is_empty() {
+            break;
+        }
+        for o in listed.contents() {
+            s3.delete_object()
+                .bucket(bucket)
+                .key(o.key().unwrap_or_default())
+                .send()
+                .await
+                .map_err(|e| format!("deleting {:?}: {e:?}", o.key()))?;
+        }
+    }
+    let uploads = s3
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .send()
+        .await
+        .map_err(|e| format!("listing uploads: {e:?}"))?;
+    for u in uploads.uploads() {
+        s3.abort_multipart_upload()
+            .bucket(bucket)
+            .key(u.key().unwrap_or_default())
+            .upload_id(u.upload_id().unwrap_or_default())
+            .send()
+            .await
+            .map_err(|e| format!("aborting an upload: {e:?}"))?;
+    }
+    match s3.delete_bucket().bucket(bucket).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if absent(&e) => Ok(()),
+        Err(e) => Err(format!("deleting the bucket: {e:?}")),
+    }
+}
+
 /// A new local repository in a temporary directory.
 pub async fn local_repo() -> (tempfile::TempDir, Repository) {
     let dir = tempfile::tempdir().unwrap();
@@ -196,13 +303,33 @@ async fn gateway_mirror_with_v4_forced_matches_seed() {
 
 #[tokio::test]
 async fn gateway_auto_keeps_v4_when_the_gateway_takes_it() {
-    let gw = connect(Signature::Auto).await;
+    // A proxy that only forwards, and counts how each request reaching the gateway is signed.
+    let seen = Proxy::start(gateway_addr(), Behaviour::default()).await;
+    let opts = GatewayOptions {
+        endpoints: vec![seen.endpoint()],
+        ..options(Signature::Auto)
+    };
+    let gw = Gateway::connect(&opts, Some(&Cluster::get().etcd()))
+        .await
+        .expect("auto connects");
     assert_eq!(gw.signature_in_use(), Signature::V4);
+    let stats = mirror_seeded_and_check(&gw).await;
+    assert!(stats.iter().all(|s| s.downloaded_objects == s.objects));
+    assert_eq!(gw.signature_in_use(), Signature::V4, "auto switched");
+
+    // Every request, from the first probe to the last download, went out signed with V4.
+    let c = &seen.counts;
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    let objects: u64 = stats.iter().map(|s| s.objects).sum();
     assert!(
-        gw.list_buckets()
-            .await
-            .unwrap()
-            .contains(&"db_wal".to_owned())
+        load(&c.requests) > objects,
+        "{} requests for {objects} objects",
+        load(&c.requests)
+    );
+    assert_eq!(
+        (load(&c.signed_v4), load(&c.signed_v2), load(&c.unsigned)),
+        (load(&c.requests), 0, 0),
+        "requests signed V4, V2, not at all"
     );
 }
 
@@ -237,6 +364,13 @@ async fn gateway_auto_falls_back_to_v2_when_v4_is_refused() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1,
         "no V4 request after the fallback"
+    );
+    let c = &hammer.counts;
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        (load(&c.signed_v4), load(&c.signed_v2), load(&c.unsigned)),
+        (1, load(&c.requests) - 1, 0),
+        "requests signed V4, V2, not at all"
     );
     // Forced V4 against the same gateway fails with one clear authentication error.
     let opts = GatewayOptions {

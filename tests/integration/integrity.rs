@@ -3,7 +3,7 @@
 //! committed on the gateway (single PUT and multipart), found by `verify --read-data` (and not by
 //! sizes alone), and never made to look good by a later incremental snapshot.
 //!
-//! Every bucket is a fresh one, removed at the end; what reached the gateway is checked with the
+//! Every bucket is a fresh one, removed when the test ends (passed or failed); what reached the gateway is checked with the
 //! test's own client (the SDK with SigV4), never with the code under test.
 
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use deis_backup_coordinator::repository::{
 };
 use deis_backup_coordinator::verify::{Depth, verify};
 
-use super::gateway::{fresh_bucket, local_repo, options};
+use super::gateway::{ScratchBucket, local_repo, options};
 use super::support::Cluster;
 
 const MIB: usize = 1024 * 1024;
@@ -49,10 +49,14 @@ async fn source_bucket(
     tag: &str,
     objects: &[(&str, Vec<u8>)],
     multipart: Option<(&str, Vec<Vec<u8>>)>,
-) -> String {
+) -> ScratchBucket {
     let s3 = Cluster::get().s3().await;
-    let bucket = fresh_bucket(tag);
-    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let bucket = ScratchBucket::new(tag);
+    s3.create_bucket()
+        .bucket(bucket.name())
+        .send()
+        .await
+        .unwrap();
     for (key, data) in objects {
         s3.put_object()
             .bucket(&bucket)
@@ -107,30 +111,6 @@ async fn source_bucket(
             .unwrap();
     }
     bucket
-}
-
-/// Deletes every object of `bucket` and any unfinished multipart upload, then the bucket.
-async fn remove_bucket(bucket: &str) {
-    let s3 = Cluster::get().s3().await;
-    let listed = s3.list_objects().bucket(bucket).send().await.unwrap();
-    for o in listed.contents() {
-        s3.delete_object()
-            .bucket(bucket)
-            .key(o.key().unwrap())
-            .send()
-            .await
-            .unwrap();
-    }
-    for u in pending_uploads(bucket).await {
-        s3.abort_multipart_upload()
-            .bucket(bucket)
-            .key(&u.0)
-            .upload_id(&u.1)
-            .send()
-            .await
-            .unwrap();
-    }
-    s3.delete_bucket().bucket(bucket).send().await.unwrap();
 }
 
 /// Unfinished multipart uploads in `bucket`: (key, upload id).
@@ -211,7 +191,7 @@ async fn integrity_restore_refuses_a_damaged_blob_before_the_put_single_and_mult
     assert!(entry(&entries, "big/multipart").etag.ends_with("-2"));
 
     // Intact blobs go up (the check passes on both paths).
-    let good = fresh_bucket("integrity_good");
+    let good = ScratchBucket::new("integrity_good");
     let stats = restore_bucket(&gw, &repo, &entries, &good, Existing::Refuse, &NoProgress)
         .await
         .unwrap();
@@ -236,7 +216,7 @@ async fn integrity_restore_refuses_a_damaged_blob_before_the_put_single_and_mult
     for e in &entries {
         flip_byte(dir.path(), &e.sha256);
     }
-    let target = fresh_bucket("integrity_bad");
+    let target = ScratchBucket::new("integrity_bad");
     for key in ["small/object", "big/single-put", "big/multipart"] {
         let e = entry(&entries, key);
         let err = restore_bucket(
@@ -252,7 +232,7 @@ async fn integrity_restore_refuses_a_damaged_blob_before_the_put_single_and_mult
         assert_eq!(err.kind(), ErrorKind::Integrity, "{key}: {err}");
         let msg = err.to_string();
         for want in [
-            target.as_str(),
+            target.name(),
             key,
             &e.sha256.to_string(),
             "damaged",
@@ -268,10 +248,6 @@ async fn integrity_restore_refuses_a_damaged_blob_before_the_put_single_and_mult
     );
     let left = s3.list_objects().bucket(&target).send().await.unwrap();
     assert!(left.contents().is_empty(), "{:?}", left.contents());
-
-    remove_bucket(&target).await;
-    remove_bucket(&good).await;
-    remove_bucket(&source).await;
 }
 
 #[tokio::test]
@@ -285,15 +261,9 @@ async fn integrity_verify_read_data_finds_a_damaged_blob_that_sizes_miss() {
     let gw = small_parts_gateway().await;
     let (dir, repo) = local_repo().await;
     let mut s = repo.start_snapshot(SnapshotId::generate());
-    mirror_buckets(
-        &gw,
-        &mut s,
-        std::slice::from_ref(&source),
-        None,
-        &NoProgress,
-    )
-    .await
-    .unwrap();
+    mirror_buckets(&gw, &mut s, &[source.to_string()], None, &NoProgress)
+        .await
+        .unwrap();
     let m = s.commit().await.unwrap();
     assert!(verify(&repo, &m, Depth::All).await.unwrap().ok());
 
@@ -314,8 +284,6 @@ async fn integrity_verify_read_data_finds_a_damaged_blob_that_sizes_miss() {
             && p.contains("damaged"),
         "{p}"
     );
-
-    remove_bucket(&source).await;
 }
 
 /// Blob of `e` as a reference.
@@ -339,7 +307,7 @@ async fn integrity_incremental_snapshot_reuses_only_blobs_present_whole() {
         None,
     )
     .await;
-    let buckets = [source.clone()];
+    let buckets = [source.to_string()];
     let gw = small_parts_gateway().await;
     let (dir, repo) = local_repo().await;
     let snapshot = async |repo: &Repository, previous: Option<&Manifest>| {
@@ -347,7 +315,7 @@ async fn integrity_incremental_snapshot_reuses_only_blobs_present_whole() {
         let stats = mirror_buckets(&gw, &mut s, &buckets, previous, &NoProgress)
             .await
             .unwrap();
-        (s.commit().await.unwrap(), stats[&source])
+        (s.commit().await.unwrap(), stats[source.name()])
     };
     let (m1, _) = snapshot(&repo, None).await;
     let l1 = repo.listing(&m1, &source).await.unwrap();
@@ -397,8 +365,6 @@ async fn integrity_incremental_snapshot_reuses_only_blobs_present_whole() {
         repo.check_blob(&blob(&flipped), true).await.unwrap().0,
         BlobCheck::Intact
     );
-
-    remove_bucket(&source).await;
 }
 
 #[tokio::test]
@@ -441,6 +407,4 @@ async fn integrity_reuse_needs_the_previous_entrys_sha256() {
         "an intact previous entry is reused"
     );
     assert_eq!(entries, first);
-
-    remove_bucket(&source).await;
 }

@@ -2,7 +2,7 @@
 //! into fresh buckets, and the fidelity of odd keys, empty and multipart-sized objects.
 //!
 //! The seeded buckets (`db_wal`, `registry`) are only read; every bucket written is a fresh one,
-//! removed at the end. What was restored is checked with an independent client (the SDK with
+//! removed at the end, or by its guard when the test fails. What was restored is checked with an independent client (the SDK with
 //! SigV4, straight from the test support), never with the code under test.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use deis_backup_coordinator::repository::SnapshotId;
 use sha2::{Digest, Sha256};
 
 use super::gateway::{
-    Seeded, assert_listing_matches_seed, connect, fresh_bucket, local_repo, options, seed,
+    ScratchBucket, Seeded, assert_listing_matches_seed, connect, local_repo, options, seed,
     seeded_buckets,
 };
 use super::support::Cluster;
@@ -78,7 +78,8 @@ async fn assert_bucket_holds(bucket: &str, want: &BTreeMap<String, Seeded>) {
 }
 
 /// Deletes every object of `bucket`, then the bucket (through the gateway client under test,
-/// which exercises DeleteObjects with its Content-MD5).
+/// which exercises DeleteObjects with its Content-MD5). A test that fails before it gets here
+/// leaves the removal to its `ScratchBucket` guard.
 async fn remove_bucket(gw: &Gateway, bucket: &str) {
     let keys: Vec<String> = gw
         .list_objects(bucket, None)
@@ -149,7 +150,7 @@ async fn mirror_then_restore_into_fresh_buckets_is_identical() {
         let (entries, _) = mirror_bucket(&gw, &repo, &bucket, &[], &NoProgress)
             .await
             .unwrap();
-        let target = fresh_bucket(&bucket);
+        let target = ScratchBucket::new(&bucket);
         let stats = restore_bucket(&gw, &repo, &entries, &target, Existing::Refuse, &NoProgress)
             .await
             .unwrap();
@@ -233,14 +234,18 @@ fn odd_objects() -> Vec<(String, Vec<u8>, ObjectMeta)> {
 #[tokio::test]
 async fn mirror_fidelity_of_odd_keys_empty_and_multipart_objects() {
     let s3 = Cluster::get().s3().await;
-    let source = fresh_bucket("odd");
-    s3.create_bucket().bucket(&source).send().await.unwrap();
+    let source = ScratchBucket::new("odd");
+    s3.create_bucket()
+        .bucket(source.name())
+        .send()
+        .await
+        .unwrap();
     let objects = odd_objects();
     let mut want = BTreeMap::new();
     for (key, data, meta) in &objects {
         let mut put = s3
             .put_object()
-            .bucket(&source)
+            .bucket(source.name())
             .key(key)
             .body(data.clone().into())
             .set_content_type(meta.content_type.clone())
@@ -295,7 +300,7 @@ async fn mirror_fidelity_of_odd_keys_empty_and_multipart_objects() {
         assert_eq!(e.meta, w.meta, "{:?}", e.key);
     }
 
-    let target = fresh_bucket("odd_restored");
+    let target = ScratchBucket::new("odd_restored");
     restore_bucket(&gw, &repo, &entries, &target, Existing::Refuse, &NoProgress)
         .await
         .unwrap();
@@ -309,7 +314,7 @@ async fn mirror_fidelity_of_odd_keys_empty_and_multipart_objects() {
 
     // Overwrite makes the bucket exactly the snapshot again.
     s3.put_object()
-        .bucket(&target)
+        .bucket(target.name())
         .key("stray")
         .body(b"x".to_vec().into())
         .send()

@@ -7,14 +7,14 @@ use deis_backup_coordinator::mirror::{NoProgress, mirror_buckets};
 use deis_backup_coordinator::repository::{Repository, RepositoryOptions, SnapshotId};
 use tokio::io::AsyncReadExt;
 
-use super::gateway::{assert_listing_matches_seed, connect, fresh_bucket};
+use super::gateway::{ScratchBucket, assert_listing_matches_seed, connect};
 use super::support::Cluster;
 
 #[tokio::test]
 async fn repository_in_an_s3_bucket_round_trips_snapshots() {
     let cluster = Cluster::get();
     let (access, secret) = cluster.gateway_keys().await;
-    let bucket = fresh_bucket("repo");
+    let bucket = ScratchBucket::new("repo");
     let staging = tempfile::tempdir().unwrap();
     let opts = RepositoryOptions {
         location: format!("s3://{bucket}/backups/deis"),
@@ -25,7 +25,7 @@ async fn repository_in_an_s3_bucket_round_trips_snapshots() {
         ..RepositoryOptions::default()
     };
     let err = Repository::open(&opts).await.unwrap_err();
-    assert!(err.to_string().contains(&bucket), "{err}");
+    assert!(err.to_string().contains(bucket.name()), "{err}");
     let repo = Repository::open_or_init(&opts).await.unwrap();
     let gw = connect(Signature::Auto).await;
     let buckets = vec!["registry".to_owned()];

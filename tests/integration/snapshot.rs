@@ -124,6 +124,27 @@ impl Fresh {
         Fresh { target, agent }
     }
 
+    /// `snapshot --json --no-buckets` of this cluster (a fresh tenant has no buckets).
+    pub(super) fn snapshot(&self, repo: &Path, extra: &[&str]) -> Output {
+        deis_backup(&self.agent.token_file, &self.snapshot_args(repo, extra))
+    }
+
+    fn snapshot_args<'a>(&'a self, repo: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            "snapshot",
+            "--json",
+            "--no-buckets",
+            "--etcd",
+            self.target.etcd_endpoints(),
+            "--agent",
+            self.agent.spec(),
+            "-r",
+            repo.to_str().expect("a UTF-8 repository path"),
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
     pub(super) fn restore(&self, repo: &Path, id: &str, extra: &[&str]) -> Output {
         let repo = repo.display().to_string();
         let mut args = vec![
@@ -223,6 +244,51 @@ fn comparable_dump(container: &str) -> Vec<String> {
         .filter(|l| !(l.starts_with("ALTER ROLE postgres WITH") || l.trim().is_empty()))
         .map(str::to_owned)
         .collect()
+}
+
+/// The databases the cluster's seed fills (`DATABASE_SEEDED_DBS` in tests/cluster/database.sh).
+const SEEDED_DATABASES: [&str; 3] = ["deis", "registry_meta", "wal_test"];
+
+/// The user tables of database `db` in `container`, schema-qualified and quoted, in order.
+fn user_tables(container: &str, db: &str) -> Vec<String> {
+    let sql = "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables \
+               WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1";
+    support::psql(container, db, sql)
+        .unwrap_or_else(|e| panic!("{container}/{db}: {e}"))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The contents of the seeded databases in `container`, read with `tables` of each (the source's
+/// list, so a table missing from a restore is an error, not a row left out): `db/table` ->
+/// "<row count> <md5 of every row as text, in order>", and `db/large objects` -> the same over the
+/// large objects' bytes. Any failing query fails the test.
+fn row_digests(container: &str, tables: &BTreeMap<&str, Vec<String>>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (db, tables) in tables {
+        let mut query = |what: String, sql: String| {
+            let got = support::psql(container, db, &sql)
+                .unwrap_or_else(|e| panic!("{container}/{db}/{what}: {e}"));
+            out.insert(format!("{db}/{what}"), got);
+        };
+        for t in tables {
+            query(
+                t.clone(),
+                format!(
+                    "SELECT count(*) || ' ' || coalesce(md5(string_agg(r::text, E'\\n' \
+                     ORDER BY r::text)), '-') FROM {t} AS r"
+                ),
+            );
+        }
+        query(
+            "large objects".into(),
+            "SELECT count(*) || ' ' || coalesce(md5(string_agg(oid::text || ':' || \
+             md5(lo_get(oid)), ',' ORDER BY oid)), '-') FROM pg_largeobject_metadata"
+                .into(),
+        );
+    }
+    out
 }
 
 pub(super) fn snapshot_id(v: &Value) -> String {
@@ -346,13 +412,38 @@ async fn snapshot_then_restore_onto_a_fresh_cluster_gives_back_every_object_file
         }
     }
 
-    // Database: every row (the dump of the restored database equals the source's).
-    let want = comparable_dump(Cluster::get().database_container());
+    // Database: every row of every seeded table, counted and digested in the source and in the
+    // restored database with the same queries; then the whole dump (roles, schema, comments).
+    let source_db = Cluster::get().database_container();
+    let tables: BTreeMap<&str, Vec<String>> = SEEDED_DATABASES
+        .into_iter()
+        .map(|db| (db, user_tables(source_db, db)))
+        .collect();
+    for (db, restored) in
+        SEEDED_DATABASES.map(|db| (db, user_tables(fresh.target.database_container(), db)))
+    {
+        assert_eq!(restored, tables[db], "the restored {db} holds other tables");
+    }
+    let want_rows = row_digests(source_db, &tables);
+    for (table, min_rows) in [
+        ("deis/public.auth_user", 2),
+        ("deis/public.api_config", 1),
+        ("registry_meta/meta.tags", 12),
+        ("wal_test/public.bulk", 20_001),
+        ("wal_test/large objects", 3),
+    ] {
+        let rows: u64 = want_rows
+            .get(table)
+            .and_then(|d| d.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("the source has no seeded {table}: {want_rows:?}"));
+        assert!(rows >= min_rows, "the source's {table} has {rows} rows");
+    }
+    let got_rows = row_digests(fresh.target.database_container(), &tables);
+    assert_eq!(got_rows, want_rows, "the restored rows differ");
+
+    let want = comparable_dump(source_db);
     let got = comparable_dump(fresh.target.database_container());
-    assert!(
-        want.iter().any(|l| l.contains("Grüße")),
-        "the source dump lacks seeded rows"
-    );
     assert_eq!(got, want, "the restored database differs");
 }
 
@@ -378,44 +469,117 @@ async fn a_second_snapshot_of_an_unchanged_cluster_downloads_no_object() {
     assert_eq!(list_ids(&source.agent.token_file, &repo).0.len(), 2);
 }
 
+/// The built-in pre-hook `wal-e-backup-push`, in a test cluster's own database container, made a
+/// gate: a snapshot run with that pre-hook takes the cluster lock, calls the hook and waits in it
+/// until the test opens the gate. The gate opens on drop too, so a failing test leaves no run
+/// waiting. (The hook runs `envdir /etc/wal-e.d/env wal-e ...`; the container has envdir, and gets
+/// this `wal-e`.)
+struct HookGate {
+    container: String,
+}
+
+impl HookGate {
+    const HOOK: &str = "wal-e-backup-push";
+    const DIR: &str = "/tmp/deis-backup-gate";
+
+    fn install(container: &str) -> HookGate {
+        let d = Self::DIR;
+        let script = format!(
+            "set -e; mkdir -p /etc/wal-e.d/env {d}; chmod 777 {d}; rm -f {d}/entered {d}/open; \
+             printf '#!/bin/sh\\ntouch {d}/entered\\nuntil [ -e {d}/open ]; do sleep 0.05; done\\n' \
+             >/usr/local/bin/wal-e; chmod 755 /usr/local/bin/wal-e"
+        );
+        let gate = HookGate {
+            container: container.to_owned(),
+        };
+        assert!(gate.sh(&script), "cannot install the gate in {container}");
+        gate
+    }
+
+    /// Runs `script` as root in the container; whether it exited 0.
+    fn sh(&self, script: &str) -> bool {
+        Command::new("docker")
+            .args(["exec", "-u", "root", &self.container, "sh", "-c", script])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Whether a run waits in the hook (it is called only under the cluster lock).
+    fn entered(&self) -> bool {
+        self.sh(&format!("test -e {}/entered", Self::DIR))
+    }
+
+    fn open(&self) {
+        self.sh(&format!("touch {}/open", Self::DIR));
+    }
+}
+
+impl Drop for HookGate {
+    fn drop(&mut self) {
+        self.open();
+    }
+}
+
+/// A snapshot of a test cluster of its own, waiting in its pre-hook: it holds the cluster lock
+/// (and its repository's lease) until `finish`, however fast the machine is.
+struct HeldSnapshot {
+    child: std::process::Child,
+    gate: HookGate,
+}
+
+impl HeldSnapshot {
+    /// Starts the run and returns once it waits in the hook.
+    async fn start(src: &Fresh, repo: &Path) -> HeldSnapshot {
+        let gate = HookGate::install(src.target.database_container());
+        let mut child = spawn_deis_backup(
+            &src.agent.token_file,
+            &src.snapshot_args(repo, &["--pre-hook", HookGate::HOOK]),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !gate.entered() {
+            if let Some(status) = child.try_wait().unwrap() {
+                let out = child.wait_with_output().unwrap();
+                panic!("the held snapshot ended ({status}): {}", stderr(&out));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the snapshot never reached its pre-hook"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        HeldSnapshot { child, gate }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lets the run go on and waits for its end.
+    fn finish(self) -> Output {
+        self.gate.open();
+        self.child.wait_with_output().unwrap()
+    }
+}
+
 #[tokio::test]
 async fn two_snapshots_at_once_one_is_refused_with_the_holder() {
     let _g = cluster_lock().await;
-    let source = Source::new();
+    // A cluster of its own: its database container gets the gate.
+    let src = Fresh::new();
     let (_d, repo_a) = repo_dir("e2e-lock-a");
     let (_e, repo_b) = repo_dir("e2e-lock-b");
-    // The first snapshot is slowed down (bandwidth cap) so the second surely starts while it runs.
-    let repo_a_arg = repo_a.display().to_string();
-    let a = spawn_deis_backup(
-        &source.agent.token_file,
-        &[
-            "snapshot",
-            "--etcd",
-            source.cluster.etcd_endpoints(),
-            "--agent",
-            source.agent.spec(),
-            "-r",
-            &repo_a_arg,
-            "--bandwidth-limit",
-            "8MiB",
-        ],
-    );
-    let etcd = source.cluster.etcd();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while etcd.get("/deis/backup/lock").await.unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the first snapshot never took the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let lost = source.snapshot(&repo_b, &[]);
-    let won = a.wait_with_output().unwrap();
+    // The first run holds the lock, waiting in its pre-hook, until the second has been refused.
+    let first = HeldSnapshot::start(&src, &repo_a).await;
+    let holder = first.pid();
+    let lost = src.snapshot(&repo_b, &[]);
+    let won = first.finish();
     ok(&won, "the first snapshot");
+    let etcd = src.target.etcd();
     assert_eq!(lost.status.code(), Some(4), "{}", stderr(&lost));
     let msg = stderr(&lost);
     assert!(
-        msg.contains("holds the cluster lock") && msg.contains("snapshot by pid"),
+        msg.contains("holds the cluster lock")
+            && msg.contains(&format!("snapshot by pid {holder} ")),
         "{msg}"
     );
     assert_eq!(msg.trim().lines().count(), 1, "not one line: {msg}");
@@ -862,7 +1026,8 @@ async fn unchanged_database_and_store_segments_are_reused_and_changes_taken_agai
     assert_eq!(full_st["segments-reused"], 0);
 }
 
-/// Starts a snapshot slowed down (bandwidth cap) and returns once it holds the cluster lock.
+/// Starts a snapshot slowed down (bandwidth cap), so that it is still writing blobs a while after
+/// it took the cluster lock, and returns once it holds the lock.
 async fn slow_snapshot(source: &Source, repo: &Path) -> std::process::Child {
     let r = repo.display().to_string();
     let child = spawn_deis_backup(
@@ -912,38 +1077,65 @@ fn prune(source: &Source, repo: &Path, keep_last: &str) -> Output {
 #[tokio::test]
 async fn fault_a_prune_beside_a_running_snapshot_is_refused_and_deletes_nothing() {
     let _g = cluster_lock().await;
-    let source = Source::new();
+    // A cluster of its own: its database container gets the gate.
+    let src = Fresh::new();
+    let token = &src.agent.token_file;
     let (_d, repo) = repo_dir("e2e-fault-prune");
-    let first = snapshot_id(&ok(&source.snapshot(&repo, &["--no-buckets"]), "snapshot"));
-    let running = slow_snapshot(&source, &repo).await;
-    // The running snapshot's blobs are named by no manifest yet: a prune now would take them.
+    // Two snapshots, so a prune keeping one would delete the first.
+    let first = snapshot_id(&ok(&src.snapshot(&repo, &[]), "snapshot"));
+    std::fs::write(src.target.store_dir().join("changed"), b"between snapshots").unwrap();
+    let second = snapshot_id(&ok(&src.snapshot(&repo, &[]), "snapshot"));
+    let running = HeldSnapshot::start(&src, &repo).await;
+    let holder = running.pid();
     let before = walk_files(&repo.join("blobs"));
-    let refused = prune(&source, &repo, "1");
+    let r = repo.display().to_string();
+    let prune_keeping = |keep_last| {
+        deis_backup(
+            token,
+            &[
+                "prune",
+                "--keep-last",
+                keep_last,
+                "--json",
+                "--etcd",
+                src.target.etcd_endpoints(),
+                "-r",
+                &r,
+            ],
+        )
+    };
+    let refused = prune_keeping("1");
     assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
     assert!(
-        stderr(&refused).contains("snapshot by pid"),
+        stderr(&refused).contains(&format!("snapshot by pid {holder} ")),
         "{}",
         stderr(&refused)
     );
-    let after = walk_files(&repo.join("blobs"));
-    assert!(
-        before.iter().all(|b| after.contains(b)),
+    assert_eq!(
+        walk_files(&repo.join("blobs")),
+        before,
         "the refused prune deleted blobs"
     );
-    let second = snapshot_id(&ok(
-        &running.wait_with_output().unwrap(),
-        "the running snapshot",
-    ));
-    let (ids, _) = list_ids(&source.agent.token_file, &repo);
-    assert_eq!(ids, [first, second]);
-    let r = repo.display().to_string();
+    assert_eq!(
+        list_ids(token, &repo).0,
+        [first.clone(), second.clone()],
+        "the refused prune deleted a snapshot"
+    );
+    let third = snapshot_id(&ok(&running.finish(), "the running snapshot"));
+    assert_eq!(
+        list_ids(token, &repo).0,
+        [first, second.clone(), third.clone()]
+    );
     ok(
         &deis_backup(
-            &source.agent.token_file,
+            token,
             &["verify", "latest", "--read-data", "--json", "-r", &r],
         ),
         "verify",
     );
+    // With the run over, the same prune goes ahead: it was refused for the run, not by itself.
+    ok(&prune_keeping("2"), "prune");
+    assert_eq!(list_ids(token, &repo).0, [second, third]);
 }
 
 #[tokio::test]

@@ -30,6 +30,11 @@ pub struct Behaviour {
 #[derive(Debug, Default)]
 pub struct Counts {
     pub requests: AtomicU64,
+    /// Requests signed with SigV4 (`AWS4-HMAC-SHA256`), SigV2 (`Authorization: AWS key:sig`), or
+    /// neither.
+    pub signed_v4: AtomicU64,
+    pub signed_v2: AtomicU64,
+    pub unsigned: AtomicU64,
     pub rejected_v4: AtomicU64,
     pub slow_downs: AtomicU64,
     pub resets: AtomicU64,
@@ -72,6 +77,28 @@ impl Proxy {
     }
 }
 
+/// How the request with this head is signed: "v4", "v2", or `None` (the `Authorization` header;
+/// a presigned URL carries the same marks in its query).
+fn signature_of(head: &str) -> Option<&'static str> {
+    let request_line = head.lines().next().unwrap_or_default();
+    let authorization = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
+        .map(|(_, value)| value.trim());
+    if authorization.is_some_and(|a| a.starts_with("AWS4-HMAC-SHA256 "))
+        || request_line.contains("X-Amz-Algorithm=AWS4-HMAC-SHA256")
+    {
+        Some("v4")
+    } else if authorization.is_some_and(|a| a.starts_with("AWS "))
+        || request_line.contains("Signature=")
+    {
+        Some("v2")
+    } else {
+        None
+    }
+}
+
 fn faults(c: &Counts) -> u64 {
     c.slow_downs.load(Ordering::Relaxed) + c.resets.load(Ordering::Relaxed)
 }
@@ -100,6 +127,12 @@ async fn serve(
     };
     c.requests.fetch_add(1, Ordering::Relaxed);
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    match signature_of(&head) {
+        Some("v4") => &c.signed_v4,
+        Some(_) => &c.signed_v2,
+        None => &c.unsigned,
+    }
+    .fetch_add(1, Ordering::Relaxed);
     let body_start = buf[head_end..].to_vec();
 
     if b.reject_v4 && head.contains("AWS4-HMAC-SHA256") {
