@@ -1,6 +1,7 @@
 //! The gRPC contract between the deis-backup coordinator and its agents, generated from
 //! `proto/deis/backup/v1/agent.proto`, plus the few conventions both sides share: how a call is
-//! authenticated, what the TLS certificates name, and where an agent registers itself in etcd.
+//! authenticated, what the TLS certificates name, where an agent registers itself in etcd, and how
+//! a config file is read and put under the command line.
 //!
 //! Invariants: this crate holds no behaviour beyond the contract. Anything that talks to Docker, the
 //! store, etcd or the gateway lives in the agent or the coordinator.
@@ -10,6 +11,7 @@ pub mod v1 {
     tonic::include_proto!("deis.backup.v1");
 }
 
+pub mod config;
 pub mod identity;
 pub mod registration;
 

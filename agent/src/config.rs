@@ -2,8 +2,10 @@
 //! and the library.
 //!
 //! Invariants:
-//! - Every field is optional; the effective value comes from the accessor methods, so a default lives
-//!   in exactly one place. Command-line values override the file's.
+//! - Every field is optional (no clap default); the effective value comes from the accessor
+//!   methods, so a default lives in exactly one place. Command-line values (flags and their
+//!   environment variables) override the file's ([`deis_backup_proto::config`], the convention
+//!   the coordinator follows too).
 //! - Hooks come only from the file: the API names a hook, it never carries a command.
 //! - The struct holds no secret: the bearer token is read from `DEIS_BACKUP_TOKEN` or from the file
 //!   named by `token-file`, and never appears in `Debug` output or logs.
@@ -12,6 +14,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use deis_backup_proto::config;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -196,16 +199,10 @@ pub struct ServerLimits {
 impl Config {
     /// Reads a TOML config file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            what: format!("cannot read {}: {e}", path.display()),
-        })?;
-        toml::from_str(&text).map_err(|e| Error::Config {
-            what: format!(
-                "{} is not a valid agent config: {}",
-                path.display(),
-                e.message()
-            ),
-        })
+        let what = format!("{} is not a valid agent config", path.display());
+        config::read(path)
+            .and_then(|table| config::parse(table, &what))
+            .map_err(|what| Error::Config { what })
     }
 
     /// This config with every value set in `over` replacing ours (command line over file):
@@ -213,9 +210,8 @@ impl Config {
     /// ([`merge::Merge`]): a new optional field merges without a line here; a field of another
     /// type does not compile until it names how.
     #[must_use]
-    pub fn merged(self, mut over: Config) -> Self {
-        merge::Merge::merge(&mut over, self);
-        over
+    pub fn merged(self, over: Config) -> Self {
+        config::merged(self, over)
     }
 
     /// The address to serve on: `--listen`, else `$COREOS_PRIVATE_IPV4:4195`.
@@ -348,15 +344,19 @@ impl Config {
         hooks
     }
 
+    /// The file holding the host's machine id.
+    pub fn machine_id_file(&self) -> PathBuf {
+        self.machine_id_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/machine-id"))
+    }
+
     /// The host id: `--host-id`, else the machine id file's first line.
     pub fn host_id(&self) -> Result<String> {
         if let Some(id) = &self.host_id {
             return Ok(id.clone());
         }
-        let path = self
-            .machine_id_file
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/etc/machine-id"));
+        let path = self.machine_id_file();
         let id = std::fs::read_to_string(&path).map_err(|e| Error::Config {
             what: format!(
                 "cannot read the machine id from {}: {e}; mount /etc/machine-id or pass --host-id",
@@ -433,6 +433,7 @@ impl std::fmt::Debug for Token {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deis_backup_proto::config::precedence::{Case, Section, serde_keys};
 
     #[test]
     fn file_then_command_line() {
@@ -518,6 +519,337 @@ mod tests {
         let c = file.merged(all.clone());
         assert_eq!(c.restore_owners, Some(false));
         assert_eq!(c.zstd_level, Some(7));
+    }
+
+    /// An option with a value: `key`, its clap id, the samples for the flag, the environment
+    /// (when it has a variable) and the file (TOML), and what each gives, then the default.
+    fn opt(
+        key: &'static str,
+        id: &'static str,
+        samples: (&'static str, Option<&'static str>, &'static str),
+        want: [&'static str; 4],
+        get: fn(&Config) -> String,
+    ) -> Case<Config> {
+        Case {
+            key,
+            id: Some(id),
+            flag: Some(samples.0),
+            env: samples.1,
+            file: samples.2,
+            want,
+            get,
+        }
+    }
+
+    /// A switch (`--no-register`): off unless the flag or the file turns it on.
+    fn switch(key: &'static str, id: &'static str, get: fn(&Config) -> String) -> Case<Config> {
+        Case {
+            key,
+            id: Some(id),
+            flag: None,
+            env: None,
+            file: "true",
+            want: ["true", "", "true", "false"],
+            get,
+        }
+    }
+
+    fn path(p: Option<&PathBuf>) -> String {
+        p.map(|p| p.display().to_string()).unwrap_or_default()
+    }
+
+    fn tls(c: &Config, pick: fn(&TlsFiles) -> &PathBuf) -> String {
+        c.tls_files()
+            .map(|f| pick(&f).display().to_string())
+            .unwrap_or_default()
+    }
+
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one case per option of the agent, in the order of `Config`"
+    )]
+    fn cases() -> Vec<Case<Config>> {
+        vec![
+            opt(
+                "listen",
+                "listen",
+                ("127.0.0.1:1", Some("127.0.0.1:2"), "\"127.0.0.1:3\""),
+                ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "10.9.9.9:4195"],
+                |c| {
+                    c.listen_addr()
+                        .map_or_else(|e| e.to_string(), |a| a.to_string())
+                },
+            ),
+            opt(
+                "etcd",
+                "etcd",
+                (
+                    "http://e-flag:1",
+                    Some("http://e-env:1"),
+                    "\"http://e-file:1\"",
+                ),
+                [
+                    "http://e-flag:1",
+                    "http://e-env:1",
+                    "http://e-file:1",
+                    DEFAULT_ETCD,
+                ],
+                |c| c.etcd().to_owned(),
+            ),
+            switch("no-register", "no_register", |c| {
+                (!c.register()).to_string()
+            }),
+            opt(
+                "host-id",
+                "host_id",
+                ("h-flag", None, "\"h-file\""),
+                // Unset: the machine id file's content, which depends on the host.
+                ["h-flag", "", "h-file", ""],
+                |c| c.host_id.clone().unwrap_or_default(),
+            ),
+            opt(
+                "machine-id-file",
+                "machine_id_file",
+                ("/m/flag", None, "\"/m/file\""),
+                ["/m/flag", "", "/m/file", "/etc/machine-id"],
+                |c| c.machine_id_file().display().to_string(),
+            ),
+            opt(
+                "token-file",
+                "token_file",
+                ("/t/flag", Some("/t/env"), "\"/t/file\""),
+                ["/t/flag", "/t/env", "/t/file", ""],
+                |c| path(c.token_file.as_ref()),
+            ),
+            opt(
+                "tls-cert",
+                "tls_cert",
+                ("/c/flag", Some("/c/env"), "\"/c/file\""),
+                [
+                    "/c/flag",
+                    "/c/env",
+                    "/c/file",
+                    "/etc/deis-backup/pki/agent.pem",
+                ],
+                |c| tls(c, |f| &f.cert),
+            ),
+            opt(
+                "tls-key",
+                "tls_key",
+                ("/k/flag", Some("/k/env"), "\"/k/file\""),
+                [
+                    "/k/flag",
+                    "/k/env",
+                    "/k/file",
+                    "/etc/deis-backup/pki/agent.key",
+                ],
+                |c| tls(c, |f| &f.key),
+            ),
+            opt(
+                "tls-client-ca",
+                "tls_client_ca",
+                ("/ca/flag", Some("/ca/env"), "\"/ca/file\""),
+                [
+                    "/ca/flag",
+                    "/ca/env",
+                    "/ca/file",
+                    "/etc/deis-backup/pki/ca.pem",
+                ],
+                |c| tls(c, |f| &f.ca),
+            ),
+            opt(
+                "docker",
+                "docker",
+                ("unix:///flag", Some("unix:///env"), "\"unix:///file\""),
+                [
+                    "unix:///flag",
+                    "unix:///env",
+                    "unix:///file",
+                    DEFAULT_DOCKER,
+                ],
+                |c| c.docker().to_owned(),
+            ),
+            opt(
+                "database-container",
+                "database_container",
+                ("db-flag", None, "\"db-file\""),
+                ["db-flag", "", "db-file", DEFAULT_DATABASE_CONTAINER],
+                |c| c.database_container().to_owned(),
+            ),
+            opt(
+                "store-paths",
+                "store_paths",
+                ("/s/flag", None, "[\"/s/file\"]"),
+                ["/s/flag", "", "/s/file", DEFAULT_STORE_PATH],
+                |c| {
+                    c.store_paths()
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+            ),
+            opt(
+                "platform-containers",
+                "platform_containers",
+                ("p-flag", None, "[\"p-file\"]"),
+                [
+                    "p-flag,deis-database",
+                    "",
+                    "p-file,deis-database",
+                    "deis-database,deis-registry,deis-controller,deis-logger,deis-builder",
+                ],
+                |c| c.platform_containers().join(","),
+            ),
+            opt(
+                "zstd-level",
+                "zstd_level",
+                ("5", None, "7"),
+                ["5", "", "7", "3"],
+                |c| c.zstd_level().to_string(),
+            ),
+            opt(
+                "zstd-workers",
+                "zstd_workers",
+                ("2", None, "3"),
+                // Unset: one per CPU, which depends on the host.
+                ["2", "", "3", ""],
+                |c| c.zstd_workers.map(|n| n.to_string()).unwrap_or_default(),
+            ),
+            switch("insecure-plaintext", "insecure_plaintext", |c| {
+                c.tls_files().is_none().to_string()
+            }),
+            opt(
+                "restore-owners",
+                "restore_owners",
+                ("true", None, "false"),
+                ["true", "", "false", "true"],
+                |c| c.restore_policy().owners.to_string(),
+            ),
+            opt(
+                "restore-setid",
+                "restore_setid",
+                ("true", None, "false"),
+                ["true", "", "false", "true"],
+                |c| c.restore_policy().setid.to_string(),
+            ),
+            opt(
+                "allow-devices",
+                "allow_devices",
+                ("false", None, "true"),
+                ["false", "", "true", "false"],
+                |c| c.restore_policy().devices.to_string(),
+            ),
+            opt(
+                "max-restore-bytes",
+                "max_restore_bytes",
+                ("5", None, "6"),
+                ["5", "", "6", "4398046511104"],
+                |c| c.restore_policy().max_bytes.to_string(),
+            ),
+            opt(
+                "max-zstd-level",
+                "max_zstd_level",
+                ("9", None, "10"),
+                ["9", "", "10", "19"],
+                |c| c.max_zstd_level().to_string(),
+            ),
+            opt(
+                "max-zstd-window-log",
+                "max_zstd_window_log",
+                ("20", None, "21"),
+                ["20", "", "21", "27"],
+                |c| c.restore_policy().max_window_log.to_string(),
+            ),
+            opt(
+                "restore-database",
+                "restore_database",
+                ("false", None, "true"),
+                ["false", "", "true", "false"],
+                |c| c.database_restore_policy().enabled.to_string(),
+            ),
+            opt(
+                "max-sql-line",
+                "max_sql_line",
+                ("5", None, "6"),
+                ["5", "", "6", "67108864"],
+                |c| c.database_restore_policy().max_line.to_string(),
+            ),
+            opt(
+                "spool-dir",
+                "spool_dir",
+                ("/sp/flag", None, "\"/sp/file\""),
+                // The child processes run without $TMPDIR.
+                ["/sp/flag", "", "/sp/file", "/tmp"],
+                |c| c.database_restore_policy().spool_dir.display().to_string(),
+            ),
+            opt(
+                "max-connections",
+                "max_connections",
+                ("2", None, "3"),
+                ["2", "", "3", "32"],
+                |c| c.server_limits().max_connections.to_string(),
+            ),
+            opt(
+                "max-streams",
+                "max_streams",
+                ("4", None, "5"),
+                ["4", "", "5", "16"],
+                |c| c.server_limits().max_streams.to_string(),
+            ),
+            opt(
+                "idle-timeout",
+                "idle_timeout",
+                ("7", None, "8"),
+                ["7", "", "8", "300"],
+                |c| c.server_limits().idle_timeout.as_secs().to_string(),
+            ),
+            Case {
+                key: "hooks",
+                id: None,
+                flag: None,
+                env: None,
+                file: "{ vacuum = { command = [\"vacuumdb\"] } }",
+                want: ["", "", "vacuum,wal-e-backup-push", "wal-e-backup-push"],
+                get: |c| c.hooks().into_keys().collect::<Vec<_>>().join(","),
+            },
+        ]
+    }
+
+    /// The command line and the file (written out and named by `--config`), resolved as the
+    /// binary does ([`crate::Cli::into_config`]).
+    fn resolve(args: &[String], file: &str) -> std::result::Result<Config, String> {
+        use clap::Parser as _;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, file).map_err(|e| e.to_string())?;
+        let argv = [
+            "deis-backup-agent".into(),
+            "--config".into(),
+            path.display().to_string(),
+        ]
+        .into_iter()
+        .chain(args.iter().cloned());
+        let cli = crate::Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        cli.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_option_takes_the_flag_over_the_environment_over_the_file_over_the_default() {
+        use clap::Args as _;
+        Section {
+            name: "agent",
+            command: Config::augment_args(clap::Command::new("t")),
+            keys: serde_keys::<Config>(),
+            refused: &[],
+            cases: cases(),
+            resolve: &resolve,
+            base_env: &[("COREOS_PRIVATE_IPV4", "10.9.9.9")],
+        }
+        .check(
+            module_path!(),
+            "every_option_takes_the_flag_over_the_environment_over_the_file_over_the_default",
+        );
     }
 
     #[test]

@@ -30,13 +30,15 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::secret::Secret;
 
 /// How to find and reach the agents. Serves the CLI, the config file and the library.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args, merge::Merge)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[merge(strategy = merge::option::overwrite_none)]
 pub struct AgentOptions {
     /// Agents as HOST_ID@host:port, instead of discovery through etcd; repeat or comma-separate.
     /// The host id is the name its certificate must carry (plain host:port only with
     /// --insecure-plaintext).
     #[arg(long = "agent", env = "DEIS_BACKUP_AGENTS", value_delimiter = ',')]
+    #[merge(strategy = merge::vec::overwrite_empty)]
     pub agents: Vec<String>,
     /// File holding the agents' bearer token; otherwise $DEIS_BACKUP_TOKEN.
     #[arg(long = "agent-token-file", env = "DEIS_BACKUP_TOKEN_FILE")]
@@ -54,6 +56,7 @@ pub struct AgentOptions {
     /// Talk to agents over plain HTTP/2: no proof of who answers, and the token in clear. For a
     /// throwaway test network only; the agents must run with it too.
     #[arg(long)]
+    #[merge(strategy = merge::bool::overwrite_false)]
     pub insecure_plaintext: bool,
 }
 
@@ -62,6 +65,21 @@ impl AgentOptions {
         given.cloned().unwrap_or_else(|| {
             PathBuf::from(deis_backup_proto::identity::DEFAULT_PKI_DIR).join(name)
         })
+    }
+
+    /// The cluster CA agents' certificates must chain to.
+    pub fn tls_ca(&self) -> PathBuf {
+        Self::pki_file(self.tls_ca.as_ref(), "ca.pem")
+    }
+
+    /// The coordinator's client certificate.
+    pub fn tls_cert(&self) -> PathBuf {
+        Self::pki_file(self.tls_cert.as_ref(), "coordinator.pem")
+    }
+
+    /// The coordinator's private key.
+    pub fn tls_key(&self) -> PathBuf {
+        Self::pki_file(self.tls_key.as_ref(), "coordinator.key")
     }
 }
 
@@ -356,9 +374,7 @@ fn tls_config(options: &AgentOptions) -> Result<Option<ClientTlsConfig>> {
     // Both ring and aws-lc-rs are linked in (the S3 client brings the latter); TLS to agents uses
     // ring. A provider already installed is kept.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = AgentOptions::pki_file(options.tls_ca.as_ref(), "ca.pem");
-    let cert = AgentOptions::pki_file(options.tls_cert.as_ref(), "coordinator.pem");
-    let key = AgentOptions::pki_file(options.tls_key.as_ref(), "coordinator.key");
+    let (ca, cert, key) = (options.tls_ca(), options.tls_cert(), options.tls_key());
     let read = |p: &PathBuf| {
         std::fs::read(p).map_err(|e| {
             Error::config(format!(

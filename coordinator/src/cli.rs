@@ -1,6 +1,6 @@
 //! The command line: one options struct per command, shared by flags, environment and the TOML
 //! config file (`--config`, sections named after the commands), merged so that a flag or variable
-//! given explicitly wins over the file, and the file over the built-in default.
+//! given explicitly wins over the file, and the file over the built-in default (see `config`).
 
 mod config;
 mod output;
@@ -35,14 +35,9 @@ pub(crate) struct Cli {
     /// [prune]) take the long option names without dashes' prefix.
     #[arg(long, short = 'c', global = true, env = "DEIS_BACKUP_CONFIG")]
     config: Option<PathBuf>,
-    /// etcd v2 endpoints, comma-separated.
-    #[arg(
-        long,
-        global = true,
-        env = "ETCDCTL_PEERS",
-        default_value = deis_backup_proto::DEFAULT_ETCD
-    )]
-    etcd: String,
+    /// etcd v2 endpoints, comma-separated [default: http://127.0.0.1:4001].
+    #[arg(long, global = true, env = "ETCDCTL_PEERS")]
+    etcd: Option<String>,
     /// Machine-readable output (JSON) instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -176,15 +171,9 @@ pub async fn run() -> Result<ExitCode> {
         Some(p) => ConfigFile::read(p)?,
         None => ConfigFile::default(),
     };
-    let (name, sub) = matches.subcommand().expect("a subcommand is required");
-    let etcd_given = config::given(&matches, "etcd") || config::given(sub, "etcd");
-    let etcd_list = match (&file.etcd, etcd_given) {
-        (Some(f), false) => f.clone(),
-        _ => cli.etcd.clone(),
-    };
-    let etcd = deis_backup_etcd::Client::from_list(&etcd_list)?;
+    let etcd = deis_backup_etcd::Client::from_list(file.etcd(cli.etcd.as_deref()))?;
     let out = output::Output::new(cli.json);
-    tracing::debug!(command = name, "starting");
+    tracing::debug!(command = matches.subcommand_name(), "starting");
 
     match cli.command {
         Command::Snapshot {
@@ -193,19 +182,19 @@ pub async fn run() -> Result<ExitCode> {
             agents,
             options,
         } => {
-            let repository = file.repository(repository, sub)?;
-            let gateway = file.gateway(gateway, sub)?;
-            let agents = file.agents(agents, sub)?;
-            let options = file.snapshot(options, sub)?;
+            let repository = file.merged("repository", repository)?;
+            let gateway = file.merged("gateway", gateway)?;
+            let agents = file.merged("agents", agents)?;
+            let options = file.merged("snapshot", options)?;
             cmd_snapshot(&out, etcd, &repository, &gateway, &agents, &options).await
         }
         Command::List { repository } => {
-            let repo = Repository::open(&file.repository(repository, sub)?).await?;
+            let repo = Repository::open(&file.merged("repository", repository)?).await?;
             out.list(&repo).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Show { id, repository } => {
-            let repo = Repository::open(&file.repository(repository, sub)?).await?;
+            let repo = Repository::open(&file.merged("repository", repository)?).await?;
             let m = repo.manifest(&resolve_id(&repo, &id).await?).await?;
             out.manifest(&m);
             Ok(ExitCode::SUCCESS)
@@ -215,7 +204,7 @@ pub async fn run() -> Result<ExitCode> {
             read_data,
             repository,
         } => {
-            let repo = Repository::open(&file.repository(repository, sub)?).await?;
+            let repo = Repository::open(&file.merged("repository", repository)?).await?;
             let id = resolve_id(&repo, &id).await?;
             // No cluster lock: a verify changes nothing. Its lease keeps a prune (of any
             // cluster) from deleting what it reads.
@@ -240,18 +229,18 @@ pub async fn run() -> Result<ExitCode> {
             agents,
             options,
         } => {
-            let repository = file.repository(repository, sub)?;
-            let gateway = file.gateway(gateway, sub)?;
-            let agents = file.agents(agents, sub)?;
-            let options = file.restore(options, sub)?;
+            let repository = file.merged("repository", repository)?;
+            let gateway = file.merged("gateway", gateway)?;
+            let agents = file.merged("agents", agents)?;
+            let options = file.merged("restore", options)?;
             cmd_restore(&out, &etcd, &id, &repository, &gateway, &agents, &options).await
         }
         Command::Prune {
             repository,
             options,
         } => {
-            let repo = Repository::open(&file.repository(repository, sub)?).await?;
-            let options = file.prune(options, sub)?;
+            let repo = Repository::open(&file.merged("repository", repository)?).await?;
+            let options = file.merged("prune", options)?;
             let lock = Lock::acquire(&etcd, "prune").await?;
             let (hold, others) = hold(&repo, Operation::Prune, Vec::new(), lock).await?;
             clean_staging(&repo, &others).await;
@@ -262,7 +251,7 @@ pub async fn run() -> Result<ExitCode> {
         }
         Command::Pki { .. } => unreachable!("handled before etcd is set up"),
         Command::Agents { agents } => {
-            let agents = file.agents(agents, sub)?;
+            let agents = file.merged("agents", agents)?;
             let locations = agents::locate(&agents, Some(&etcd)).await?;
             let clients = agents::connect(&agents, &locations)?;
             let described = agents::describe_all(&clients).await;
@@ -289,7 +278,7 @@ async fn cmd_snapshot(
     if options.dry_run {
         let repo = Repository::open(repository).await.ok();
         let plan = snapshot::plan(&cluster, repo.as_ref(), options).await?;
-        out.plan(&plan, &repository.location);
+        out.plan(&plan, repository.location());
         return Ok(ExitCode::SUCCESS);
     }
     let lock = Lock::acquire(&cluster.etcd, "snapshot").await?;
@@ -515,7 +504,7 @@ mod tests {
         assert!(!args.is_empty(), "no arguments after the image");
         let cli = Cli::try_parse_from(std::iter::once("deis-backup".to_owned()).chain(args))
             .unwrap_or_else(|e| panic!("systemd/deis-backup.service: {e}"));
-        assert_eq!(cli.etcd, "http://10.21.1.7:4001");
+        assert_eq!(cli.etcd.as_deref(), Some("http://10.21.1.7:4001"));
         let Command::Snapshot {
             agents, options, ..
         } = cli.command

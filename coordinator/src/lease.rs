@@ -414,8 +414,8 @@ mod tests {
 
     async fn repo(dir: &std::path::Path) -> Repository {
         Repository::open_or_init(&crate::repository::RepositoryOptions {
-            location: dir.join("repo").display().to_string(),
-            fsync: false,
+            location: Some(dir.join("repo").display().to_string()),
+            fsync: Some(false),
             ..Default::default()
         })
         .await

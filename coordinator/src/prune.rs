@@ -24,35 +24,38 @@ use crate::lease::Record;
 use crate::repository::{PartRef, PruneStats, Repository, Sha256, SnapshotId};
 use crate::retention::{self, Candidate, Decision, Policy};
 
-/// Options of `prune`. Serve the CLI, the config file (`[prune]`) and the library.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+/// Options of `prune`. Serve the CLI, the config file (`[prune]`) and the library; an unset
+/// `keep-*` keeps nothing by that rule.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args, merge::Merge)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[merge(strategy = merge::option::overwrite_none)]
 pub struct PruneOptions {
-    /// Keep the N newest snapshots.
-    #[arg(long, default_value_t = 0)]
-    pub keep_last: usize,
-    /// Keep the newest snapshot of each of the last N days that have one.
-    #[arg(long, default_value_t = 0)]
-    pub keep_daily: usize,
-    /// Keep the newest snapshot of each of the last N weeks that have one.
-    #[arg(long, default_value_t = 0)]
-    pub keep_weekly: usize,
-    /// Keep the newest snapshot of each of the last N months that have one.
-    #[arg(long, default_value_t = 0)]
-    pub keep_monthly: usize,
+    /// Keep the N newest snapshots [default: 0].
+    #[arg(long)]
+    pub keep_last: Option<usize>,
+    /// Keep the newest snapshot of each of the last N days that have one [default: 0].
+    #[arg(long)]
+    pub keep_daily: Option<usize>,
+    /// Keep the newest snapshot of each of the last N weeks that have one [default: 0].
+    #[arg(long)]
+    pub keep_weekly: Option<usize>,
+    /// Keep the newest snapshot of each of the last N months that have one [default: 0].
+    #[arg(long)]
+    pub keep_monthly: Option<usize>,
     /// Show what would go, delete nothing.
     #[arg(long)]
     #[serde(skip)]
+    #[merge(strategy = merge::bool::overwrite_false)]
     pub dry_run: bool,
 }
 
 impl PruneOptions {
     pub fn policy(&self) -> Policy {
         Policy {
-            last: self.keep_last,
-            daily: self.keep_daily,
-            weekly: self.keep_weekly,
-            monthly: self.keep_monthly,
+            last: self.keep_last.unwrap_or(0),
+            daily: self.keep_daily.unwrap_or(0),
+            weekly: self.keep_weekly.unwrap_or(0),
+            monthly: self.keep_monthly.unwrap_or(0),
         }
     }
 }

@@ -96,28 +96,22 @@ impl LocalFile {
     }
 }
 
-/// Where the repository is. Serves the CLI, the config file and the library.
-#[derive(Debug, Clone, Deserialize, clap::Args)]
+/// Where the repository is. Serves the CLI, the config file and the library. Every field is
+/// unset by default; the accessors apply the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args, merge::Merge)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[merge(strategy = merge::option::overwrite_none)]
 pub struct RepositoryOptions {
-    /// Where snapshots live: a local directory, or s3://bucket/prefix.
-    #[arg(
-        long = "repository",
-        short = 'r',
-        env = "DEIS_BACKUP_REPOSITORY",
-        default_value = "/var/lib/deis-backup"
-    )]
-    pub location: String,
+    /// Where snapshots live: a local directory, or s3://bucket/prefix [default:
+    /// /var/lib/deis-backup].
+    #[arg(long = "repository", short = 'r', env = "DEIS_BACKUP_REPOSITORY")]
+    pub location: Option<String>,
     /// S3 endpoint of an s3:// repository. Default: https://s3.<region>.amazonaws.com.
     #[arg(long = "repository-endpoint", env = "DEIS_BACKUP_REPOSITORY_ENDPOINT")]
     pub endpoint: Option<String>,
-    /// Region of an s3:// repository.
-    #[arg(
-        id = "repository_region",
-        long = "repository-region",
-        default_value = "us-east-1"
-    )]
-    pub region: String,
+    /// Region of an s3:// repository [default: us-east-1].
+    #[arg(id = "repository_region", long = "repository-region")]
+    pub region: Option<String>,
     /// Access key of an s3:// repository.
     #[arg(
         id = "repository_access_key",
@@ -141,23 +135,30 @@ pub struct RepositoryOptions {
     #[arg(long = "staging-dir")]
     pub staging_dir: Option<PathBuf>,
     /// Flush the repository to disk before a snapshot's manifest is written, and the manifest
-    /// after (local repositories). Off only for throw-away repositories (tests).
-    #[arg(long = "fsync", default_value_t = true, action = clap::ArgAction::Set)]
-    pub fsync: bool,
+    /// after (local repositories). Off only for throw-away repositories (tests) [default: true].
+    #[arg(long = "fsync", action = clap::ArgAction::Set)]
+    pub fsync: Option<bool>,
 }
 
-impl Default for RepositoryOptions {
-    fn default() -> Self {
-        Self {
-            location: "/var/lib/deis-backup".to_owned(),
-            endpoint: None,
-            region: "us-east-1".to_owned(),
-            access_key: None,
-            secret_key_file: None,
-            secret_key: None,
-            staging_dir: None,
-            fsync: true,
-        }
+/// Default repository: a local directory.
+pub const DEFAULT_LOCATION: &str = "/var/lib/deis-backup";
+/// Default region of an s3:// repository.
+pub const DEFAULT_REGION: &str = "us-east-1";
+
+impl RepositoryOptions {
+    /// Where snapshots live.
+    pub fn location(&self) -> &str {
+        self.location.as_deref().unwrap_or(DEFAULT_LOCATION)
+    }
+
+    /// Region of an s3:// repository.
+    pub fn region(&self) -> &str {
+        self.region.as_deref().unwrap_or(DEFAULT_REGION)
+    }
+
+    /// Whether a snapshot is flushed to disk before and after its manifest.
+    pub fn fsync(&self) -> bool {
+        self.fsync.unwrap_or(true)
     }
 }
 
@@ -179,14 +180,14 @@ pub struct PruneStats {
 impl Repository {
     /// Opens an existing repository.
     pub async fn open(options: &RepositoryOptions) -> Result<Self> {
-        let repo = Self::with_backend(Self::backend_for(options, false).await?, options.fsync);
+        let repo = Self::with_backend(Self::backend_for(options, false).await?, options.fsync());
         repo.check_config().await?;
         Ok(repo)
     }
 
     /// Opens the repository, creating it (directory or bucket, and its marker) when absent.
     pub async fn open_or_init(options: &RepositoryOptions) -> Result<Self> {
-        let repo = Self::with_backend(Self::backend_for(options, true).await?, options.fsync);
+        let repo = Self::with_backend(Self::backend_for(options, true).await?, options.fsync());
         if repo.backend.size(format::CONFIG_FILE).await?.is_none() {
             let config = format::RepositoryConfig {
                 format: format::FORMAT.to_owned(),
@@ -208,11 +209,11 @@ impl Repository {
     }
 
     async fn backend_for(options: &RepositoryOptions, create: bool) -> Result<Arc<dyn Backend>> {
-        if options.location.starts_with("s3://") {
+        if options.location().starts_with("s3://") {
             Ok(Arc::new(s3::S3Backend::connect(options, create).await?))
         } else {
             Ok(Arc::new(
-                local::LocalBackend::open(Path::new(&options.location), create).await?,
+                local::LocalBackend::open(Path::new(options.location()), create).await?,
             ))
         }
     }
@@ -837,8 +838,8 @@ mod tests {
 
     async fn repo(dir: &Path) -> Repository {
         Repository::open_or_init(&RepositoryOptions {
-            location: dir.join("repo").display().to_string(),
-            fsync: false,
+            location: Some(dir.join("repo").display().to_string()),
+            fsync: Some(false),
             ..RepositoryOptions::default()
         })
         .await
@@ -1138,7 +1139,7 @@ mod tests {
     async fn repository_open_refuses_a_plain_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let err = Repository::open(&RepositoryOptions {
-            location: tmp.path().display().to_string(),
+            location: Some(tmp.path().display().to_string()),
             ..RepositoryOptions::default()
         })
         .await

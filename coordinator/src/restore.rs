@@ -39,8 +39,9 @@ use crate::snapshot::{self, Cluster, DATABASE_PART, ETCD_PART, STORE_PREFIX};
 use crate::verify::{self, Depth};
 
 /// Options of `restore`. Serve the CLI, the config file (`[restore]`) and the library.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args, merge::Merge)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[merge(strategy = merge::bool::overwrite_false)]
 pub struct RestoreOptions {
     /// Run the preflight, print what would be restored, write nothing.
     #[arg(long)]
@@ -50,9 +51,10 @@ pub struct RestoreOptions {
     #[arg(long)]
     #[serde(skip)]
     pub force: bool,
-    /// What to do with a target bucket that holds objects (with --force).
-    #[arg(long, value_enum, default_value_t = Existing::Refuse)]
-    pub existing: Existing,
+    /// What to do with a target bucket that holds objects (with --force) [default: refuse].
+    #[arg(long, value_enum)]
+    #[merge(strategy = merge::option::overwrite_none)]
+    pub existing: Option<Existing>,
     /// Replace what a non-empty store directory holds.
     #[arg(long)]
     pub overwrite_store: bool,
@@ -68,6 +70,13 @@ pub struct RestoreOptions {
     /// Restore no store file.
     #[arg(long)]
     pub no_store: bool,
+}
+
+impl RestoreOptions {
+    /// What to do with a target bucket that holds objects.
+    pub fn existing(&self) -> Existing {
+        self.existing.unwrap_or_default()
+    }
 }
 
 /// One step of a restore, as planned and then as done.
@@ -274,7 +283,7 @@ async fn plan_buckets<'a>(
         .ok_or_else(|| Error::config("the snapshot holds buckets but no gateway is configured"))?;
     for (source, b) in &manifest.buckets {
         let bucket = target_bucket(manifest, target.deis_buckets.as_ref(), source);
-        if options.existing == Existing::Refuse
+        if options.existing() == Existing::Refuse
             && gateway.bucket_exists(&bucket).await?
             && !gateway.bucket_is_empty(&bucket).await?
         {
@@ -364,10 +373,10 @@ async fn execute(
             gateway,
         } => {
             let listing = repo.listing(manifest, source).await?;
-            let existing = if options.existing == Existing::Refuse && options.force {
+            let existing = if options.existing() == Existing::Refuse && options.force {
                 Existing::Merge
             } else {
-                options.existing
+                options.existing()
             };
             let stats =
                 bucket_restore::restore_bucket(gateway, repo, &listing, bucket, existing, progress)
@@ -690,8 +699,8 @@ mod tests {
     async fn a_blob_that_cannot_be_read_is_the_error_not_a_short_stream() {
         let tmp = tempfile::tempdir().unwrap();
         let repo = Repository::open_or_init(&crate::repository::RepositoryOptions {
-            location: tmp.path().join("repo").display().to_string(),
-            fsync: false,
+            location: Some(tmp.path().join("repo").display().to_string()),
+            fsync: Some(false),
             ..Default::default()
         })
         .await

@@ -120,20 +120,20 @@ impl Client {
         if target.endpoints.is_empty() {
             return Err(Error::config("no gateway endpoint"));
         }
-        if options.part_size < MIN_PART_SIZE {
+        if options.part_size() < MIN_PART_SIZE {
             return Err(Error::config(format!(
                 "part-size {} is below the S3 minimum of 5 MiB",
-                options.part_size
+                options.part_size()
             )));
         }
         let timeouts = TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(options.connect_timeout_secs.max(1)))
-            .read_timeout(Duration::from_secs(options.read_timeout_secs.max(1)))
+            .connect_timeout(Duration::from_secs(options.connect_timeout_secs().max(1)))
+            .read_timeout(Duration::from_secs(options.read_timeout_secs().max(1)))
             .build();
         let base = |url: &str| {
             aws_sdk_s3::Config::builder()
                 .behavior_version(BehaviorVersion::latest())
-                .region(Region::new(options.region.clone()))
+                .region(Region::new(options.region().to_owned()))
                 .endpoint_url(url)
                 .force_path_style(true)
                 .retry_config(RetryConfig::disabled())
@@ -167,17 +167,17 @@ impl Client {
                 }
             })
             .collect();
-        let max = options.concurrency.max(1);
+        let max = options.concurrency().max(1);
         Ok(Self {
             endpoints,
             next: AtomicUsize::new(0),
-            signature: options.signature,
-            v2_active: AtomicBool::new(options.signature == Signature::V2),
+            signature: options.signature(),
+            v2_active: AtomicBool::new(options.signature() == Signature::V2),
             limiter: Limiter::new(max, 1, max),
             bandwidth: options.bandwidth_limit.map(Bandwidth::new),
-            retries: options.retries,
-            multipart_threshold: options.multipart_threshold.max(MIN_PART_SIZE),
-            part_size: options.part_size,
+            retries: options.retries(),
+            multipart_threshold: options.multipart_threshold().max(MIN_PART_SIZE),
+            part_size: options.part_size(),
             counters: Counters::default(),
         })
     }

@@ -49,8 +49,9 @@ pub const BUCKET_REGISTRY_LABEL: &str = "bucket.registry";
 pub const STORE_PREFIX: &str = "store/";
 
 /// Options of `snapshot`. Serve the CLI, the config file (`[snapshot]`) and the library.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args, merge::Merge)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[merge(strategy = merge::bool::overwrite_false)]
 pub struct SnapshotOptions {
     /// Print the plan (which agent does what, which buckets, what is reused) and touch nothing.
     #[arg(long)]
@@ -59,9 +60,11 @@ pub struct SnapshotOptions {
     /// Run this agent hook on the database host first, e.g. wal-e-backup-push for a fresh WAL-E
     /// base backup before db_wal is mirrored.
     #[arg(long = "pre-hook", value_name = "NAME")]
+    #[merge(strategy = merge::option::overwrite_none)]
     pub pre_hook: Option<String>,
     /// zstd level for the dump and archives [default: the agents' own].
     #[arg(long)]
+    #[merge(strategy = merge::option::overwrite_none)]
     pub zstd_level: Option<i32>,
     /// Take no database dump (a cluster without deis-database).
     #[arg(long)]

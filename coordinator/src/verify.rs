@@ -191,8 +191,8 @@ mod tests {
     async fn verify_sizes_miss_bytes_changed_in_place_read_data_finds_them() {
         let tmp = tempfile::tempdir().unwrap();
         let repo = Repository::open_or_init(&RepositoryOptions {
-            location: tmp.path().join("repo").display().to_string(),
-            fsync: false,
+            location: Some(tmp.path().join("repo").display().to_string()),
+            fsync: Some(false),
             ..RepositoryOptions::default()
         })
         .await

@@ -23,8 +23,8 @@ use proxy::{Behaviour, Proxy};
 /// Options for the cluster's gateway with `signature`; endpoints and keys come from etcd.
 pub fn options(signature: Signature) -> GatewayOptions {
     GatewayOptions {
-        signature,
-        concurrency: 16,
+        signature: Some(signature),
+        concurrency: Some(16),
         ..GatewayOptions::default()
     }
 }
@@ -161,8 +161,8 @@ async fn remove_bucket(bucket: &str) -> Result<(), String> {
 pub async fn local_repo() -> (tempfile::TempDir, Repository) {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repository::open_or_init(&RepositoryOptions {
-        location: dir.path().join("repo").display().to_string(),
-        fsync: false,
+        location: Some(dir.path().join("repo").display().to_string()),
+        fsync: Some(false),
         ..RepositoryOptions::default()
     })
     .await

@@ -34,8 +34,8 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
 /// A client that uploads in 5 MiB parts above 5 MiB, so a 6 MiB object goes up in two.
 async fn small_parts_gateway() -> Gateway {
     let opts = GatewayOptions {
-        multipart_threshold: 5 * MIB as u64,
-        part_size: 5 * MIB as u64,
+        multipart_threshold: Some(5 * MIB as u64),
+        part_size: Some(5 * MIB as u64),
         ..options(Signature::Auto)
     };
     Gateway::connect(&opts, Some(&Cluster::get().etcd()))

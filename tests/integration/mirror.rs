@@ -272,8 +272,8 @@ async fn mirror_fidelity_of_odd_keys_empty_and_multipart_objects() {
 
     // Mirror with V2 (the hardest signing case for odd keys), restore with parts of 5 MiB.
     let opts = GatewayOptions {
-        multipart_threshold: 5 * 1024 * 1024,
-        part_size: 5 * 1024 * 1024,
+        multipart_threshold: Some(5 * 1024 * 1024),
+        part_size: Some(5 * 1024 * 1024),
         ..options(Signature::V2)
     };
     let gw = Gateway::connect(&opts, Some(&Cluster::get().etcd()))

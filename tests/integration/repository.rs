@@ -17,7 +17,7 @@ async fn repository_in_an_s3_bucket_round_trips_snapshots() {
     let bucket = ScratchBucket::new("repo");
     let staging = tempfile::tempdir().unwrap();
     let opts = RepositoryOptions {
-        location: format!("s3://{bucket}/backups/deis"),
+        location: Some(format!("s3://{bucket}/backups/deis")),
         endpoint: Some(cluster.gateway_endpoint().to_owned()),
         access_key: Some(Secret::new(access)),
         secret_key: Some(Secret::new(secret)),

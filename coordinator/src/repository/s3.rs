@@ -50,11 +50,11 @@ pub fn parse_location(location: &str) -> Result<(String, String)> {
 impl S3Backend {
     /// Connects (SigV4) and checks the bucket; with `create`, makes a missing bucket.
     pub async fn connect(options: &RepositoryOptions, create: bool) -> Result<Self> {
-        let (bucket, prefix) = parse_location(&options.location)?;
+        let (bucket, prefix) = parse_location(options.location())?;
         let endpoint = options
             .endpoint
             .clone()
-            .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", options.region));
+            .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", options.region()));
         let secret_key = Secret::resolve(
             options.secret_key_file.as_deref(),
             options.secret_key.as_ref(),
@@ -73,8 +73,8 @@ impl S3Backend {
             secret_key: secret_key.clone(),
         };
         let gw_options = GatewayOptions {
-            signature: Signature::V4,
-            region: options.region.clone(),
+            signature: Some(Signature::V4),
+            region: Some(options.region().to_owned()),
             ..GatewayOptions::default()
         };
         let gateway = Client::new(&target, &gw_options)?;

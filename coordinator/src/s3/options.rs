@@ -5,7 +5,9 @@
 //! [`parse_size`].
 //! Invariants:
 //! - One struct serves the CLI (`clap`), the config file (`serde`, kebab-case, unknown fields
-//!   refused) and the library; its `Default` repeats the `clap` defaults.
+//!   refused) and the library. No field has a clap default: an unset option is `None` (or empty),
+//!   so the command line merges over the file ([`merge::Merge`]), and the accessors apply the
+//!   defaults the help text names.
 //! - A size is whole bytes, given as a number or with a unit (`64MiB`, `10M`, `512k`); one that
 //!   does not fit in a `u64` is refused, not wrapped.
 
@@ -28,13 +30,15 @@ pub enum Signature {
 }
 
 /// How to reach and drive the store-gateway. Serves the CLI (`clap`), the config file (`serde`,
-/// kebab-case) and the library.
-#[derive(Debug, Clone, Deserialize, clap::Args)]
+/// kebab-case) and the library; the accessors apply the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args, merge::Merge)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[merge(strategy = merge::option::overwrite_none)]
 pub struct GatewayOptions {
     /// Gateway endpoints (`host:port` or `http://host:port`), comma-separated. Default: every gateway
     /// published in etcd under /deis/store/gateway/hosts.
     #[arg(long = "gateway", value_delimiter = ',', env = "DEIS_BACKUP_GATEWAY")]
+    #[merge(strategy = merge::vec::overwrite_empty)]
     pub endpoints: Vec<String>,
     /// Gateway access key. Default: /deis/store/gateway/accessKey in etcd.
     #[arg(
@@ -53,56 +57,79 @@ pub struct GatewayOptions {
     /// The secret key itself: from the config file's `secret-key`, or the environment.
     #[arg(skip)]
     pub secret_key: Option<Secret>,
-    /// AWS signature version: auto tries V4 and falls back to V2 (Ceph Hammer) once.
-    #[arg(long = "gateway-signature", value_enum, default_value_t = Signature::Auto)]
-    pub signature: Signature,
-    /// Region used in V4 signatures (radosgw accepts us-east-1).
-    #[arg(long = "gateway-region", default_value = "us-east-1")]
-    pub region: String,
+    /// AWS signature version: auto tries V4 and falls back to V2 (Ceph Hammer) once [default:
+    /// auto].
+    #[arg(long = "gateway-signature", value_enum)]
+    pub signature: Option<Signature>,
+    /// Region used in V4 signatures (radosgw accepts us-east-1) [default: us-east-1].
+    #[arg(long = "gateway-region")]
+    pub region: Option<String>,
     /// Most requests in flight at once (the adaptive limit starts here, halves on overload and
-    /// climbs back when the gateway is calm).
-    #[arg(long = "gateway-concurrency", default_value_t = 32)]
-    pub concurrency: usize,
-    /// Retries of a failed request before giving up.
-    #[arg(long = "gateway-retries", default_value_t = 8)]
-    pub retries: u32,
+    /// climbs back when the gateway is calm) [default: 32].
+    #[arg(long = "gateway-concurrency")]
+    pub concurrency: Option<usize>,
+    /// Retries of a failed request before giving up [default: 8].
+    #[arg(long = "gateway-retries")]
+    pub retries: Option<u32>,
     /// Bandwidth cap over all transfers, bytes per second (suffixes KiB, MiB, GiB, k, M, G).
     #[arg(long = "bandwidth-limit", value_parser = parse_size)]
     #[serde(deserialize_with = "de_opt_size")]
     pub bandwidth_limit: Option<u64>,
-    /// Objects larger than this are uploaded in parts.
-    #[arg(long = "multipart-threshold", value_parser = parse_size, default_value = "64MiB")]
-    #[serde(deserialize_with = "de_size")]
-    pub multipart_threshold: u64,
-    /// Size of a multipart part (at least 5 MiB).
-    #[arg(long = "part-size", value_parser = parse_size, default_value = "16MiB")]
-    #[serde(deserialize_with = "de_size")]
-    pub part_size: u64,
-    /// Seconds to wait for a TCP connection.
-    #[arg(long = "gateway-connect-timeout", default_value_t = 5)]
-    pub connect_timeout_secs: u64,
-    /// Seconds a request may wait for the next bytes.
-    #[arg(long = "gateway-read-timeout", default_value_t = 60)]
-    pub read_timeout_secs: u64,
+    /// Objects larger than this are uploaded in parts [default: 64MiB].
+    #[arg(long = "multipart-threshold", value_parser = parse_size)]
+    #[serde(deserialize_with = "de_opt_size")]
+    pub multipart_threshold: Option<u64>,
+    /// Size of a multipart part (at least 5 MiB) [default: 16MiB].
+    #[arg(long = "part-size", value_parser = parse_size)]
+    #[serde(deserialize_with = "de_opt_size")]
+    pub part_size: Option<u64>,
+    /// Seconds to wait for a TCP connection [default: 5].
+    #[arg(long = "gateway-connect-timeout")]
+    pub connect_timeout_secs: Option<u64>,
+    /// Seconds a request may wait for the next bytes [default: 60].
+    #[arg(long = "gateway-read-timeout")]
+    pub read_timeout_secs: Option<u64>,
 }
 
-impl Default for GatewayOptions {
-    fn default() -> Self {
-        Self {
-            endpoints: Vec::new(),
-            access_key: None,
-            secret_key_file: None,
-            secret_key: None,
-            signature: Signature::Auto,
-            region: "us-east-1".to_owned(),
-            concurrency: 32,
-            retries: 8,
-            bandwidth_limit: None,
-            multipart_threshold: 64 * MIB,
-            part_size: 16 * MIB,
-            connect_timeout_secs: 5,
-            read_timeout_secs: 60,
-        }
+impl GatewayOptions {
+    /// AWS signature version.
+    pub fn signature(&self) -> Signature {
+        self.signature.unwrap_or_default()
+    }
+
+    /// Region used in V4 signatures.
+    pub fn region(&self) -> &str {
+        self.region.as_deref().unwrap_or("us-east-1")
+    }
+
+    /// Most requests in flight at once.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or(32)
+    }
+
+    /// Retries of a failed request.
+    pub fn retries(&self) -> u32 {
+        self.retries.unwrap_or(8)
+    }
+
+    /// Objects larger than this are uploaded in parts.
+    pub fn multipart_threshold(&self) -> u64 {
+        self.multipart_threshold.unwrap_or(64 * MIB)
+    }
+
+    /// Size of a multipart part.
+    pub fn part_size(&self) -> u64 {
+        self.part_size.unwrap_or(16 * MIB)
+    }
+
+    /// Seconds to wait for a TCP connection.
+    pub fn connect_timeout_secs(&self) -> u64 {
+        self.connect_timeout_secs.unwrap_or(5)
+    }
+
+    /// Seconds a request may wait for the next bytes.
+    pub fn read_timeout_secs(&self) -> u64 {
+        self.read_timeout_secs.unwrap_or(60)
     }
 }
 
@@ -183,10 +210,10 @@ mod tests {
             r#"{"endpoints":["10.0.0.1:8888"],"signature":"v2","part-size":"8MiB","bandwidth-limit":1000}"#,
         )
         .unwrap();
-        assert_eq!(o.signature, Signature::V2);
-        assert_eq!(o.part_size, 8 << 20);
+        assert_eq!(o.signature(), Signature::V2);
+        assert_eq!(o.part_size(), 8 << 20);
         assert_eq!(o.bandwidth_limit, Some(1000));
-        assert_eq!(o.concurrency, 32);
+        assert_eq!(o.concurrency(), 32);
         assert!(serde_json::from_str::<GatewayOptions>(r#"{"no-such":1}"#).is_err());
     }
 }

@@ -433,7 +433,7 @@ mod tests {
         let gw = Client::new(
             &target,
             &GatewayOptions {
-                retries: 0,
+                retries: Some(0),
                 ..GatewayOptions::default()
             },
         )
