@@ -1103,10 +1103,7 @@ mod tests {
             r.check_blob(&kept, true).await.unwrap().0,
             BlobCheck::Intact
         );
-        let wrong = BlobRef {
-            size: 5,
-            ..kept
-        };
+        let wrong = BlobRef { size: 5, ..kept };
         assert_eq!(
             r.check_blob(&wrong, true).await.unwrap().0,
             BlobCheck::WrongSize(4)
