@@ -46,6 +46,41 @@ pub struct Exec {
     pub input: Pin<Box<dyn AsyncWrite + Send>>,
 }
 
+/// One piece of a command's output; a TTY's console counts as stdout.
+#[derive(Debug)]
+pub enum Piece {
+    Stdout(bytes::Bytes),
+    Stderr(bytes::Bytes),
+}
+
+impl Exec {
+    /// The command's output, piece by piece, in order, to its end or the error that cut it short:
+    /// the one reading of an exec's output.
+    pub fn pieces(
+        &mut self,
+    ) -> impl Stream<Item = Result<Piece, bollard::errors::Error>> + Send + '_ {
+        use futures::StreamExt as _;
+        self.output.as_mut().filter_map(async |item| match item {
+            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                Some(Ok(Piece::Stdout(message)))
+            }
+            Ok(LogOutput::StdErr { message }) => Some(Ok(Piece::Stderr(message))),
+            Ok(LogOutput::StdIn { .. }) => None,
+            Err(e) => Some(Err(e)),
+        })
+    }
+
+    /// Reads the command's output to its end, handing each piece to `each`; stops at an error
+    /// that cuts it short (the exit code then tells what happened).
+    pub async fn drain(&mut self, mut each: impl FnMut(Piece)) {
+        use futures::StreamExt as _;
+        let mut pieces = std::pin::pin!(self.pieces());
+        while let Some(Ok(piece)) = pieces.next().await {
+            each(piece);
+        }
+    }
+}
+
 fn is_not_found(e: &bollard::errors::Error) -> bool {
     matches!(
         e,

@@ -29,16 +29,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use bollard::container::LogOutput;
 use bytes::Bytes;
 use deis_backup_proto::v1::{RestoreDatabaseReply, Trailer, Warning, warning};
-use futures::StreamExt;
+use futures::StreamExt as _;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::chunks::{ChannelReader, ChunkSink, ChunkTx, Tail, encoder};
 use crate::config::DatabaseRestorePolicy;
-use crate::container::Engine;
+use crate::container::{Engine, Piece};
 use crate::error::{Error, Result};
 
 const STDERR_TAIL: usize = 4096;
@@ -77,25 +76,19 @@ async fn psql(engine: &Engine, container: &str, extra: &[&str]) -> Result<crate:
 /// The database state (server start, WAL position, next transaction id) of `container`.
 pub async fn state(engine: &Engine, container: &str) -> Result<String> {
     let mut exec = psql(engine, container, &["-A", "-t"]).await?;
-    let mut input = exec.input;
+    let mut input = std::mem::replace(&mut exec.input, Box::pin(tokio::io::sink()));
     let feeder = tokio::spawn(async move {
         input.write_all(STATE_SQL.as_bytes()).await?;
         input.shutdown().await
     });
     let mut out = Tail::new(STDERR_TAIL);
     let mut stderr = Tail::new(STDERR_TAIL);
-    while let Some(item) = exec.output.next().await {
-        match item {
-            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                out.push(&message);
-            }
-            Ok(LogOutput::StdErr { message }) => stderr.push(&message),
-            Ok(LogOutput::StdIn { .. }) => {}
-            Err(_) => break,
-        }
-    }
+    exec.drain(|piece| match piece {
+        Piece::Stdout(m) => out.push(&m),
+        Piece::Stderr(m) => stderr.push(&m),
+    })
+    .await;
     feeder.abort();
-    exec.input = Box::pin(tokio::io::sink());
     let code = engine.exit_code(&exec.id, &exec.container).await?;
     let line = out.text();
     if code != 0 || !line.starts_with("started=") || line.lines().count() != 1 {
@@ -166,18 +159,20 @@ pub async fn dump(
     });
     let mut stderr = Tail::new(STDERR_TAIL);
     let mut lost = None;
-    while let Some(item) = exec.output.next().await {
-        match item {
-            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                if raw_tx.send(message).await.is_err() {
+    {
+        let mut pieces = std::pin::pin!(exec.pieces());
+        while let Some(piece) = pieces.next().await {
+            match piece {
+                Ok(Piece::Stdout(m)) => {
+                    if raw_tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Piece::Stderr(m)) => stderr.push(&m),
+                Err(e) => {
+                    lost = Some(e);
                     break;
                 }
-            }
-            Ok(LogOutput::StdErr { message }) => stderr.push(&message),
-            Ok(LogOutput::StdIn { .. }) => {}
-            Err(e) => {
-                lost = Some(e);
-                break;
             }
         }
     }
@@ -322,7 +317,7 @@ pub async fn restore(
         });
         (spooled, fed)
     });
-    let mut input = exec.input;
+    let mut input = std::mem::replace(&mut exec.input, Box::pin(tokio::io::sink()));
     let mut feeder = tokio::spawn(async move {
         while let Some(piece) = sql_rx.recv().await {
             input.write_all(&piece).await?;
@@ -331,19 +326,14 @@ pub async fn restore(
     });
     let mut output = Output::new();
     let mut stderr = Output::new();
-    while let Some(item) = exec.output.next().await {
-        match item {
-            Ok(LogOutput::StdErr { message }) => {
-                stderr.push(&message);
-                output.push(&message);
-            }
-            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                output.push(&message);
-            }
-            Ok(LogOutput::StdIn { .. }) => {}
-            Err(_) => break,
+    exec.drain(|piece| match piece {
+        Piece::Stderr(m) => {
+            stderr.push(&m);
+            output.push(&m);
         }
-    }
+        Piece::Stdout(m) => output.push(&m),
+    })
+    .await;
     // psql has ended. Its input was delivered only if the feeder wrote all of it and closed it: a
     // psql that stopped reading early (`\q`) can exit 0 with SQL still queued.
     let delivered = matches!(
@@ -351,7 +341,6 @@ pub async fn restore(
         Ok(Ok(Ok(())))
     );
     feeder.abort();
-    exec.input = Box::pin(tokio::io::sink());
     let (spooled, fed) = inflater.await.map_err(|e| join_error(&e))?;
     let code = match engine.exit_code(&exec.id, &exec.container).await {
         Ok(c) => c,

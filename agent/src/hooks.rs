@@ -6,13 +6,11 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use bollard::container::LogOutput;
 use deis_backup_proto::v1::RunHookReply;
-use futures::StreamExt;
 
 use crate::chunks::Tail;
 use crate::config::Hook;
-use crate::container::Engine;
+use crate::container::{Engine, Piece};
 use crate::error::{Error, Result};
 
 /// Runs the hook `name` from `hooks`; `default_container` is used when the hook names none.
@@ -38,17 +36,8 @@ pub async fn run(
         .exec(container, hook.user.as_deref(), &hook.command, false)
         .await?;
     let mut out = Tail::new(4096);
-    while let Some(item) = exec.output.next().await {
-        match item {
-            Ok(
-                LogOutput::StdOut { message }
-                | LogOutput::StdErr { message }
-                | LogOutput::Console { message },
-            ) => out.push(&message),
-            Ok(LogOutput::StdIn { .. }) => {}
-            Err(_) => break,
-        }
-    }
+    exec.drain(|(Piece::Stdout(m) | Piece::Stderr(m))| out.push(&m))
+        .await;
     let code = engine.exit_code(&exec.id, &exec.container).await?;
     if code != 0 {
         return Err(Error::CommandFailed {

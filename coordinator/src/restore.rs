@@ -129,10 +129,10 @@ enum Action<'a> {
     Store {
         part: String,
         info: Box<PartInfo>,
-        agent: Agent,
+        agent: &'a Agent,
     },
     /// The SQL dump into the database that `agent` runs.
-    DatabaseSql { agent: Agent },
+    DatabaseSql { agent: &'a Agent },
     /// The platform's etcd keys.
     EtcdKeys,
 }
@@ -247,17 +247,17 @@ async fn plan<'a>(
                 manifest.id
             )));
         }
-        let r = snapshot::database_agent(agents).map_err(|e| {
+        let (_, d) = snapshot::database_agent(agents).map_err(|e| {
             e.context("--database-sql needs the database running (deisctl start database)")
         })?;
         let step = Step {
             what: "database-sql".into(),
-            target: format!("deis-database on {}", r.host),
+            target: format!("deis-database on {}", d.agent.host_id),
             done: false,
             detail: DATABASE_PART.into(),
         };
-        let agent = find(agents, &r.host).clone();
-        plan.steps.push((Action::DatabaseSql { agent }, step));
+        plan.steps
+            .push((Action::DatabaseSql { agent: &d.agent }, step));
     }
     if options.etcd_keys && manifest.parts.contains_key(ETCD_PART) {
         let step = Step {
@@ -310,10 +310,10 @@ async fn plan_buckets<'a>(
     Ok(())
 }
 
-fn plan_stores(
-    plan: &mut Plan<'_>,
+fn plan_stores<'a>(
+    plan: &mut Plan<'a>,
     manifest: &Manifest,
-    agents: &[Described],
+    agents: &'a [Described],
     options: &RestoreOptions,
 ) -> Result<()> {
     for (name, blob) in manifest
@@ -456,7 +456,7 @@ pub fn target_bucket(manifest: &Manifest, target: Option<&DeisBuckets>, source: 
 
 /// The agent that restores store part `name`: for a shared filesystem any agent that has the path
 /// (first by host id); for a host-local directory the same host, or the only host with the path.
-fn store_target(agents: &[Described], name: &str, info: &PartInfo) -> Result<Agent> {
+fn store_target<'a>(agents: &'a [Described], name: &str, info: &PartInfo) -> Result<&'a Agent> {
     let path = info
         .path
         .as_deref()
@@ -471,7 +471,7 @@ fn store_target(agents: &[Described], name: &str, info: &PartInfo) -> Result<Age
             .iter()
             .find(|d| Some(d.agent.host_id.as_str()) == info.host.as_deref())
         {
-            return Ok(d.agent.clone());
+            return Ok(&d.agent);
         }
         if with_path.len() > 1 {
             return Err(Error::new(
@@ -485,7 +485,7 @@ fn store_target(agents: &[Described], name: &str, info: &PartInfo) -> Result<Age
             ));
         }
     }
-    with_path.first().map(|d| d.agent.clone()).ok_or_else(|| {
+    with_path.first().map(|d| &d.agent).ok_or_else(|| {
         Error::new(
             ErrorKind::Preflight,
             format!("no agent allows the store path {path} (store part {name})"),
@@ -657,14 +657,6 @@ fn blob_chunks(
         }
     });
     (stream, failure)
-}
-
-fn find<'a>(agents: &'a [Described], host: &str) -> &'a Agent {
-    &agents
-        .iter()
-        .find(|d| d.agent.host_id == host)
-        .expect("the database agent is among the agents")
-        .agent
 }
 
 #[cfg(test)]

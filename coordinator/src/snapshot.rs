@@ -121,10 +121,24 @@ pub struct Reuse {
     pub segments: BTreeMap<String, HashMap<Vec<u8>, SegmentRef>>,
 }
 
+/// The agent a part is given to: the connected agent itself, so running the plan looks nothing up
+/// again; shown (and serialized) as its host id and address.
 #[derive(Debug, Clone, Serialize)]
 pub struct AgentRef {
     pub host: String,
     pub address: String,
+    #[serde(skip)]
+    pub agent: Agent,
+}
+
+impl From<&Agent> for AgentRef {
+    fn from(agent: &Agent) -> Self {
+        Self {
+            host: agent.host_id.clone(),
+            address: agent.address.clone(),
+            agent: agent.clone(),
+        }
+    }
 }
 
 /// One store archive: a filesystem, the agent that reads it, and the other hosts that see it.
@@ -201,19 +215,14 @@ pub async fn plan(
     } else {
         Some(database_agent(&cluster.agents)?)
     };
-    if let (Some(hook), Some(db)) = (&options.pre_hook, &database) {
-        let d = cluster
-            .agents
-            .iter()
-            .find(|d| d.agent.host_id == db.host)
-            .expect("the database agent is among the agents");
-        if !d.info.hooks.iter().any(|h| h == hook) {
-            return Err(Error::config(format!(
-                "the agent on {} defines no hook '{hook}' (it has: {})",
-                db.host,
-                list_or_none(&d.info.hooks)
-            )));
-        }
+    if let (Some(hook), Some((_, d))) = (&options.pre_hook, &database)
+        && !d.info.hooks.iter().any(|h| h == hook)
+    {
+        return Err(Error::config(format!(
+            "the agent on {} defines no hook '{hook}' (it has: {})",
+            d.agent.host_id,
+            list_or_none(&d.info.hooks)
+        )));
     }
     let mut stores = if options.no_store {
         Vec::new()
@@ -236,7 +245,7 @@ pub async fn plan(
         .as_ref()
         .map_or(0, |m| m.buckets.values().map(|b| b.objects).sum());
     Ok(Plan {
-        database,
+        database: database.map(|(agent, _)| agent),
         pre_hook: options.pre_hook.clone(),
         stores,
         buckets: cluster.buckets.clone(),
@@ -326,7 +335,7 @@ pub async fn run(
     }
 
     if let (Some(hook), Some(db)) = (&plan.pre_hook, &plan.database) {
-        run_hook(find(cluster, &db.host), hook).await?;
+        run_hook(&db.agent, hook).await?;
     }
 
     let level = options.zstd_level.unwrap_or(0);
@@ -348,7 +357,7 @@ pub async fn run(
     let database = async {
         match &plan.database {
             Some(db) => {
-                let agent = find(cluster, &db.host);
+                let agent = &db.agent;
                 let part = DATABASE_PART;
                 progress.part_started(part, &format!("agent {}", db.host));
                 let r =
@@ -364,15 +373,7 @@ pub async fn run(
         async move {
             progress.part_started(&t.part, &format!("agent {} {}", t.agent.host, t.path));
             let reusable = plan.reuse.segments.get(&t.part);
-            let r = archive_store(
-                find(cluster, &t.agent.host),
-                t,
-                repo,
-                level,
-                reusable,
-                progress,
-            )
-            .await;
+            let r = archive_store(&t.agent.agent, t, repo, level, reusable, progress).await;
             progress.part_finished(&t.part, r.is_ok());
             r.map(|p| (t.part.clone(), p))
                 .map_err(|e| e.context(format!("part {}", t.part)))
@@ -652,16 +653,13 @@ async fn run_hook(agent: &Agent, hook: &str) -> Result<()> {
 }
 
 /// The single agent whose host runs the database container.
-pub fn database_agent(agents: &[Described]) -> Result<AgentRef> {
+pub fn database_agent(agents: &[Described]) -> Result<(AgentRef, &Described)> {
     let running: Vec<&Described> = agents
         .iter()
         .filter(|d| d.info.database.as_ref().is_some_and(|c| c.running))
         .collect();
     match running.as_slice() {
-        [d] => Ok(AgentRef {
-            host: d.agent.host_id.clone(),
-            address: d.agent.address.clone(),
-        }),
+        [d] => Ok((AgentRef::from(&d.agent), d)),
         [] => Err(Error::new(
             ErrorKind::Agent,
             format!(
@@ -697,10 +695,7 @@ pub fn store_tasks(agents: &[Described]) -> Vec<StoreTask> {
                 .and_modify(|t| t.also_on.push(d.agent.host_id.clone()))
                 .or_insert_with(|| StoreTask {
                     part: store_part_name(&d.agent.host_id, &p.path, p.shared),
-                    agent: AgentRef {
-                        host: d.agent.host_id.clone(),
-                        address: d.agent.address.clone(),
-                    },
+                    agent: AgentRef::from(&d.agent),
                     path: p.path.clone(),
                     fs_type: p.fs_type.clone(),
                     shared: p.shared,
@@ -753,15 +748,6 @@ async fn cluster_identity(cluster: &Cluster) -> Result<Vec<(String, String)>> {
     hosts.sort_unstable();
     out.push(("cluster.hosts".to_owned(), hosts.join(",")));
     Ok(out)
-}
-
-fn find<'a>(cluster: &'a Cluster, host: &str) -> &'a Agent {
-    &cluster
-        .agents
-        .iter()
-        .find(|d| d.agent.host_id == host)
-        .expect("planned agents come from the cluster")
-        .agent
 }
 
 fn warnings(t: &Trailer) -> Vec<String> {

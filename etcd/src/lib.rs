@@ -198,11 +198,8 @@ impl Client {
 
     /// Sets `key` to `value`, with an optional TTL.
     pub async fn set(&self, key: &str, value: &str, ttl: Option<Duration>) -> Result<Node> {
-        let ttl = ttl.map(|t| t.as_secs().max(1).to_string());
-        let mut form = vec![("value", value)];
-        if let Some(t) = &ttl {
-            form.push(("ttl", t));
-        }
+        let ttl = ttl_secs(ttl);
+        let form = value_form(value, ttl.as_deref());
         match self
             .call("set", reqwest::Method::PUT, key, &[], &form)
             .await?
@@ -219,11 +216,8 @@ impl Client {
         value: &str,
         ttl: Option<Duration>,
     ) -> Result<Conditional> {
-        let ttl = ttl.map(|t| t.as_secs().max(1).to_string());
-        let mut form = vec![("value", value)];
-        if let Some(t) = &ttl {
-            form.push(("ttl", t));
-        }
+        let ttl = ttl_secs(ttl);
+        let form = value_form(value, ttl.as_deref());
         let q = [("prevExist", "false")];
         match self
             .call("create", reqwest::Method::PUT, key, &q, &form)
@@ -246,11 +240,8 @@ impl Client {
         value: &str,
         ttl: Option<Duration>,
     ) -> Result<Conditional> {
-        let ttl = ttl.map(|t| t.as_secs().max(1).to_string());
-        let mut form = vec![("value", value)];
-        if let Some(t) = &ttl {
-            form.push(("ttl", t));
-        }
+        let ttl = ttl_secs(ttl);
+        let form = value_form(value, ttl.as_deref());
         let q = [("prevValue", prev)];
         match self
             .call("swap", reqwest::Method::PUT, key, &q, &form)
@@ -397,6 +388,18 @@ fn refused(op: &'static str, key: &str, e: ErrorBody) -> Error {
         code: e.error_code,
         message,
     }
+}
+
+/// A TTL as etcd's form takes it: whole seconds, at least one (etcd reads 0 as "no TTL").
+fn ttl_secs(ttl: Option<Duration>) -> Option<String> {
+    ttl.map(|t| t.as_secs().max(1).to_string())
+}
+
+/// The form of a write: the value, and the TTL when there is one.
+fn value_form<'a>(value: &'a str, ttl: Option<&'a str>) -> Vec<(&'static str, &'a str)> {
+    let mut form = vec![("value", value)];
+    form.extend(ttl.map(|t| ("ttl", t)));
+    form
 }
 
 #[cfg(test)]
