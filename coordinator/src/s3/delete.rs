@@ -27,36 +27,7 @@ impl Client {
                 .map_err(|e| Error::config(format!("delete request: {e}")))?;
             let what = format!("deleting {} objects from {bucket}", chunk.len());
             let errors = self
-                .call(&what, |c| {
-                    let delete = delete.clone();
-                    async move {
-                        let o = c
-                            .delete_objects()
-                            .bucket(bucket)
-                            .delete(delete)
-                            .customize()
-                            .mutate_request(|req| {
-                                if let Some(body) = req.body().bytes() {
-                                    let md5 = base64::engine::general_purpose::STANDARD
-                                        .encode(Md5::digest(body));
-                                    req.headers_mut().insert("content-md5", md5);
-                                }
-                            })
-                            .send()
-                            .await
-                            .map_err(|e| Failure::from_sdk(&e))?;
-                        Ok(o.errors()
-                            .iter()
-                            .map(|e| {
-                                format!(
-                                    "{}: {}",
-                                    e.key().unwrap_or_default(),
-                                    e.code().unwrap_or_default()
-                                )
-                            })
-                            .collect::<Vec<_>>())
-                    }
-                })
+                .call(&what, |c| delete_batch(c, bucket, delete.clone()))
                 .await?;
             if !errors.is_empty() {
                 return Err(Error::new(
@@ -67,5 +38,40 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+/// One DeleteObjects request; the keys the store could not delete, each with its error code.
+async fn delete_batch(
+    c: aws_sdk_s3::Client,
+    bucket: &str,
+    delete: Delete,
+) -> std::result::Result<Vec<String>, Failure> {
+    let o = c
+        .delete_objects()
+        .bucket(bucket)
+        .delete(delete)
+        .customize()
+        .mutate_request(add_content_md5)
+        .send()
+        .await
+        .map_err(|e| Failure::from_sdk(&e))?;
+    Ok(o.errors()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.key().unwrap_or_default(),
+                e.code().unwrap_or_default()
+            )
+        })
+        .collect())
+}
+
+/// Sets the `Content-MD5` DeleteObjects requires (the SDK no longer sends it by itself).
+fn add_content_md5(req: &mut aws_smithy_runtime_api::client::orchestrator::HttpRequest) {
+    if let Some(body) = req.body().bytes() {
+        let md5 = base64::engine::general_purpose::STANDARD.encode(Md5::digest(body));
+        req.headers_mut().insert("content-md5", md5);
     }
 }

@@ -22,39 +22,8 @@ impl Client {
         let mut marker: Option<String> = None;
         let what = format!("listing bucket {bucket}");
         loop {
-            let m = marker.clone();
             let (page, truncated, next) = self
-                .call(&what, |c| {
-                    let m = m.clone();
-                    async move {
-                        let o = c
-                            .list_objects()
-                            .bucket(bucket)
-                            .set_prefix(prefix.map(str::to_owned))
-                            .set_marker(m)
-                            .max_keys(1000)
-                            .send()
-                            .await
-                            .map_err(|e| Failure::from_sdk(&e))?;
-                        let page: Vec<ListedObject> = o
-                            .contents()
-                            .iter()
-                            .filter_map(|obj| {
-                                Some(ListedObject {
-                                    key: obj.key()?.to_owned(),
-                                    size: to_u64(obj.size()),
-                                    etag: unquote(obj.e_tag().unwrap_or_default()),
-                                    last_modified: fmt_time(obj.last_modified()),
-                                })
-                            })
-                            .collect();
-                        Ok((
-                            page,
-                            o.is_truncated().unwrap_or(false),
-                            o.next_marker().map(str::to_owned),
-                        ))
-                    }
-                })
+                .call(&what, |c| list_page(c, bucket, prefix, marker.clone()))
                 .await?;
             let last = page.last().map(|o| o.key.clone());
             out.extend(page);
@@ -76,4 +45,40 @@ impl Client {
         }
         Ok(out)
     }
+}
+
+/// One ListObjects page from `marker`: its objects, whether more follow, and the next marker
+/// the gateway gave, if any.
+async fn list_page(
+    c: aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: Option<&str>,
+    marker: Option<String>,
+) -> std::result::Result<(Vec<ListedObject>, bool, Option<String>), Failure> {
+    let o = c
+        .list_objects()
+        .bucket(bucket)
+        .set_prefix(prefix.map(str::to_owned))
+        .set_marker(marker)
+        .max_keys(1000)
+        .send()
+        .await
+        .map_err(|e| Failure::from_sdk(&e))?;
+    let page = o
+        .contents()
+        .iter()
+        .filter_map(|obj| {
+            Some(ListedObject {
+                key: obj.key()?.to_owned(),
+                size: to_u64(obj.size()),
+                etag: unquote(obj.e_tag().unwrap_or_default()),
+                last_modified: fmt_time(obj.last_modified()),
+            })
+        })
+        .collect();
+    Ok((
+        page,
+        o.is_truncated().unwrap_or(false),
+        o.next_marker().map(str::to_owned),
+    ))
 }
