@@ -409,20 +409,9 @@ fn total_bytes(m: &Manifest) -> u64 {
         + m.buckets.values().map(|b| b.bytes).sum::<u64>()
 }
 
-/// `1.5 GiB`.
-pub fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+/// `1.5 GiB`, `512 B`: binary units, one decimal.
+fn size(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
 }
 
 /// A left-aligned text table.
@@ -462,5 +451,20 @@ impl Table {
             let _ = writeln!(out, "{}", line.join("  ").trim_end());
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_before() {
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1024), "1.0 KiB");
+        assert_eq!(size(1536 << 20), "1.5 GiB");
+        assert_eq!(size(30 << 20), "30.0 MiB");
+        assert_eq!(size(3 << 40), "3.0 TiB");
     }
 }
