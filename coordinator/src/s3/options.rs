@@ -14,7 +14,7 @@
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::MIB;
-use crate::secret::Secret;
+use crate::secret::SecretString;
 
 /// Which AWS signature the gateway client uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -31,7 +31,7 @@ pub enum Signature {
 
 /// How to reach and drive the store-gateway. Serves the CLI (`clap`), the config file (`serde`,
 /// kebab-case) and the library; the accessors apply the defaults.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args, merge::Merge)]
+#[derive(Debug, Clone, Default, Deserialize, clap::Args, merge::Merge)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 #[merge(strategy = merge::option::overwrite_none)]
 pub struct GatewayOptions {
@@ -46,7 +46,7 @@ pub struct GatewayOptions {
         env = "DEIS_BACKUP_GATEWAY_ACCESS_KEY",
         hide_env_values = true
     )]
-    pub access_key: Option<Secret>,
+    pub access_key: Option<SecretString>,
     /// File holding the gateway secret key (mode 600). Default: $DEIS_BACKUP_GATEWAY_SECRET_KEY,
     /// else /deis/store/gateway/secretKey in etcd. Never a flag value: argv is public.
     #[arg(
@@ -56,7 +56,7 @@ pub struct GatewayOptions {
     pub secret_key_file: Option<std::path::PathBuf>,
     /// The secret key itself: from the config file's `secret-key`, or the environment.
     #[arg(skip)]
-    pub secret_key: Option<Secret>,
+    pub secret_key: Option<SecretString>,
     /// AWS signature version: auto tries V4 and falls back to V2 (Ceph Hammer) once [default:
     /// auto].
     #[arg(long = "gateway-signature", value_enum)]
@@ -227,8 +227,8 @@ mod tests {
     #[test]
     fn secrets_do_not_print() {
         let o = GatewayOptions {
-            access_key: Some(Secret::new("AKIDSECRETVALUE")),
-            secret_key: Some(Secret::new("verysecret")),
+            access_key: Some(SecretString::from("AKIDSECRETVALUE")),
+            secret_key: Some(SecretString::from("verysecret")),
             ..GatewayOptions::default()
         };
         let dbg = format!("{o:?}");
