@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use deis_backup_proto::identity::COORDINATOR_NAME;
 use rustls::pki_types::{CertificateDer, ServerName};
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
-
-use crate::config::Token;
 
 /// Lets one log line through per period, counting the ones it holds back.
 #[derive(Debug)]
@@ -83,9 +82,9 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(token: &Token, tls: bool) -> Self {
+    pub fn new(token: &SecretString, tls: bool) -> Self {
         Self {
-            digest: Sha256::digest(token.0.as_bytes()).into(),
+            digest: Sha256::digest(token.expose_secret().as_bytes()).into(),
             tls,
             refusals: std::sync::Arc::new(RateLimitedLog::new(Duration::from_secs(10))),
         }
@@ -168,7 +167,7 @@ mod tests {
 
     #[test]
     fn only_the_exact_token_passes() {
-        let a = Authenticator::new(&Token("0123456789abcdef-token".into()), false);
+        let a = Authenticator::new(&SecretString::from("0123456789abcdef-token"), false);
         assert!(
             a.check(request(Some("Bearer 0123456789abcdef-token")))
                 .is_ok()
@@ -187,7 +186,7 @@ mod tests {
 
     #[test]
     fn with_tls_a_right_token_without_the_coordinator_certificate_is_refused() {
-        let a = Authenticator::new(&Token("0123456789abcdef-token".into()), true);
+        let a = Authenticator::new(&SecretString::from("0123456789abcdef-token"), true);
         let e = a
             .check(request(Some("Bearer 0123456789abcdef-token")))
             .unwrap_err();

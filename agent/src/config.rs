@@ -8,13 +8,15 @@
 //!   the coordinator follows too).
 //! - Hooks come only from the file: the API names a hook, it never carries a command.
 //! - The struct holds no secret: the bearer token is read from `DEIS_BACKUP_TOKEN` or from the file
-//!   named by `token-file`, and never appears in `Debug` output or logs.
+//!   named by `token-file` into a [`SecretString`], so it never appears in `Debug` output or logs
+//!   and is zeroized when dropped.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use deis_backup_proto::config;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -389,7 +391,7 @@ impl Config {
     /// The bearer token: the token file's first line (the file must be mode 600), else
     /// `$DEIS_BACKUP_TOKEN`, which the agent warns about (the environment of a process is readable
     /// in more places than a file).
-    pub fn token(&self) -> Result<Token> {
+    pub fn token(&self) -> Result<SecretString> {
         let text = if let Some(p) = &self.token_file {
             deis_backup_proto::identity::check_private(p).map_err(|what| Error::Config { what })?;
             std::fs::read_to_string(p).map_err(|e| Error::Config {
@@ -405,10 +407,12 @@ impl Config {
             }
             t
         };
-        let t = deis_backup_proto::check_token(&text).map_err(|why| Error::Config {
-            what: format!("{why}: set ${TOKEN_ENV} or --token-file"),
-        })?;
-        Ok(Token(t.to_owned()))
+        let text = SecretString::from(text);
+        let t =
+            deis_backup_proto::check_token(text.expose_secret()).map_err(|why| Error::Config {
+                what: format!("{why}: set ${TOKEN_ENV} or --token-file"),
+            })?;
+        Ok(SecretString::from(t))
     }
 }
 
@@ -418,16 +422,6 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
-}
-
-/// The bearer token; `Debug` never shows it.
-#[derive(Clone)]
-pub struct Token(pub(crate) String);
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
 }
 
 #[cfg(test)]
@@ -860,7 +854,17 @@ mod tests {
 
     #[test]
     fn token_is_never_shown() {
-        let t = Token("s3cr3t-s3cr3t-s3cr3t".into());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cr3t-s3cr3t-s3cr3t\n").unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let c = Config {
+            token_file: Some(file),
+            ..Config::default()
+        };
+        let t = c.token().unwrap();
+        assert_eq!(t.expose_secret(), "s3cr3t-s3cr3t-s3cr3t");
         assert!(!format!("{t:?}").contains("s3cr3t"));
     }
 }

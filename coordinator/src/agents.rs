@@ -9,8 +9,8 @@
 //!   host id that no certificate can name is refused. So the token and every byte of a restore go
 //!   only to the agent of that host.
 //! - TLS is on unless `--insecure-plaintext` is given, and every run that uses it says so.
-//! - Every call carries `authorization: Bearer <token>`; the token is held as a [`Secret`] and never
-//!   printed.
+//! - Every call carries `authorization: Bearer <token>` (a sensitive header); the token is held as a
+//!   [`SecretString`], zeroized on drop and never printed, and exposed only to make that header.
 //! - An agent that cannot be reached or described is reported by host and address, never silently
 //!   dropped: the caller decides whether a plan can do without it.
 //! - A gRPC status from an agent becomes one [`Error`] of kind `Agent` naming the host and the call.
@@ -27,7 +27,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::secret::Secret;
+use crate::secret::{ExposeSecret, SecretString};
 
 /// How to find and reach the agents. Serves the CLI, the config file and the library.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args, merge::Merge)]
@@ -89,20 +89,18 @@ pub use deis_backup_proto::TOKEN_ENV;
 /// The gRPC client of one agent, with the token on every call.
 pub type Client = AgentClient<InterceptedService<Channel, Bearer>>;
 
-/// Adds `authorization: Bearer <token>` to every request.
-#[derive(Clone)]
-pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl std::fmt::Debug for Bearer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Bearer(<redacted>)")
-    }
-}
+/// Adds `authorization: Bearer <token>` to every request; holds that header's value (checked to
+/// be one when the token was loaded).
+#[derive(Debug, Clone)]
+pub struct Bearer(SecretString);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut value = MetadataValue::try_from(self.0.expose_secret())
+            .map_err(|_| tonic::Status::internal("the agent token is not a header value"))?;
+        value.set_sensitive(true);
         req.metadata_mut()
-            .insert(deis_backup_proto::AUTHORIZATION, self.0.clone());
+            .insert(deis_backup_proto::AUTHORIZATION, value);
         Ok(req)
     }
 }
@@ -341,8 +339,9 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn load_token(options: &AgentOptions) -> Result<MetadataValue<tonic::metadata::Ascii>> {
-    let token = match &options.token_file {
+/// `Bearer <token>`, from the token file or the environment.
+fn load_token(options: &AgentOptions) -> Result<SecretString> {
+    let text = match &options.token_file {
         Some(p) => {
             crate::pki::check_private(p)?;
             std::fs::read_to_string(p).map_err(|e| {
@@ -358,13 +357,16 @@ fn load_token(options: &AgentOptions) -> Result<MetadataValue<tonic::metadata::A
             ))
         })?,
     };
-    let token = Secret::new(
-        deis_backup_proto::check_token(&token)
-            .map_err(|why| Error::config(format!("{why} (the agent token)")))?,
-    );
-    format!("Bearer {}", token.expose())
-        .parse()
-        .map_err(|_| Error::config("the agent token holds characters a header cannot carry"))
+    let text = SecretString::from(text);
+    let token = deis_backup_proto::check_token(text.expose_secret())
+        .map_err(|why| Error::config(format!("{why} (the agent token)")))?;
+    let header = SecretString::from(format!("Bearer {token}"));
+    if MetadataValue::<tonic::metadata::Ascii>::try_from(header.expose_secret()).is_err() {
+        return Err(Error::config(
+            "the agent token holds characters a header cannot carry",
+        ));
+    }
+    Ok(header)
 }
 
 fn tls_config(options: &AgentOptions) -> Result<Option<ClientTlsConfig>> {
@@ -390,4 +392,33 @@ fn tls_config(options: &AgentOptions) -> Result<Option<ClientTlsConfig>> {
             .ca_certificate(Certificate::from_pem(read(&ca)?))
             .identity(Identity::from_pem(read(&cert)?, read(&key)?)),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor as _;
+
+    #[test]
+    fn the_token_goes_only_into_a_sensitive_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cr3t-s3cr3t-s3cr3t\n").unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let options = AgentOptions {
+            token_file: Some(file),
+            ..AgentOptions::default()
+        };
+        let mut bearer = Bearer(load_token(&options).unwrap());
+        assert!(!format!("{bearer:?}").contains("s3cr3t"), "{bearer:?}");
+        let req = bearer.call(tonic::Request::new(())).unwrap();
+        let value = req
+            .metadata()
+            .get(deis_backup_proto::AUTHORIZATION)
+            .unwrap();
+        assert_eq!(value.to_str().unwrap(), "Bearer s3cr3t-s3cr3t-s3cr3t");
+        assert!(value.is_sensitive());
+        assert!(!format!("{value:?}").contains("s3cr3t"), "{value:?}");
+    }
 }

@@ -14,7 +14,7 @@
 //!   etcd; never from a flag value (argv is public).
 
 pub use crate::s3::{Client as Gateway, GatewayOptions, ObjectMeta, Signature};
-pub use crate::secret::Secret;
+pub use crate::secret::SecretString;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::s3::{Client, Target};
@@ -45,7 +45,7 @@ impl GatewayOptions {
             Some(k) => k.clone(),
             None => read_key(need_etcd()?, "accessKey").await?,
         };
-        let secret_key = match Secret::resolve(
+        let secret_key = match crate::secret::resolve(
             self.secret_key_file.as_deref(),
             self.secret_key.as_ref(),
             "DEIS_BACKUP_GATEWAY_SECRET_KEY",
@@ -62,13 +62,16 @@ impl GatewayOptions {
     }
 }
 
-async fn read_key(etcd: &deis_backup_etcd::Client, name: &str) -> Result<Secret> {
+async fn read_key(etcd: &deis_backup_etcd::Client, name: &str) -> Result<SecretString> {
     let key = format!("{GATEWAY_KEY}/{name}");
-    etcd.get(&key).await?.map(Secret::new).ok_or_else(|| {
-        Error::config(format!(
-            "etcd has no {key}: the store-gateway has not published its keys"
-        ))
-    })
+    etcd.get(&key)
+        .await?
+        .map(SecretString::from)
+        .ok_or_else(|| {
+            Error::config(format!(
+                "etcd has no {key}: the store-gateway has not published its keys"
+            ))
+        })
 }
 
 /// Every gateway under `/deis/store/gateway/hosts/*`, else the single `/deis/store/gateway/{host,port}`.

@@ -31,7 +31,7 @@ use sha2::Digest as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::secret::Secret;
+use crate::secret::SecretString;
 pub use format::{
     BlobRef, BucketRef, Manifest, ObjectEntry, PartInfo, PartRef, SegmentRef, Sha256, SnapshotId,
 };
@@ -98,7 +98,7 @@ impl LocalFile {
 
 /// Where the repository is. Serves the CLI, the config file and the library. Every field is
 /// unset by default; the accessors apply the defaults.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args, merge::Merge)]
+#[derive(Debug, Clone, Default, Deserialize, clap::Args, merge::Merge)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 #[merge(strategy = merge::option::overwrite_none)]
 pub struct RepositoryOptions {
@@ -119,7 +119,7 @@ pub struct RepositoryOptions {
         env = "AWS_ACCESS_KEY_ID",
         hide_env_values = true
     )]
-    pub access_key: Option<Secret>,
+    pub access_key: Option<SecretString>,
     /// File holding the secret key of an s3:// repository (mode 600). Default:
     /// $AWS_SECRET_ACCESS_KEY. Never a flag value: argv is public.
     #[arg(
@@ -130,7 +130,7 @@ pub struct RepositoryOptions {
     pub secret_key_file: Option<PathBuf>,
     /// The secret key itself: from the config file's `secret-key`, or $AWS_SECRET_ACCESS_KEY.
     #[arg(skip)]
-    pub secret_key: Option<Secret>,
+    pub secret_key: Option<SecretString>,
     /// Local directory for staging files of an s3:// repository. Default: the system temp dir.
     #[arg(long = "staging-dir")]
     pub staging_dir: Option<PathBuf>,

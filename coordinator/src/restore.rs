@@ -26,6 +26,7 @@ use deis_backup_proto::v1::{
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt as _;
+use tokio_util::io::ReaderStream;
 
 use crate::agents::{self, Agent, Described};
 use crate::bucket_restore::{self, Existing};
@@ -33,7 +34,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::gateway::DeisBuckets;
 use crate::hold::Hold;
 use crate::platform_keys;
-use crate::repository::{BlobReader, BlobRef, Manifest, PartInfo, Repository};
+use crate::repository::{BlobRef, Manifest, PartInfo, Repository};
 use crate::s3;
 use crate::snapshot::{self, Cluster, DATABASE_PART, ETCD_PART, STORE_PREFIX};
 use crate::verify::{self, Depth};
@@ -611,9 +612,10 @@ impl ReadFailure {
     }
 }
 
-/// Blobs, one after another, as a stream of 1 MiB chunks. A failure to open or read one ends the
-/// stream early and is left in the [`ReadFailure`]; the agent sees the data fall short of its
-/// digests and refuses it, and the caller reports the read error.
+/// Blobs, one after another, as a stream of chunks of up to 1 MiB (each blob opened only once the
+/// one before is read to its end). A failure to open or read one ends the stream early and is left
+/// in the [`ReadFailure`]; the agent sees the data fall short of its digests and refuses it, and
+/// the caller reports the read error.
 fn blob_chunks(
     repo: &Repository,
     blobs: Vec<BlobRef>,
@@ -624,38 +626,26 @@ fn blob_chunks(
     let repo = repo.clone();
     let failure = ReadFailure::default();
     let failed = failure.clone();
-    let state = (std::collections::VecDeque::from(blobs), None::<BlobReader>);
-    let stream = futures::stream::unfold(state, move |(mut rest, mut reader)| {
-        let repo = repo.clone();
-        let failed = failed.clone();
-        async move {
-            loop {
-                if reader.is_none() {
-                    let blob = rest.pop_front()?;
-                    match repo.open_blob(&blob.sha256).await {
-                        Ok(r) => reader = Some(r),
-                        Err(e) => {
-                            failed.set(e);
-                            return None;
-                        }
-                    }
+    let stream = futures::stream::iter(blobs)
+        .then(move |blob| {
+            let repo = repo.clone();
+            async move { repo.open_blob(&blob.sha256).await }
+        })
+        .flat_map(|opened| match opened {
+            Ok(reader) => ReaderStream::with_capacity(reader, 1 << 20)
+                .map(|chunk| chunk.map_err(|e| Error::io("read a blob", e)))
+                .left_stream(),
+            Err(e) => futures::stream::once(std::future::ready(Err(e))).right_stream(),
+        })
+        .scan((), move |(), chunk| {
+            std::future::ready(match chunk {
+                Ok(bytes) => Some(Vec::from(bytes)),
+                Err(e) => {
+                    failed.set(e);
+                    None
                 }
-                let r = reader.as_mut().expect("opened above");
-                let mut buf = vec![0u8; 1 << 20];
-                match r.read(&mut buf).await {
-                    Ok(0) => reader = None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        return Some((buf, (rest, reader)));
-                    }
-                    Err(e) => {
-                        failed.set(Error::io("read a blob", e));
-                        return None;
-                    }
-                }
-            }
-        }
-    });
+            })
+        });
     (stream, failure)
 }
 
@@ -714,5 +704,43 @@ mod tests {
         let (stream, failure) = blob_chunks(&repo, vec![there]);
         assert_eq!(stream.collect::<Vec<_>>().await.len(), 1);
         failure.check("store/x").unwrap();
+
+        // One that opens but fails to read (a directory where the blob should be): the stream
+        // ends there, nothing of the blobs after it is sent, and the read error is kept.
+        let unreadable = BlobRef {
+            sha256: "cd".repeat(32).parse().unwrap(),
+            size: 3,
+        };
+        let path = tmp
+            .path()
+            .join("repo")
+            .join(crate::repository::format::blob_path(&unreadable.sha256));
+        std::fs::create_dir_all(&path).unwrap();
+        let (stream, failure) = blob_chunks(&repo, vec![there, unreadable, there]);
+        let chunks: Vec<Vec<u8>> = stream.collect().await;
+        assert_eq!(chunks, [b"abc".to_vec()]);
+        let e = failure.check("store/x").unwrap_err();
+        assert!(e.to_string().contains("read a blob"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn blobs_are_sent_whole_and_in_order_in_chunks_of_at_most_a_mib() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_init(&crate::repository::RepositoryOptions {
+            location: Some(tmp.path().join("repo").display().to_string()),
+            fsync: Some(false),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let big: Vec<u8> = (0..(5u32 << 19)).map(|i| (i % 251) as u8).collect();
+        let a = repo.write_blob_from(&big[..]).await.unwrap().blob;
+        let b = repo.write_blob_from(&b"tail"[..]).await.unwrap().blob;
+        let (stream, failure) = blob_chunks(&repo, vec![a, b, a]);
+        let chunks: Vec<Vec<u8>> = stream.collect().await;
+        failure.check("store/x").unwrap();
+        assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= 1 << 20));
+        let expected = [&big[..], b"tail", &big[..]].concat();
+        assert_eq!(chunks.concat(), expected);
     }
 }

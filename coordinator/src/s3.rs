@@ -22,7 +22,7 @@
 //!   SDK's own retries are off.
 //! - Bodies stream both ways; downloads are checked against their length and MD5 ETag, uploads are
 //!   sent with `Content-MD5` and their returned ETag compared.
-//! - Keys never appear in logs, errors or `Debug` output ([`Secret`]).
+//! - Keys never appear in logs, errors or `Debug` output ([`SecretString`]).
 
 pub mod load;
 pub mod sigv2;
@@ -58,7 +58,7 @@ pub use options::{GatewayOptions, Signature, parse_size};
 pub use put::Sha256Check;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::secret::Secret;
+use crate::secret::{ExposeSecret, SecretString};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -68,8 +68,8 @@ const MIB: u64 = 1024 * 1024;
 pub struct Target {
     /// Endpoint URLs (`http://host:port`).
     pub endpoints: Vec<String>,
-    pub access_key: Secret,
-    pub secret_key: Secret,
+    pub access_key: SecretString,
+    pub secret_key: SecretString,
 }
 
 /// Counters of what the client did.
@@ -146,8 +146,8 @@ impl Client {
             .iter()
             .map(|url| {
                 let creds = Credentials::new(
-                    target.access_key.expose(),
-                    target.secret_key.expose(),
+                    target.access_key.expose_secret(),
+                    target.secret_key.expose_secret(),
                     None,
                     None,
                     "deis-backup",

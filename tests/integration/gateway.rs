@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use deis_backup_coordinator::ErrorKind;
 use deis_backup_coordinator::gateway::{
-    DeisBuckets, Gateway, GatewayOptions, ObjectMeta, Secret, Signature,
+    DeisBuckets, Gateway, GatewayOptions, ObjectMeta, SecretString, Signature,
 };
 use deis_backup_coordinator::mirror::{MirrorStats, NoProgress, mirror_bucket};
 use deis_backup_coordinator::repository::{ObjectEntry, Repository, RepositoryOptions};
@@ -420,7 +420,7 @@ async fn gateway_wrong_keys_give_one_clear_error() {
     let cluster = Cluster::get();
     for signature in [Signature::V2, Signature::V4, Signature::Auto] {
         let opts = GatewayOptions {
-            secret_key: Some(Secret::new("not-the-secret-key-0123456789")),
+            secret_key: Some(SecretString::from("not-the-secret-key-0123456789")),
             ..options(signature)
         };
         let err = Gateway::connect(&opts, Some(&cluster.etcd()))

@@ -2,7 +2,7 @@
 //! snapshots with parts and listings, the manifest as the mark of completeness, incremental
 //! mirrors, blob reads and pruning.
 
-use deis_backup_coordinator::gateway::{Secret, Signature};
+use deis_backup_coordinator::gateway::{SecretString, Signature};
 use deis_backup_coordinator::mirror::{NoProgress, mirror_buckets};
 use deis_backup_coordinator::repository::{Repository, RepositoryOptions, SnapshotId};
 use tokio::io::AsyncReadExt;
@@ -19,8 +19,8 @@ async fn repository_in_an_s3_bucket_round_trips_snapshots() {
     let opts = RepositoryOptions {
         location: Some(format!("s3://{bucket}/backups/deis")),
         endpoint: Some(cluster.gateway_endpoint().to_owned()),
-        access_key: Some(Secret::new(access)),
-        secret_key: Some(Secret::new(secret)),
+        access_key: Some(SecretString::from(access)),
+        secret_key: Some(SecretString::from(secret)),
         staging_dir: Some(staging.path().to_owned()),
         ..RepositoryOptions::default()
     };

@@ -213,8 +213,9 @@ mod tests {
         v.map(|p| p.display().to_string()).unwrap_or_default()
     }
 
-    fn secret(v: Option<&deis_backup_coordinator::secret::Secret>) -> String {
-        v.map(|s| s.expose().to_owned()).unwrap_or_default()
+    fn secret(v: Option<&deis_backup_coordinator::secret::SecretString>) -> String {
+        use deis_backup_coordinator::secret::ExposeSecret as _;
+        v.map(|s| s.expose_secret().to_owned()).unwrap_or_default()
     }
 
     fn number<N: ToString>(v: Option<N>) -> String {

@@ -4,8 +4,6 @@
 //! Invariant: nothing printed here comes from a secret (manifests, listings and agent
 //! descriptions hold none).
 
-use std::fmt::Write as _;
-
 use deis_backup_coordinator::Result;
 use deis_backup_coordinator::agents::Agent;
 use deis_backup_coordinator::prune;
@@ -409,58 +407,67 @@ fn total_bytes(m: &Manifest) -> u64 {
         + m.buckets.values().map(|b| b.bytes).sum::<u64>()
 }
 
-/// `1.5 GiB`.
-pub fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+/// `1.5 GiB`, `512 B`: binary units, one decimal.
+fn size(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
 }
 
-/// A left-aligned text table.
-struct Table {
-    rows: Vec<Vec<String>>,
-}
+/// A text table: left-aligned columns two spaces apart, a header line, no borders, no trailing
+/// spaces, never wrapped (people read it, and so do `awk` and `cut`).
+struct Table(comfy_table::Table);
 
 impl Table {
     fn new(header: &[&str]) -> Self {
-        Self {
-            rows: vec![header.iter().map(|s| (*s).to_owned()).collect()],
+        let mut t = comfy_table::Table::new();
+        t.load_preset(comfy_table::presets::NOTHING)
+            .set_header(header.to_vec());
+        for column in t.column_iter_mut() {
+            column.set_padding((0, 2));
         }
+        Self(t)
     }
 
     fn row(&mut self, r: Vec<String>) {
-        self.rows.push(r);
+        self.0.add_row(r);
     }
 
     fn render(&self) -> String {
-        let n = self.rows[0].len();
-        let widths: Vec<usize> = (0..n)
-            .map(|i| {
-                self.rows
-                    .iter()
-                    .map(|r| r[i].chars().count())
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        let mut out = String::new();
-        for r in &self.rows {
-            let line: Vec<String> = r
-                .iter()
-                .zip(&widths)
-                .map(|(c, w)| format!("{c:<w$}"))
-                .collect();
-            let _ = writeln!(out, "{}", line.join("  ").trim_end());
-        }
-        out
+        self.0
+            .lines()
+            .map(|l| l.trim_end().to_owned() + "\n")
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_before() {
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1024), "1.0 KiB");
+        assert_eq!(size(1536 << 20), "1.5 GiB");
+        assert_eq!(size(30 << 20), "30.0 MiB");
+        assert_eq!(size(3 << 40), "3.0 TiB");
+    }
+
+    #[test]
+    fn tables_are_aligned_columns_without_borders() {
+        let mut t = Table::new(&["ID", "STARTED", "SIZE"]);
+        t.row(vec![
+            "20261124T233000Z".into(),
+            "2026-11-24T23:30:00Z".into(),
+            "1.5 GiB".into(),
+        ]);
+        t.row(vec!["b".into(), String::new(), String::new()]);
+        assert_eq!(
+            t.render(),
+            "ID                STARTED               SIZE\n\
+             20261124T233000Z  2026-11-24T23:30:00Z  1.5 GiB\n\
+             b\n"
+        );
+        assert_eq!(Table::new(&["HOST", "STATUS"]).render(), "HOST  STATUS\n");
     }
 }

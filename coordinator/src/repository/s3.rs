@@ -17,7 +17,6 @@ use tokio::io::AsyncWriteExt as _;
 use super::{Backend, LocalFile, RepositoryOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::s3::{ChunkSink, Client, GatewayOptions, ObjectMeta, Signature, Target};
-use crate::secret::Secret;
 
 /// A repository under `s3://bucket/prefix`.
 #[derive(Debug)]
@@ -55,7 +54,7 @@ impl S3Backend {
             .endpoint
             .clone()
             .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", options.region()));
-        let secret_key = Secret::resolve(
+        let secret_key = crate::secret::resolve(
             options.secret_key_file.as_deref(),
             options.secret_key.as_ref(),
             "AWS_SECRET_ACCESS_KEY",

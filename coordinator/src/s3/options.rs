@@ -8,13 +8,13 @@
 //!   refused) and the library. No field has a clap default: an unset option is `None` (or empty),
 //!   so the command line merges over the file ([`merge::Merge`]), and the accessors apply the
 //!   defaults the help text names.
-//! - A size is whole bytes, given as a number or with a unit (`64MiB`, `10M`, `512k`); one that
-//!   does not fit in a `u64` is refused, not wrapped.
+//! - A size is whole bytes, given as a number or with a unit (`64MiB`, `10M`, `512k`; parsed by
+//!   `bytesize`); one that does not fit in a `u64` is refused, not wrapped or saturated.
 
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::MIB;
-use crate::secret::Secret;
+use crate::secret::SecretString;
 
 /// Which AWS signature the gateway client uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -31,7 +31,7 @@ pub enum Signature {
 
 /// How to reach and drive the store-gateway. Serves the CLI (`clap`), the config file (`serde`,
 /// kebab-case) and the library; the accessors apply the defaults.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args, merge::Merge)]
+#[derive(Debug, Clone, Default, Deserialize, clap::Args, merge::Merge)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 #[merge(strategy = merge::option::overwrite_none)]
 pub struct GatewayOptions {
@@ -46,7 +46,7 @@ pub struct GatewayOptions {
         env = "DEIS_BACKUP_GATEWAY_ACCESS_KEY",
         hide_env_values = true
     )]
-    pub access_key: Option<Secret>,
+    pub access_key: Option<SecretString>,
     /// File holding the gateway secret key (mode 600). Default: $DEIS_BACKUP_GATEWAY_SECRET_KEY,
     /// else /deis/store/gateway/secretKey in etcd. Never a flag value: argv is public.
     #[arg(
@@ -56,7 +56,7 @@ pub struct GatewayOptions {
     pub secret_key_file: Option<std::path::PathBuf>,
     /// The secret key itself: from the config file's `secret-key`, or the environment.
     #[arg(skip)]
-    pub secret_key: Option<Secret>,
+    pub secret_key: Option<SecretString>,
     /// AWS signature version: auto tries V4 and falls back to V2 (Ceph Hammer) once [default:
     /// auto].
     #[arg(long = "gateway-signature", value_enum)]
@@ -133,30 +133,27 @@ impl GatewayOptions {
     }
 }
 
-/// Parses a byte size: `1048576`, `64MiB`, `10M`, `512k`.
+/// Parses a byte size: `1048576`, `64MiB`, `10M`, `512k`, `2 GiB` (units of [`bytesize`], any
+/// case; `k`/`M`/`G` are powers of 1000, `KiB`/`MiB`/`GiB` of 1024).
+///
+/// A thin wrapper: bytesize also takes fractions (`1.5MiB`) and saturates a size too large for a
+/// `u64`; here a size is whole bytes and one too large is refused.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 64MiB)"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "k" | "K" | "kB" | "KB" => 1_000,
-        "KiB" => 1 << 10,
-        "M" | "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "G" | "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        u => {
-            return Err(format!(
-                "unknown size unit '{u}' in '{s}' (use KiB, MiB, GiB)"
-            ));
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    if s.contains('.') {
+        return Err(format!(
+            "'{s}' is not a whole number of bytes or units (e.g. 1536KiB)"
+        ));
+    }
+    let n = s
+        .parse::<bytesize::ByteSize>()
+        .map_err(|_| format!("'{s}' is not a size (bytes, or with a unit: 64MiB, 10M, 512k)"))?
+        .as_u64();
+    // Saturated: only a bare number can be `u64::MAX` itself.
+    if n == u64::MAX && s.parse::<u64>().is_err() {
+        return Err(format!("'{s}' is too large"));
+    }
+    Ok(n)
 }
 
 #[derive(Deserialize)]
@@ -188,13 +185,50 @@ mod tests {
         assert_eq!(parse_size("512"), Ok(512));
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("MiB").is_err());
+        // Every form accepted before the parser came from bytesize.
+        for (text, bytes) in [
+            ("640KiB", 640 << 10),
+            ("2MiB", 2 << 20),
+            ("8M", 8_000_000),
+            ("8MB", 8_000_000),
+            ("3GiB", 3 << 30),
+            ("3G", 3_000_000_000),
+            ("3GB", 3_000_000_000),
+            ("512k", 512_000),
+            ("512K", 512_000),
+            ("512kB", 512_000),
+            ("512KB", 512_000),
+            ("7B", 7),
+            ("0", 0),
+            (" 16 MiB ", 16 << 20),
+            ("18446744073709551615", u64::MAX),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        // Now also any case and TiB.
+        assert_eq!(parse_size("64mib"), Ok(64 << 20));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+        // Whole bytes only, and nothing that does not fit.
+        for text in [
+            "1.5MiB",
+            "-1",
+            "",
+            "18446744073709551616",
+            "16EiB",
+            "20000000000GiB",
+            "99999999999999999999999M",
+            "1 2",
+        ] {
+            let e = parse_size(text).unwrap_err();
+            assert!(e.contains(&format!("'{}'", text.trim())), "{e}");
+        }
     }
 
     #[test]
     fn secrets_do_not_print() {
         let o = GatewayOptions {
-            access_key: Some(Secret::new("AKIDSECRETVALUE")),
-            secret_key: Some(Secret::new("verysecret")),
+            access_key: Some(SecretString::from("AKIDSECRETVALUE")),
+            secret_key: Some(SecretString::from("verysecret")),
             ..GatewayOptions::default()
         };
         let dbg = format!("{o:?}");

@@ -420,15 +420,15 @@ mod tests {
     use super::*;
     use crate::s3::digest::tests::random_file;
     use crate::s3::{GatewayOptions, Target};
-    use crate::secret::Secret;
+    use crate::secret::SecretString;
 
     #[tokio::test]
     async fn a_failed_sha256_check_sends_no_request() {
         // Nothing listens on this endpoint: a request would fail as unreachable, not as the check.
         let target = Target {
             endpoints: vec!["http://127.0.0.1:9".to_owned()],
-            access_key: Secret::new("AK"),
-            secret_key: Secret::new("SK"),
+            access_key: SecretString::from("AK"),
+            secret_key: SecretString::from("SK"),
         };
         let gw = Client::new(
             &target,

@@ -10,7 +10,7 @@
 //!   lower-cased, values trimmed, repeated headers joined with `,`.
 //! - When `x-amz-date` is present the `Date` line is empty, as the V2 spec says.
 //! - Signing runs at `modify_before_transmit`, so every retry attempt gets a fresh `Date`.
-//! - The secret key never leaves this module's [`Secret`] (no Debug, no Display of it).
+//! - The secret key never leaves this module's [`SecretString`] (no Debug, no Display of it).
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -24,7 +24,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
-use crate::secret::Secret;
+use crate::secret::{ExposeSecret, SecretString};
 
 /// Query parameters that are part of the V2 canonical resource (the AWS list plus `tagging`/`cors`
 /// that later S3 versions added and radosgw honours).
@@ -143,12 +143,12 @@ pub fn signature(secret: &str, string_to_sign: &str) -> String {
 /// Signs every transmitted attempt with V2: sets `Date` and `Authorization: AWS <key>:<sig>`.
 #[derive(Debug)]
 pub struct SigV2Signer {
-    access_key: Secret,
-    secret_key: Secret,
+    access_key: SecretString,
+    secret_key: SecretString,
 }
 
 impl SigV2Signer {
-    pub fn new(access_key: Secret, secret_key: Secret) -> Self {
+    pub fn new(access_key: SecretString, secret_key: SecretString) -> Self {
         Self {
             access_key,
             secret_key,
@@ -178,8 +178,8 @@ impl Intercept for SigV2Signer {
         let sts = string_to_sign(request.method(), path_and_query, request.headers().iter());
         let auth = format!(
             "AWS {}:{}",
-            self.access_key.expose(),
-            signature(self.secret_key.expose(), &sts)
+            self.access_key.expose_secret(),
+            signature(self.secret_key.expose_secret(), &sts)
         );
         request.headers_mut().insert("authorization", auth);
         Ok(())
