@@ -397,6 +397,7 @@ fn tls_config(options: &AgentOptions) -> Result<Option<ClientTlsConfig>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::{self, FakeAgent, Host};
     use tonic::service::Interceptor as _;
 
     #[test]
@@ -420,5 +421,58 @@ mod tests {
         assert_eq!(value.to_str().unwrap(), "Bearer s3cr3t-s3cr3t-s3cr3t");
         assert!(value.is_sensitive());
         assert!(!format!("{value:?}").contains("s3cr3t"), "{value:?}");
+    }
+
+    #[tokio::test]
+    async fn agents_are_reached_by_the_address_given_and_must_be_the_host_they_claim() {
+        let a = FakeAgent::start(Host::new("a")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = testkit::agent_options(dir.path(), &[&a]);
+        let described =
+            describe_required(&connect(&options, &locate(&options, None).await.unwrap()).unwrap())
+                .await
+                .unwrap();
+        assert_eq!(described[0].agent.host_id, "a");
+        assert_eq!(described[0].info.address, a.address());
+        // A plain address (plaintext only): the host names itself.
+        options.agents = vec![a.address().to_owned()];
+        let described =
+            describe_required(&connect(&options, &locate(&options, None).await.unwrap()).unwrap())
+                .await
+                .unwrap();
+        assert_eq!(described[0].agent.host_id, "a");
+        // Registered as another host: refused, naming both.
+        options.agents = vec![format!("b@{}", a.address())];
+        let e =
+            describe_required(&connect(&options, &locate(&options, None).await.unwrap()).unwrap())
+                .await
+                .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Agent);
+        assert_eq!(
+            e.message(),
+            format!("agent b ({}) reports host id 'a'", a.address())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wrong_token_is_an_error_naming_the_agent_and_what_to_give() {
+        let a = FakeAgent::start(Host::new("a")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let options = testkit::agent_options(dir.path(), &[&a]);
+        std::fs::write(
+            options.token_file.as_ref().unwrap(),
+            "another-token-of-16-chars",
+        )
+        .unwrap();
+        let agents = connect(&options, &locate(&options, None).await.unwrap()).unwrap();
+        let e = describe_required(&agents).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Agent);
+        assert!(
+            e.message()
+                .starts_with(&format!("agent a ({}) Describe: ", a.address())),
+            "{e}"
+        );
+        assert!(e.guidance().contains("--agent-token-file"), "{e}");
+        assert_eq!(a.calls().refused.len(), 1);
     }
 }

@@ -18,7 +18,6 @@
 //! - With `Overwrite` the bucket ends up holding exactly the snapshot's keys.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
@@ -26,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mirror::Progress;
 use crate::repository::{ObjectEntry, Repository};
-use crate::s3::{self, etag_is_md5};
+use crate::s3::{self, ListedObject, etag_is_md5};
 
 /// What to do with a bucket that already holds objects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -57,12 +56,9 @@ pub struct RestoreStats {
     pub created_bucket: bool,
 }
 
-/// Restores `entries` (a snapshot's listing) into `bucket` on `gateway`.
-#[expect(
-    clippy::too_many_lines,
-    reason = "one pipeline read top to bottom: existing keys, the per-object upload stream with its \
-              shared counters, then the overwrite's deletions; split, each part would need them all"
-)]
+/// Restores `entries` (a snapshot's listing) into `bucket` on `gateway`: the bucket's present
+/// objects first (refused unless merging or overwriting), then each object not already there with
+/// its size and ETag, then, when overwriting, the keys the snapshot does not have.
 pub async fn restore_bucket(
     gateway: &s3::Client,
     repo: &Repository,
@@ -77,19 +73,8 @@ pub async fn restore_bucket(
         bytes: entries.iter().map(|e| e.size).sum(),
         ..RestoreStats::default()
     };
-    let current = if gateway.bucket_exists(bucket).await? {
-        gateway
-            .list_objects(bucket, None)
-            .await
-            .map_err(|e| e.context(&ctx))?
-    } else {
-        gateway
-            .create_bucket(bucket)
-            .await
-            .map_err(|e| e.context(&ctx))?;
-        stats.created_bucket = true;
-        Vec::new()
-    };
+    let (current, created) = present_objects(gateway, bucket, &ctx).await?;
+    stats.created_bucket = created;
     if !current.is_empty() && existing == Existing::Refuse {
         return Err(Error::new(
             ErrorKind::BucketNotEmpty,
@@ -103,83 +88,31 @@ pub async fn restore_bucket(
         .collect();
     progress.listed(bucket, stats.objects, stats.bytes);
 
-    let uploaded = AtomicU64::new(0);
-    let uploaded_bytes = AtomicU64::new(0);
-    let skipped = AtomicU64::new(0);
-    futures::stream::iter(entries)
+    // Per object: the bytes uploaded, or `None` when it was already there.
+    let done: Vec<Option<u64>> = futures::stream::iter(entries)
         .map(|e| {
-            let (uploaded, uploaded_bytes, skipped) = (&uploaded, &uploaded_bytes, &skipped);
-            let there = &there;
-            let ctx = &ctx;
+            let (there, ctx) = (&there, &ctx);
             async move {
-                if there.get(e.key.as_str()) == Some(&(e.size, e.etag.as_str())) {
-                    skipped.fetch_add(1, Ordering::Relaxed);
-                    progress.object_done(bucket, &e.key, e.size, false);
-                    return Ok(());
+                let upload = there.get(e.key.as_str()) != Some(&(e.size, e.etag.as_str()));
+                if upload {
+                    restore_object(gateway, repo, bucket, ctx, e).await?;
                 }
-                let want = *e.sha256.as_bytes();
-                let file = repo
-                    .blob_file(&e.sha256)
-                    .await
-                    .map_err(|err| err.context(ctx))?;
-                let on_disk = tokio::fs::metadata(file.path())
-                    .await
-                    .map_err(|err| Error::io(format!("stat {}", file.path().display()), err))?
-                    .len();
-                if on_disk != e.size {
-                    return Err(damaged(
-                        ctx,
-                        bucket,
-                        e,
-                        &format!("it holds {on_disk} bytes, the listing says {}", e.size),
-                    ));
-                }
-                // Runs on the bytes read for the upload's Content-MD5, before anything is
-                // committed: a damaged blob is never sent (or its multipart upload is aborted).
-                let check = |got: &[u8; 32]| {
-                    if *got == want {
-                        Ok(())
-                    } else {
-                        Err(damaged(
-                            ctx,
-                            bucket,
-                            e,
-                            &format!("its bytes hash to {}", hex::encode(got)),
-                        ))
-                    }
-                };
-                let etag = gateway
-                    .put_file_like(
-                        bucket,
-                        &e.key,
-                        file.path(),
-                        e.size,
-                        &e.meta,
-                        &e.etag,
-                        &check,
-                    )
-                    .await
-                    .map_err(|err| err.context(ctx))?;
-                if etag_is_md5(&etag) && etag_is_md5(&e.etag) && !etag.eq_ignore_ascii_case(&e.etag)
-                {
-                    return Err(Error::integrity(format!(
-                        "{ctx}: {} was restored with ETag {etag}, the snapshot recorded {} \
-                         (the stored blob differs from what was mirrored)",
-                        e.key, e.etag
-                    )));
-                }
-                uploaded.fetch_add(1, Ordering::Relaxed);
-                uploaded_bytes.fetch_add(e.size, Ordering::Relaxed);
-                progress.object_done(bucket, &e.key, e.size, true);
-                Ok::<_, Error>(())
+                progress.object_done(bucket, &e.key, e.size, upload);
+                Ok::<_, Error>(upload.then_some(e.size))
             }
         })
         .buffer_unordered(gateway.max_concurrency())
-        .try_collect::<Vec<()>>()
+        .try_collect()
         .await?;
-    stats.uploaded_objects = uploaded.into_inner();
-    stats.uploaded_bytes = uploaded_bytes.into_inner();
-    stats.skipped_objects = skipped.into_inner();
+    for d in done {
+        match d {
+            Some(size) => {
+                stats.uploaded_objects += 1;
+                stats.uploaded_bytes += size;
+            }
+            None => stats.skipped_objects += 1,
+        }
+    }
 
     if existing == Existing::Overwrite {
         let keep: HashSet<&str> = entries.iter().map(|e| e.key.as_str()).collect();
@@ -195,6 +128,80 @@ pub async fn restore_bucket(
         stats.deleted_objects = extra.len() as u64;
     }
     Ok(stats)
+}
+/// The objects `bucket` holds now, and whether it had to be created (then it holds none).
+async fn present_objects(
+    gateway: &s3::Client,
+    bucket: &str,
+    ctx: &str,
+) -> Result<(Vec<ListedObject>, bool)> {
+    if gateway.bucket_exists(bucket).await? {
+        let current = gateway
+            .list_objects(bucket, None)
+            .await
+            .map_err(|e| e.context(ctx))?;
+        Ok((current, false))
+    } else {
+        gateway
+            .create_bucket(bucket)
+            .await
+            .map_err(|e| e.context(ctx))?;
+        Ok((Vec::new(), true))
+    }
+}
+
+/// Uploads one object from its blob: refused before anything is committed when the blob is not
+/// what the listing names (size on disk, then the SHA-256 of the bytes read for the upload), and
+/// an error when the gateway's MD5 ETag differs from the one recorded.
+async fn restore_object(
+    gateway: &s3::Client,
+    repo: &Repository,
+    bucket: &str,
+    ctx: &str,
+    e: &ObjectEntry,
+) -> Result<()> {
+    let file = repo
+        .blob_file(&e.sha256)
+        .await
+        .map_err(|err| err.context(ctx))?;
+    let on_disk = tokio::fs::metadata(file.path())
+        .await
+        .map_err(|err| Error::io(format!("stat {}", file.path().display()), err))?
+        .len();
+    if on_disk != e.size {
+        let why = format!("it holds {on_disk} bytes, the listing says {}", e.size);
+        return Err(damaged(ctx, bucket, e, &why));
+    }
+    // Runs on the bytes read for the upload's Content-MD5, before anything is committed: a
+    // damaged blob is never sent (or its multipart upload is aborted).
+    let check = |got: &[u8; 32]| {
+        if got == e.sha256.as_bytes() {
+            Ok(())
+        } else {
+            let why = format!("its bytes hash to {}", hex::encode(got));
+            Err(damaged(ctx, bucket, e, &why))
+        }
+    };
+    let etag = gateway
+        .put_file_like(
+            bucket,
+            &e.key,
+            file.path(),
+            e.size,
+            &e.meta,
+            &e.etag,
+            &check,
+        )
+        .await
+        .map_err(|err| err.context(ctx))?;
+    if etag_is_md5(&etag) && etag_is_md5(&e.etag) && !etag.eq_ignore_ascii_case(&e.etag) {
+        return Err(Error::integrity(format!(
+            "{ctx}: {} was restored with ETag {etag}, the snapshot recorded {} (the stored blob \
+             differs from what was mirrored)",
+            e.key, e.etag
+        )));
+    }
+    Ok(())
 }
 
 /// The error for an object whose stored blob is not what its name says (`why`): nothing of the

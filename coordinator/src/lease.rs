@@ -496,4 +496,69 @@ mod tests {
             "the refused run's own lease stayed"
         );
     }
+
+    #[tokio::test]
+    async fn a_run_that_cannot_write_its_lease_still_sees_the_others() {
+        use crate::testkit::memory::Mode;
+        let (r, backend) = crate::testkit::memory_repo();
+        let (snap, _) = Lease::take(&r, Operation::Snapshot, Vec::new(), None)
+            .await
+            .unwrap();
+        backend.set_mode(Mode::ReadOnly);
+        let e = Lease::take(&r, Operation::Verify, Vec::new(), None)
+            .await
+            .unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("writing this run's lease in the repository (leases/"),
+            "{e}"
+        );
+        let (mine, others) = Lease::take_to_read(&r, Operation::Verify, Vec::new(), None)
+            .await
+            .unwrap();
+        assert!(mine.is_none());
+        assert_eq!(others.len(), 1);
+        assert_eq!(others[0].operation, Operation::Snapshot);
+        // Reading without a lease does not let a prune past a live snapshot.
+        let e = Lease::take_to_read(&r, Operation::Prune, Vec::new(), None)
+            .await
+            .unwrap_err();
+        assert!(e.message().starts_with("prune refused: a snapshot"), "{e}");
+        // A lease that cannot be removed is a warning of the run's hold, not its failure.
+        let hold = crate::hold::Hold::new(None, Some(snap));
+        hold.check("the manifest").unwrap();
+        let warnings = hold.release().await;
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].starts_with("could not remove this run's repository lease"),
+            "{warnings:?}"
+        );
+        backend.set_mode(Mode::ReadWrite);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_renewed_until_it_is_released() {
+        let (r, backend) = crate::testkit::memory_repo();
+        let (lease, _) = Lease::take(&r, Operation::Verify, Vec::new(), None)
+            .await
+            .unwrap();
+        let name = lease.name.clone();
+        let writes = || {
+            backend
+                .log()
+                .iter()
+                .filter(|l| **l == format!("replace {name}"))
+                .count()
+        };
+        assert_eq!(writes(), 1);
+        tokio::time::sleep(RENEW * 3 + Duration::from_secs(1)).await;
+        assert_eq!(writes(), 4, "written, then renewed every RENEW");
+        let record: Record = serde_json::from_slice(&backend.get(&name).unwrap()).unwrap();
+        assert!(record.renewed > record.started);
+        lease.release().await.unwrap();
+        assert!(backend.get(&name).is_none());
+        tokio::time::sleep(RENEW * 3).await;
+        assert_eq!(writes(), 4, "no renewal after the release");
+        assert!(backend.get(&name).is_none());
+    }
 }

@@ -25,6 +25,8 @@ pub mod rfc3339;
 pub mod s3;
 pub mod secret;
 pub mod snapshot;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod verify;
 
 pub use error::{Error, ErrorKind, Result};

@@ -19,7 +19,6 @@
 //! - A listing is handed to the snapshot only when every object in it is stored.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 
@@ -80,12 +79,8 @@ impl ChunkSink for BlobSink {
 }
 
 /// Mirrors `bucket` into `repo`'s blobs and returns its listing (sorted by key). `previous` is the
-/// bucket's listing in the previous snapshot (empty for a first run).
-#[expect(
-    clippy::too_many_lines,
-    reason = "one pipeline read top to bottom: list, decide reuse per key, download the rest \
-              concurrently with shared counters, then sort the listing"
-)]
+/// bucket's listing in the previous snapshot (empty for a first run): its entries are carried
+/// over for objects unchanged since and whose blobs are present, the rest is downloaded.
 pub async fn mirror_bucket(
     gateway: &s3::Client,
     repo: &Repository,
@@ -97,8 +92,6 @@ pub async fn mirror_bucket(
         .list_objects(bucket, None)
         .await
         .map_err(|e| e.context(format!("mirroring bucket {bucket}")))?;
-    let before: HashMap<&str, &ObjectEntry> =
-        previous.iter().map(|e| (e.key.as_str(), e)).collect();
     let mut stats = MirrorStats {
         objects: listed.len() as u64,
         bytes: listed.iter().map(|o| o.size).sum(),
@@ -106,6 +99,40 @@ pub async fn mirror_bucket(
     };
     progress.listed(bucket, stats.objects, stats.bytes);
 
+    let (mut entries, todo) = carry_over(repo, bucket, listed, previous, progress).await?;
+    stats.unchanged_objects = entries.len() as u64;
+
+    let fetched: Vec<Fetched> = futures::stream::iter(todo)
+        .map(|o| fetch_object(gateway, repo, bucket, o, progress))
+        .buffer_unordered(gateway.max_concurrency())
+        .try_collect()
+        .await?;
+    for f in fetched {
+        stats.downloaded_objects += 1;
+        stats.downloaded_bytes += f.entry.size;
+        if f.new_blob {
+            stats.new_blobs += 1;
+            stats.new_blob_bytes += f.entry.size;
+        }
+        entries.push(f.entry);
+    }
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    // Sizes may have changed between listing and download: report what was recorded.
+    stats.bytes = entries.iter().map(|e| e.size).sum();
+    Ok((entries, stats))
+}
+
+/// Splits `listed` into the entries carried over from `previous` (unchanged since, blob present
+/// with its size) and the objects to download.
+async fn carry_over(
+    repo: &Repository,
+    bucket: &str,
+    listed: Vec<ListedObject>,
+    previous: &[ObjectEntry],
+    progress: &dyn Progress,
+) -> Result<(Vec<ObjectEntry>, Vec<ListedObject>)> {
+    let before: HashMap<&str, &ObjectEntry> =
+        previous.iter().map(|e| (e.key.as_str(), e)).collect();
     let mut todo: Vec<ListedObject> = Vec::new();
     let mut unchanged: Vec<(ListedObject, &ObjectEntry)> = Vec::new();
     for o in listed {
@@ -136,72 +163,64 @@ pub async fn mirror_bucket(
              not of their recorded size"
         );
     }
-    stats.unchanged_objects = entries.len() as u64;
+    Ok((entries, todo))
+}
 
-    let downloaded = AtomicU64::new(0);
-    let new_blobs = AtomicU64::new(0);
-    let new_bytes = AtomicU64::new(0);
-    let fetched: Vec<ObjectEntry> = futures::stream::iter(todo)
-        .map(|o| {
-            let (downloaded, new_blobs, new_bytes) = (&downloaded, &new_blobs, &new_bytes);
-            async move {
-                let ctx = |e: Error| e.context(format!("mirroring bucket {bucket}"));
-                let (head, stored) = if o.size > DOWNLOAD_RANGE {
-                    // Large: concurrent ranged GETs into a staging file, then one read for MD5 + SHA-256.
-                    let temp = repo.staging_file().await?;
-                    let (head, sha256) = gateway
-                        .get_object_ranged(bucket, &o.key, &temp)
-                        .await
-                        .map_err(ctx)?;
-                    let blob = BlobRef {
-                        sha256: sha256.into(),
-                        size: head.size,
-                    };
-                    (head, repo.store_staged(temp, blob).await?)
-                } else {
-                    let mut sink = BlobSink(repo.blob_writer().await?);
-                    let head = gateway
-                        .get_object(bucket, &o.key, &mut sink)
-                        .await
-                        .map_err(ctx)?;
-                    (head, sink.0.finish().await?)
-                };
-                if stored.blob.size != head.size {
-                    return Err(Error::integrity(format!(
-                        "s3://{bucket}/{}: stored {} bytes, the gateway sent {}",
-                        o.key, stored.blob.size, head.size
-                    )));
-                }
-                downloaded.fetch_add(head.size, Ordering::Relaxed);
-                if stored.new {
-                    new_blobs.fetch_add(1, Ordering::Relaxed);
-                    new_bytes.fetch_add(head.size, Ordering::Relaxed);
-                }
-                progress.object_done(bucket, &o.key, head.size, true);
-                Ok::<_, Error>(ObjectEntry {
-                    key: o.key,
-                    size: head.size,
-                    etag: head.etag,
-                    sha256: stored.blob.sha256,
-                    // The listing's time has milliseconds, the GET's header only seconds: keep the
-                    // listing's, as carried-over entries do.
-                    last_modified: o.last_modified.or(head.last_modified),
-                    meta: head.meta,
-                })
-            }
-        })
-        .buffer_unordered(gateway.max_concurrency())
-        .try_collect()
-        .await?;
-    stats.downloaded_objects = fetched.len() as u64;
-    stats.downloaded_bytes = downloaded.into_inner();
-    stats.new_blobs = new_blobs.into_inner();
-    stats.new_blob_bytes = new_bytes.into_inner();
-    entries.extend(fetched);
-    entries.sort_by(|a, b| a.key.cmp(&b.key));
-    // Sizes may have changed between listing and download: report what was recorded.
-    stats.bytes = entries.iter().map(|e| e.size).sum();
-    Ok((entries, stats))
+/// One downloaded object: its listing entry, and whether its blob was new to the repository.
+struct Fetched {
+    entry: ObjectEntry,
+    new_blob: bool,
+}
+
+/// Downloads one object into a blob: a large one by concurrent ranged GETs into a staging file
+/// (then one read for MD5 + SHA-256), a small one through a blob writer.
+async fn fetch_object(
+    gateway: &s3::Client,
+    repo: &Repository,
+    bucket: &str,
+    o: ListedObject,
+    progress: &dyn Progress,
+) -> Result<Fetched> {
+    let ctx = |e: Error| e.context(format!("mirroring bucket {bucket}"));
+    let (head, stored) = if o.size > DOWNLOAD_RANGE {
+        let temp = repo.staging_file().await?;
+        let (head, sha256) = gateway
+            .get_object_ranged(bucket, &o.key, &temp)
+            .await
+            .map_err(ctx)?;
+        let blob = BlobRef {
+            sha256: sha256.into(),
+            size: head.size,
+        };
+        (head, repo.store_staged(temp, blob).await?)
+    } else {
+        let mut sink = BlobSink(repo.blob_writer().await?);
+        let head = gateway
+            .get_object(bucket, &o.key, &mut sink)
+            .await
+            .map_err(ctx)?;
+        (head, sink.0.finish().await?)
+    };
+    if stored.blob.size != head.size {
+        return Err(Error::integrity(format!(
+            "s3://{bucket}/{}: stored {} bytes, the gateway sent {}",
+            o.key, stored.blob.size, head.size
+        )));
+    }
+    progress.object_done(bucket, &o.key, head.size, true);
+    Ok(Fetched {
+        entry: ObjectEntry {
+            key: o.key,
+            size: head.size,
+            etag: head.etag,
+            sha256: stored.blob.sha256,
+            // The listing's time has milliseconds, the GET's header only seconds: keep the
+            // listing's, as carried-over entries do.
+            last_modified: o.last_modified.or(head.last_modified),
+            meta: head.meta,
+        },
+        new_blob: stored.new,
+    })
 }
 
 /// Whether `prev` (the previous snapshot's entry for the key) still describes `o`: same size,

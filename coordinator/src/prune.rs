@@ -175,3 +175,141 @@ async fn would_delete(repo: &Repository, decisions: &[Decision]) -> Result<Prune
     }
     Ok(stats)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::Operation;
+    use crate::repository::BlobRef;
+    use crate::testkit;
+
+    /// Snapshot `id`, naming a blob of its own (`id`'s bytes) and one every snapshot shares.
+    async fn snapshot(repo: &Repository, id: &str) -> (SnapshotId, BlobRef) {
+        let id: SnapshotId = id.parse().unwrap();
+        let mut s = repo.start_snapshot(id.clone());
+        let own = repo
+            .write_blob_from(id.as_str().as_bytes())
+            .await
+            .unwrap()
+            .blob;
+        s.add_part("own", own).unwrap();
+        let shared = repo.write_blob_from(&b"shared"[..]).await.unwrap().blob;
+        s.add_part("shared", shared).unwrap();
+        s.commit().await.unwrap();
+        (id, own)
+    }
+
+    fn reading(id: &SnapshotId) -> Record {
+        let now = OffsetDateTime::now_utc();
+        Record {
+            format: crate::lease::FORMAT.into(),
+            token: "t".into(),
+            operation: Operation::Restore,
+            host: "h".into(),
+            pid: 1,
+            cluster: None,
+            lock_token: None,
+            started: now,
+            renewed: now,
+            reads: vec![id.clone()],
+        }
+    }
+
+    #[tokio::test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one repository: refused, dry run, then the real prune"
+    )]
+    async fn prune_forgets_what_the_policy_drops_keeps_what_others_read_and_only_orphans_go() {
+        let (repo, backend) = testkit::memory_repo();
+        let mut taken = Vec::new();
+        for id in ["s1", "s2", "s3", "s4"] {
+            taken.push(snapshot(&repo, id).await);
+        }
+        // A dead run's snapshot, with a blob no manifest names.
+        let mut dead = repo.start_snapshot("s5".parse().unwrap());
+        dead.add_part_from_reader("p", &b"half"[..]).await.unwrap();
+        dead.add_bucket("b", &[]).await.unwrap();
+        backend.clear_log();
+
+        let nothing = PruneOptions::default();
+        let e = prune(&repo, &nothing, &Hold::default(), &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Config);
+        assert!(backend.log().is_empty(), "an empty policy deletes nothing");
+
+        let others = [reading(&taken[1].0)];
+        let keep_last = PruneOptions {
+            keep_last: Some(1),
+            dry_run: true,
+            ..PruneOptions::default()
+        };
+        let dry = prune(&repo, &keep_last, &Hold::default(), &others)
+            .await
+            .unwrap();
+        assert!(
+            backend.log().is_empty(),
+            "a dry run deletes nothing: {:?}",
+            backend.log()
+        );
+        let decisions: Vec<_> = dry
+            .snapshots
+            .iter()
+            .map(|d| (&d.id[..], d.keep, d.reasons.clone()))
+            .collect();
+        assert_eq!(
+            decisions,
+            [
+                ("s4", true, vec!["last"]),
+                ("s3", false, vec![]),
+                ("s2", true, vec![IN_USE]),
+                ("s1", false, vec![])
+            ]
+        );
+        assert_eq!(dry.incomplete, ["s5"]);
+
+        let real = PruneOptions {
+            dry_run: false,
+            ..keep_last
+        };
+        let done = prune(&repo, &real, &Hold::default(), &others)
+            .await
+            .unwrap();
+        assert_eq!(
+            (done.blobs_deleted, done.bytes_deleted, done.blobs_kept),
+            (dry.blobs_deleted, dry.bytes_deleted, dry.blobs_kept),
+            "the dry run counted what the real one did"
+        );
+        assert_eq!(
+            (done.blobs_deleted, done.blobs_kept),
+            (3, 3),
+            "s1's, s3's and the dead run's own blobs"
+        );
+        let ids: Vec<String> = repo
+            .snapshots()
+            .await
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ids, ["s2", "s4"]);
+        assert!(repo.incomplete_snapshots().await.unwrap().is_empty());
+        for (i, (_, own)) in taken.iter().enumerate() {
+            let there = repo.blob_size(&own.sha256).await.unwrap().is_some();
+            assert_eq!(there, i % 2 == 1, "snapshot s{}'s own blob", i + 1);
+        }
+        assert_eq!(
+            repo.blob_size(&Sha256::of(b"shared")).await.unwrap(),
+            Some(6)
+        );
+        // Manifests go before the rest of their snapshot, and snapshots before blobs.
+        let log = backend.log();
+        let first = |what: &str| log.iter().position(|l| l.starts_with(what)).unwrap();
+        assert!(log[0].ends_with("/manifest.json"), "{log:?}");
+        assert!(
+            first("delete blobs/") > first("delete snapshots/s5/"),
+            "{log:?}"
+        );
+    }
+}

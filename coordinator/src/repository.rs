@@ -996,63 +996,9 @@ mod tests {
         }
     }
 
-    /// A local backend that records what was stored and when it was synced.
-    #[derive(Debug)]
-    struct Recording {
-        inner: local::LocalBackend,
-        log: std::sync::Mutex<Vec<String>>,
-    }
-
-    #[async_trait]
-    impl Backend for Recording {
-        fn location(&self) -> String {
-            self.inner.location()
-        }
-        fn staging_dir(&self) -> &Path {
-            self.inner.staging_dir()
-        }
-        async fn size(&self, name: &str) -> Result<Option<u64>> {
-            self.inner.size(name).await
-        }
-        async fn put_file(&self, name: &str, file: &Path, size: u64) -> Result<bool> {
-            self.log.lock().unwrap().push(format!("put {name}"));
-            self.inner.put_file(name, file, size).await
-        }
-        async fn put_bytes(&self, name: &str, data: Bytes) -> Result<bool> {
-            self.log.lock().unwrap().push(format!("put {name}"));
-            self.inner.put_bytes(name, data).await
-        }
-        async fn replace_bytes(&self, name: &str, data: Bytes) -> Result<()> {
-            self.log.lock().unwrap().push(format!("replace {name}"));
-            self.inner.replace_bytes(name, data).await
-        }
-        async fn get_bytes(&self, name: &str) -> Result<Bytes> {
-            self.inner.get_bytes(name).await
-        }
-        async fn local_file(&self, name: &str) -> Result<LocalFile> {
-            self.inner.local_file(name).await
-        }
-        async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
-            self.inner.list(prefix).await
-        }
-        async fn delete(&self, names: &[String]) -> Result<()> {
-            self.inner.delete(names).await
-        }
-        async fn sync(&self) -> Result<()> {
-            self.log.lock().unwrap().push("sync".to_owned());
-            self.inner.sync().await
-        }
-    }
-
     #[tokio::test]
     async fn repository_manifest_reaches_the_disk_after_everything_it_names() {
-        let tmp = tempfile::tempdir().unwrap();
-        let backend = Arc::new(Recording {
-            inner: local::LocalBackend::open(&tmp.path().join("repo"), true)
-                .await
-                .unwrap(),
-            log: std::sync::Mutex::new(Vec::new()),
-        });
+        let backend = Arc::new(crate::testkit::MemoryBackend::new());
         let r = Repository::with_backend(backend.clone(), true);
         let id: SnapshotId = "20260101T000000Z-0002".parse().unwrap();
         let mut s = r.start_snapshot(id.clone());
@@ -1063,11 +1009,11 @@ mod tests {
         let obj = r.write_blob_from(&b"object"[..]).await.unwrap().blob;
         s.add_bucket("registry", &[entry("k", &obj)]).await.unwrap();
         assert!(
-            !backend.log.lock().unwrap().contains(&"sync".to_owned()),
+            !backend.log().contains(&"sync".to_owned()),
             "blobs are not flushed one by one"
         );
         s.commit().await.unwrap();
-        let log = backend.log.lock().unwrap().clone();
+        let log = backend.log();
         let manifest = format!("put {}", format::manifest_path(&id));
         let at = log.iter().position(|l| *l == manifest).unwrap();
         assert_eq!(log[at - 1], "sync", "flushed before the manifest: {log:?}");
@@ -1078,11 +1024,11 @@ mod tests {
         );
         assert_eq!(log.iter().filter(|l| l.starts_with("put ")).count(), 4);
         // Opened without fsync (throw-away repositories), nothing is flushed.
-        backend.log.lock().unwrap().clear();
+        backend.clear_log();
         let r = Repository::with_backend(backend.clone(), false);
         let s = r.start_snapshot("20260101T000001Z-0003".parse().unwrap());
         s.commit().await.unwrap();
-        assert!(!backend.log.lock().unwrap().contains(&"sync".to_owned()));
+        assert!(!backend.log().contains(&"sync".to_owned()));
     }
 
     #[tokio::test]

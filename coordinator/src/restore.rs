@@ -743,4 +743,287 @@ mod tests {
         let expected = [&big[..], b"tail", &big[..]].concat();
         assert_eq!(chunks.concat(), expected);
     }
+
+    mod with_agents {
+        //! Plan, preflight and restore against fake agents, from a memory repository.
+        use super::*;
+        use crate::mirror::NoProgress;
+        use crate::repository::format::blob_path;
+        use crate::repository::{PartRef, SegmentRef, Sha256, SnapshotId};
+        use crate::testkit::{self, FakeAgent, Host};
+
+        const STORE: &str = "/var/lib/deis/store";
+        const SHARED_PART: &str = "store/shared/var-lib-deis-store.tar.zst";
+        const LOCAL_PART: &str = "store/a/srv-x.tar.zst";
+        const DUMP: &[u8] = b"-- the dump";
+
+        /// A snapshot of a dump, the shared store (two segments, 5000 bytes unpacked) and `a`'s
+        /// local `/srv/x`.
+        async fn snapshot(repo: &Repository) -> Manifest {
+            let mut s = repo.start_snapshot(SnapshotId::generate());
+            let dump = repo.write_blob_from(DUMP).await.unwrap().blob;
+            s.add_part(DATABASE_PART, dump).unwrap();
+            let mut segments = Vec::new();
+            for data in [&b"segment one"[..], b"segment two"] {
+                let b = repo.write_blob_from(data).await.unwrap().blob;
+                segments.push(SegmentRef {
+                    sha256: b.sha256,
+                    size: b.size,
+                    fingerprint: None,
+                });
+            }
+            s.add_part(SHARED_PART, PartRef::Segmented(segments))
+                .unwrap();
+            let store_info = |host: &str, path: &str, shared: bool| PartInfo {
+                host: Some(host.into()),
+                path: Some(path.into()),
+                shared: Some(shared),
+                raw_bytes: Some(5000),
+                ..PartInfo::default()
+            };
+            s.describe_part(SHARED_PART, store_info("old-host", STORE, true));
+            let local = repo.write_blob_from(&b"a's files"[..]).await.unwrap().blob;
+            s.add_part(LOCAL_PART, local).unwrap();
+            s.describe_part(LOCAL_PART, store_info("a", "/srv/x", false));
+            s.commit().await.unwrap()
+        }
+
+        /// A fresh cluster: only the store runs; `a` has the database (restores allowed).
+        async fn fresh_cluster() -> (FakeAgent, FakeAgent) {
+            let mut host_a = Host::new("a")
+                .with_database(false)
+                .with_shared_store(STORE, Some(1 << 30))
+                .with_local_store("/srv/x", Some(1 << 30));
+            host_a.restore_database = true;
+            let b = Host::new("b")
+                .with_shared_store(STORE, Some(1 << 30))
+                .with_local_store("/srv/x", Some(1 << 30));
+            (FakeAgent::start(host_a).await, FakeAgent::start(b).await)
+        }
+
+        fn options() -> RestoreOptions {
+            RestoreOptions {
+                no_buckets: true,
+                ..RestoreOptions::default()
+            }
+        }
+
+        fn nothing_written(agents: &[&FakeAgent]) {
+            for a in agents {
+                let c = a.calls();
+                assert!(
+                    c.store_restores.is_empty() && c.database_restores.is_empty(),
+                    "{c:?}"
+                );
+            }
+        }
+
+        #[tokio::test]
+        async fn the_preflight_refuses_running_containers_occupied_or_small_stores_and_writes_nothing()
+         {
+            let (repo, _) = testkit::memory_repo();
+            let m = snapshot(&repo).await;
+            let (a, b) = fresh_cluster().await;
+            a.update_host(|h| {
+                h.database.as_mut().unwrap().running = true;
+                h.running_platform_containers.push("deis-database".into());
+                h.store_paths[0].free_bytes = Some(4000);
+                h.store_paths[1].empty = false;
+            });
+            b.update_host(|h| h.running_platform_containers.push("deis-registry".into()));
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let e = restore(&repo, &m, &cluster, &options(), &NoProgress, None)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Preflight);
+            for says in [
+                "deis-database runs on a",
+                "deis-registry runs on b",
+                "store directory /srv/x on a is not empty",
+                &format!("store directory {STORE} on a: not enough space"),
+            ] {
+                assert!(e.message().contains(says), "{says}: {e}");
+            }
+            nothing_written(&[&a, &b]);
+
+            // Forced, a dry run lists what it overrides and still writes nothing.
+            let forced = RestoreOptions {
+                force: true,
+                dry_run: true,
+                ..options()
+            };
+            let report = restore(&repo, &m, &cluster, &forced, &NoProgress, None)
+                .await
+                .unwrap();
+            assert_eq!(report.forced.len(), 4, "{:?}", report.forced);
+            let steps: Vec<_> = report
+                .steps
+                .iter()
+                .map(|s| (&s.what[..], &s.target[..], s.done))
+                .collect();
+            assert_eq!(
+                steps,
+                [
+                    ("store", "/srv/x on a", false),
+                    ("store", "/var/lib/deis/store on a", false)
+                ]
+            );
+            nothing_written(&[&a, &b]);
+
+            // Loading the SQL dump needs the database running: then it is no refusal.
+            let sql = RestoreOptions {
+                database_sql: true,
+                dry_run: true,
+                overwrite_store: true,
+                ..options()
+            };
+            let e = restore(&repo, &m, &cluster, &sql, &NoProgress, None)
+                .await
+                .unwrap_err();
+            assert!(!e.message().contains("deis-database runs"), "{e}");
+            assert!(
+                e.message().contains("deis-registry runs on b")
+                    && !e.message().contains("not empty"),
+                "{e}"
+            );
+        }
+
+        #[tokio::test]
+        async fn each_part_is_streamed_to_the_host_that_owns_it_with_its_digests() {
+            let (repo, _) = testkit::memory_repo();
+            let m = snapshot(&repo).await;
+            let (a, b) = fresh_cluster().await;
+            a.update_host(|h| {
+                h.database.as_mut().unwrap().running = true;
+                h.running_platform_containers.push("deis-database".into());
+            });
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let sql = RestoreOptions {
+                database_sql: true,
+                ..options()
+            };
+            let report = restore(&repo, &m, &cluster, &sql, &NoProgress, None)
+                .await
+                .unwrap();
+            assert!(report.steps.iter().all(|s| s.done), "{:?}", report.steps);
+            assert_eq!(
+                report.next,
+                "deisctl start platform (the database already holds the dump)"
+            );
+            let calls = a.calls();
+            let restored: Vec<_> = calls
+                .store_restores
+                .iter()
+                .map(|(h, d)| (&h.path[..], h.segments.len(), &d[..]))
+                .collect();
+            assert_eq!(
+                restored,
+                [
+                    ("/srv/x", 1, &b"a's files"[..]),
+                    (STORE, 2, &b"segment onesegment two"[..])
+                ],
+                "the shared store goes to the first host by id, the local one to its own host"
+            );
+            let (header, _) = &calls.store_restores[1];
+            let digests: Vec<_> = header
+                .segments
+                .iter()
+                .map(|d| (d.size, d.sha256.clone()))
+                .collect();
+            let recorded: Vec<_> = m.parts[SHARED_PART]
+                .blobs()
+                .iter()
+                .map(|b| (b.size, b.sha256.as_bytes().to_vec()))
+                .collect();
+            assert_eq!(digests, recorded);
+            assert!(!header.overwrite);
+            assert_eq!(
+                calls.database_restores,
+                [(Sha256::of(DUMP).as_bytes().to_vec(), DUMP.to_vec())]
+            );
+            nothing_written(&[&b]);
+        }
+
+        #[tokio::test]
+        async fn a_failed_step_stops_the_restore_saying_what_completed() {
+            let (repo, backend) = testkit::memory_repo();
+            let m = snapshot(&repo).await;
+            let (a, b) = fresh_cluster().await;
+            a.update_host(|h| {
+                h.restore_database = false;
+                h.database.as_mut().unwrap().running = true;
+                h.running_platform_containers.push("deis-database".into());
+            });
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let sql = RestoreOptions {
+                database_sql: true,
+                ..options()
+            };
+            let e = restore(&repo, &m, &cluster, &sql, &NoProgress, None)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Agent);
+            assert!(
+                e.message().starts_with(&format!(
+                    "restore stopped part-way (completed: store /srv/x on a, store {STORE} on a): agent a"
+                )) && e.message().contains("database restores are off"),
+                "{e}"
+            );
+
+            // A damaged snapshot is refused before anything is written.
+            let (a, b) = fresh_cluster().await;
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let seg = m.parts[SHARED_PART].blobs()[1];
+            backend.set(&blob_path(&seg.sha256), &b"segment 2!!"[..]);
+            let e = restore(&repo, &m, &cluster, &options(), &NoProgress, None)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Integrity);
+            assert!(
+                e.message().contains("is damaged, nothing was restored")
+                    && e.message().contains("segment 2 of 2"),
+                "{e}"
+            );
+            nothing_written(&[&a, &b]);
+        }
+
+        #[tokio::test]
+        async fn a_local_store_from_a_host_that_is_gone_needs_one_host_with_its_path() {
+            let (repo, _) = testkit::memory_repo();
+            let mut m = snapshot(&repo).await;
+            m.part_info.get_mut(LOCAL_PART).unwrap().host = Some("gone".into());
+            let (a, b) = fresh_cluster().await;
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let dry = RestoreOptions {
+                dry_run: true,
+                ..options()
+            };
+            let e = restore(&repo, &m, &cluster, &dry, &NoProgress, None)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Preflight);
+            assert!(
+                e.message().contains(
+                    "on gone, which is not in this cluster, and several hosts have /srv/x"
+                ),
+                "{e}"
+            );
+            b.update_host(|h| h.store_paths.retain(|p| p.path != "/srv/x"));
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let report = restore(&repo, &m, &cluster, &dry, &NoProgress, None)
+                .await
+                .unwrap();
+            assert_eq!(report.steps[0].target, "/srv/x on a");
+            a.update_host(|h| h.store_paths.retain(|p| p.path != "/srv/x"));
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let e = restore(&repo, &m, &cluster, &dry, &NoProgress, None)
+                .await
+                .unwrap_err();
+            assert!(
+                e.message()
+                    .starts_with("no agent allows the store path /srv/x"),
+                "{e}"
+            );
+        }
+    }
 }

@@ -311,11 +311,6 @@ async fn reusable_parts(repo: &Repository, previous: &Manifest) -> Result<Reuse>
 
 /// Takes the snapshot the plan describes. The caller holds `hold` (the cluster lock and a
 /// repository lease).
-#[expect(
-    clippy::too_many_lines,
-    reason = "the four parts run as concurrent branches of one try_join; each branch is a few \
-              lines that calls its own function"
-)]
 pub async fn run(
     cluster: &Cluster,
     repo: &Repository,
@@ -354,6 +349,51 @@ pub async fn run(
             None => Ok(BTreeMap::new()),
         }
     };
+    let agents = agent_parts(repo, plan, level, progress);
+    let etcd = async {
+        let started = Instant::now();
+        let export = platform_keys::export(&cluster.etcd).await?;
+        let data = serde_json::to_vec_pretty(&export).expect("export serialises");
+        let stored = repo.write_blob_from(&data[..]).await?;
+        Ok::<_, Error>((
+            ETCD_PART.to_owned(),
+            (
+                PartRef::Blob(stored.blob),
+                PartInfo {
+                    source: format!(
+                        "etcd {}: {} keys, {} ephemeral or cluster-specific left out",
+                        platform_keys::ROOT,
+                        export.keys.len(),
+                        export.excluded.len()
+                    ),
+                    duration_ms: deis_backup_proto::duration_ms(started.elapsed()),
+                    ..PartInfo::default()
+                },
+            ),
+        ))
+    };
+
+    let (buckets, agents, etcd) = tokio::try_join!(buckets, agents, etcd)?;
+
+    for (name, (blob, info)) in agents.into_iter().chain([etcd]) {
+        snapshot.add_part(&name, blob)?;
+        snapshot.describe_part(&name, info);
+    }
+    hold.check("writing the manifest; the snapshot is not complete")?;
+    let manifest = snapshot.commit().await?;
+    Ok(Outcome { manifest, buckets })
+}
+
+type Part = (PartRef, PartInfo);
+
+/// The parts the plan asks of agents, taken concurrently: the dump (first) and the store archives,
+/// each stored and checked against what its agent announced. An error names the part.
+async fn agent_parts(
+    repo: &Repository,
+    plan: &Plan,
+    level: i32,
+    progress: &dyn Progress,
+) -> Result<Vec<(String, Part)>> {
     let database = async {
         match &plan.database {
             Some(db) => {
@@ -380,42 +420,9 @@ pub async fn run(
         }
         .boxed()
     }));
-    let etcd = async {
-        let started = Instant::now();
-        let export = platform_keys::export(&cluster.etcd).await?;
-        let data = serde_json::to_vec_pretty(&export).expect("export serialises");
-        let stored = repo.write_blob_from(&data[..]).await?;
-        Ok::<_, Error>((
-            ETCD_PART.to_owned(),
-            (
-                PartRef::Blob(stored.blob),
-                PartInfo {
-                    source: format!(
-                        "etcd {}: {} keys, {} ephemeral or cluster-specific left out",
-                        platform_keys::ROOT,
-                        export.keys.len(),
-                        export.excluded.len()
-                    ),
-                    duration_ms: deis_backup_proto::duration_ms(started.elapsed()),
-                    ..PartInfo::default()
-                },
-            ),
-        ))
-    };
-
-    let (buckets, database, stores, etcd) = tokio::try_join!(buckets, database, stores, etcd)?;
-
-    let parts: Vec<(String, Part)> = database.into_iter().chain(stores).chain([etcd]).collect();
-    for (name, (blob, info)) in parts {
-        snapshot.add_part(&name, blob)?;
-        snapshot.describe_part(&name, info);
-    }
-    hold.check("writing the manifest; the snapshot is not complete")?;
-    let manifest = snapshot.commit().await?;
-    Ok(Outcome { manifest, buckets })
+    let (database, stores) = futures::future::try_join(database, stores).await?;
+    Ok(database.into_iter().chain(stores).collect())
 }
-
-type Part = (PartRef, PartInfo);
 
 async fn dump_database(
     agent: &Agent,
@@ -859,5 +866,534 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    mod with_agents {
+        //! Planning and taking the agents' parts against fake agents, into a memory repository.
+        use super::*;
+        use crate::mirror::NoProgress;
+        use crate::repository::format::blob_path;
+        use crate::testkit::{self, FakeAgent, Fault, Host, StoreFixture};
+        use crate::verify::{self, Depth};
+
+        const STORE: &str = "/var/lib/deis/store";
+        const HOOK: &str = "wal-e-backup-push";
+
+        /// The connected agent of `host` in `cluster`.
+        fn host_agent<'a>(cluster: &'a Cluster, host: &str) -> &'a Agent {
+            &cluster
+                .agents
+                .iter()
+                .find(|d| d.agent.host_id == host)
+                .expect("a host of the test cluster")
+                .agent
+        }
+        const SHARED_PART: &str = "store/shared/var-lib-deis-store.tar.zst";
+
+        /// Three hosts on one CephFS; `b` runs the database.
+        async fn three_hosts() -> [FakeAgent; 3] {
+            let a = FakeAgent::start(Host::new("a").with_shared_store(STORE, None)).await;
+            let mut host_b = Host::new("b")
+                .with_shared_store(STORE, None)
+                .with_database(true);
+            host_b.hooks.push(HOOK.to_owned());
+            let b = FakeAgent::start(host_b).await;
+            let c = FakeAgent::start(
+                Host::new("c")
+                    .with_shared_store(STORE, None)
+                    .with_database(false),
+            )
+            .await;
+            [a, b, c]
+        }
+
+        #[tokio::test]
+        #[expect(
+            clippy::too_many_lines,
+            reason = "one cluster, planned again as its database hosts change"
+        )]
+        async fn the_plan_names_the_one_database_host_and_checks_the_pre_hook() {
+            let [a, b, c] = three_hosts().await;
+            let cluster = testkit::cluster(&[&a, &b, &c]).await;
+            let planned = plan(&cluster, None, &SnapshotOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(planned.database.as_ref().unwrap().host, "b");
+            assert_eq!(planned.database.as_ref().unwrap().address, b.address());
+            let stores: Vec<_> = planned
+                .stores
+                .iter()
+                .map(|t| (&t.part[..], &t.agent.host[..], t.also_on.clone()))
+                .collect();
+            assert_eq!(
+                stores,
+                [(SHARED_PART, "a", vec!["b".to_owned(), "c".to_owned()])]
+            );
+            assert!(planned.previous.is_none() && !planned.reusable_dump);
+
+            let hooked = SnapshotOptions {
+                pre_hook: Some(HOOK.into()),
+                ..SnapshotOptions::default()
+            };
+            assert_eq!(
+                plan(&cluster, None, &hooked)
+                    .await
+                    .unwrap()
+                    .pre_hook
+                    .as_deref(),
+                Some(HOOK)
+            );
+            let unknown = SnapshotOptions {
+                pre_hook: Some("nope".into()),
+                ..SnapshotOptions::default()
+            };
+            let e = plan(&cluster, None, &unknown).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config);
+            assert!(
+                e.message()
+                    .contains(&format!("on b defines no hook 'nope' (it has: {HOOK})")),
+                "{e}"
+            );
+            // Planning only read: Describe was the only call.
+            for agent in [&a, &b, &c] {
+                let calls = agent.calls();
+                assert!(
+                    calls.dumps.is_empty() && calls.archives.is_empty() && calls.hooks.is_empty()
+                );
+            }
+            // The hook runs on the database host; one it does not define is an error naming it.
+            run_hook(host_agent(&cluster, "b"), HOOK).await.unwrap();
+            assert_eq!(b.calls().hooks, [HOOK]);
+            let e = run_hook(host_agent(&cluster, "b"), "nope")
+                .await
+                .unwrap_err();
+            assert!(
+                e.message().contains("agent b") && e.message().contains("hook nope"),
+                "{e}"
+            );
+
+            // Two running databases, or none, are refused, unless no dump is asked for.
+            c.update_host(|h| h.database.as_mut().unwrap().running = true);
+            let cluster = testkit::cluster(&[&a, &b, &c]).await;
+            let e = plan(&cluster, None, &SnapshotOptions::default())
+                .await
+                .unwrap_err();
+            assert!(
+                e.message()
+                    .contains("several hosts report a running database container: b, c"),
+                "{e}"
+            );
+            b.update_host(|h| h.database = None);
+            c.update_host(|h| h.database = None);
+            let cluster = testkit::cluster(&[&a, &b, &c]).await;
+            let e = plan(&cluster, None, &SnapshotOptions::default())
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Agent);
+            assert!(
+                e.message()
+                    .starts_with("no agent reports a running database container"),
+                "{e}"
+            );
+            let no_db = SnapshotOptions {
+                no_database: true,
+                ..SnapshotOptions::default()
+            };
+            assert!(
+                plan(&cluster, None, &no_db)
+                    .await
+                    .unwrap()
+                    .database
+                    .is_none()
+            );
+        }
+
+        /// Host `a` runs the database; both see the CephFS store and have a local `/srv/x`.
+        async fn two_hosts() -> (FakeAgent, FakeAgent, StoreFixture) {
+            let a = FakeAgent::start(
+                Host::new("a")
+                    .with_database(true)
+                    .with_shared_store(STORE, None)
+                    .with_local_store("/srv/x", None),
+            )
+            .await;
+            let b = FakeAgent::start(
+                Host::new("b")
+                    .with_shared_store(STORE, None)
+                    .with_local_store("/srv/x", None),
+            )
+            .await;
+            // Over the repository's 1 MiB buffer: that segment goes through a staging file.
+            let big: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8).collect();
+            let shared = StoreFixture::new(&[
+                (&big, Some(1)),
+                (b"second segment", Some(2)),
+                (b"still changing", None),
+            ]);
+            a.set_dump(b"-- the dump", "s1");
+            a.set_store(STORE, shared.clone());
+            a.set_store("/srv/x", StoreFixture::new(&[(b"a's files", Some(7))]));
+            b.set_store(STORE, StoreFixture::new(&[(b"never asked", Some(9))]));
+            b.set_store("/srv/x", StoreFixture::new(&[(b"b's files", Some(7))]));
+            (a, b, shared)
+        }
+
+        async fn take(
+            cluster: &Cluster,
+            repo: &Repository,
+            options: &SnapshotOptions,
+        ) -> Result<Manifest> {
+            let planned = plan(cluster, Some(repo), options).await?;
+            let parts = agent_parts(repo, &planned, 0, &NoProgress).await?;
+            let mut snapshot = repo.start_snapshot(SnapshotId::generate());
+            for (name, (part, info)) in parts {
+                snapshot.add_part(&name, part)?;
+                snapshot.describe_part(&name, info);
+            }
+            snapshot.commit().await
+        }
+
+        /// What `agent` was asked for `path`, call by call (stores are archived concurrently).
+        fn archives_of(agent: &FakeAgent, path: &str) -> Vec<ArchiveStoreRequest> {
+            agent
+                .calls()
+                .archives
+                .into_iter()
+                .filter(|r| r.path == path)
+                .collect()
+        }
+
+        fn segments(m: &Manifest, part: &str) -> Vec<SegmentRef> {
+            match &m.parts[part] {
+                PartRef::Segmented(s) => s.clone(),
+                PartRef::Blob(_) => panic!("{part} is one blob"),
+            }
+        }
+
+        #[tokio::test]
+        async fn the_dump_and_each_store_are_pulled_from_their_agent_and_checked() {
+            let (a, b, shared) = two_hosts().await;
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let (repo, backend) = testkit::memory_repo();
+            let m = take(&cluster, &repo, &SnapshotOptions::default())
+                .await
+                .unwrap();
+            let names: Vec<&str> = m.parts.keys().map(String::as_str).collect();
+            assert_eq!(
+                names,
+                [
+                    DATABASE_PART,
+                    "store/a/srv-x.tar.zst",
+                    "store/b/srv-x.tar.zst",
+                    SHARED_PART
+                ]
+            );
+
+            let dump = m.parts[DATABASE_PART].single().unwrap();
+            assert_eq!(dump.sha256, Sha256::of(b"-- the dump"));
+            let info = &m.part_info[DATABASE_PART];
+            assert_eq!(
+                (info.state.as_deref(), info.host.as_deref(), info.raw_bytes),
+                (Some("s1"), Some("a"), Some(33))
+            );
+
+            let got = segments(&m, SHARED_PART);
+            let want: Vec<(Sha256, u64)> = shared
+                .segments
+                .iter()
+                .map(|s| (Sha256::of(&s.data), s.data.len() as u64))
+                .collect();
+            assert_eq!(
+                got.iter().map(|s| (s.sha256, s.size)).collect::<Vec<_>>(),
+                want
+            );
+            assert_eq!(
+                got.iter()
+                    .map(|s| s.fingerprint.clone())
+                    .collect::<Vec<_>>(),
+                shared.fingerprints()
+            );
+            let info = &m.part_info[SHARED_PART];
+            assert_eq!(
+                (info.shared, info.segments_reused, info.path.as_deref()),
+                (Some(true), Some(0), Some(STORE))
+            );
+            // The shared store came once, from the first host; each local one from its own.
+            assert_eq!(
+                segments(&m, "store/b/srv-x.tar.zst")[0].sha256,
+                Sha256::of(b"b's files")
+            );
+            let paths = |agent: &FakeAgent| {
+                let mut p: Vec<String> = agent
+                    .calls()
+                    .archives
+                    .iter()
+                    .map(|r| r.path.clone())
+                    .collect();
+                p.sort();
+                p
+            };
+            assert_eq!(paths(&a), ["/srv/x", STORE]);
+            assert_eq!(paths(&b), ["/srv/x"]);
+            // Nothing offered without a previous snapshot.
+            assert!(a.calls().archives.iter().all(|r| r.reusable.is_empty()));
+            assert_eq!(a.calls().dumps[0].unchanged_since, "");
+
+            let report = verify::verify(&repo, &m, Depth::All).await.unwrap();
+            assert!(report.ok(), "{:?}", report.problems);
+            assert!(
+                backend
+                    .get(&blob_path(&got[0].sha256))
+                    .is_some_and(|d| d.len() == 1_500_000)
+            );
+        }
+
+        #[tokio::test]
+        #[expect(
+            clippy::too_many_lines,
+            reason = "one repository through four snapshots, each building on the last"
+        )]
+        async fn the_next_snapshot_reuses_only_what_the_agent_finds_unchanged_and_is_still_stored()
+        {
+            let (a, b, mut shared) = two_hosts().await;
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let (repo, backend) = testkit::memory_repo();
+            let first = take(&cluster, &repo, &SnapshotOptions::default())
+                .await
+                .unwrap();
+            let plan1 = plan(&cluster, Some(&repo), &SnapshotOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(plan1.previous.as_deref(), Some(first.id.as_str()));
+            assert!(plan1.reusable_dump);
+            let offered: Vec<_> = plan1
+                .stores
+                .iter()
+                .map(|t| (&t.part[..], t.reusable_segments))
+                .collect();
+            assert_eq!(
+                offered,
+                [
+                    ("store/a/srv-x.tar.zst", 1),
+                    ("store/b/srv-x.tar.zst", 1),
+                    (SHARED_PART, 2)
+                ]
+            );
+
+            // The second segment changed; the first did not.
+            shared.segments[1] = StoreFixture::new(&[(b"second, changed", Some(3))])
+                .segments
+                .remove(0);
+            a.set_store(STORE, shared.clone());
+            let second = take(&cluster, &repo, &SnapshotOptions::default())
+                .await
+                .unwrap();
+            let calls = a.calls();
+            let mut asked = archives_of(&a, STORE)[1].reusable.clone();
+            asked.sort();
+            assert_eq!(
+                asked,
+                [vec![1u8; 32], vec![2u8; 32]],
+                "the fingerprinted segments are offered"
+            );
+            assert_eq!(calls.dumps[1].unchanged_since, "s1");
+            assert_eq!(second.parts[DATABASE_PART], first.parts[DATABASE_PART]);
+            assert_eq!(
+                second.part_info[DATABASE_PART].taken_in.as_deref(),
+                Some(first.id.as_str())
+            );
+            assert_eq!(second.part_info[DATABASE_PART].raw_bytes, Some(33));
+            let (old, new) = (
+                segments(&first, SHARED_PART),
+                segments(&second, SHARED_PART),
+            );
+            assert_eq!(new[0], old[0], "the unchanged segment is carried over");
+            assert_eq!(new[1].sha256, Sha256::of(b"second, changed"));
+            assert_eq!(
+                new[2], old[2],
+                "a segment without a fingerprint is sent again (same bytes)"
+            );
+            assert_eq!(second.part_info[SHARED_PART].segments_reused, Some(1));
+            assert!(
+                verify::verify(&repo, &second, Depth::All)
+                    .await
+                    .unwrap()
+                    .ok()
+            );
+
+            // A segment whose blob is gone makes its part offer nothing; a lost dump is not offered.
+            backend.remove(&blob_path(&new[0].sha256));
+            backend.remove(&blob_path(
+                &second.parts[DATABASE_PART].single().unwrap().sha256,
+            ));
+            let plan3 = plan(&cluster, Some(&repo), &SnapshotOptions::default())
+                .await
+                .unwrap();
+            assert!(!plan3.reusable_dump);
+            assert_eq!(
+                plan3
+                    .stores
+                    .iter()
+                    .find(|t| t.part == SHARED_PART)
+                    .unwrap()
+                    .reusable_segments,
+                0
+            );
+            let third = take(&cluster, &repo, &SnapshotOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(a.calls().dumps[2].unchanged_since, "");
+            assert!(archives_of(&a, STORE)[2].reusable.is_empty());
+            assert_eq!(third.part_info[SHARED_PART].segments_reused, Some(0));
+            assert!(
+                verify::verify(&repo, &third, Depth::All)
+                    .await
+                    .unwrap()
+                    .ok(),
+                "the lost blobs are back"
+            );
+
+            // --full offers nothing at all.
+            let full = SnapshotOptions {
+                full: true,
+                ..SnapshotOptions::default()
+            };
+            take(&cluster, &repo, &full).await.unwrap();
+            let calls = a.calls();
+            assert_eq!(calls.dumps[3].unchanged_since, "");
+            assert!(
+                calls
+                    .archives
+                    .iter()
+                    .rev()
+                    .take(2)
+                    .all(|r| r.reusable.is_empty())
+            );
+        }
+
+        #[tokio::test]
+        #[expect(clippy::too_many_lines, reason = "a table of faults, one line each")]
+        async fn broken_or_malformed_streams_are_refused_naming_the_part() {
+            let a = FakeAgent::start(
+                Host::new("a")
+                    .with_database(true)
+                    .with_shared_store(STORE, None),
+            )
+            .await;
+            a.set_dump(b"-- the dump", "s1");
+            a.set_store(
+                STORE,
+                StoreFixture::new(&[(b"one", Some(1)), (b"two", Some(2))]),
+            );
+            let cluster = testkit::cluster(&[&a]).await;
+            let (repo, _) = testkit::memory_repo();
+            let dump = SnapshotOptions {
+                no_store: true,
+                ..SnapshotOptions::default()
+            };
+            let store = SnapshotOptions {
+                no_database: true,
+                ..SnapshotOptions::default()
+            };
+            let cases = [
+                (
+                    Fault::NoTrailer,
+                    &dump,
+                    ErrorKind::Agent,
+                    "ended DumpDatabase without its trailer",
+                ),
+                (
+                    Fault::NoTrailer,
+                    &store,
+                    ErrorKind::Agent,
+                    "ended ArchiveStore without its trailer",
+                ),
+                (
+                    Fault::WrongDigest,
+                    &dump,
+                    ErrorKind::Integrity,
+                    "DumpDatabase from agent a: received 11 bytes with sha256",
+                ),
+                (
+                    Fault::WrongDigest,
+                    &store,
+                    ErrorKind::Integrity,
+                    "ArchiveStore from agent a: received 3 bytes with sha256",
+                ),
+                (
+                    Fault::SegmentEndInDump,
+                    &dump,
+                    ErrorKind::Agent,
+                    "sent a malformed DumpDatabase stream",
+                ),
+                (
+                    Fault::DataAfterTrailer,
+                    &dump,
+                    ErrorKind::Agent,
+                    "sent a malformed DumpDatabase stream",
+                ),
+                (
+                    Fault::DataAfterTrailer,
+                    &store,
+                    ErrorKind::Agent,
+                    "sent a malformed ArchiveStore stream",
+                ),
+                (
+                    Fault::ReuseUnoffered,
+                    &store,
+                    ErrorKind::Agent,
+                    "sent a malformed ArchiveStore stream",
+                ),
+                (
+                    Fault::WrongSegmentCount,
+                    &store,
+                    ErrorKind::Agent,
+                    "sent a malformed ArchiveStore stream",
+                ),
+                (
+                    Fault::FailMidway(tonic::Code::Unavailable),
+                    &dump,
+                    ErrorKind::Agent,
+                    "DumpDatabase: the worker died",
+                ),
+                (
+                    Fault::FailMidway(tonic::Code::Internal),
+                    &store,
+                    ErrorKind::Agent,
+                    "ArchiveStore: the worker died",
+                ),
+                (
+                    Fault::Refuse(tonic::Code::PermissionDenied),
+                    &store,
+                    ErrorKind::Agent,
+                    "ArchiveStore: ArchiveStore refused",
+                ),
+            ];
+            for (fault, options, kind, says) in cases {
+                a.set_fault(Some(fault));
+                let planned = plan(&cluster, Some(&repo), options).await.unwrap();
+                let part = if options.no_store {
+                    DATABASE_PART
+                } else {
+                    SHARED_PART
+                };
+                let e = agent_parts(&repo, &planned, 0, &NoProgress)
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.kind(), kind, "{fault:?}: {e}");
+                assert!(
+                    e.message().starts_with(&format!("part {part}: ")),
+                    "{fault:?}: {e}"
+                );
+                assert!(e.message().contains(says), "{fault:?}: {e}");
+            }
+            // The same calls pass once the agent keeps the rules.
+            a.set_fault(None);
+            let planned = plan(&cluster, Some(&repo), &SnapshotOptions::default())
+                .await
+                .unwrap();
+            let parts = agent_parts(&repo, &planned, 0, &NoProgress).await.unwrap();
+            assert_eq!(parts.len(), 2);
+        }
     }
 }

@@ -258,4 +258,65 @@ mod tests {
             )]
         );
     }
+
+    #[tokio::test]
+    async fn verify_names_each_segment_and_listing_and_reads_what_its_depth_says() {
+        let (repo, backend) = crate::testkit::memory_repo();
+        let seg = |b: BlobRef| crate::repository::SegmentRef {
+            sha256: b.sha256,
+            size: b.size,
+            fingerprint: None,
+        };
+        let mut blobs = Vec::new();
+        for data in [&b"segment 1"[..], b"segment 2", b"segment 3"] {
+            blobs.push(repo.write_blob_from(data).await.unwrap().blob);
+        }
+        let object = repo.write_blob_from(&b"object"[..]).await.unwrap().blob;
+        let mut s = repo.start_snapshot(SnapshotId::generate());
+        let part = crate::repository::PartRef::Segmented(blobs.iter().copied().map(seg).collect());
+        s.add_part("store/x", part).unwrap();
+        s.add_bucket("registry", &[entry("k", &object)])
+            .await
+            .unwrap();
+        s.add_bucket("builder", &[entry("k", &object)])
+            .await
+            .unwrap();
+        let m = s.commit().await.unwrap();
+
+        let parts = verify(&repo, &m, Depth::Parts).await.unwrap();
+        assert!(parts.ok(), "{:?}", parts.problems);
+        assert_eq!(
+            (parts.blobs_checked, parts.bytes_read),
+            (4, 27),
+            "parts re-read, the object not"
+        );
+        assert_eq!(verify(&repo, &m, Depth::All).await.unwrap().bytes_read, 33);
+        assert_eq!(verify(&repo, &m, Depth::Sizes).await.unwrap().bytes_read, 0);
+
+        backend.remove(&blob_path(&blobs[1].sha256));
+        backend.set(&blob_path(&blobs[2].sha256), &b"segment 4"[..]);
+        backend.set(&m.buckets["builder"].listing, &b"{}\n"[..]);
+        let sizes = verify(&repo, &m, Depth::Sizes).await.unwrap();
+        assert_eq!(sizes.problems.len(), 2, "{:?}", sizes.problems);
+        assert!(
+            sizes.problems[0].starts_with("bucket builder: snapshot "),
+            "{:?}",
+            sizes.problems
+        );
+        assert_eq!(
+            sizes.problems[1],
+            format!(
+                "part store/x segment 2 of 3: blob {} is missing",
+                blobs[1].sha256
+            )
+        );
+        let parts = verify(&repo, &m, Depth::Parts).await.unwrap();
+        assert_eq!(parts.problems.len(), 3, "{:?}", parts.problems);
+        assert!(
+            parts.problems[2].starts_with("part store/x segment 3 of 3: blob ")
+                && parts.problems[2].ends_with("its bytes are damaged"),
+            "{:?}",
+            parts.problems
+        );
+    }
 }

@@ -2,63 +2,14 @@
 //! length): a manifest or listing from a bucket someone else can write never panics the reader,
 //! and one that is accepted holds what the rest of the code relies on.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::*;
-use crate::repository::{Backend, LocalFile, Repository};
-
-/// A backend holding one file in memory; a read never writes.
-#[derive(Debug)]
-struct OneFile {
-    name: String,
-    data: Bytes,
-}
-
-#[async_trait]
-impl Backend for OneFile {
-    fn location(&self) -> String {
-        "memory".into()
-    }
-    fn staging_dir(&self) -> &Path {
-        Path::new("/nonexistent")
-    }
-    async fn size(&self, name: &str) -> Result<Option<u64>> {
-        Ok((name == self.name).then_some(self.data.len() as u64))
-    }
-    async fn put_file(&self, _: &str, _: &Path, _: u64) -> Result<bool> {
-        unreachable!("a read wrote")
-    }
-    async fn put_bytes(&self, _: &str, _: Bytes) -> Result<bool> {
-        unreachable!("a read wrote")
-    }
-    async fn replace_bytes(&self, _: &str, _: Bytes) -> Result<()> {
-        unreachable!("a read wrote")
-    }
-    async fn get_bytes(&self, name: &str) -> Result<Bytes> {
-        if name == self.name {
-            Ok(self.data.clone())
-        } else {
-            Err(Error::not_found(name.to_owned()))
-        }
-    }
-    async fn local_file(&self, name: &str) -> Result<LocalFile> {
-        Err(Error::not_found(name.to_owned()))
-    }
-    async fn list(&self, _: &str) -> Result<Vec<(String, u64)>> {
-        Ok(vec![(self.name.clone(), self.data.len() as u64)])
-    }
-    async fn delete(&self, _: &[String]) -> Result<()> {
-        unreachable!("a read deleted")
-    }
-    async fn sync(&self) -> Result<()> {
-        Ok(())
-    }
-}
+use crate::repository::Repository;
+use crate::testkit::memory::MemoryBackend;
 
 const ID: &str = "20261124T233000.123Z-abcd";
 
@@ -66,10 +17,11 @@ const ID: &str = "20261124T233000.123Z-abcd";
 fn read_manifest(data: &[u8]) -> Result<Manifest> {
     let id: SnapshotId = ID.parse().unwrap();
     let repo = Repository::with_backend(
-        Arc::new(OneFile {
-            name: manifest_path(&id),
-            data: Bytes::copy_from_slice(data),
-        }),
+        // Frozen: a read never writes.
+        Arc::new(MemoryBackend::frozen([(
+            manifest_path(&id).as_str(),
+            Bytes::copy_from_slice(data),
+        )])),
         false,
     );
     futures::executor::block_on(repo.manifest(&id))
