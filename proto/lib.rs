@@ -3,8 +3,9 @@
 //! authenticated, what the TLS certificates name, where an agent registers itself in etcd, and how
 //! a config file is read and put under the command line.
 //!
-//! Invariants: this crate holds no behaviour beyond the contract. Anything that talks to Docker, the
-//! store, etcd or the gateway lives in the agent or the coordinator.
+//! Invariants: this crate holds the contract and those shared conventions only, and performs no I/O
+//! beyond reading the config file it is handed. Anything that talks to Docker, the store, etcd or the
+//! gateway lives in the agent or the coordinator.
 
 pub mod v1 {
     #![allow(clippy::pedantic, clippy::all, missing_docs)]
