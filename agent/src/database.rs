@@ -103,12 +103,9 @@ pub async fn state(engine: &Engine, container: &str) -> Result<String> {
 }
 
 /// Streams `pg_dumpall` of `container` as zstd data chunks on `tx`; returns the trailer to send.
-/// When the database is still in state `unchanged_since`, sends nothing and says so.
-#[expect(
-    clippy::too_many_lines,
-    reason = "the exec, its stdout compressor and its stderr tail run concurrently and end \
-              together; the order of their joins and errors is the point, and reads best whole"
-)]
+/// When the database is still in state `unchanged_since`, sends nothing and says so. The exec's
+/// stdout goes to a compressor thread while its stderr is kept; the order of the joins after it is
+/// the point: the compressor's end, then a lost stream, then the exit code.
 pub async fn dump(
     engine: &Engine,
     container: &str,
@@ -118,20 +115,7 @@ pub async fn dump(
 ) -> Result<Trailer> {
     let start = Instant::now();
     let mut warnings = Vec::new();
-    let state = match state(engine, container).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the database state; dumping in full");
-            warnings.push(Warning {
-                kind: warning::Kind::Other.into(),
-                path: String::new(),
-                message: format!(
-                    "the database state could not be read ({e}); the next snapshot dumps in full too"
-                ),
-            });
-            String::new()
-        }
-    };
+    let state = state_or_warning(engine, container, &mut warnings).await;
     if !state.is_empty() && state == unchanged_since {
         tracing::info!(%state, "database unchanged since the caller's dump");
         return Ok(Trailer {
@@ -158,25 +142,7 @@ pub async fn dump(
         Ok((reader.count(), compressed, sha))
     });
     let mut stderr = Tail::new(STDERR_TAIL);
-    let mut lost = None;
-    {
-        let mut pieces = std::pin::pin!(exec.pieces());
-        while let Some(piece) = pieces.next().await {
-            match piece {
-                Ok(Piece::Stdout(m)) => {
-                    if raw_tx.send(m).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(Piece::Stderr(m)) => stderr.push(&m),
-                Err(e) => {
-                    lost = Some(e);
-                    break;
-                }
-            }
-        }
-    }
-    drop(raw_tx);
+    let lost = forward_stdout(&mut exec, raw_tx, &mut stderr).await;
     let (raw, compressed, sha) = match compressor.await.map_err(|e| join_error(&e))? {
         Ok(v) => v,
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(Error::Cancelled),
@@ -212,6 +178,47 @@ pub async fn dump(
         state,
         ..Trailer::default()
     })
+}
+
+/// The database state, or an empty one (a full dump) with a warning saying why it could not be
+/// read.
+async fn state_or_warning(engine: &Engine, container: &str, warnings: &mut Vec<Warning>) -> String {
+    match state(engine, container).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the database state; dumping in full");
+            warnings.push(Warning {
+                kind: warning::Kind::Other.into(),
+                path: String::new(),
+                message: format!(
+                    "the database state could not be read ({e}); the next snapshot dumps in full too"
+                ),
+            });
+            String::new()
+        }
+    }
+}
+
+/// Sends the exec's stdout on `raw` (until the compressor stops taking it) and keeps its stderr's
+/// tail; returns the error that cut the output short, if one did. `raw` is closed on return.
+async fn forward_stdout(
+    exec: &mut crate::container::Exec,
+    raw: mpsc::Sender<Bytes>,
+    stderr: &mut Tail,
+) -> Option<bollard::errors::Error> {
+    let mut pieces = std::pin::pin!(exec.pieces());
+    while let Some(piece) = pieces.next().await {
+        match piece {
+            Ok(Piece::Stdout(m)) => {
+                if raw.send(m).await.is_err() {
+                    return None;
+                }
+            }
+            Ok(Piece::Stderr(m)) => stderr.push(&m),
+            Err(e) => return Some(e),
+        }
+    }
+    None
 }
 
 /// The input line number in a psql error (`psql:<stdin>:42: ERROR: ...`).

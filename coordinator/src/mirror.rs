@@ -43,7 +43,7 @@ pub struct NoProgress;
 impl Progress for NoProgress {}
 
 /// What one bucket's mirror did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MirrorStats {
     /// Objects in the bucket (and in the listing).
     pub objects: u64,

@@ -155,8 +155,8 @@ pub struct StoreTask {
     pub reusable_segments: usize,
 }
 
-/// The result of a snapshot.
-#[derive(Debug, Clone)]
+/// The result of a snapshot (its `--json` report).
+#[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     pub manifest: Manifest,
     pub buckets: BTreeMap<String, MirrorStats>,

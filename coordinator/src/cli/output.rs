@@ -7,12 +7,13 @@
 use deis_backup_coordinator::Result;
 use deis_backup_coordinator::agents::Agent;
 use deis_backup_coordinator::prune;
-use deis_backup_coordinator::repository::{Manifest, PartInfo, PartRef, Repository};
+use deis_backup_coordinator::repository::{Manifest, PartInfo, PartRef, Repository, SnapshotId};
 use deis_backup_coordinator::restore;
 use deis_backup_coordinator::rfc3339::rfc3339;
 use deis_backup_coordinator::snapshot::{Outcome, Plan};
 use deis_backup_coordinator::verify;
 use deis_backup_proto::v1::DescribeReply;
+use serde::Serialize;
 use serde_json::json;
 
 #[derive(Debug)]
@@ -29,10 +30,11 @@ impl Output {
         self.json
     }
 
-    fn emit_json(value: &serde_json::Value) {
+    /// Prints one typed report as the command's JSON document.
+    fn emit_json(report: &impl Serialize) {
         println!(
             "{}",
-            serde_json::to_string_pretty(value).expect("JSON values serialise")
+            serde_json::to_string_pretty(report).expect("reports serialise")
         );
     }
 
@@ -44,23 +46,10 @@ impl Output {
         }
         let incomplete = repo.incomplete_snapshots().await?;
         if self.json {
-            let snaps: Vec<_> = rows
-                .iter()
-                .map(|m| {
-                    json!({
-                        "id": m.id.to_string(),
-                        "started": rfc3339(m.started),
-                        "completed": rfc3339(m.completed),
-                        "parts": m.parts.len(),
-                        "objects": m.buckets.values().map(|b| b.objects).sum::<u64>(),
-                        "bytes": total_bytes(m),
-                    })
-                })
-                .collect();
-            Self::emit_json(&json!({
-                "snapshots": snaps,
-                "incomplete": incomplete.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            }));
+            Self::emit_json(&Listing {
+                snapshots: rows.iter().map(SnapshotRow::from).collect(),
+                incomplete,
+            });
             return Ok(());
         }
         let mut t = Table::new(&["ID", "STARTED", "PARTS", "OBJECTS", "SIZE"]);
@@ -90,7 +79,7 @@ impl Output {
 
     pub fn manifest(&self, m: &Manifest) {
         if self.json {
-            Self::emit_json(&serde_json::to_value(m).expect("manifests serialise"));
+            Self::emit_json(m);
             return;
         }
         println!("snapshot {}", m.id);
@@ -137,7 +126,7 @@ impl Output {
 
     pub fn verify(&self, r: &verify::Report) {
         if self.json {
-            Self::emit_json(&serde_json::to_value(r).expect("reports serialise"));
+            Self::emit_json(r);
             return;
         }
         for p in &r.problems {
@@ -160,7 +149,7 @@ impl Output {
 
     pub fn prune(&self, r: &prune::Report) {
         if self.json {
-            Self::emit_json(&serde_json::to_value(r).expect("reports serialise"));
+            Self::emit_json(r);
             return;
         }
         let mut t = Table::new(&["ID", "TIME", "DECISION", "WHY"]);
@@ -186,28 +175,8 @@ impl Output {
 
     pub fn agents(&self, described: &[(Agent, Result<DescribeReply>)]) {
         if self.json {
-            let v: Vec<_> = described
-                .iter()
-                .map(|(a, r)| match r {
-                    Ok(d) => json!({
-                        "host": a.host_id, "address": a.address, "healthy": true,
-                        "hostname": d.hostname, "version": d.agent_version,
-                        "docker_api_version": d.docker_api_version,
-                        "database_running": d.database.as_ref().is_some_and(|c| c.running),
-                        "platform_containers": d.running_platform_containers,
-                        "hooks": d.hooks,
-                        "store_paths": d.store_paths.iter().map(|p| json!({
-                            "path": p.path, "fs_type": p.fs_type, "shared": p.shared,
-                            "fs_identity": p.fs_identity,
-                        })).collect::<Vec<_>>(),
-                    }),
-                    Err(e) => json!({
-                        "host": a.host_id, "address": a.address, "healthy": false,
-                        "error": e.to_string(),
-                    }),
-                })
-                .collect();
-            Self::emit_json(&json!({ "agents": v }));
+            let agents: Vec<AgentRow> = described.iter().map(AgentRow::from).collect();
+            Self::emit_json(&json!({ "agents": agents }));
             return;
         }
         let mut t = Table::new(&["HOST", "ADDRESS", "VERSION", "DATABASE", "STORE", "STATUS"]);
@@ -313,22 +282,7 @@ impl Output {
     pub fn snapshot(&self, o: &Outcome) {
         let m = &o.manifest;
         if self.json {
-            let buckets: serde_json::Map<String, serde_json::Value> = o
-                .buckets
-                .iter()
-                .map(|(b, s)| {
-                    (
-                        b.clone(),
-                        json!({
-                            "objects": s.objects, "bytes": s.bytes,
-                            "downloaded_objects": s.downloaded_objects,
-                            "downloaded_bytes": s.downloaded_bytes,
-                            "unchanged_objects": s.unchanged_objects,
-                        }),
-                    )
-                })
-                .collect();
-            Self::emit_json(&json!({ "manifest": m, "buckets": buckets }));
+            Self::emit_json(o);
             return;
         }
         println!("snapshot {} complete", m.id);
@@ -372,7 +326,7 @@ impl Output {
 
     pub fn restore(&self, r: &restore::Report) {
         if self.json {
-            Self::emit_json(&serde_json::to_value(r).expect("reports serialise"));
+            Self::emit_json(r);
             return;
         }
         let head = if r.dry_run {
@@ -398,6 +352,108 @@ impl Output {
         }
         if !r.dry_run {
             println!("next: {}", r.next);
+        }
+    }
+}
+
+/// One agent in `agents --json`: what it described, or why it could not.
+#[derive(Serialize)]
+struct AgentRow<'a> {
+    host: &'a str,
+    address: &'a str,
+    healthy: bool,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    described: Option<AgentFacts<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// What a healthy agent reported about its host.
+#[derive(Serialize)]
+struct AgentFacts<'a> {
+    hostname: &'a str,
+    version: &'a str,
+    docker_api_version: &'a str,
+    database_running: bool,
+    platform_containers: &'a [String],
+    hooks: &'a [String],
+    store_paths: Vec<StorePathRow<'a>>,
+}
+
+#[derive(Serialize)]
+struct StorePathRow<'a> {
+    path: &'a str,
+    fs_type: &'a str,
+    shared: bool,
+    fs_identity: &'a str,
+}
+
+impl<'a> From<&'a (Agent, Result<DescribeReply>)> for AgentRow<'a> {
+    fn from((a, r): &'a (Agent, Result<DescribeReply>)) -> Self {
+        let (described, error) = match r {
+            Ok(d) => (
+                Some(AgentFacts {
+                    hostname: &d.hostname,
+                    version: &d.agent_version,
+                    docker_api_version: &d.docker_api_version,
+                    database_running: d.database.as_ref().is_some_and(|c| c.running),
+                    platform_containers: &d.running_platform_containers,
+                    hooks: &d.hooks,
+                    store_paths: d
+                        .store_paths
+                        .iter()
+                        .map(|p| StorePathRow {
+                            path: &p.path,
+                            fs_type: &p.fs_type,
+                            shared: p.shared,
+                            fs_identity: &p.fs_identity,
+                        })
+                        .collect(),
+                }),
+                None,
+            ),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Self {
+            host: &a.host_id,
+            address: &a.address,
+            healthy: r.is_ok(),
+            described,
+            error,
+        }
+    }
+}
+
+/// `list --json`.
+#[derive(Serialize)]
+struct Listing {
+    snapshots: Vec<SnapshotRow>,
+    /// Interrupted snapshots (no manifest), which `prune` removes.
+    incomplete: Vec<SnapshotId>,
+}
+
+/// One complete snapshot in `list --json`.
+#[derive(Serialize)]
+struct SnapshotRow {
+    id: SnapshotId,
+    #[serde(with = "time::serde::rfc3339")]
+    started: time::OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    completed: time::OffsetDateTime,
+    parts: usize,
+    objects: u64,
+    bytes: u64,
+}
+
+impl From<&Manifest> for SnapshotRow {
+    fn from(m: &Manifest) -> Self {
+        Self {
+            id: m.id.clone(),
+            started: m.started,
+            completed: m.completed,
+            parts: m.parts.len(),
+            objects: m.buckets.values().map(|b| b.objects).sum(),
+            bytes: total_bytes(m),
         }
     }
 }
