@@ -1,11 +1,21 @@
 # shellcheck shell=bash
 # The local stand-in for the Deis v1 `deis-database` container (sourced after lib.sh, never run).
 #
+# Flavours ($DEIS_DATABASE_FLAVOUR, or `up --database-flavour`):
+# - plain (default): Debian bookworm, PostgreSQL 15, built from tests/cluster/database/, image
+#   deis-database:local. Only the database server: no WAL-E, nothing is archived, the bucket
+#   db_wal holds the synthetic objects of seed_gateway.py and the database never reads them.
+# - wal-e: Debian bullseye, PostgreSQL 13, WAL-E 1.1.1 (PyPI), built from
+#   tests/cluster/database-wal-e/, image deis-database:wal-e. Boots as Deis v1.13's database:
+#   archives every WAL segment to the bucket named in etcd, pushes base backups on a timer, and on
+#   a first boot restores itself from that bucket's LATEST base backup when there is one
+#   (docs/DATABASE.md). Proven by tests/cluster/wal-e-check; not yet the cluster's default (the
+#   synthetic db_wal seed would make it try to restore from objects that are not WAL-E's).
 # Owns:
-# - the images $DATABASE_BASE_IMAGE (a Debian bookworm rootfs made by mmdebstrap with postgresql-15,
-#   sudo, locales, daemontools; the tarball is cached under $DEIS_CACHE) and $DATABASE_IMAGE (built
-#   from tests/cluster/database/, labelled with a hash of that directory: a change rebuilds it and
-#   recreates the container). database_down keeps both images as a cache.
+# - the images $DATABASE_BASE_IMAGE (a Debian rootfs made by mmdebstrap with the flavour's
+#   packages; the tarball is cached under $DEIS_CACHE, and the wal-e flavour's pip downloads too)
+#   and $DATABASE_IMAGE (built from the flavour's directory, labelled with a hash of it: a change
+#   rebuilds it and recreates the container). database_down keeps both images as a cache.
 # - the container $DATABASE_CONTAINER (host network, 127.0.0.1:$DATABASE_PORT), labelled
 #   com.deis-backup.cluster=$D;
 # - $D/secrets/database.env (mode 600, the password hash handed to the container) and the seed
@@ -36,11 +46,41 @@
 # two dumps of the same data differ there (filter them before comparing), and only a psql of the
 # same patch level or newer can replay such a dump. Deis' own 9.3 dumps have no such lines.
 
-DATABASE_BASE_IMAGE=${DEIS_DATABASE_BASE_IMAGE:-deis-backup/debian-postgres:bookworm}
+DATABASE_FLAVOUR=${DEIS_DATABASE_FLAVOUR:-plain}
 DATABASE_LABEL=com.deis-backup.cluster
 DEIS_CACHE=${DEIS_CACHE:-$HOME/.cache/deis-backup}
-# Packages of the base rootfs; the cached tarball's name carries a hash of this list.
-DATABASE_ROOTFS_PACKAGES=postgresql-15,sudo,locales,daemontools
+# Per flavour: the Debian suite, the packages of the base rootfs (the cached tarball's name carries
+# a hash of the suite, this list and the hook), the image's build context.
+case $DATABASE_FLAVOUR in
+plain)
+  DATABASE_SUITE=bookworm
+  DATABASE_ROOTFS_PACKAGES=postgresql-15,sudo,locales,daemontools
+  DATABASE_CONTEXT=$CLUSTER_LIB_DIR/database
+  DATABASE_BASE_IMAGE=${DEIS_DATABASE_BASE_IMAGE:-deis-backup/debian-postgres:bookworm}
+  DATABASE_READY_TIMEOUT=60
+  ;;
+wal-e)
+  DATABASE_SUITE=bullseye
+  # curl: etcd's v2 API; lzop, pv: WAL-E's compression and rate limit; python3-venv: WAL-E's venv.
+  DATABASE_ROOTFS_PACKAGES=postgresql-13,sudo,locales,daemontools,lzop,pv,curl,ca-certificates,python3-venv
+  DATABASE_CONTEXT=$CLUSTER_LIB_DIR/database-wal-e
+  DATABASE_BASE_IMAGE=${DEIS_DATABASE_BASE_IMAGE:-deis-backup/debian-postgres:bullseye-wal-e}
+  # lib.sh's default names the plain image.
+  [[ -n ${DEIS_DATABASE_IMAGE:-} ]] || DATABASE_IMAGE=deis-database:wal-e
+  # The test knobs handed to the container (docs/DATABASE.md); Deis' defaults are 60 s, 3h and 5.
+  DATABASE_ARCHIVE_TIMEOUT=${DEIS_DATABASE_ARCHIVE_TIMEOUT:-60}
+  DATABASE_BACKUP_FREQUENCY=${DEIS_DATABASE_BACKUP_FREQUENCY:-3h}
+  DATABASE_BACKUPS_TO_RETAIN=${DEIS_DATABASE_BACKUPS_TO_RETAIN:-5}
+  # Where the boot reads initId, bucketName, adminPass (a scratch prefix in wal-e-check).
+  DATABASE_ETCD_PATH=${DEIS_DATABASE_ETCD_PATH:-/deis/database}
+  # A first boot may fetch a base backup and replay WAL before it accepts writes.
+  DATABASE_READY_TIMEOUT=${DEIS_DATABASE_READY_TIMEOUT:-600}
+  ;;
+*)
+  echo "DEIS_DATABASE_FLAVOUR must be plain or wal-e, not '$DATABASE_FLAVOUR'" >&2
+  exit 2
+  ;;
+esac
 # Databases the seed creates (and drops when seeding again).
 DATABASE_SEEDED_DBS="deis registry_meta wal_test"
 
@@ -68,18 +108,25 @@ database_build_rootfs() {
   fi
   mkdir -p "$(dirname "$out")"
   tmp=$out.tmp.$$
-  log "building the database rootfs with mmdebstrap ($DATABASE_ROOTFS_PACKAGES)"
+  log "building the database rootfs with mmdebstrap ($DATABASE_SUITE: $DATABASE_ROOTFS_PACKAGES)"
+  # The wal-e flavour installs WAL-E into the rootfs (a venv in /opt/wal-e) from pip downloads
+  # cached in $DEIS_CACHE/pip-wal-e-<suite>: a rebuild of the rootfs fetches nothing from PyPI.
+  local hooks=()
+  if [[ $DATABASE_FLAVOUR == wal-e ]]; then
+    hooks=(--customize-hook="$DATABASE_CONTEXT/rootfs-hook \"\$1\" $DEIS_CACHE/pip-wal-e-$DATABASE_SUITE")
+  fi
   # No default cluster at install time: the entrypoint creates it with our encoding and locale.
   # Docs, man pages and translations are left out (about 70 MB).
   # shellcheck disable=SC2016 # "$1" in the hook is mmdebstrap's, the chroot's path
   if ! mmdebstrap --variant=apt --format=tar --include="$DATABASE_ROOTFS_PACKAGES" \
     --essential-hook='mkdir -p "$1/etc/postgresql-common/createcluster.d" && echo "create_main_cluster = false" >"$1/etc/postgresql-common/createcluster.d/00-deis-backup.conf"' \
+    "${hooks[@]}" \
     --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-    bookworm "$tmp" >"$tmp.log" 2>&1; then
+    "$DATABASE_SUITE" "$tmp" >"$tmp.log" 2>&1; then
     tail -n 30 "$tmp.log" >&2
     rm -f "$tmp" "$tmp.log"
     die "mmdebstrap failed"
@@ -90,16 +137,37 @@ database_build_rootfs() {
 
 # database_image — makes sure $DATABASE_IMAGE exists and matches tests/cluster/database/.
 database_image() {
-  local ctx=$CLUSTER_LIB_DIR/database want have key tarball
-  want=$(cat "$ctx/Dockerfile" "$ctx/entrypoint.sh" <(echo "$DATABASE_BASE_IMAGE") | sha256sum | cut -c1-16)
+  local ctx=$DATABASE_CONTEXT want have key tarball
+  if [[ $DATABASE_FLAVOUR == plain ]]; then
+    want=$(cat "$ctx/Dockerfile" "$ctx/entrypoint.sh" <(echo "$DATABASE_BASE_IMAGE") | sha256sum | cut -c1-16)
+    key=$(echo "bookworm apt $DATABASE_ROOTFS_PACKAGES nodoc createcluster=false" | sha256sum | cut -c1-12)
+  else
+    # The rootfs' key covers its hook and the pinned WAL-E, and names the base image too: a change
+    # of either makes a new rootfs. The image's hash covers every file of the context.
+    key=$(cat <(echo "$DATABASE_SUITE apt $DATABASE_ROOTFS_PACKAGES nodoc createcluster=false") \
+      "$ctx/rootfs-hook" "$ctx/requirements.txt" | sha256sum | cut -c1-12)
+    [[ -n ${DEIS_DATABASE_BASE_IMAGE:-} ]] || DATABASE_BASE_IMAGE=$DATABASE_BASE_IMAGE-$key
+    want=$(cd "$ctx" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum |
+      cat - <(echo "$DATABASE_BASE_IMAGE") | sha256sum | cut -c1-16)
+  fi
   have=$(docker image inspect -f "{{index .Config.Labels \"com.deis-backup.context\"}}" "$DATABASE_IMAGE" 2>/dev/null || true)
   [[ $have == "$want" ]] && return 0
   if ! docker image inspect "$DATABASE_BASE_IMAGE" >/dev/null 2>&1; then
-    key=$(echo "bookworm apt $DATABASE_ROOTFS_PACKAGES nodoc createcluster=false" | sha256sum | cut -c1-12)
-    tarball=$DEIS_CACHE/rootfs-database-bookworm-$key.tar
+    tarball=$DEIS_CACHE/rootfs-database-$DATABASE_SUITE-$key.tar
     [[ -s $tarball ]] || database_build_rootfs "$tarball"
     log "importing $tarball as $DATABASE_BASE_IMAGE"
     docker import "$tarball" "$DATABASE_BASE_IMAGE" >/dev/null
+    if [[ $DATABASE_FLAVOUR == wal-e && -z ${DEIS_DATABASE_BASE_IMAGE:-} ]]; then
+      # The wal-e rootfs is named by its key: the ones it supersedes go (each ~400 MB).
+      local old_base old_tar
+      for old_tar in "$DEIS_CACHE/rootfs-database-$DATABASE_SUITE"-*.tar; do
+        [[ ! -e $old_tar || $old_tar == "$tarball" ]] || rm -f "$old_tar"
+      done
+      while read -r old_base; do
+        [[ $old_base == "$DATABASE_BASE_IMAGE" ]] || docker rmi "$old_base" >/dev/null 2>&1 || true
+      done < <(docker images --format '{{.Repository}}:{{.Tag}}' "${DATABASE_BASE_IMAGE%:*}" |
+        grep -F ":$DATABASE_SUITE-wal-e-" || true)
+    fi
   fi
   local old
   old=$(docker image inspect -f '{{.Id}}' "$DATABASE_IMAGE" 2>/dev/null || true)
@@ -120,7 +188,29 @@ database_ours() {
   [[ $(docker inspect -f "{{index .Config.Labels \"$DATABASE_LABEL\"}}" "$DATABASE_CONTAINER" 2>/dev/null) == "$D" ]]
 }
 
-database_ready() { docker exec -u postgres "$DATABASE_CONTAINER" pg_isready -q; }
+# database_ready — accepts connections, and (wal-e) has left recovery: a restoring database
+# answers pg_isready read-only while it still replays WAL.
+database_ready() {
+  docker exec -u postgres "$DATABASE_CONTAINER" pg_isready -q || return 1
+  [[ $DATABASE_FLAVOUR == plain ]] ||
+    [[ $(docker exec -u postgres "$DATABASE_CONTAINER" psql -X -At -c 'SELECT pg_is_in_recovery()' 2>/dev/null) == f ]]
+}
+
+# database_run DOCKER-RUN-ARGS... — starts $DATABASE_CONTAINER from $DATABASE_IMAGE (host network,
+# 127.0.0.1:$DATABASE_PORT) with the flavour's settings; the caller adds labels and secrets.
+# wal-e: etcd at 127.0.0.1:4001, the keys under $DATABASE_ETCD_PATH (Deis': /deis/database), the
+# test knobs above.
+database_run() {
+  local flavour=()
+  if [[ $DATABASE_FLAVOUR == wal-e ]]; then
+    flavour=(-e ETCD=http://127.0.0.1:4001 -e ETCD_PATH="$DATABASE_ETCD_PATH"
+      -e ARCHIVE_TIMEOUT="$DATABASE_ARCHIVE_TIMEOUT" -e BACKUP_FREQUENCY="$DATABASE_BACKUP_FREQUENCY"
+      -e BACKUPS_TO_RETAIN="$DATABASE_BACKUPS_TO_RETAIN")
+  fi
+  docker run -d --name "$DATABASE_CONTAINER" --network host --shm-size=256m \
+    -e DATABASE_PORT="$DATABASE_PORT" -e DATABASE_LISTEN=127.0.0.1 "${flavour[@]}" "$@" \
+    "$DATABASE_IMAGE" >/dev/null
+}
 
 # database_wait_ready SECONDS — until pg_isready answers; fails at once if the container stopped.
 database_wait_ready() {
@@ -168,12 +258,8 @@ database_up() {
     log "starting $DATABASE_CONTAINER on 127.0.0.1:$DATABASE_PORT"
     # The password hash goes through a mode-600 env file: never on a command line.
     (umask 077 && echo "DATABASE_PASSWORD_MD5=$(database_password_md5)" >"$D/secrets/database.env")
-    docker run -d --name "$DATABASE_CONTAINER" --network host --shm-size=256m \
-      --label "$DATABASE_LABEL=$D" \
-      -e DATABASE_PORT="$DATABASE_PORT" -e DATABASE_LISTEN=127.0.0.1 \
-      --env-file "$D/secrets/database.env" \
-      "$DATABASE_IMAGE" >/dev/null
-    if ! database_wait_ready 60; then
+    database_run --label "$DATABASE_LABEL=$D" --env-file "$D/secrets/database.env"
+    if ! database_wait_ready "$DATABASE_READY_TIMEOUT"; then
       docker logs --tail 30 "$DATABASE_CONTAINER" >&2 || true
       die "$DATABASE_CONTAINER did not come up"
     fi
