@@ -80,6 +80,11 @@ enum Command {
         /// Read every byte again and compare sha256.
         #[arg(long)]
         read_data: bool,
+        /// Read again only this slice of the blobs: K/M (slice K of M; the M slices hold every
+        /// blob once) or N% (a window that moves on each UTC day: daily runs read everything in
+        /// 100/N days). Every blob's size is still checked.
+        #[arg(long, value_name = "K/M|N%", conflicts_with = "read_data")]
+        read_data_subset: Option<verify::Subset>,
         #[command(flatten)]
         repository: RepositoryOptions,
     },
@@ -202,6 +207,7 @@ pub async fn run() -> Result<ExitCode> {
         Command::Verify {
             id,
             read_data,
+            read_data_subset,
             repository,
         } => {
             let repo = Repository::open(&file.merged("repository", repository)?).await?;
@@ -211,7 +217,11 @@ pub async fn run() -> Result<ExitCode> {
             let (lease, _) =
                 Lease::take_to_read(&repo, Operation::Verify, vec![id.clone()], None).await?;
             let hold = Hold::new(None, lease);
-            let depth = if read_data { Depth::All } else { Depth::Sizes };
+            let depth = match (read_data, read_data_subset) {
+                (_, Some(subset)) => Depth::Subset(subset),
+                (true, None) => Depth::All,
+                (false, None) => Depth::Sizes,
+            };
             let r = async { verify::verify(&repo, &repo.manifest(&id).await?, depth).await }.await;
             release(hold).await;
             let report = r?;
@@ -531,5 +541,33 @@ mod tests {
         let timer = include_str!("../../systemd/deis-backup.timer");
         assert!(timer.contains("OnCalendar=daily"));
         assert!(timer.contains("[X-Fleet]\nMachineOf=deis-backup.service"));
+        let timer = include_str!("../../systemd/deis-backup-verify.timer");
+        assert!(timer.contains("OnCalendar=weekly"));
+        assert!(timer.contains("[X-Fleet]\nMachineOf=deis-backup-verify.service"));
+    }
+
+    #[test]
+    fn the_weekly_verify_unit_reads_a_moving_quarter_of_the_latest_snapshot() {
+        let unit = include_str!("../../systemd/deis-backup-verify.service");
+        let args = unit_args(unit);
+        let cli = Cli::try_parse_from(std::iter::once("deis-backup".to_owned()).chain(args))
+            .unwrap_or_else(|e| panic!("systemd/deis-backup-verify.service: {e}"));
+        let Command::Verify {
+            id,
+            read_data,
+            read_data_subset,
+            ..
+        } = cli.command
+        else {
+            panic!("the unit does not run `verify`");
+        };
+        assert_eq!(id, "latest");
+        assert!(!read_data);
+        let Some(verify::Subset::Window { width, .. }) = read_data_subset else {
+            panic!("the unit reads no moving window: {read_data_subset:?}");
+        };
+        assert_eq!(width, 250_000, "25%: every blob within four weekly runs");
+        assert!(unit.contains("--entrypoint /usr/bin/deis-backup"));
+        assert!(unit.contains("Type=oneshot"));
     }
 }

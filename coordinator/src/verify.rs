@@ -5,6 +5,8 @@
 //! named with two different sizes; it cannot see bytes changed in place (same size).
 //! [`Depth::All`] catches those too: a blob's name is the SHA-256 of the bytes it was written
 //! with, and every snapshot naming it (an incremental one carries the name over) reports it.
+//! [`Depth::Subset`] reads again only the blobs of one slice ([`Subset`]), so that runs on
+//! several days together read everything once.
 //!
 //! Invariants:
 //! - Reads only. Every problem is collected (not just the first) and named by part or bucket/key.
@@ -22,6 +24,9 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::repository::{BlobCheck, BlobRef, Manifest, Repository, Sha256};
 
+mod subset;
+pub use subset::{NotSubset, Subset};
+
 /// How deep to look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Depth {
@@ -31,6 +36,20 @@ pub enum Depth {
     Parts,
     /// Every blob re-hashed.
     All,
+    /// Sizes of every blob; the blobs of this slice re-hashed (parts and objects alike).
+    Subset(Subset),
+}
+
+impl Depth {
+    /// Whether a blob is read again: `part` for a part's blob, else a listed object's.
+    fn rehash(self, blob: &Sha256, part: bool) -> bool {
+        match self {
+            Depth::Sizes => false,
+            Depth::Parts => part,
+            Depth::All => true,
+            Depth::Subset(s) => s.contains(blob),
+        }
+    }
 }
 
 /// What `verify` found.
@@ -40,7 +59,12 @@ pub struct Report {
     pub parts: u64,
     pub objects: u64,
     pub blobs_checked: u64,
+    /// Of them, the blobs read again and their bytes.
+    pub blobs_read: u64,
     pub bytes_read: u64,
+    /// The slice read again, with `--read-data-subset`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
     /// One line per problem; empty when the snapshot is whole.
     pub problems: Vec<String>,
 }
@@ -55,6 +79,10 @@ impl Report {
 pub async fn verify(repo: &Repository, manifest: &Manifest, depth: Depth) -> Result<Report> {
     let mut report = Report {
         snapshot: manifest.id.to_string(),
+        subset: match depth {
+            Depth::Subset(s) => Some(s.to_string()),
+            _ => None,
+        },
         ..Report::default()
     };
     // blob -> (size, what names it, re-hash?)
@@ -75,7 +103,7 @@ pub async fn verify(repo: &Repository, manifest: &Manifest, depth: Depth) -> Res
                 blob.sha256,
                 blob.size,
                 what,
-                depth != Depth::Sizes,
+                depth.rehash(&blob.sha256, true),
             );
         }
     }
@@ -97,7 +125,7 @@ pub async fn verify(repo: &Repository, manifest: &Manifest, depth: Depth) -> Res
                 e.sha256,
                 e.size,
                 format!("s3://{bucket}/{}", e.key),
-                depth == Depth::All,
+                depth.rehash(&e.sha256, false),
             );
         }
     }
@@ -106,12 +134,13 @@ pub async fn verify(repo: &Repository, manifest: &Manifest, depth: Depth) -> Res
         .map(|(sha, (size, what, rehash))| async move {
             check_blob(repo, sha, size, rehash)
                 .await
-                .map(|(read, problem)| (read, problem.map(|p| format!("{what}: {p}"))))
+                .map(|(read, problem)| (rehash, read, problem.map(|p| format!("{what}: {p}"))))
         })
         .buffer_unordered(16);
-    let results: Vec<(u64, Option<String>)> = checks.try_collect().await?;
-    for (read, problem) in results {
+    let results: Vec<(bool, u64, Option<String>)> = checks.try_collect().await?;
+    for (rehashed, read, problem) in results {
         report.blobs_checked += 1;
+        report.blobs_read += u64::from(rehashed);
         report.bytes_read += read;
         report.problems.extend(problem);
     }
@@ -318,5 +347,65 @@ mod tests {
             "{:?}",
             parts.problems
         );
+    }
+
+    #[tokio::test]
+    async fn subsets_one_to_m_read_every_blob_once_and_the_damaged_one_in_its_slice() {
+        let (repo, backend) = crate::testkit::memory_repo();
+        let mut entries = Vec::new();
+        for i in 0..60u32 {
+            let blob = repo
+                .write_blob_from(format!("object {i}").as_bytes())
+                .await
+                .unwrap()
+                .blob;
+            entries.push(entry(&format!("k{i}"), &blob));
+        }
+        let dump = repo.write_blob_from(&b"the dump"[..]).await.unwrap().blob;
+        let mut s = repo.start_snapshot(SnapshotId::generate());
+        s.add_part("database", crate::repository::PartRef::Blob(dump))
+            .unwrap();
+        s.add_bucket("registry", &entries).await.unwrap();
+        let m = s.commit().await.unwrap();
+        let all = verify(&repo, &m, Depth::All).await.unwrap();
+        assert_eq!((all.blobs_checked, all.blobs_read), (61, 61));
+
+        let slices: Vec<Subset> = (1..=3).map(|k| format!("{k}/3").parse().unwrap()).collect();
+        let mut read = (0, 0);
+        for s in &slices {
+            let r = verify(&repo, &m, Depth::Subset(*s)).await.unwrap();
+            assert!(r.ok(), "{:?}", r.problems);
+            assert_eq!(r.blobs_checked, 61, "every size is checked");
+            assert!(
+                r.blobs_read > 0 && r.blobs_read < 61,
+                "{s}: {}",
+                r.blobs_read
+            );
+            assert_eq!(r.subset.as_deref(), Some(s.to_string().as_str()));
+            read = (read.0 + r.blobs_read, read.1 + r.bytes_read);
+        }
+        assert_eq!(
+            read,
+            (all.blobs_read, all.bytes_read),
+            "once each, together"
+        );
+
+        // Damaged in place (same size): found by the slice holding it, and by no other.
+        let damaged = &entries[17];
+        backend.set(&blob_path(&damaged.sha256), &b"object XX"[..]);
+        for s in &slices {
+            let r = verify(&repo, &m, Depth::Subset(*s)).await.unwrap();
+            if s.contains(&damaged.sha256) {
+                assert_eq!(r.problems.len(), 1, "{s}: {:?}", r.problems);
+                assert!(
+                    r.problems[0].starts_with("s3://registry/k17: blob ")
+                        && r.problems[0].ends_with("its bytes are damaged"),
+                    "{:?}",
+                    r.problems
+                );
+            } else {
+                assert!(r.ok(), "{s}: {:?}", r.problems);
+            }
+        }
     }
 }

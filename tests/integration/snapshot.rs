@@ -332,13 +332,25 @@ async fn snapshot_then_restore_onto_a_fresh_cluster_gives_back_every_object_file
     let snap = ok(&source.snapshot(&repo, &[]), "snapshot");
     let id = snapshot_id(&snap);
     let r = repo.display().to_string();
-    ok(
-        &deis_backup(
-            &source.agent.token_file,
-            &["verify", &id, "--read-data", "-r", &r],
-        ),
-        "verify",
-    );
+    let verify = |args: &[&str]| -> serde_json::Value {
+        let all = [&["verify", &id, "--json", "-r", &r], args].concat();
+        ok(&deis_backup(&source.agent.token_file, &all), "verify")
+    };
+    let whole = verify(&["--read-data"]);
+    assert!(whole["blobs_read"].as_u64().unwrap() > 0, "{whole}");
+    // Two halves read every blob once between them, and check every size each.
+    let halves = [
+        verify(&["--read-data-subset", "1/2"]),
+        verify(&["--read-data-subset", "2/2"]),
+    ];
+    for field in ["blobs_read", "bytes_read"] {
+        let sum: u64 = halves.iter().map(|h| h[field].as_u64().unwrap()).sum();
+        assert_eq!(sum, whole[field].as_u64().unwrap(), "{field}: {halves:?}");
+    }
+    for h in &halves {
+        assert_eq!(h["blobs_checked"], whole["blobs_checked"], "{h}");
+        assert!(h["problems"].as_array().unwrap().is_empty(), "{h}");
+    }
 
     let fresh = Fresh::new();
     let target_etcd = fresh.target.etcd();

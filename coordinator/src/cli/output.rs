@@ -133,11 +133,16 @@ impl Output {
             println!("damaged: {p}");
         }
         println!(
-            "snapshot {}: {} parts, {} objects, {} blobs checked, {} read: {}",
+            "snapshot {}: {} parts, {} objects, {} blobs checked, {} read again{} ({}): {}",
             r.snapshot,
             r.parts,
             r.objects,
             r.blobs_checked,
+            r.blobs_read,
+            r.subset
+                .as_ref()
+                .map(|s| format!(" (slice {s})"))
+                .unwrap_or_default(),
             size(r.bytes_read),
             if r.ok() {
                 "ok".to_owned()
