@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use deis_backup_coordinator::agents::{self, AgentOptions};
+use deis_backup_coordinator::history::{self, Moved, Run};
 use deis_backup_coordinator::hold::Hold;
 use deis_backup_coordinator::lease::{self, Lease, Operation};
 use deis_backup_coordinator::lock::Lock;
@@ -19,6 +20,7 @@ use deis_backup_coordinator::repository::{Repository, RepositoryOptions, Snapsho
 use deis_backup_coordinator::restore::{self, RestoreOptions};
 use deis_backup_coordinator::s3::GatewayOptions;
 use deis_backup_coordinator::snapshot::{self, Cluster, SnapshotOptions};
+use deis_backup_coordinator::status;
 use deis_backup_coordinator::verify::{self, Depth};
 use deis_backup_coordinator::{Error, ErrorKind, Result};
 
@@ -70,6 +72,24 @@ enum Command {
     Show {
         /// Snapshot id, or `latest`.
         id: String,
+        #[command(flatten)]
+        repository: RepositoryOptions,
+    },
+    /// The run history: every snapshot, prune and restore with its outcome, oldest first.
+    Runs {
+        #[command(flatten)]
+        repository: RepositoryOptions,
+    },
+    /// For monitoring (Nagios, Icinga): exit 0 when the last complete snapshot is younger than
+    /// --max-age and the last run did not fail, 2 (CRITICAL) otherwise, 3 (UNKNOWN) when the facts
+    /// cannot be read; one line says what is wrong and since when.
+    Status {
+        /// The oldest the last complete snapshot may be (a little more than the timer's period).
+        #[arg(long, default_value = "26h", value_parser = humantime::parse_duration)]
+        max_age: std::time::Duration,
+        /// Where the facts come from: etcd (any host of the cluster) or the repository alone.
+        #[arg(long, value_enum, default_value_t = StatusSource::Etcd)]
+        from: StatusSource,
         #[command(flatten)]
         repository: RepositoryOptions,
     },
@@ -251,15 +271,46 @@ pub async fn run() -> Result<ExitCode> {
         } => {
             let repo = Repository::open(&file.merged("repository", repository)?).await?;
             let options = file.merged("prune", options)?;
-            let lock = Lock::acquire(&etcd, "prune").await?;
-            let (hold, others) = hold(&repo, Operation::Prune, Vec::new(), lock).await?;
-            clean_staging(&repo, &others).await;
-            let r = prune::prune(&repo, &options, &hold, &others).await;
-            release(hold).await;
+            let mut run = Run::start(history::Command::Prune);
+            let r = run_prune(&repo, &etcd, &options, &mut run).await;
+            if !options.dry_run {
+                run.end(r.as_ref().map(|r| Moved {
+                    bytes: r.bytes_deleted,
+                    objects: r.blobs_deleted,
+                    reused_objects: 0,
+                }));
+                record(&run, Some(&repo), &etcd).await;
+            }
             out.prune(&r?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Pki { .. } => unreachable!("handled before etcd is set up"),
+        Command::Runs { repository } => {
+            let repo = Repository::open(&file.merged("repository", repository)?).await?;
+            out.runs(&history::runs(&repo).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            max_age,
+            from,
+            repository,
+        } => {
+            let facts = match from {
+                StatusSource::Etcd => status_from_etcd(&etcd).await,
+                StatusSource::Repository => {
+                    match Repository::open(&file.merged("repository", repository)?).await {
+                        Ok(repo) => status_from_repository(&repo).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            let verdict = match facts {
+                Ok(facts) => status::judge(facts, max_age, time::OffsetDateTime::now_utc()),
+                Err(e) => status::Status::unknown(&e),
+            };
+            out.status(&verdict);
+            Ok(ExitCode::from(verdict.code))
+        }
         Command::Agents { agents } => {
             let agents = file.merged("agents", agents)?;
             let locations = agents::locate(&agents, Some(&etcd)).await?;
@@ -284,34 +335,96 @@ async fn cmd_snapshot(
     agents: &AgentOptions,
     options: &SnapshotOptions,
 ) -> Result<ExitCode> {
-    let cluster = Cluster::discover(etcd, agents, gateway, options.no_buckets).await?;
+    let mut run = Run::start(history::Command::Snapshot);
+    let cluster = match Cluster::discover(etcd.clone(), agents, gateway, options.no_buckets).await {
+        Ok(c) => c,
+        Err(e) => {
+            // No agent, gateway or etcd to work with: only etcd may hear of it.
+            if !options.dry_run {
+                run.end(Err(&e));
+                record(&run, None, &etcd).await;
+            }
+            return Err(e);
+        }
+    };
     if options.dry_run {
         let repo = Repository::open(repository).await.ok();
         let plan = snapshot::plan(&cluster, repo.as_ref(), options).await?;
         out.plan(&plan, repository.location());
         return Ok(ExitCode::SUCCESS);
     }
-    let lock = Lock::acquire(&cluster.etcd, "snapshot").await?;
     let repo = match Repository::open_or_init(repository).await {
         Ok(r) => r,
         Err(e) => {
-            release(Hold::new(Some(lock), None)).await;
+            run.end(Err(&e));
+            record(&run, None, &cluster.etcd).await;
             return Err(e);
         }
     };
-    let (hold, others) = hold(&repo, Operation::Snapshot, Vec::new(), lock).await?;
-    clean_staging(&repo, &others).await;
+    let result = take_snapshot(out, &cluster, &repo, options, &mut run).await;
+    run.snapshot = result.as_ref().ok().map(|o| o.manifest.id.clone());
+    run.end(result.as_ref().map(moved_by_snapshot));
+    record(&run, Some(&repo), &cluster.etcd).await;
+    let outcome = result?;
+    out.snapshot(&outcome);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The snapshot itself, under the cluster lock and a repository lease; `run`'s `started` entry is
+/// written once both are held.
+async fn take_snapshot(
+    out: &output::Output,
+    cluster: &Cluster,
+    repo: &Repository,
+    options: &SnapshotOptions,
+    run: &mut Run,
+) -> Result<snapshot::Outcome> {
+    let lock = Lock::acquire(&cluster.etcd, "snapshot").await?;
+    let (hold, others) = hold(repo, Operation::Snapshot, Vec::new(), lock).await?;
+    run.lease = hold.lease_file().map(str::to_owned);
+    record_start(run, repo).await;
+    clean_staging(repo, &others).await;
     let progress = progress::Bars::new(out.is_json());
     let result = async {
-        let plan = snapshot::plan(&cluster, Some(&repo), options).await?;
-        snapshot::run(&cluster, &repo, &plan, options, &hold, &progress).await
+        let plan = snapshot::plan(cluster, Some(repo), options).await?;
+        snapshot::run(cluster, repo, &plan, options, &hold, &progress).await
     }
     .await;
     progress.finish();
     release(hold).await;
-    let outcome = result?;
-    out.snapshot(&outcome);
-    Ok(ExitCode::SUCCESS)
+    result
+}
+
+/// What a snapshot moved: bytes and objects downloaded from the gateway, objects carried over.
+fn moved_by_snapshot(o: &snapshot::Outcome) -> Moved {
+    let mut moved = Moved::default();
+    for s in o.buckets.values() {
+        moved.bytes += s.downloaded_bytes;
+        moved.objects += s.downloaded_objects;
+        moved.reused_objects += s.unchanged_objects;
+    }
+    moved
+}
+
+/// Writes `run`'s `started` entry; a failure is a warning (history never decides a run).
+async fn record_start(run: &Run, repo: &Repository) {
+    if let Err(e) = history::write(repo, run).await {
+        eprintln!("deis-backup: warning: recording the run: {}", e.message());
+    }
+}
+
+/// Writes `run`'s final entry in the repository (when it could be opened) and as the cluster's
+/// last run in etcd; failures are warnings.
+async fn record(run: &Run, repo: Option<&Repository>, etcd: &deis_backup_etcd::Client) {
+    if let Some(repo) = repo {
+        record_start(run, repo).await;
+    }
+    if let Err(e) = history::publish(etcd, run).await {
+        eprintln!(
+            "deis-backup: warning: publishing the run in etcd: {}",
+            e.message()
+        );
+    }
 }
 
 async fn cmd_restore(
@@ -325,7 +438,45 @@ async fn cmd_restore(
 ) -> Result<ExitCode> {
     let repo = Repository::open(repository).await?;
     let id = resolve_id(&repo, id).await?;
-    let manifest = repo.manifest(&id).await?;
+    let mut run = Run::start(history::Command::Restore);
+    run.snapshot = Some(id.clone());
+    let r = run_restore(
+        out,
+        etcd,
+        &repo,
+        &id,
+        gateway,
+        agent_options,
+        options,
+        &mut run,
+    )
+    .await;
+    if !options.dry_run {
+        run.end(r.as_ref().map(|_| Moved::default()));
+        record(&run, Some(&repo), etcd).await;
+    }
+    out.restore(&r?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A restore of snapshot `id` onto the cluster of `etcd`: its preflight only with `--dry-run`,
+/// otherwise under the target's cluster lock and a repository lease (`run`'s `started` entry is
+/// written once both are held).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the command's inputs, passed through once"
+)]
+async fn run_restore(
+    out: &output::Output,
+    etcd: &deis_backup_etcd::Client,
+    repo: &Repository,
+    id: &SnapshotId,
+    gateway: &GatewayOptions,
+    agent_options: &AgentOptions,
+    options: &RestoreOptions,
+    run: &mut Run,
+) -> Result<restore::Report> {
+    let manifest = repo.manifest(id).await?;
     let no_buckets = options.no_buckets || manifest.buckets.is_empty();
     let target = Cluster::discover(etcd.clone(), agent_options, gateway, no_buckets)
         .await
@@ -337,18 +488,17 @@ async fn cmd_restore(
             ),
             _ => e,
         })?;
+    let progress = progress::Bars::new(out.is_json());
     if options.dry_run {
-        let progress = progress::Bars::new(out.is_json());
-        let r = restore::restore(&repo, &manifest, &target, options, &progress, None).await;
+        let r = restore::restore(repo, &manifest, &target, options, &progress, None).await;
         progress.finish();
-        out.restore(&r?);
-        return Ok(ExitCode::SUCCESS);
+        return r;
     }
     // The target cluster's lock: no snapshot or prune of it, and no second restore, meanwhile.
     // The lease: no prune of the repository (from any cluster) deletes the snapshot meanwhile.
     let lock = Lock::acquire(etcd, "restore").await?;
     let (lease, _) =
-        match Lease::take_to_read(&repo, Operation::Restore, vec![id.clone()], Some(&lock)).await {
+        match Lease::take_to_read(repo, Operation::Restore, vec![id.clone()], Some(&lock)).await {
             Ok(taken) => taken,
             Err(e) => {
                 release(Hold::new(Some(lock), None)).await;
@@ -356,18 +506,18 @@ async fn cmd_restore(
             }
         };
     let hold = Hold::new(Some(lock), lease);
-    let progress = progress::Bars::new(out.is_json());
+    run.lease = hold.lease_file().map(str::to_owned);
+    record_start(run, repo).await;
     // Read again under the lease: a prune that ran in between shows here, not half-way through.
-    let r = match repo.manifest(&id).await {
+    let r = match repo.manifest(id).await {
         Ok(manifest) => {
-            restore::restore(&repo, &manifest, &target, options, &progress, Some(&hold)).await
+            restore::restore(repo, &manifest, &target, options, &progress, Some(&hold)).await
         }
         Err(e) => Err(e),
     };
     progress.finish();
     release(hold).await;
-    out.restore(&r?);
-    Ok(ExitCode::SUCCESS)
+    r
 }
 
 fn cmd_pki(action: &PkiCommand) -> Result<ExitCode> {
@@ -387,6 +537,68 @@ fn cmd_pki(action: &PkiCommand) -> Result<ExitCode> {
     println!("{}", issued.cert.display());
     println!("{}", issued.key.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where `status` reads its facts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StatusSource {
+    Etcd,
+    Repository,
+}
+
+/// The last run and the last complete snapshot as etcd has them.
+async fn status_from_etcd(etcd: &deis_backup_etcd::Client) -> Result<status::Facts> {
+    let last_run = history::from_etcd(etcd, history::LAST_RUN_KEY).await?;
+    let last_success = history::from_etcd(etcd, history::LAST_SUCCESS_KEY).await?;
+    Ok(status::Facts {
+        last_run: last_run.map(|r| {
+            let state = r.state(false);
+            (r, state)
+        }),
+        last_success: last_success.and_then(|r| {
+            Some((
+                r.ended?,
+                r.snapshot.map(|s| s.to_string()).unwrap_or_default(),
+            ))
+        }),
+    })
+}
+
+/// The last run that is not still running, and the newest complete snapshot, as the repository
+/// has them.
+async fn status_from_repository(repo: &Repository) -> Result<status::Facts> {
+    let runs = history::runs(repo).await?;
+    let last_run = runs
+        .into_iter()
+        .rev()
+        .find(|(_, state)| *state != history::State::Running);
+    let last_success = repo
+        .latest()
+        .await?
+        .map(|m| (m.completed, m.id.to_string()));
+    Ok(status::Facts {
+        last_run,
+        last_success,
+    })
+}
+
+/// A prune under the cluster lock and a repository lease.
+async fn run_prune(
+    repo: &Repository,
+    etcd: &deis_backup_etcd::Client,
+    options: &PruneOptions,
+    run: &mut Run,
+) -> Result<prune::Report> {
+    let lock = Lock::acquire(etcd, "prune").await?;
+    let (hold, others) = hold(repo, Operation::Prune, Vec::new(), lock).await?;
+    if !options.dry_run {
+        run.lease = hold.lease_file().map(str::to_owned);
+        record_start(run, repo).await;
+    }
+    clean_staging(repo, &others).await;
+    let r = prune::prune(repo, options, &hold, &others).await;
+    release(hold).await;
+    r
 }
 
 /// Takes the repository lease for `operation` beside the cluster lock `lock`: refused (and the

@@ -23,6 +23,11 @@ impl Hold {
         Hold { lock, lease }
     }
 
+    /// The repository lease's file, when the run holds one (its run entry names it).
+    pub fn lease_file(&self) -> Option<&str> {
+        self.lease.as_ref().map(Lease::file)
+    }
+
     /// An error once the cluster lock or the repository lease is lost, naming the step that must
     /// not run without them.
     pub fn check(&self, before: &str) -> Result<()> {

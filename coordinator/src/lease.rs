@@ -215,6 +215,11 @@ impl Lease {
         })
     }
 
+    /// The lease's file in the repository (`leases/<token>.json`).
+    pub fn file(&self) -> &str {
+        &self.name
+    }
+
     /// An error once the lease may have lapsed, naming the step that must not run without it.
     pub fn check(&self, before: &str) -> Result<()> {
         let quiet = self.confirmed.borrow().elapsed();
@@ -252,6 +257,18 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renewer.abort();
+    }
+}
+
+/// Whether the lease in `file` exists and was renewed less than [`TTL`] before `now`: the run
+/// that holds it is alive.
+pub async fn renewed_within(repo: &Repository, file: &str, now: OffsetDateTime) -> Result<bool> {
+    match repo.backend().get_bytes(file).await {
+        Ok(data) => {
+            Ok(serde_json::from_slice::<Record>(&data).is_ok_and(|r| now - r.renewed < TTL))
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

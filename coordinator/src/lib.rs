@@ -11,6 +11,7 @@ pub mod agents;
 pub mod bucket_restore;
 pub mod error;
 pub mod gateway;
+pub mod history;
 pub mod hold;
 pub mod lease;
 pub mod lock;
@@ -25,6 +26,7 @@ pub mod rfc3339;
 pub mod s3;
 pub mod secret;
 pub mod snapshot;
+pub mod status;
 #[cfg(test)]
 pub(crate) mod testkit;
 pub mod verify;

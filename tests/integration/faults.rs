@@ -1123,3 +1123,70 @@ async fn fault_two_clusters_sharing_a_repository_keep_out_of_each_others_way() {
     );
     assert!(leases(&repo).is_empty(), "leases left: {:?}", leases(&repo));
 }
+
+/// `status` and `runs` follow a cluster's runs: nothing yet, a failed snapshot (its gateway
+/// unreachable), then a complete one; from etcd and from the repository alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_a_failed_run_and_is_ok_after_a_fresh_complete_snapshot() {
+    let src = Fresh::new();
+    let token = src.agent.token_file.clone();
+    let (_d, repo) = repo_dir("e2e-status");
+    let r = repo.display().to_string();
+    let etcd = src.target.etcd_endpoints();
+    let status = async |extra: &[&str]| {
+        let out = run(&token, &[&["status", "--etcd", etcd][..], extra].concat()).await;
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(line.lines().count(), 1, "{line} {}", stderr(&out));
+        (out.status.code(), line)
+    };
+
+    let (code, line) = status(&[]).await;
+    assert_eq!(
+        (code, line.as_str()),
+        (Some(2), "CRITICAL: no complete snapshot yet")
+    );
+
+    let failed = run(
+        &token,
+        &snapshot_args(
+            &src,
+            &r,
+            &["--gateway", "http://127.0.0.1:9", "--gateway-retries", "0"],
+        ),
+    )
+    .await;
+    let error = one_line_error(&failed, &["no gateway answered"]);
+    let (code, line) = status(&[]).await;
+    assert_eq!(code, Some(2), "{line}");
+    assert!(
+        line.starts_with("CRITICAL: the last run (snapshot on ")
+            && line.contains(") failed: ")
+            && line.contains("failed: no gateway answered (http://127.0.0.1:9): ")
+            && line.ends_with("; no complete snapshot yet"),
+        "{line}\n{error}"
+    );
+
+    let snap = ok(
+        &run(&token, &snapshot_args(&src, &r, &["--no-buckets"])).await,
+        "snapshot",
+    );
+    let id = snapshot_id(&snap);
+    let (code, line) = status(&[]).await;
+    assert_eq!(code, Some(0), "{line}");
+    assert!(
+        line.starts_with(&format!("OK: last complete snapshot {id} at ")),
+        "{line}"
+    );
+    let (code, line) = status(&["--max-age", "1ms"]).await;
+    assert_eq!(code, Some(2), "{line}");
+    assert!(line.contains("older than the 1ms allowed"), "{line}");
+    // The repository alone says the same; its history holds the run that reached it.
+    let (code, line) = status(&["--from", "repository", "-r", &r]).await;
+    assert_eq!(code, Some(0), "{line}");
+    let runs = ok(&run(&token, &["runs", "--json", "-r", &r]).await, "runs");
+    let runs = runs["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["command"], "snapshot");
+    assert_eq!(runs[0]["state"], "complete");
+    assert_eq!(runs[0]["snapshot"], id.as_str());
+}

@@ -6,11 +6,13 @@
 
 use deis_backup_coordinator::Result;
 use deis_backup_coordinator::agents::Agent;
+use deis_backup_coordinator::history;
 use deis_backup_coordinator::prune;
 use deis_backup_coordinator::repository::{Manifest, PartInfo, PartRef, Repository, SnapshotId};
 use deis_backup_coordinator::restore;
 use deis_backup_coordinator::rfc3339::rfc3339;
 use deis_backup_coordinator::snapshot::{Outcome, Plan};
+use deis_backup_coordinator::status;
 use deis_backup_coordinator::verify;
 use deis_backup_proto::v1::DescribeReply;
 use serde::Serialize;
@@ -150,6 +152,59 @@ impl Output {
                 format!("{} problems", r.problems.len())
             }
         );
+    }
+
+    pub fn runs(&self, runs: &[(history::Run, history::State)]) {
+        if self.json {
+            #[derive(Serialize)]
+            struct Row<'a> {
+                #[serde(flatten)]
+                run: &'a history::Run,
+                state: history::State,
+            }
+            let rows: Vec<Row<'_>> = runs
+                .iter()
+                .map(|(run, state)| Row { run, state: *state })
+                .collect();
+            Self::emit_json(&json!({ "runs": rows }));
+            return;
+        }
+        let mut t = Table::new(&[
+            "STARTED", "COMMAND", "HOST", "STATE", "SNAPSHOT", "MOVED", "ERROR",
+        ]);
+        for (r, state) in runs {
+            t.row(vec![
+                rfc3339(r.started),
+                serde_json::to_value(r.command)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                r.host.clone(),
+                serde_json::to_value(state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                r.snapshot
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                if r.objects > 0 || r.bytes > 0 {
+                    format!("{} objects, {}", r.objects, size(r.bytes))
+                } else {
+                    String::new()
+                },
+                r.error.clone().unwrap_or_default(),
+            ]);
+        }
+        print!("{}", t.render());
+    }
+
+    pub fn status(&self, s: &status::Status) {
+        if self.json {
+            Self::emit_json(s);
+        } else {
+            println!("{}", s.line);
+        }
     }
 
     pub fn prune(&self, r: &prune::Report) {
