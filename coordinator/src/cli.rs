@@ -353,15 +353,26 @@ async fn cmd_snapshot(
         out.plan(&plan, repository.location());
         return Ok(ExitCode::SUCCESS);
     }
-    let repo = match Repository::open_or_init(repository).await {
-        Ok(r) => r,
+    // The lock before the repository: a refused snapshot creates nothing.
+    let opened = match Lock::acquire(&cluster.etcd, "snapshot").await {
+        Ok(lock) => match Repository::open_or_init(repository).await {
+            Ok(repo) => Ok((lock, repo)),
+            Err(e) => {
+                release(Hold::new(Some(lock), None)).await;
+                Err(e)
+            }
+        },
+        Err(e) => Err(e),
+    };
+    let (lock, repo) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
             run.end(Err(&e));
             record(&run, None, &cluster.etcd).await;
             return Err(e);
         }
     };
-    let result = take_snapshot(out, &cluster, &repo, options, &mut run).await;
+    let result = take_snapshot(out, &cluster, &repo, options, lock, &mut run).await;
     run.snapshot = result.as_ref().ok().map(|o| o.manifest.id.clone());
     run.end(result.as_ref().map(moved_by_snapshot));
     record(&run, Some(&repo), &cluster.etcd).await;
@@ -370,16 +381,16 @@ async fn cmd_snapshot(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The snapshot itself, under the cluster lock and a repository lease; `run`'s `started` entry is
-/// written once both are held.
+/// The snapshot itself, under the cluster lock (`lock`, held) and a repository lease; `run`'s
+/// `started` entry is written once both are held.
 async fn take_snapshot(
     out: &output::Output,
     cluster: &Cluster,
     repo: &Repository,
     options: &SnapshotOptions,
+    lock: Lock,
     run: &mut Run,
 ) -> Result<snapshot::Outcome> {
-    let lock = Lock::acquire(&cluster.etcd, "snapshot").await?;
     let (hold, others) = hold(repo, Operation::Snapshot, Vec::new(), lock).await?;
     run.lease = hold.lease_file().map(str::to_owned);
     record_start(run, repo).await;
