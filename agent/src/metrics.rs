@@ -401,19 +401,19 @@ mod tests {
     use deis_backup_proto::v1::Trailer;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn data(n: usize) -> std::result::Result<Chunk, Status> {
-        Ok(Chunk {
+    fn data(n: usize) -> Chunk {
+        Chunk {
             kind: Some(chunk::Kind::Data(vec![0; n])),
-        })
+        }
     }
 
-    fn trailer(unchanged: bool) -> std::result::Result<Chunk, Status> {
-        Ok(Chunk {
+    fn trailer(unchanged: bool) -> Chunk {
+        Chunk {
             kind: Some(chunk::Kind::Trailer(Trailer {
                 unchanged,
                 ..Trailer::default()
             })),
-        })
+        }
     }
 
     /// The sample lines of the encoding, without the comments.
@@ -468,14 +468,14 @@ mod tests {
         m.received(Call::RestoreStore).inc_by(5);
 
         // A dump streamed to its trailer: its bytes, OK, and its duration.
-        let stream = futures::stream::iter([data(3), data(4), trailer(false)]);
+        let stream = futures::stream::iter([Ok(data(3)), Ok(data(4)), Ok(trailer(false))]);
         let response = m
             .call(Call::DumpDatabase)
             .download(Ok(tonic::Response::new(stream)))
             .unwrap();
         drain(response.into_inner()).await;
         // An archive that fails midway, one refused at once, one the caller drops.
-        let failing = futures::stream::iter([data(10), Err(Status::internal("disk"))]);
+        let failing = futures::stream::iter([Ok(data(10)), Err(Status::internal("disk"))]);
         let response = m
             .call(Call::ArchiveStore)
             .download(Ok(tonic::Response::new(failing)))
@@ -485,7 +485,7 @@ mod tests {
             .call(Call::ArchiveStore)
             .download::<futures::stream::Empty<_>>(Err(Status::permission_denied("allow-list")));
         assert!(refused.is_err());
-        let abandoned = futures::stream::iter([data(1), trailer(false)]);
+        let abandoned = futures::stream::iter([Ok(data(1)), Ok(trailer(false))]);
         let mut s = m
             .call(Call::ArchiveStore)
             .download(Ok(tonic::Response::new(abandoned)))
@@ -525,7 +525,7 @@ mod tests {
     #[tokio::test]
     async fn an_unchanged_dump_keeps_the_last_duration() {
         let m = Arc::new(Metrics::new());
-        let unchanged = futures::stream::iter([trailer(true)]);
+        let unchanged = futures::stream::iter([Ok(trailer(true))]);
         let r = m
             .call(Call::DumpDatabase)
             .download(Ok(tonic::Response::new(unchanged)))

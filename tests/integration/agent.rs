@@ -1592,6 +1592,10 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[expect(
+    clippy::float_cmp,
+    reason = "counters are whole numbers, written and parsed exactly"
+)]
 async fn agent_metrics_count_calls_bytes_and_authentication_failures_and_are_off_by_default() {
     let store = tempfile::tempdir().unwrap();
     let store_path = store.path().to_str().unwrap();
