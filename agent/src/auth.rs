@@ -9,7 +9,8 @@
 //!   digests compared in constant time (so neither content nor length leaks through timing). A
 //!   missing, malformed or wrong token is `UNAUTHENTICATED`, and no token ever reaches a log.
 //! - Refusals are logged with the peer's address, at most once per 10 s, with the count of those
-//!   left out, so a flood of bad calls cannot flood the journal.
+//!   left out, so a flood of bad calls cannot flood the journal. Every refusal is counted in the
+//!   agent's metrics (`deis_backup_agent_authentication_failures_total`).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,6 +21,8 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
+
+use crate::metrics::Metrics;
 
 /// Lets one log line through per period, counting the ones it holds back.
 #[derive(Debug)]
@@ -73,6 +76,7 @@ pub struct Authenticator {
     /// Whether the connection is TLS, so a coordinator certificate is required.
     tls: bool,
     refusals: std::sync::Arc<RateLimitedLog>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -82,15 +86,17 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(token: &SecretString, tls: bool) -> Self {
+    pub fn new(token: &SecretString, tls: bool, metrics: std::sync::Arc<Metrics>) -> Self {
         Self {
             digest: Sha256::digest(token.expose_secret().as_bytes()).into(),
             tls,
             refusals: std::sync::Arc::new(RateLimitedLog::new(Duration::from_secs(10))),
+            metrics,
         }
     }
 
     fn refuse<T>(&self, req: &Request<T>, why: &'static str, status: Status) -> Status {
+        self.metrics.authentication_failed();
         if let Some(suppressed) = self.refusals.allow() {
             tracing::warn!(peer = ?req.remote_addr(), suppressed, "call refused: {why}");
         }
@@ -165,9 +171,23 @@ mod tests {
         r
     }
 
+    fn authenticator(tls: bool) -> (Authenticator, std::sync::Arc<Metrics>) {
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let token = SecretString::from("0123456789abcdef-token");
+        (Authenticator::new(&token, tls, metrics.clone()), metrics)
+    }
+
+    fn failures(m: &Metrics) -> String {
+        m.encode()
+            .lines()
+            .find(|l| l.starts_with("deis_backup_agent_authentication_failures_total "))
+            .unwrap()
+            .to_owned()
+    }
+
     #[test]
-    fn only_the_exact_token_passes() {
-        let a = Authenticator::new(&SecretString::from("0123456789abcdef-token"), false);
+    fn only_the_exact_token_passes_and_each_refusal_is_counted() {
+        let (a, metrics) = authenticator(false);
         assert!(
             a.check(request(Some("Bearer 0123456789abcdef-token")))
                 .is_ok()
@@ -182,16 +202,24 @@ mod tests {
             let e = a.check(request(bad)).unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
+        assert_eq!(
+            failures(&metrics),
+            "deis_backup_agent_authentication_failures_total 5"
+        );
     }
 
     #[test]
     fn with_tls_a_right_token_without_the_coordinator_certificate_is_refused() {
-        let a = Authenticator::new(&SecretString::from("0123456789abcdef-token"), true);
+        let (a, metrics) = authenticator(true);
         let e = a
             .check(request(Some("Bearer 0123456789abcdef-token")))
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         assert!(e.message().contains(COORDINATOR_NAME), "{e}");
+        assert_eq!(
+            failures(&metrics),
+            "deis_backup_agent_authentication_failures_total 1"
+        );
     }
 
     #[test]

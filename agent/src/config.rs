@@ -158,6 +158,10 @@ pub struct Config {
     /// Seconds a connection may sit without a call before it is closed [default: 300].
     #[arg(long)]
     pub idle_timeout: Option<u64>,
+    /// Address to serve Prometheus metrics on, as plain HTTP `GET /metrics` without
+    /// authentication (they carry no secret) [default: off].
+    #[arg(long, env = "DEIS_BACKUP_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Hooks by name (config file only).
     #[arg(skip)]
     #[merge(strategy = extend)]
@@ -231,6 +235,18 @@ impl Config {
         text.parse().map_err(|_| Error::Config {
             what: format!("listen address '{text}' is not ip:port"),
         })
+    }
+
+    /// The address to serve `/metrics` on: `--metrics-listen`, else none (not served).
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>> {
+        self.metrics_listen
+            .as_deref()
+            .map(|text| {
+                text.parse().map_err(|_| Error::Config {
+                    what: format!("metrics listen address '{text}' is not ip:port"),
+                })
+            })
+            .transpose()
     }
 
     pub fn etcd(&self) -> &str {
@@ -487,6 +503,7 @@ mod tests {
             max_connections: Some(2),
             max_streams: Some(4),
             idle_timeout: Some(8),
+            metrics_listen: Some("127.0.0.1:9".into()),
             hooks: BTreeMap::from([(
                 "h".into(),
                 Hook {
@@ -797,6 +814,19 @@ mod tests {
                 ("7", None, "8"),
                 ["7", "", "8", "300"],
                 |c| c.server_limits().idle_timeout.as_secs().to_string(),
+            ),
+            opt(
+                "metrics-listen",
+                "metrics_listen",
+                ("127.0.0.1:1", Some("127.0.0.1:2"), "\"127.0.0.1:3\""),
+                // Unset: not served.
+                ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "off"],
+                |c| {
+                    c.metrics_addr().map_or_else(
+                        |e| e.to_string(),
+                        |a| a.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+                    )
+                },
             ),
             Case {
                 key: "hooks",

@@ -4,12 +4,14 @@
 //! Modules: `config` (flags and file), `auth` (bearer token), `container` (Docker exec),
 //! `database` (dump and restore through the database container), `store` (allow-list, filesystem
 //! identity, archive, restore), `hooks` (named commands), `registration` (etcd), `listener`
-//! (connection limits), `service` (gRPC).
+//! (connection limits), `service` (gRPC), `metrics` (Prometheus counters and their `/metrics`
+//! endpoint, off by default).
 //!
 //! Invariants: the agent serves mutual TLS with the cluster CA unless started with
 //! `--insecure-plaintext`, and refuses to start with a certificate that does not name its host id
 //! or a key others can read; it runs only the fixed jobs above, for the coordinator's certificate
-//! plus the token; secrets never reach a log; etcd being away never stops it from serving.
+//! plus the token; secrets never reach a log or the metrics; etcd being away never stops it from
+//! serving.
 
 pub mod auth;
 pub mod chunks;
@@ -19,6 +21,7 @@ pub mod database;
 pub mod error;
 pub mod hooks;
 pub mod listener;
+pub mod metrics;
 pub mod registration;
 pub mod service;
 pub mod store;
@@ -121,6 +124,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let local = listener
         .local_addr()
         .map_err(Error::io("listening on", "socket"))?;
+    let metrics_listener = match config.metrics_addr()? {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let address = if local.ip().is_unspecified() {
         std::env::var("COREOS_PRIVATE_IPV4")
             .map_or_else(|_| local.to_string(), |ip| format!("{ip}:{}", local.port()))
@@ -169,7 +176,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
              token, which travels in clear"
         );
     }
-    let auth = auth::Authenticator::new(&token, tls.is_some());
+    let counters = std::sync::Arc::new(metrics::Metrics::new());
+    let auth = auth::Authenticator::new(&token, tls.is_some(), counters.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let registration = if config.register() {
@@ -194,8 +202,15 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let store_paths = settings.store_paths.clone();
     tokio::task::spawn_blocking(move || store::restore::clean_stale_staging(&store_paths));
 
+    // Served until this function returns (dropping the handle does not stop the task).
+    let metrics_server = metrics_listener.map(|l| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!("metrics served on http://{a}/metrics");
+        }
+        tokio::spawn(metrics::serve(l, counters.clone()))
+    });
     tracing::info!(%address, version = VERSION, docker_api = %engine.api_version(), "deis-backup-agent serving");
-    let svc = service::AgentService::new(settings, engine);
+    let svc = service::AgentService::new(settings, engine, counters);
     let result = server
         .add_service(tonic::service::interceptor::InterceptedService::new(
             AgentServer::new(svc)
@@ -206,6 +221,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         .serve_with_incoming_shutdown(listener::incoming(listener, limits), shutdown)
         .await;
     let _ = stop_tx.send(true);
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     if let Some(r) = registration {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), r).await;
     }

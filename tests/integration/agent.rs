@@ -1522,3 +1522,187 @@ async fn agent_dump_is_bounded_by_a_slow_reader_and_fails_when_the_container_van
     assert_eq!(e.code(), Code::Aborted, "{e}");
     assert!(e.message().contains("pg_dumpall"), "{e}");
 }
+
+/// One plain HTTP/1.1 GET: the status code and the body.
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"));
+    (code, body.to_owned())
+}
+
+/// The TCP ports process `pid` listens on (its sockets in LISTEN state, from /proc).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for fields in text
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        {
+            // local_address is hex ip:port, st 0A is LISTEN, the inode is the tenth field.
+            if fields.get(3) == Some(&"0A")
+                && inodes.iter().any(|i| fields.get(9) == Some(&i.as_str()))
+            {
+                let port = fields[1].rsplit(':').next().unwrap();
+                ports.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports
+}
+
+/// A sample's value in a scrape: the metric by name and all its labels.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    use prometheus_parse::Value;
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v))
+        })
+        .map(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            _ => panic!("{name} is not a single value"),
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[expect(
+    clippy::float_cmp,
+    reason = "counters are whole numbers, written and parsed exactly"
+)]
+async fn agent_metrics_count_calls_bytes_and_authentication_failures_and_are_off_by_default() {
+    let store = tempfile::tempdir().unwrap();
+    let store_path = store.path().to_str().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::spawn(&[
+        "--no-register",
+        "--store-path",
+        store_path,
+        "--metrics-listen",
+        &metrics,
+    ])
+    .await;
+
+    let mut wrong = agent.client_with(Some("not-the-token-at-all")).await;
+    let e = wrong.describe(DescribeRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut client = agent.client().await;
+    client.describe(DescribeRequest {}).await.unwrap();
+    let (_, trailer) = agent_dump(&mut client).await.unwrap();
+
+    let (code, body) = http_get(&metrics, "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    // Every sample line parsed, every sample's family is typed and documented, the text is
+    // complete.
+    let lines = body.lines().filter(|l| !l.starts_with('#')).count();
+    assert_eq!(scrape.samples.len(), lines, "{body}");
+    for s in &scrape.samples {
+        let family = s.metric.strip_suffix("_total").unwrap_or(&s.metric);
+        let family = family.strip_suffix("_info").unwrap_or(family);
+        assert!(
+            body.contains(&format!("# TYPE {family} ")),
+            "{family} untyped: {body}"
+        );
+        assert!(
+            scrape.docs.contains_key(family),
+            "{family} undocumented: {body}"
+        );
+        assert!(s.metric.starts_with("deis_backup_agent"), "{}", s.metric);
+    }
+    assert!(body.ends_with("# EOF\n"), "{body}");
+
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        sample(&scrape, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in\n{body}"))
+    };
+    assert_eq!(
+        value("deis_backup_agent_authentication_failures_total", &[]),
+        1.0
+    );
+    let calls = "deis_backup_agent_calls_total";
+    assert_eq!(value(calls, &[("call", "Describe"), ("code", "OK")]), 1.0);
+    assert_eq!(
+        value(calls, &[("call", "DumpDatabase"), ("code", "OK")]),
+        1.0
+    );
+    // The refused call never reached a method: it is an authentication failure only.
+    let counted: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == calls)
+        .map(|s| match s.value {
+            prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert_eq!(counted, 2.0, "{body}");
+    assert_eq!(
+        value(
+            "deis_backup_agent_sent_bytes_total",
+            &[("call", "DumpDatabase")]
+        ),
+        trailer.compressed_bytes as f64
+    );
+    assert_eq!(
+        value(
+            "deis_backup_agent_sent_bytes_total",
+            &[("call", "ArchiveStore")]
+        ),
+        0.0
+    );
+    let dump = value("deis_backup_agent_last_dump_duration_seconds", &[]);
+    assert!(dump > 0.0 && dump < 600.0, "{dump}");
+    assert_eq!(
+        value("deis_backup_agent_last_archive_duration_seconds", &[]),
+        0.0
+    );
+    assert_eq!(
+        value(
+            "deis_backup_agent_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    // No secret, path or identity of the host.
+    for secret in [agent.token.as_str(), agent.host_id.as_str(), store_path] {
+        assert!(!body.contains(secret), "{secret} in\n{body}");
+    }
+    assert_eq!(http_get(&metrics, "/").await.0, 404);
+
+    // Off by default: an agent without the option listens on its gRPC port alone.
+    let pid = agent.child.as_ref().unwrap().id();
+    let metrics_port: u16 = metrics.rsplit(':').next().unwrap().parse().unwrap();
+    let grpc_port = |a: &Agent| a.addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let mut both = vec![grpc_port(&agent), metrics_port];
+    both.sort_unstable();
+    assert_eq!(listening_ports(pid), both);
+    let plain = Agent::spawn(&["--no-register", "--store-path", store_path]).await;
+    let pid = plain.child.as_ref().unwrap().id();
+    assert_eq!(listening_ports(pid), [grpc_port(&plain)]);
+}
