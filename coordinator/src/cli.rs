@@ -62,6 +62,10 @@ enum Command {
         agents: AgentOptions,
         #[command(flatten)]
         options: SnapshotOptions,
+        /// Write the run's figures here for node_exporter's textfile collector (Prometheus text,
+        /// replaced atomically), e.g. /var/lib/node_exporter/textfile/deis_backup.prom.
+        #[arg(long, env = "DEIS_BACKUP_METRICS_FILE", value_name = "FILE")]
+        metrics_file: Option<PathBuf>,
     },
     /// List the complete snapshots.
     List {
@@ -206,12 +210,20 @@ pub async fn run() -> Result<ExitCode> {
             gateway,
             agents,
             options,
+            metrics_file,
         } => {
             let repository = file.merged("repository", repository)?;
             let gateway = file.merged("gateway", gateway)?;
             let agents = file.merged("agents", agents)?;
             let options = file.merged("snapshot", options)?;
-            cmd_snapshot(&out, etcd, &repository, &gateway, &agents, &options).await
+            let inputs = SnapshotInputs {
+                repository: &repository,
+                gateway: &gateway,
+                agents: &agents,
+                options: &options,
+                metrics_file: metrics_file.as_deref(),
+            };
+            cmd_snapshot(&out, etcd, &inputs).await
         }
         Command::List { repository } => {
             let repo = Repository::open(&file.merged("repository", repository)?).await?;
@@ -327,35 +339,50 @@ pub async fn run() -> Result<ExitCode> {
     }
 }
 
+/// What `snapshot` was asked to do.
+struct SnapshotInputs<'a> {
+    repository: &'a RepositoryOptions,
+    gateway: &'a GatewayOptions,
+    agents: &'a AgentOptions,
+    options: &'a SnapshotOptions,
+    metrics_file: Option<&'a std::path::Path>,
+}
+
 async fn cmd_snapshot(
     out: &output::Output,
     etcd: deis_backup_etcd::Client,
-    repository: &RepositoryOptions,
-    gateway: &GatewayOptions,
-    agents: &AgentOptions,
-    options: &SnapshotOptions,
+    inputs: &SnapshotInputs<'_>,
 ) -> Result<ExitCode> {
+    let options = inputs.options;
     let mut run = Run::start(history::Command::Snapshot);
-    let cluster = match Cluster::discover(etcd.clone(), agents, gateway, options.no_buckets).await {
+    let discovered = Cluster::discover(
+        etcd.clone(),
+        inputs.agents,
+        inputs.gateway,
+        options.no_buckets,
+    )
+    .await;
+    let cluster = match discovered {
         Ok(c) => c,
         Err(e) => {
             // No agent, gateway or etcd to work with: only etcd may hear of it.
             if !options.dry_run {
                 run.end(Err(&e));
                 record(&run, None, &etcd).await;
+                metrics(inputs, &run, None, &etcd, None).await;
             }
             return Err(e);
         }
     };
     if options.dry_run {
-        let repo = Repository::open(repository).await.ok();
+        let repo = Repository::open(inputs.repository).await.ok();
         let plan = snapshot::plan(&cluster, repo.as_ref(), options).await?;
-        out.plan(&plan, repository.location());
+        out.plan(&plan, inputs.repository.location());
         return Ok(ExitCode::SUCCESS);
     }
     // The lock before the repository: a refused snapshot creates nothing.
     let opened = match Lock::acquire(&cluster.etcd, "snapshot").await {
-        Ok(lock) => match Repository::open_or_init(repository).await {
+        Ok(lock) => match Repository::open_or_init(inputs.repository).await {
             Ok(repo) => Ok((lock, repo)),
             Err(e) => {
                 release(Hold::new(Some(lock), None)).await;
@@ -369,6 +396,7 @@ async fn cmd_snapshot(
         Err(e) => {
             run.end(Err(&e));
             record(&run, None, &cluster.etcd).await;
+            metrics(inputs, &run, None, &cluster.etcd, Some(&cluster)).await;
             return Err(e);
         }
     };
@@ -376,9 +404,58 @@ async fn cmd_snapshot(
     run.snapshot = result.as_ref().ok().map(|o| o.manifest.id.clone());
     run.end(result.as_ref().map(moved_by_snapshot));
     record(&run, Some(&repo), &cluster.etcd).await;
+    let done = result.as_ref().ok().map(|o| (o, &repo));
+    metrics(inputs, &run, done, &cluster.etcd, Some(&cluster)).await;
     let outcome = result?;
     out.snapshot(&outcome);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `--metrics-file`, when asked for: the run, the last success (this run's, or the one
+/// etcd records), the snapshot's figures, the gateway's counts and the repository's size. A
+/// failure is a warning.
+async fn metrics(
+    inputs: &SnapshotInputs<'_>,
+    run: &Run,
+    done: Option<(&snapshot::Outcome, &Repository)>,
+    etcd: &deis_backup_etcd::Client,
+    cluster: Option<&Cluster>,
+) {
+    let Some(path) = inputs.metrics_file else {
+        return;
+    };
+    let last_success = match done {
+        Some(_) => run.ended,
+        None => history::from_etcd(etcd, history::LAST_SUCCESS_KEY)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.ended),
+    };
+    let repository = match done {
+        Some((_, repo)) => repository_size(repo).await.ok(),
+        None => None,
+    };
+    let figures = deis_backup_coordinator::metrics::Figures {
+        run: Some(run),
+        last_success,
+        outcome: done.map(|(o, _)| o),
+        gateway: cluster
+            .and_then(|c| c.gateway.as_ref())
+            .map(deis_backup_coordinator::s3::Client::stats),
+        repository,
+    };
+    let text = deis_backup_coordinator::metrics::render(&figures);
+    if let Err(e) = deis_backup_coordinator::metrics::write(path, &text) {
+        eprintln!("deis-backup: warning: {}", e.message());
+    }
+}
+
+/// Complete snapshots in `repo`, and the bytes of its blobs.
+async fn repository_size(repo: &Repository) -> Result<(u64, u64)> {
+    let snapshots = repo.snapshots().await?.len() as u64;
+    let bytes = repo.blobs().await?.iter().map(|(_, size)| size).sum();
+    Ok((snapshots, bytes))
 }
 
 /// The snapshot itself, under the cluster lock (`lock`, held) and a repository lease; `run`'s

@@ -15,6 +15,7 @@ pub mod history;
 pub mod hold;
 pub mod lease;
 pub mod lock;
+pub mod metrics;
 pub mod mirror;
 pub mod pki;
 pub mod platform_keys;

@@ -1130,9 +1130,25 @@ async fn fault_two_clusters_sharing_a_repository_keep_out_of_each_others_way() {
 async fn status_names_a_failed_run_and_is_ok_after_a_fresh_complete_snapshot() {
     let src = Fresh::new();
     let token = src.agent.token_file.clone();
-    let (_d, repo) = repo_dir("e2e-status");
+    let (dir, repo) = repo_dir("e2e-status");
     let r = repo.display().to_string();
     let etcd = src.target.etcd_endpoints();
+    let prom = dir.path().join("deis_backup.prom");
+    let metrics_file = prom.display().to_string();
+    // A sample of the metrics file, parsed as Prometheus reads it.
+    let metric = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        let text = std::fs::read_to_string(&prom).expect("the metrics file");
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{name}: {other:?}"),
+            })
+    };
     let status = async |extra: &[&str]| {
         let out = run(&token, &[&["status", "--etcd", etcd][..], extra].concat()).await;
         let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
@@ -1151,7 +1167,14 @@ async fn status_names_a_failed_run_and_is_ok_after_a_fresh_complete_snapshot() {
         &snapshot_args(
             &src,
             &r,
-            &["--gateway", "http://127.0.0.1:9", "--gateway-retries", "0"],
+            &[
+                "--gateway",
+                "http://127.0.0.1:9",
+                "--gateway-retries",
+                "0",
+                "--metrics-file",
+                &metrics_file,
+            ],
         ),
     )
     .await;
@@ -1166,11 +1189,48 @@ async fn status_names_a_failed_run_and_is_ok_after_a_fresh_complete_snapshot() {
         "{line}\n{error}"
     );
 
+    let failed_run = [("command", "snapshot")];
+    assert_eq!(
+        metric("deis_backup_last_run_success", &failed_run),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric("deis_backup_last_success_timestamp_seconds", &[]),
+        None
+    );
+
     let snap = ok(
-        &run(&token, &snapshot_args(&src, &r, &["--no-buckets"])).await,
+        &run(
+            &token,
+            &snapshot_args(&src, &r, &["--no-buckets", "--metrics-file", &metrics_file]),
+        )
+        .await,
         "snapshot",
     );
     let id = snapshot_id(&snap);
+    assert_eq!(
+        metric("deis_backup_last_run_success", &failed_run),
+        Some(1.0)
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let success = metric("deis_backup_last_success_timestamp_seconds", &[]).unwrap();
+    assert!((now - success).abs() < 120.0, "{success} vs {now}");
+    let dump = snap["manifest"]["parts"]["database/pg_dumpall.sql.zst"]["size"]
+        .as_u64()
+        .unwrap();
+    #[expect(clippy::cast_precision_loss, reason = "a dump far below 2^52 bytes")]
+    let dump = dump as f64;
+    assert_eq!(
+        metric(
+            "deis_backup_snapshot_part_bytes",
+            &[("part", "database/pg_dumpall.sql.zst")]
+        ),
+        Some(dump)
+    );
+    assert_eq!(metric("deis_backup_repository_snapshots", &[]), Some(1.0));
     let (code, line) = status(&[]).await;
     assert_eq!(code, Some(0), "{line}");
     assert!(
