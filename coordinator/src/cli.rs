@@ -847,6 +847,29 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_unit_notifies_through_the_on_failure_template() {
+        for unit in [
+            include_str!("../../systemd/deis-backup.service"),
+            include_str!("../../systemd/deis-backup-verify.service"),
+        ] {
+            assert!(
+                unit.contains("\nOnFailure=deis-backup-failed@%n.service\n"),
+                "{unit}"
+            );
+        }
+        let notify = include_str!("../../systemd/deis-backup-failed@.service");
+        assert!(notify.contains("journalctl -u \"%i\""), "{notify}");
+        assert!(
+            notify.contains("/etc/deis-backup/on-failure \"%i\""),
+            "{notify}"
+        );
+        assert!(
+            !notify.contains("[X-Fleet]"),
+            "fleet does not place templates"
+        );
+    }
+
+    #[test]
     fn the_weekly_verify_unit_reads_a_moving_quarter_of_the_latest_snapshot() {
         let unit = include_str!("../../systemd/deis-backup-verify.service");
         let args = unit_args(unit);
