@@ -532,39 +532,6 @@ mod tests {
         assert_eq!(c.zstd_level, Some(7));
     }
 
-    /// An option with a value: `key`, its clap id, the samples for the flag, the environment
-    /// (when it has a variable) and the file (TOML), and what each gives, then the default.
-    fn opt(
-        key: &'static str,
-        id: &'static str,
-        samples: (&'static str, Option<&'static str>, &'static str),
-        want: [&'static str; 4],
-        get: fn(&Config) -> String,
-    ) -> Case<Config> {
-        Case {
-            key,
-            id: Some(id),
-            flag: Some(samples.0),
-            env: samples.1,
-            file: samples.2,
-            want,
-            get,
-        }
-    }
-
-    /// A switch (`--no-register`): off unless the flag or the file turns it on.
-    fn switch(key: &'static str, id: &'static str, get: fn(&Config) -> String) -> Case<Config> {
-        Case {
-            key,
-            id: Some(id),
-            flag: None,
-            env: None,
-            file: "true",
-            want: ["true", "", "true", "false"],
-            get,
-        }
-    }
-
     fn path(p: Option<&PathBuf>) -> String {
         p.map(|p| p.display().to_string()).unwrap_or_default()
     }
@@ -581,7 +548,7 @@ mod tests {
     )]
     fn cases() -> Vec<Case<Config>> {
         vec![
-            opt(
+            Case::opt(
                 "listen",
                 "listen",
                 ("127.0.0.1:1", Some("127.0.0.1:2"), "\"127.0.0.1:3\""),
@@ -591,7 +558,7 @@ mod tests {
                         .map_or_else(|e| e.to_string(), |a| a.to_string())
                 },
             ),
-            opt(
+            Case::opt(
                 "etcd",
                 "etcd",
                 (
@@ -607,10 +574,10 @@ mod tests {
                 ],
                 |c| c.etcd().to_owned(),
             ),
-            switch("no-register", "no_register", |c| {
+            Case::switch("no-register", "no_register", |c| {
                 (!c.register()).to_string()
             }),
-            opt(
+            Case::opt(
                 "host-id",
                 "host_id",
                 ("h-flag", None, "\"h-file\""),
@@ -618,21 +585,21 @@ mod tests {
                 ["h-flag", "", "h-file", ""],
                 |c| c.host_id.clone().unwrap_or_default(),
             ),
-            opt(
+            Case::opt(
                 "machine-id-file",
                 "machine_id_file",
                 ("/m/flag", None, "\"/m/file\""),
                 ["/m/flag", "", "/m/file", "/etc/machine-id"],
                 |c| c.machine_id_file().display().to_string(),
             ),
-            opt(
+            Case::opt(
                 "token-file",
                 "token_file",
                 ("/t/flag", Some("/t/env"), "\"/t/file\""),
                 ["/t/flag", "/t/env", "/t/file", ""],
                 |c| path(c.token_file.as_ref()),
             ),
-            opt(
+            Case::opt(
                 "tls-cert",
                 "tls_cert",
                 ("/c/flag", Some("/c/env"), "\"/c/file\""),
@@ -644,7 +611,7 @@ mod tests {
                 ],
                 |c| tls(c, |f| &f.cert),
             ),
-            opt(
+            Case::opt(
                 "tls-key",
                 "tls_key",
                 ("/k/flag", Some("/k/env"), "\"/k/file\""),
@@ -656,7 +623,7 @@ mod tests {
                 ],
                 |c| tls(c, |f| &f.key),
             ),
-            opt(
+            Case::opt(
                 "tls-client-ca",
                 "tls_client_ca",
                 ("/ca/flag", Some("/ca/env"), "\"/ca/file\""),
@@ -668,7 +635,7 @@ mod tests {
                 ],
                 |c| tls(c, |f| &f.ca),
             ),
-            opt(
+            Case::opt(
                 "docker",
                 "docker",
                 ("unix:///flag", Some("unix:///env"), "\"unix:///file\""),
@@ -680,14 +647,14 @@ mod tests {
                 ],
                 |c| c.docker().to_owned(),
             ),
-            opt(
+            Case::opt(
                 "database-container",
                 "database_container",
                 ("db-flag", None, "\"db-file\""),
                 ["db-flag", "", "db-file", DEFAULT_DATABASE_CONTAINER],
                 |c| c.database_container().to_owned(),
             ),
-            opt(
+            Case::opt(
                 "store-paths",
                 "store_paths",
                 ("/s/flag", None, "[\"/s/file\"]"),
@@ -700,7 +667,7 @@ mod tests {
                         .join(",")
                 },
             ),
-            opt(
+            Case::opt(
                 "platform-containers",
                 "platform_containers",
                 ("p-flag", None, "[\"p-file\"]"),
@@ -712,14 +679,14 @@ mod tests {
                 ],
                 |c| c.platform_containers().join(","),
             ),
-            opt(
+            Case::opt(
                 "zstd-level",
                 "zstd_level",
                 ("5", None, "7"),
                 ["5", "", "7", "3"],
                 |c| c.zstd_level().to_string(),
             ),
-            opt(
+            Case::opt(
                 "zstd-workers",
                 "zstd_workers",
                 ("2", None, "3"),
@@ -727,66 +694,66 @@ mod tests {
                 ["2", "", "3", ""],
                 |c| c.zstd_workers.map(|n| n.to_string()).unwrap_or_default(),
             ),
-            switch("insecure-plaintext", "insecure_plaintext", |c| {
+            Case::switch("insecure-plaintext", "insecure_plaintext", |c| {
                 c.tls_files().is_none().to_string()
             }),
-            opt(
+            Case::opt(
                 "restore-owners",
                 "restore_owners",
                 ("true", None, "false"),
                 ["true", "", "false", "true"],
                 |c| c.restore_policy().owners.to_string(),
             ),
-            opt(
+            Case::opt(
                 "restore-setid",
                 "restore_setid",
                 ("true", None, "false"),
                 ["true", "", "false", "true"],
                 |c| c.restore_policy().setid.to_string(),
             ),
-            opt(
+            Case::opt(
                 "allow-devices",
                 "allow_devices",
                 ("false", None, "true"),
                 ["false", "", "true", "false"],
                 |c| c.restore_policy().devices.to_string(),
             ),
-            opt(
+            Case::opt(
                 "max-restore-bytes",
                 "max_restore_bytes",
                 ("5", None, "6"),
                 ["5", "", "6", "4398046511104"],
                 |c| c.restore_policy().max_bytes.to_string(),
             ),
-            opt(
+            Case::opt(
                 "max-zstd-level",
                 "max_zstd_level",
                 ("9", None, "10"),
                 ["9", "", "10", "19"],
                 |c| c.max_zstd_level().to_string(),
             ),
-            opt(
+            Case::opt(
                 "max-zstd-window-log",
                 "max_zstd_window_log",
                 ("20", None, "21"),
                 ["20", "", "21", "27"],
                 |c| c.restore_policy().max_window_log.to_string(),
             ),
-            opt(
+            Case::opt(
                 "restore-database",
                 "restore_database",
                 ("false", None, "true"),
                 ["false", "", "true", "false"],
                 |c| c.database_restore_policy().enabled.to_string(),
             ),
-            opt(
+            Case::opt(
                 "max-sql-line",
                 "max_sql_line",
                 ("5", None, "6"),
                 ["5", "", "6", "67108864"],
                 |c| c.database_restore_policy().max_line.to_string(),
             ),
-            opt(
+            Case::opt(
                 "spool-dir",
                 "spool_dir",
                 ("/sp/flag", None, "\"/sp/file\""),
@@ -794,28 +761,28 @@ mod tests {
                 ["/sp/flag", "", "/sp/file", "/tmp"],
                 |c| c.database_restore_policy().spool_dir.display().to_string(),
             ),
-            opt(
+            Case::opt(
                 "max-connections",
                 "max_connections",
                 ("2", None, "3"),
                 ["2", "", "3", "32"],
                 |c| c.server_limits().max_connections.to_string(),
             ),
-            opt(
+            Case::opt(
                 "max-streams",
                 "max_streams",
                 ("4", None, "5"),
                 ["4", "", "5", "16"],
                 |c| c.server_limits().max_streams.to_string(),
             ),
-            opt(
+            Case::opt(
                 "idle-timeout",
                 "idle_timeout",
                 ("7", None, "8"),
                 ["7", "", "8", "300"],
                 |c| c.server_limits().idle_timeout.as_secs().to_string(),
             ),
-            opt(
+            Case::opt(
                 "metrics-listen",
                 "metrics_listen",
                 ("127.0.0.1:1", Some("127.0.0.1:2"), "\"127.0.0.1:3\""),

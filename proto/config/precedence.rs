@@ -39,6 +39,59 @@ pub struct Case<T> {
     pub get: fn(&T) -> String,
 }
 
+impl<T> Case<T> {
+    /// An option with a value: `key`, its clap id, the samples for the flag, the environment
+    /// (when it has a variable) and the file (TOML), and what each gives, then the default.
+    pub fn opt(
+        key: &'static str,
+        id: &'static str,
+        samples: (&'static str, Option<&'static str>, &'static str),
+        want: [&'static str; 4],
+        get: fn(&T) -> String,
+    ) -> Self {
+        Self {
+            key,
+            id: Some(id),
+            flag: Some(samples.0),
+            env: samples.1,
+            file: samples.2,
+            want,
+            get,
+        }
+    }
+
+    /// A switch (`--full`, `--no-register`): off unless the flag or the file turns it on.
+    pub fn switch(key: &'static str, id: &'static str, get: fn(&T) -> String) -> Self {
+        Self {
+            key,
+            id: Some(id),
+            flag: None,
+            env: None,
+            file: "true",
+            want: ["true", "", "true", "false"],
+            get,
+        }
+    }
+
+    /// An option only the file sets (`#[arg(skip)]`).
+    pub fn file_only(
+        key: &'static str,
+        file: &'static str,
+        want: &'static str,
+        get: fn(&T) -> String,
+    ) -> Self {
+        Self {
+            key,
+            id: None,
+            flag: None,
+            env: None,
+            file,
+            want: ["", "", want, ""],
+            get,
+        }
+    }
+}
+
 /// Resolves the options as the program does: the command line (after the program and its
 /// subcommand) and the section's TOML body.
 pub type Resolve<'a, T> = &'a dyn Fn(&[String], &str) -> Result<T, String>;

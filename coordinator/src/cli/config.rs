@@ -154,57 +154,6 @@ mod tests {
         .check(module_path!(), test);
     }
 
-    /// An option with a value: `key`, its clap id, the samples for the flag, the environment
-    /// (when it has a variable) and the file (TOML), and what each gives, then the default.
-    fn opt<T>(
-        key: &'static str,
-        id: &'static str,
-        samples: (&'static str, Option<&'static str>, &'static str),
-        want: [&'static str; 4],
-        get: fn(&T) -> String,
-    ) -> Case<T> {
-        Case {
-            key,
-            id: Some(id),
-            flag: Some(samples.0),
-            env: samples.1,
-            file: samples.2,
-            want,
-            get,
-        }
-    }
-
-    /// A switch (`--full`): off unless the flag or the file turns it on.
-    fn switch<T>(key: &'static str, id: &'static str, get: fn(&T) -> String) -> Case<T> {
-        Case {
-            key,
-            id: Some(id),
-            flag: None,
-            env: None,
-            file: "true",
-            want: ["true", "", "true", "false"],
-            get,
-        }
-    }
-
-    /// An option only the file sets (`#[arg(skip)]`).
-    fn file_only<T>(
-        key: &'static str,
-        file: &'static str,
-        want: &'static str,
-        get: fn(&T) -> String,
-    ) -> Case<T> {
-        Case {
-            key,
-            id: None,
-            flag: None,
-            env: None,
-            file,
-            want: ["", "", want, ""],
-            get,
-        }
-    }
-
     fn text(v: Option<&String>) -> String {
         v.cloned().unwrap_or_default()
     }
@@ -226,52 +175,52 @@ mod tests {
     fn repository_options_take_the_flag_over_the_environment_over_the_file_over_the_default() {
         type O = RepositoryOptions;
         let cases: Vec<Case<O>> = vec![
-            opt(
+            Case::opt(
                 "location",
                 "location",
                 ("/srv/flag", Some("/srv/env"), "\"/srv/file\""),
                 ["/srv/flag", "/srv/env", "/srv/file", "/var/lib/deis-backup"],
                 |o: &O| o.location().to_owned(),
             ),
-            opt(
+            Case::opt(
                 "endpoint",
                 "endpoint",
                 ("http://flag", Some("http://env"), "\"http://file\""),
                 ["http://flag", "http://env", "http://file", ""],
                 |o: &O| text(o.endpoint.as_ref()),
             ),
-            opt(
+            Case::opt(
                 "region",
                 "repository_region",
                 ("eu-west-1", None, "\"eu-central-1\""),
                 ["eu-west-1", "", "eu-central-1", "us-east-1"],
                 |o: &O| o.region().to_owned(),
             ),
-            opt(
+            Case::opt(
                 "access-key",
                 "repository_access_key",
                 ("AKFLAG", Some("AKENV"), "\"AKFILE\""),
                 ["AKFLAG", "AKENV", "AKFILE", ""],
                 |o: &O| secret(o.access_key.as_ref()),
             ),
-            opt(
+            Case::opt(
                 "secret-key-file",
                 "repository_secret_key_file",
                 ("/k/flag", Some("/k/env"), "\"/k/file\""),
                 ["/k/flag", "/k/env", "/k/file", ""],
                 |o: &O| path(o.secret_key_file.as_ref()),
             ),
-            file_only("secret-key", "\"sk-file\"", "sk-file", |o: &O| {
+            Case::file_only("secret-key", "\"sk-file\"", "sk-file", |o: &O| {
                 secret(o.secret_key.as_ref())
             }),
-            opt(
+            Case::opt(
                 "staging-dir",
                 "staging_dir",
                 ("/st/flag", None, "\"/st/file\""),
                 ["/st/flag", "", "/st/file", ""],
                 |o: &O| path(o.staging_dir.as_ref()),
             ),
-            opt(
+            Case::opt(
                 "fsync",
                 "fsync",
                 ("true", None, "false"),
@@ -300,7 +249,7 @@ mod tests {
     fn gateway_options_take_the_flag_over_the_environment_over_the_file_over_the_default() {
         type O = GatewayOptions;
         let cases: Vec<Case<O>> = vec![
-            opt(
+            Case::opt(
                 "endpoints",
                 "endpoints",
                 (
@@ -311,80 +260,80 @@ mod tests {
                 ["10.0.0.1:1", "10.0.0.2:1,10.0.0.3:1", "10.0.0.4:1", ""],
                 |o: &O| o.endpoints.join(","),
             ),
-            opt(
+            Case::opt(
                 "access-key",
                 "access_key",
                 ("GWFLAG", Some("GWENV"), "\"GWFILE\""),
                 ["GWFLAG", "GWENV", "GWFILE", ""],
                 |o: &O| secret(o.access_key.as_ref()),
             ),
-            opt(
+            Case::opt(
                 "secret-key-file",
                 "secret_key_file",
                 ("/g/flag", Some("/g/env"), "\"/g/file\""),
                 ["/g/flag", "/g/env", "/g/file", ""],
                 |o: &O| path(o.secret_key_file.as_ref()),
             ),
-            file_only("secret-key", "\"gsk-file\"", "gsk-file", |o: &O| {
+            Case::file_only("secret-key", "\"gsk-file\"", "gsk-file", |o: &O| {
                 secret(o.secret_key.as_ref())
             }),
-            opt(
+            Case::opt(
                 "signature",
                 "signature",
                 ("v2", None, "\"v4\""),
                 ["V2", "", "V4", "Auto"],
                 |o: &O| format!("{:?}", o.signature()),
             ),
-            opt(
+            Case::opt(
                 "region",
                 "region",
                 ("r-flag", None, "\"r-file\""),
                 ["r-flag", "", "r-file", "us-east-1"],
                 |o: &O| o.region().to_owned(),
             ),
-            opt(
+            Case::opt(
                 "concurrency",
                 "concurrency",
                 ("4", None, "5"),
                 ["4", "", "5", "32"],
                 |o: &O| o.concurrency().to_string(),
             ),
-            opt(
+            Case::opt(
                 "retries",
                 "retries",
                 ("1", None, "2"),
                 ["1", "", "2", "8"],
                 |o: &O| o.retries().to_string(),
             ),
-            opt(
+            Case::opt(
                 "bandwidth-limit",
                 "bandwidth_limit",
                 ("1MiB", None, "\"2MiB\""),
                 ["1048576", "", "2097152", ""],
                 |o: &O| number(o.bandwidth_limit),
             ),
-            opt(
+            Case::opt(
                 "multipart-threshold",
                 "multipart_threshold",
                 ("8MiB", None, "\"10MiB\""),
                 ["8388608", "", "10485760", "67108864"],
                 |o: &O| o.multipart_threshold().to_string(),
             ),
-            opt(
+            Case::opt(
                 "part-size",
                 "part_size",
                 ("6MiB", None, "7340032"),
                 ["6291456", "", "7340032", "16777216"],
                 |o: &O| o.part_size().to_string(),
             ),
-            opt(
+            Case::opt(
                 "connect-timeout-secs",
                 "connect_timeout_secs",
                 ("1", None, "2"),
                 ["1", "", "2", "5"],
                 |o: &O| o.connect_timeout_secs().to_string(),
             ),
-            opt(
+            Case::opt(
                 "read-timeout-secs",
                 "read_timeout_secs",
                 ("3", None, "4"),
@@ -409,7 +358,7 @@ mod tests {
     fn agent_options_take_the_flag_over_the_environment_over_the_file_over_the_default() {
         type O = AgentOptions;
         let cases: Vec<Case<O>> = vec![
-            opt(
+            Case::opt(
                 "agents",
                 "agents",
                 (
@@ -425,14 +374,14 @@ mod tests {
                 ],
                 |o: &O| o.agents.join(","),
             ),
-            opt(
+            Case::opt(
                 "token-file",
                 "token_file",
                 ("/t/flag", Some("/t/env"), "\"/t/file\""),
                 ["/t/flag", "/t/env", "/t/file", ""],
                 |o: &O| path(o.token_file.as_ref()),
             ),
-            opt(
+            Case::opt(
                 "tls-ca",
                 "tls_ca",
                 ("/ca/flag", Some("/ca/env"), "\"/ca/file\""),
@@ -444,7 +393,7 @@ mod tests {
                 ],
                 |o: &O| o.tls_ca().display().to_string(),
             ),
-            opt(
+            Case::opt(
                 "tls-cert",
                 "tls_cert",
                 ("/c/flag", Some("/c/env"), "\"/c/file\""),
@@ -456,7 +405,7 @@ mod tests {
                 ],
                 |o: &O| o.tls_cert().display().to_string(),
             ),
-            opt(
+            Case::opt(
                 "tls-key",
                 "tls_key",
                 ("/k/flag", Some("/k/env"), "\"/k/file\""),
@@ -468,7 +417,7 @@ mod tests {
                 ],
                 |o: &O| o.tls_key().display().to_string(),
             ),
-            switch("insecure-plaintext", "insecure_plaintext", |o: &O| {
+            Case::switch("insecure-plaintext", "insecure_plaintext", |o: &O| {
                 o.insecure_plaintext.to_string()
             }),
         ];
@@ -489,26 +438,26 @@ mod tests {
     fn snapshot_options_take_the_flag_over_the_file_over_the_default() {
         type O = SnapshotOptions;
         let cases: Vec<Case<O>> = vec![
-            opt(
+            Case::opt(
                 "pre-hook",
                 "pre_hook",
                 ("hook-flag", None, "\"hook-file\""),
                 ["hook-flag", "", "hook-file", ""],
                 |o: &O| text(o.pre_hook.as_ref()),
             ),
-            opt(
+            Case::opt(
                 "zstd-level",
                 "zstd_level",
                 ("5", None, "7"),
                 ["5", "", "7", ""],
                 |o: &O| number(o.zstd_level),
             ),
-            switch("no-database", "no_database", |o: &O| {
+            Case::switch("no-database", "no_database", |o: &O| {
                 o.no_database.to_string()
             }),
-            switch("no-store", "no_store", |o: &O| o.no_store.to_string()),
-            switch("no-buckets", "no_buckets", |o: &O| o.no_buckets.to_string()),
-            switch("full", "full", |o: &O| o.full.to_string()),
+            Case::switch("no-store", "no_store", |o: &O| o.no_store.to_string()),
+            Case::switch("no-buckets", "no_buckets", |o: &O| o.no_buckets.to_string()),
+            Case::switch("full", "full", |o: &O| o.full.to_string()),
         ];
         check(
             "snapshot_options_take_the_flag_over_the_file_over_the_default",
@@ -527,22 +476,22 @@ mod tests {
     fn restore_options_take_the_flag_over_the_file_over_the_default() {
         type O = RestoreOptions;
         let cases: Vec<Case<O>> = vec![
-            opt(
+            Case::opt(
                 "existing",
                 "existing",
                 ("merge", None, "\"overwrite\""),
                 ["Merge", "", "Overwrite", "Refuse"],
                 |o: &O| format!("{:?}", o.existing()),
             ),
-            switch("overwrite-store", "overwrite_store", |o: &O| {
+            Case::switch("overwrite-store", "overwrite_store", |o: &O| {
                 o.overwrite_store.to_string()
             }),
-            switch("database-sql", "database_sql", |o: &O| {
+            Case::switch("database-sql", "database_sql", |o: &O| {
                 o.database_sql.to_string()
             }),
-            switch("etcd-keys", "etcd_keys", |o: &O| o.etcd_keys.to_string()),
-            switch("no-buckets", "no_buckets", |o: &O| o.no_buckets.to_string()),
-            switch("no-store", "no_store", |o: &O| o.no_store.to_string()),
+            Case::switch("etcd-keys", "etcd_keys", |o: &O| o.etcd_keys.to_string()),
+            Case::switch("no-buckets", "no_buckets", |o: &O| o.no_buckets.to_string()),
+            Case::switch("no-store", "no_store", |o: &O| o.no_store.to_string()),
         ];
         check(
             "restore_options_take_the_flag_over_the_file_over_the_default",
@@ -561,28 +510,28 @@ mod tests {
     fn prune_options_take_the_flag_over_the_file_over_the_default() {
         type O = PruneOptions;
         let cases: Vec<Case<O>> = vec![
-            opt(
+            Case::opt(
                 "keep-last",
                 "keep_last",
                 ("1", None, "2"),
                 ["1", "", "2", "0"],
                 |o: &O| o.policy().last.to_string(),
             ),
-            opt(
+            Case::opt(
                 "keep-daily",
                 "keep_daily",
                 ("3", None, "4"),
                 ["3", "", "4", "0"],
                 |o: &O| o.policy().daily.to_string(),
             ),
-            opt(
+            Case::opt(
                 "keep-weekly",
                 "keep_weekly",
                 ("5", None, "6"),
                 ["5", "", "6", "0"],
                 |o: &O| o.policy().weekly.to_string(),
             ),
-            opt(
+            Case::opt(
                 "keep-monthly",
                 "keep_monthly",
                 ("7", None, "8"),
@@ -625,7 +574,7 @@ mod tests {
             command: clap::Command::new("t").arg(etcd),
             keys: vec!["etcd".to_owned()],
             refused: &[],
-            cases: vec![opt(
+            cases: vec![Case::opt(
                 "etcd",
                 "etcd",
                 (
