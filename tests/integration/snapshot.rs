@@ -1207,6 +1207,28 @@ async fn fault_a_coordinator_killed_mid_snapshot_leaves_no_complete_snapshot_and
         ),
         "verify",
     );
+    // The history: the killed run started and never finished (its lease went at the next start),
+    // the next one completed; the refused one never reached the repository.
+    let runs = ok(
+        &deis_backup(&source.agent.token_file, &["runs", "--json", "-r", &r]),
+        "runs",
+    );
+    let states: Vec<(&str, &str)> = runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| {
+            (
+                run["state"].as_str().unwrap(),
+                run["snapshot"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [("never-finished", ""), ("complete", id.as_str())],
+        "{runs}"
+    );
     // The killed run's staging files went at the next start; its snapshot directory goes with
     // the next prune.
     let staged: Vec<_> = std::fs::read_dir(repo.join("tmp")).unwrap().collect();
