@@ -470,7 +470,7 @@ async fn take_snapshot(
 ) -> Result<snapshot::Outcome> {
     let (hold, others) = hold(repo, Operation::Snapshot, Vec::new(), lock).await?;
     run.lease = hold.lease_file().map(str::to_owned);
-    record_start(run, repo).await;
+    write_entry(run, repo).await;
     clean_staging(repo, &others).await;
     let progress = progress::Bars::new(out.is_json());
     let result = async {
@@ -494,8 +494,9 @@ fn moved_by_snapshot(o: &snapshot::Outcome) -> Moved {
     moved
 }
 
-/// Writes `run`'s `started` entry; a failure is a warning (history never decides a run).
-async fn record_start(run: &Run, repo: &Repository) {
+/// Writes `run`'s entry in `repo` as it stands (`started`, or its outcome); a failure is a warning
+/// (history never decides a run).
+async fn write_entry(run: &Run, repo: &Repository) {
     if let Err(e) = history::write(repo, run).await {
         eprintln!("deis-backup: warning: recording the run: {}", e.message());
     }
@@ -505,7 +506,7 @@ async fn record_start(run: &Run, repo: &Repository) {
 /// last run in etcd; failures are warnings.
 async fn record(run: &Run, repo: Option<&Repository>, etcd: &deis_backup_etcd::Client) {
     if let Some(repo) = repo {
-        record_start(run, repo).await;
+        write_entry(run, repo).await;
     }
     if let Err(e) = history::publish(etcd, run).await {
         eprintln!(
@@ -595,7 +596,7 @@ async fn run_restore(
         };
     let hold = Hold::new(Some(lock), lease);
     run.lease = hold.lease_file().map(str::to_owned);
-    record_start(run, repo).await;
+    write_entry(run, repo).await;
     // Read again under the lease: a prune that ran in between shows here, not half-way through.
     let r = match repo.manifest(id).await {
         Ok(manifest) => {
@@ -681,7 +682,7 @@ async fn run_prune(
     let (hold, others) = hold(repo, Operation::Prune, Vec::new(), lock).await?;
     if !options.dry_run {
         run.lease = hold.lease_file().map(str::to_owned);
-        record_start(run, repo).await;
+        write_entry(run, repo).await;
     }
     clean_staging(repo, &others).await;
     let r = prune::prune(repo, options, &hold, &others).await;

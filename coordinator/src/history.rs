@@ -96,6 +96,17 @@ pub struct Moved {
     pub reused_objects: u64,
 }
 
+impl Command {
+    /// Its name, as the entry spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Snapshot => "snapshot",
+            Command::Prune => "prune",
+            Command::Restore => "restore",
+        }
+    }
+}
+
 /// A run's state as `runs` and `status` show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -106,6 +117,19 @@ pub enum State {
     Complete,
     Failed,
     Refused,
+}
+
+impl State {
+    /// Its name, as `runs --json` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::NeverFinished => "never-finished",
+            State::Complete => "complete",
+            State::Failed => "failed",
+            State::Refused => "refused",
+        }
+    }
 }
 
 impl Run {
@@ -282,6 +306,22 @@ mod tests {
             (Outcome::Complete, 5, 2)
         );
         assert!(run.ended.is_some());
+    }
+
+    #[test]
+    fn names_are_those_of_the_json() {
+        for c in [Command::Snapshot, Command::Prune, Command::Restore] {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
+        for s in [
+            State::Running,
+            State::NeverFinished,
+            State::Complete,
+            State::Failed,
+            State::Refused,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
     }
 
     #[tokio::test]

@@ -119,11 +119,7 @@ pub fn render(f: &Figures<'_>) -> String {
 }
 
 fn run_figures(r: &mut Registry, run: &Run) {
-    let command = serde_json::to_value(run.command)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let labels = [("command", command.as_str())];
+    let labels = [("command", run.command.as_str())];
     let ended = run.ended.unwrap_or(run.started);
     let g = gauge(
         r,

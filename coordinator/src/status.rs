@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::history::{Command, Run, State};
+use crate::history::{Run, State};
 use crate::rfc3339::rfc3339;
 
 /// Exit code: healthy.
@@ -66,11 +66,7 @@ pub fn judge(facts: Facts, max_age: Duration, now: OffsetDateTime) -> Status {
             State::NeverFinished => "started and never finished",
             State::Running | State::Complete => return None,
         };
-        let command = match run.command {
-            Command::Snapshot => "snapshot",
-            Command::Prune => "prune",
-            Command::Restore => "restore",
-        };
+        let command = run.command.as_str();
         let part = run
             .failed_part
             .as_ref()
@@ -148,7 +144,7 @@ fn whole_minutes(d: Duration) -> Duration {
 mod tests {
     use super::*;
     use crate::error::{Error, ErrorKind};
-    use crate::history::Moved;
+    use crate::history::{Command, Moved};
 
     const DAY: Duration = Duration::from_secs(86_400);
 

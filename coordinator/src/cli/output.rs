@@ -175,15 +175,9 @@ impl Output {
         for (r, state) in runs {
             t.row(vec![
                 rfc3339(r.started),
-                serde_json::to_value(r.command)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                r.command.as_str().to_owned(),
                 r.host.clone(),
-                serde_json::to_value(state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                state.as_str().to_owned(),
                 r.snapshot
                     .as_ref()
                     .map(ToString::to_string)
