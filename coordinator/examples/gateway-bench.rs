@@ -83,9 +83,9 @@ async fn main() -> anyhow::Result<()> {
             let stats =
                 mirror_buckets(&gw, &mut snap, &buckets, previous.as_ref(), &NoProgress).await?;
             snap.commit().await?;
-            let objects: u64 = stats.values().map(|s| s.objects).sum();
-            let bytes: u64 = stats.values().map(|s| s.bytes).sum();
-            let downloaded: u64 = stats.values().map(|s| s.downloaded_bytes).sum();
+            let objects: u64 = stats.values().map(|s| s.stats.objects).sum();
+            let bytes: u64 = stats.values().map(|s| s.stats.bytes).sum();
+            let downloaded: u64 = stats.values().map(|s| s.stats.downloaded_bytes).sum();
             println!(
                 "op=mirror objects={objects} bytes={bytes} downloaded_bytes={downloaded} \
                  signature={:?} retries={} seconds={:.3}",

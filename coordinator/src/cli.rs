@@ -258,10 +258,12 @@ pub async fn run() -> Result<ExitCode> {
             release(hold).await;
             let report = r?;
             out.verify(&report);
-            Ok(if report.ok() {
-                ExitCode::SUCCESS
-            } else {
+            Ok(if !report.ok() {
                 ExitCode::from(3)
+            } else if report.recovers == Some(false) {
+                ExitCode::from(6)
+            } else {
+                ExitCode::SUCCESS
             })
         }
         Command::Restore {

@@ -31,5 +31,6 @@ pub mod status;
 #[cfg(test)]
 pub(crate) mod testkit;
 pub mod verify;
+pub mod wal_e;
 
 pub use error::{Error, ErrorKind, Result};

@@ -17,12 +17,16 @@
 //! - Downloads run concurrently up to the gateway's limit; bytes stream to staging, never memory;
 //!   objects above [`DOWNLOAD_RANGE`] come in concurrent ranges.
 //! - A listing is handed to the snapshot only when every object in it is stored.
+//! - An object listed but gone (404) before its download was deleted at the source meanwhile
+//!   (`wal-e delete retain` does this during a snapshot): it is left out of the listing and
+//!   recorded as vanished, never an error here; whether the snapshot still holds what it needs is
+//!   the caller's question ([`crate::wal_e`] for the database bucket).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::repository::{
     BlobRef, BlobWriter, Manifest, ObjectEntry, Repository, Sha256, SnapshotWriter,
 };
@@ -58,6 +62,18 @@ pub struct MirrorStats {
     /// Downloaded objects whose bytes were not yet in the repository.
     pub new_blobs: u64,
     pub new_blob_bytes: u64,
+    /// Objects listed but deleted at the source before their download (not in the listing).
+    pub vanished_objects: u64,
+}
+
+/// One bucket mirrored: what it did, the listing stored, and the keys that vanished.
+#[derive(Debug, Clone, Default)]
+pub struct Mirrored {
+    pub stats: MirrorStats,
+    /// Sorted by key.
+    pub entries: Vec<ObjectEntry>,
+    /// Listed, then gone before their download; sorted.
+    pub vanished: Vec<String>,
 }
 
 struct BlobSink(BlobWriter);
@@ -87,7 +103,7 @@ pub async fn mirror_bucket(
     bucket: &str,
     previous: &[ObjectEntry],
     progress: &dyn Progress,
-) -> Result<(Vec<ObjectEntry>, MirrorStats)> {
+) -> Result<Mirrored> {
     let listed = gateway
         .list_objects(bucket, None)
         .await
@@ -102,12 +118,27 @@ pub async fn mirror_bucket(
     let (mut entries, todo) = carry_over(repo, bucket, listed, previous, progress).await?;
     stats.unchanged_objects = entries.len() as u64;
 
-    let fetched: Vec<Fetched> = futures::stream::iter(todo)
-        .map(|o| fetch_object(gateway, repo, bucket, o, progress))
+    let fetched: Vec<std::result::Result<Fetched, String>> = futures::stream::iter(todo)
+        .map(|o| async move {
+            let key = o.key.clone();
+            match fetch_object(gateway, repo, bucket, o, progress).await {
+                Ok(f) => Ok(Ok(f)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(Err(key)),
+                Err(e) => Err(e),
+            }
+        })
         .buffer_unordered(gateway.max_concurrency())
         .try_collect()
         .await?;
+    let mut vanished = Vec::new();
     for f in fetched {
+        let f = match f {
+            Ok(f) => f,
+            Err(key) => {
+                vanished.push(key);
+                continue;
+            }
+        };
         stats.downloaded_objects += 1;
         stats.downloaded_bytes += f.entry.size;
         if f.new_blob {
@@ -117,9 +148,24 @@ pub async fn mirror_bucket(
         entries.push(f.entry);
     }
     entries.sort_by(|a, b| a.key.cmp(&b.key));
-    // Sizes may have changed between listing and download: report what was recorded.
+    vanished.sort();
+    if !vanished.is_empty() {
+        tracing::warn!(
+            bucket,
+            objects = vanished.len(),
+            "objects deleted at the source between the listing and their download; left out"
+        );
+    }
+    // Sizes may have changed between listing and download, objects gone: report what was
+    // recorded.
+    stats.objects = entries.len() as u64;
     stats.bytes = entries.iter().map(|e| e.size).sum();
-    Ok((entries, stats))
+    stats.vanished_objects = vanished.len() as u64;
+    Ok(Mirrored {
+        stats,
+        entries,
+        vanished,
+    })
 }
 
 /// Splits `listed` into the entries carried over from `previous` (unchanged since, blob present
@@ -273,14 +319,14 @@ pub async fn previous_listing(
 }
 
 /// Mirrors each of `buckets` into `snapshot`, incrementally against `previous` (the last
-/// snapshot's manifest, if any), and adds their listings to the snapshot.
+/// snapshot's manifest, if any), and adds their listings (and vanished keys) to the snapshot.
 pub async fn mirror_buckets(
     gateway: &s3::Client,
     snapshot: &mut SnapshotWriter,
     buckets: &[String],
     previous: Option<&Manifest>,
     progress: &dyn Progress,
-) -> Result<BTreeMap<String, MirrorStats>> {
+) -> Result<BTreeMap<String, Mirrored>> {
     let repo = snapshot.repository().clone();
     let mut before = Vec::with_capacity(buckets.len());
     for bucket in buckets {
@@ -296,16 +342,18 @@ pub async fn mirror_buckets(
     )
     .await?;
     let mut out = BTreeMap::new();
-    for (bucket, (entries, stats)) in buckets.iter().zip(mirrored) {
-        snapshot.add_bucket(bucket, &entries).await?;
+    for (bucket, m) in buckets.iter().zip(mirrored) {
+        snapshot.add_bucket(bucket, &m.entries).await?;
+        snapshot.bucket_vanished(bucket, m.vanished.clone());
         tracing::info!(
             bucket,
-            objects = stats.objects,
-            downloaded = stats.downloaded_objects,
-            unchanged = stats.unchanged_objects,
+            objects = m.stats.objects,
+            downloaded = m.stats.downloaded_objects,
+            unchanged = m.stats.unchanged_objects,
+            vanished = m.stats.vanished_objects,
             "bucket mirrored"
         );
-        out.insert(bucket.clone(), stats);
+        out.insert(bucket.clone(), m);
     }
     Ok(out)
 }

@@ -33,7 +33,8 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt a
 use crate::error::{Error, ErrorKind, Result};
 use crate::secret::SecretString;
 pub use format::{
-    BlobRef, BucketRef, Manifest, ObjectEntry, PartInfo, PartRef, SegmentRef, Sha256, SnapshotId,
+    BaseBackupChain, BlobRef, BucketRef, Manifest, ObjectEntry, PartInfo, PartRef, SegmentRef,
+    Sha256, SnapshotId, WalChain,
 };
 
 /// A flat store of named files (`a/b/c` names, `/`-separated), the only thing a repository needs.
@@ -502,6 +503,7 @@ impl Repository {
             parts: BTreeMap::new(),
             buckets: BTreeMap::new(),
             part_info: BTreeMap::new(),
+            wal_e: None,
         }
     }
 
@@ -738,6 +740,7 @@ pub struct SnapshotWriter {
     parts: BTreeMap<String, PartRef>,
     buckets: BTreeMap<String, BucketRef>,
     part_info: BTreeMap<String, format::PartInfo>,
+    wal_e: Option<WalChain>,
 }
 
 impl SnapshotWriter {
@@ -799,6 +802,7 @@ impl SnapshotWriter {
             listing_sha256: Sha256::of(&data),
             objects: entries.len() as u64,
             bytes: entries.iter().map(|e| e.size).sum(),
+            vanished: Vec::new(),
         };
         self.repo
             .backend
@@ -806,6 +810,19 @@ impl SnapshotWriter {
             .await?;
         self.buckets.insert(bucket.to_owned(), b.clone());
         Ok(b)
+    }
+
+    /// Records the keys of `bucket` (added already) that were listed but gone before their
+    /// download.
+    pub fn bucket_vanished(&mut self, bucket: &str, keys: Vec<String>) {
+        if let Some(b) = self.buckets.get_mut(bucket) {
+            b.vanished = keys;
+        }
+    }
+
+    /// Records the database bucket's WAL-E chain.
+    pub fn wal_chain(&mut self, chain: WalChain) {
+        self.wal_e = Some(chain);
     }
 
     /// Writes the manifest, last: from now on the snapshot is complete.
@@ -819,6 +836,7 @@ impl SnapshotWriter {
             parts: self.parts,
             buckets: self.buckets,
             part_info: self.part_info,
+            wal_e: self.wal_e,
         };
         let data = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
         // Everything the manifest names reaches the disk before the manifest does.

@@ -30,12 +30,13 @@ use crate::agents::{self, Agent, AgentOptions, Described};
 use crate::error::{Error, ErrorKind, Result};
 use crate::gateway::DeisBuckets;
 use crate::hold::Hold;
-use crate::mirror::{self, MirrorStats};
+use crate::mirror::{self, MirrorStats, Mirrored};
 use crate::platform_keys;
 use crate::repository::{
-    BlobRef, Manifest, PartInfo, PartRef, Repository, SegmentRef, Sha256, SnapshotId,
+    BlobRef, Manifest, PartInfo, PartRef, Repository, SegmentRef, Sha256, SnapshotId, WalChain,
 };
 use crate::s3::{self, GatewayOptions};
+use crate::wal_e;
 
 /// Part name of the database dump.
 pub const DATABASE_PART: &str = "database/pg_dumpall.sql.zst";
@@ -374,6 +375,12 @@ pub async fn run(
     };
 
     let (buckets, agents, etcd) = tokio::try_join!(buckets, agents, etcd)?;
+    if let Some(db) = &cluster.deis_buckets
+        && let Some(mirrored) = buckets.get(&db.database)
+        && let Some(chain) = wal_chain(repo, &db.database, mirrored).await?
+    {
+        snapshot.wal_chain(chain);
+    }
 
     for (name, (blob, info)) in agents.into_iter().chain([etcd]) {
         snapshot.add_part(&name, blob)?;
@@ -381,7 +388,36 @@ pub async fn run(
     }
     hold.check("writing the manifest; the snapshot is not complete")?;
     let manifest = snapshot.commit().await?;
+    let buckets = buckets.into_iter().map(|(b, m)| (b, m.stats)).collect();
     Ok(Outcome { manifest, buckets })
+}
+
+/// The database bucket's WAL-E chain in the snapshot. A segment the newest base backup needs that
+/// was deleted at the source during the mirror fails the snapshot (a run moments later holds a
+/// whole chain again); a chain incomplete at the source is recorded, and warned about.
+async fn wal_chain(
+    repo: &Repository,
+    bucket: &str,
+    mirrored: &Mirrored,
+) -> Result<Option<WalChain>> {
+    let Some(chain) = wal_e::chain_in(repo, bucket, &mirrored.entries).await? else {
+        return Ok(None);
+    };
+    if let Some(key) = wal_e::needed_and_vanished(&chain, &mirrored.vanished) {
+        return Err(Error::new(
+            ErrorKind::Gateway,
+            format!(
+                "s3://{bucket}/{key} was deleted at the source during the snapshot, and the \
+                 newest base backup ({}) needs it",
+                chain.latest.as_ref().map_or("?", |l| l.name.as_str())
+            ),
+            "run the snapshot again: the next listing holds a whole chain",
+        ));
+    }
+    if let Some(problem) = chain.problem() {
+        tracing::warn!("{problem}");
+    }
+    Ok(Some(chain))
 }
 
 type Part = (PartRef, PartInfo);

@@ -8,6 +8,11 @@
 //! [`Depth::Subset`] reads again only the blobs of one slice ([`Subset`]), so that runs on
 //! several days together read everything once.
 //!
+//! The database bucket's WAL-E chain ([`crate::wal_e`]) is worked out again from the listing and
+//! the sentinels in the repository: it must match what the manifest recorded, and when the
+//! database cannot recover from it by itself that is a warning of its own (`recovers` false), not
+//! damage: the snapshot still restores with `--database-sql`.
+//!
 //! Invariants:
 //! - Reads only. Every problem is collected (not just the first) and named by part or bucket/key.
 //! - Each distinct blob is checked once, however many objects or snapshots name it; it is
@@ -22,7 +27,9 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::repository::{BlobCheck, BlobRef, Manifest, Repository, Sha256};
+use crate::repository::{BlobCheck, BlobRef, Manifest, ObjectEntry, Repository, Sha256, WalChain};
+use crate::snapshot::BUCKET_DATABASE_LABEL;
+use crate::wal_e;
 
 mod subset;
 pub use subset::{NotSubset, Subset};
@@ -65,8 +72,17 @@ pub struct Report {
     /// The slice read again, with `--read-data-subset`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subset: Option<String>,
+    /// The database bucket's WAL-E chain as the snapshot holds it, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal_e: Option<WalChain>,
+    /// Whether a database restored from the snapshot's buckets recovers by itself (`None`: no
+    /// WAL-E chain to recover from).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovers: Option<bool>,
     /// One line per problem; empty when the snapshot is whole.
     pub problems: Vec<String>,
+    /// Not damage, but what the operator must know: why the database cannot recover by itself.
+    pub warnings: Vec<String>,
 }
 
 impl Report {
@@ -117,6 +133,9 @@ pub async fn verify(repo: &Repository, manifest: &Manifest, depth: Depth) -> Res
                 continue;
             }
         };
+        if Some(bucket.as_str()) == database_bucket(manifest) {
+            check_chain(repo, manifest, bucket, &listing, &mut report).await;
+        }
         for e in listing {
             report.objects += 1;
             name_blob(
@@ -146,6 +165,48 @@ pub async fn verify(repo: &Repository, manifest: &Manifest, depth: Depth) -> Res
     }
     report.problems.sort();
     Ok(report)
+}
+
+/// The snapshot's database bucket: the one its chain was recorded for, else the one it labels.
+fn database_bucket(m: &Manifest) -> Option<&str> {
+    m.wal_e
+        .as_ref()
+        .map(|c| c.bucket.as_str())
+        .or_else(|| m.labels.get(BUCKET_DATABASE_LABEL).map(String::as_str))
+}
+
+/// Works the chain out again from `listing` and compares it with the recorded one.
+async fn check_chain(
+    repo: &Repository,
+    manifest: &Manifest,
+    bucket: &str,
+    listing: &[ObjectEntry],
+    report: &mut Report,
+) {
+    let found = match wal_e::chain_in(repo, bucket, listing).await {
+        Ok(c) => c,
+        Err(e) => {
+            report.problems.push(format!(
+                "s3://{bucket}: its WAL-E chain cannot be checked: {}",
+                e.message()
+            ));
+            return;
+        }
+    };
+    if let Some(recorded) = &manifest.wal_e
+        && found.as_ref() != Some(recorded)
+    {
+        report.problems.push(format!(
+            "s3://{bucket}: the listing no longer holds the WAL-E chain the manifest records \
+             (base backup {})",
+            recorded.latest.as_ref().map_or("none", |l| l.name.as_str())
+        ));
+    }
+    if let Some(c) = &found {
+        report.recovers = Some(c.recovers_by_itself());
+        report.warnings.extend(c.problem());
+    }
+    report.wal_e = found;
 }
 
 /// Records that `what` names blob `sha` of `size` bytes: the first name is the one problems are

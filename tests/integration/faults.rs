@@ -117,20 +117,36 @@ fn fill_store(store: &Path, files: usize, mib: usize) {
 }
 
 /// Creates `db_wal` and `registry` in the fresh cluster's own gateway tenant and puts `per_bucket`
-/// objects of `size` bytes (incompressible) in each.
+/// objects of `size` bytes (incompressible) in each; `db_wal`'s first is a WAL-E stop sentinel
+/// (a small JSON) of a base backup whose one segment is the second object.
 async fn seed_buckets(s3: &aws_sdk_s3::Client, per_bucket: usize, size: usize) {
+    const SENTINEL: &str =
+        "basebackups_005/base_000000010000000000000001_00000028_backup_stop_sentinel.json";
     for (b, bucket) in ["db_wal", "registry"].into_iter().enumerate() {
         s3.create_bucket().bucket(bucket).send().await.unwrap();
         for i in 0..per_bucket {
-            let key = if bucket == "db_wal" {
-                format!("wal_005/0000000100000000000000{i:02X}.lzo")
-            } else {
-                format!("docker/registry/v2/blobs/layer {i}/data")
+            let (key, body) = match bucket {
+                "db_wal" if i == 0 => (
+                    SENTINEL.to_owned(),
+                    serde_json::to_vec(&serde_json::json!({
+                        "wal_segment_backup_start": "000000010000000000000001",
+                        "wal_segment_backup_stop": "000000010000000000000001",
+                    }))
+                    .unwrap(),
+                ),
+                "db_wal" => (
+                    format!("wal_005/0000000100000000000000{i:02X}.lzo"),
+                    noise(size, (b * 1000 + i) as u64),
+                ),
+                _ => (
+                    format!("docker/registry/v2/blobs/layer {i}/data"),
+                    noise(size, (b * 1000 + i) as u64),
+                ),
             };
             s3.put_object()
                 .bucket(bucket)
                 .key(&key)
-                .body(noise(size, (b * 1000 + i) as u64).into())
+                .body(body.into())
                 .send()
                 .await
                 .unwrap_or_else(|e| panic!("put {bucket}/{key}: {e:?}"));

@@ -14,7 +14,7 @@ use deis_backup_coordinator::ErrorKind;
 use deis_backup_coordinator::gateway::{
     DeisBuckets, Gateway, GatewayOptions, ObjectMeta, SecretString, Signature,
 };
-use deis_backup_coordinator::mirror::{MirrorStats, NoProgress, mirror_bucket};
+use deis_backup_coordinator::mirror::{MirrorStats, Mirrored, NoProgress, mirror_bucket};
 use deis_backup_coordinator::repository::{ObjectEntry, Repository, RepositoryOptions};
 
 use super::support::Cluster;
@@ -263,7 +263,7 @@ async fn mirror_seeded_and_check(gw: &Gateway) -> Vec<MirrorStats> {
     let (_dir, repo) = local_repo().await;
     let mut out = Vec::new();
     for bucket in seeded_buckets().await {
-        let (entries, stats) = mirror_bucket(gw, &repo, &bucket, &[], &NoProgress)
+        let Mirrored { entries, stats, .. } = mirror_bucket(gw, &repo, &bucket, &[], &NoProgress)
             .await
             .unwrap();
         assert_listing_matches_seed(&bucket, &entries);
@@ -479,7 +479,7 @@ async fn gateway_spreads_requests_over_every_published_gateway() {
         .await
         .unwrap();
     let (_dir, repo) = local_repo().await;
-    let (entries, _) = mirror_bucket(&gw, &repo, "registry", &[], &NoProgress)
+    let Mirrored { entries, .. } = mirror_bucket(&gw, &repo, "registry", &[], &NoProgress)
         .await
         .unwrap();
     assert_listing_matches_seed("registry", &entries);

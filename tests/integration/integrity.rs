@@ -12,7 +12,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use deis_backup_coordinator::ErrorKind;
 use deis_backup_coordinator::bucket_restore::{Existing, restore_bucket};
 use deis_backup_coordinator::gateway::{Gateway, GatewayOptions, Signature};
-use deis_backup_coordinator::mirror::{NoProgress, mirror_bucket, mirror_buckets};
+use deis_backup_coordinator::mirror::{Mirrored, NoProgress, mirror_bucket, mirror_buckets};
 use deis_backup_coordinator::repository::format::blob_path;
 use deis_backup_coordinator::repository::{
     BlobCheck, BlobRef, Manifest, ObjectEntry, Repository, Sha256, SnapshotId,
@@ -184,7 +184,7 @@ async fn integrity_restore_refuses_a_damaged_blob_before_the_put_single_and_mult
     .await;
     let gw = small_parts_gateway().await;
     let (dir, repo) = local_repo().await;
-    let (entries, _) = mirror_bucket(&gw, &repo, &source, &[], &NoProgress)
+    let Mirrored { entries, .. } = mirror_bucket(&gw, &repo, &source, &[], &NoProgress)
         .await
         .unwrap();
     assert_eq!(entries.len(), 3);
@@ -315,7 +315,7 @@ async fn integrity_incremental_snapshot_reuses_only_blobs_present_whole() {
         let stats = mirror_buckets(&gw, &mut s, &buckets, previous, &NoProgress)
             .await
             .unwrap();
-        (s.commit().await.unwrap(), stats[source.name()])
+        (s.commit().await.unwrap(), stats[source.name()].stats)
     };
     let (m1, _) = snapshot(&repo, None).await;
     let l1 = repo.listing(&m1, &source).await.unwrap();
@@ -372,7 +372,7 @@ async fn integrity_reuse_needs_the_previous_entrys_sha256() {
     let source = source_bucket("integrity_sha", &[("k", bytes(1500, 11))], None).await;
     let gw = small_parts_gateway().await;
     let (_dir, repo) = local_repo().await;
-    let (first, _) = mirror_bucket(&gw, &repo, &source, &[], &NoProgress)
+    let Mirrored { entries: first, .. } = mirror_bucket(&gw, &repo, &source, &[], &NoProgress)
         .await
         .unwrap();
     let good = first[0].clone();
@@ -393,13 +393,14 @@ async fn integrity_reuse_needs_the_previous_entrys_sha256() {
             sha256,
             ..good.clone()
         };
-        let (entries, stats) = mirror_bucket(&gw, &repo, &source, &[prev], &NoProgress)
-            .await
-            .unwrap();
+        let Mirrored { entries, stats, .. } =
+            mirror_bucket(&gw, &repo, &source, &[prev], &NoProgress)
+                .await
+                .unwrap();
         assert_eq!(stats.downloaded_objects, 1, "{what}: {stats:?}");
         assert_eq!(entries, first, "{what}: recorded what was downloaded");
     }
-    let (entries, stats) = mirror_bucket(&gw, &repo, &source, &first, &NoProgress)
+    let Mirrored { entries, stats, .. } = mirror_bucket(&gw, &repo, &source, &first, &NoProgress)
         .await
         .unwrap();
     assert_eq!(

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use deis_backup_coordinator::ErrorKind;
 use deis_backup_coordinator::bucket_restore::{Existing, restore_bucket};
 use deis_backup_coordinator::gateway::{Gateway, GatewayOptions, ObjectMeta, Signature};
-use deis_backup_coordinator::mirror::{NoProgress, mirror_bucket, mirror_buckets};
+use deis_backup_coordinator::mirror::{Mirrored, NoProgress, mirror_bucket, mirror_buckets};
 use deis_backup_coordinator::repository::SnapshotId;
 use sha2::{Digest, Sha256};
 
@@ -103,7 +103,7 @@ async fn mirror_second_run_of_unchanged_buckets_downloads_nothing() {
         .await
         .unwrap();
     let m1 = first.commit().await.unwrap();
-    for (bucket, s) in &stats1 {
+    for (bucket, Mirrored { stats: s, .. }) in &stats1 {
         assert_eq!(
             s.downloaded_objects, s.objects,
             "{bucket}: first run fetches all"
@@ -124,7 +124,7 @@ async fn mirror_second_run_of_unchanged_buckets_downloads_nothing() {
         .await
         .unwrap();
     let m2 = second.commit().await.unwrap();
-    for (bucket, s) in &stats2 {
+    for (bucket, Mirrored { stats: s, .. }) in &stats2 {
         assert_eq!(s.downloaded_bytes, 0, "{bucket}: {s:?}");
         assert_eq!(s.downloaded_objects, 0, "{bucket}: {s:?}");
         assert_eq!(s.unchanged_objects, s.objects, "{bucket}: {s:?}");
@@ -147,7 +147,7 @@ async fn mirror_then_restore_into_fresh_buckets_is_identical() {
     let (_dir, repo) = local_repo().await;
     let gw = connect(Signature::V2).await;
     for bucket in seeded_buckets().await {
-        let (entries, _) = mirror_bucket(&gw, &repo, &bucket, &[], &NoProgress)
+        let Mirrored { entries, .. } = mirror_bucket(&gw, &repo, &bucket, &[], &NoProgress)
             .await
             .unwrap();
         let target = ScratchBucket::new(&bucket);
@@ -280,7 +280,7 @@ async fn mirror_fidelity_of_odd_keys_empty_and_multipart_objects() {
         .await
         .unwrap();
     let (_dir, repo) = local_repo().await;
-    let (entries, stats) = mirror_bucket(&gw, &repo, &source, &[], &NoProgress)
+    let Mirrored { entries, stats, .. } = mirror_bucket(&gw, &repo, &source, &[], &NoProgress)
         .await
         .unwrap();
     assert_eq!(stats.objects, objects.len() as u64);

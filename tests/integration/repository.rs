@@ -63,7 +63,7 @@ async fn repository_in_an_s3_bucket_round_trips_snapshots() {
     let stats = mirror_buckets(&gw, &mut s2, &buckets, Some(&m1), &NoProgress)
         .await
         .unwrap();
-    assert_eq!(stats["registry"].downloaded_bytes, 0);
+    assert_eq!(stats["registry"].stats.downloaded_bytes, 0);
     let m2 = s2.commit().await.unwrap();
 
     // Deleting the first snapshot keeps every blob the second needs.

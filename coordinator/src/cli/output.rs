@@ -119,6 +119,16 @@ impl Output {
             t.row(vec![name.clone(), b.objects.to_string(), size(b.bytes)]);
         }
         print!("{}", t.render());
+        for line in chain_lines(m) {
+            println!("  {line}");
+        }
+        for (name, b) in &m.buckets {
+            for key in b.vanished.iter().take(20) {
+                println!(
+                    "  vanished s3://{name}/{key} (deleted at the source during the snapshot)"
+                );
+            }
+        }
         for (name, info) in &m.part_info {
             for w in info.warnings.iter().take(20) {
                 println!("  warning {name}: {w}");
@@ -152,6 +162,18 @@ impl Output {
                 format!("{} problems", r.problems.len())
             }
         );
+        if let Some(c) = &r.wal_e {
+            match c.restorable.as_ref().filter(|_| c.recovers_by_itself()) {
+                Some(b) => println!(
+                    "{}: WAL-E chain whole: base backup {} with WAL {} to {} ({} segments)",
+                    c.bucket, b.name, b.wal_start, b.wal_stop, b.segments
+                ),
+                None => println!("{}: WAL-E chain incomplete", c.bucket),
+            }
+        }
+        for w in &r.warnings {
+            println!("warning: {w}");
+        }
     }
 
     pub fn runs(&self, runs: &[(history::Run, history::State)]) {
@@ -342,13 +364,24 @@ impl Output {
         println!("snapshot {} complete", m.id);
         for (b, s) in &o.buckets {
             println!(
-                "  bucket {b}: {} objects ({}), {} downloaded ({}), {} unchanged",
+                "  bucket {b}: {} objects ({}), {} downloaded ({}), {} unchanged{}",
                 s.objects,
                 size(s.bytes),
                 s.downloaded_objects,
                 size(s.downloaded_bytes),
-                s.unchanged_objects
+                s.unchanged_objects,
+                if s.vanished_objects > 0 {
+                    format!(
+                        ", {} vanished (deleted at the source meanwhile: deis-backup show {})",
+                        s.vanished_objects, m.id
+                    )
+                } else {
+                    String::new()
+                }
             );
+        }
+        for line in chain_lines(m) {
+            println!("  {line}");
         }
         for (name, b) in &m.parts {
             let info = m.part_info.get(name);
@@ -510,6 +543,28 @@ impl From<&Manifest> for SnapshotRow {
             bytes: total_bytes(m),
         }
     }
+}
+
+/// What the manifest says of the database bucket's WAL-E chain: its contents, the base backup a
+/// restored database recovers from, and a warning when it cannot.
+fn chain_lines(m: &Manifest) -> Vec<String> {
+    let Some(c) = &m.wal_e else {
+        return Vec::new();
+    };
+    let mut out = vec![format!(
+        "{} (WAL-E {}): {} base backups, {} WAL segments",
+        c.bucket, c.layout, c.base_backups, c.wal_segments
+    )];
+    if let Some(r) = c.restorable.as_ref().filter(|_| c.recovers_by_itself()) {
+        out.push(format!(
+            "{}: the database recovers by itself from base backup {} (WAL {} to {}, {} segments)",
+            c.bucket, r.name, r.wal_start, r.wal_stop, r.segments
+        ));
+    }
+    if let Some(p) = c.problem() {
+        out.push(format!("warning: {p}"));
+    }
+    out
 }
 
 fn total_bytes(m: &Manifest) -> u64 {

@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::s3::ObjectMeta;
 
 mod sha256;
+mod wal_chain;
 pub use sha256::{NotSha256, Sha256};
+pub use wal_chain::{BaseBackupChain, WalChain};
 
 /// The format this code writes and reads.
 pub const FORMAT: &str = "deis-backup/1";
@@ -269,6 +271,10 @@ pub struct BucketRef {
     pub listing_sha256: Sha256,
     pub objects: u64,
     pub bytes: u64,
+    /// Keys listed at the source but gone before their download (deleted meanwhile, as
+    /// `wal-e delete retain` does); not in the listing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vanished: Vec<String>,
 }
 
 /// A snapshot's manifest: the last file written, the proof the snapshot is complete.
@@ -295,6 +301,9 @@ pub struct Manifest {
     /// Where each part came from and how taking it went, by part name.
     #[serde(default)]
     pub part_info: BTreeMap<String, PartInfo>,
+    /// The database bucket's WAL-E chain, when it holds WAL-E's layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_e: Option<WalChain>,
 }
 
 /// What the coordinator recorded about a part beyond its bytes.
