@@ -18,4 +18,5 @@ mod integration {
     mod repository;
     mod smoke;
     mod snapshot;
+    mod wal_e;
 }

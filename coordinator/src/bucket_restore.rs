@@ -16,6 +16,10 @@
 //!   most likely had, so it gets its ETag back and a later merge finds it in place; others go up in
 //!   parts of at least 5 MiB above the multipart threshold, in one PUT below it.
 //! - With `Overwrite` the bucket ends up holding exactly the snapshot's keys.
+//! - WAL-E's stop sentinels go up last, one at a time, in the order the source modified them:
+//!   `wal-e backup-fetch LATEST` (Deis' boot) picks the sentinel the gateway says was modified
+//!   last, and a restore uploading them concurrently would make that any base backup, not the
+//!   snapshot's newest. Each sentinel also appears only once everything before it is in place.
 
 use std::collections::{HashMap, HashSet};
 
@@ -26,6 +30,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::mirror::Progress;
 use crate::repository::{ObjectEntry, Repository};
 use crate::s3::{self, ListedObject, etag_is_md5};
+use crate::wal_e;
 
 /// What to do with a bucket that already holds objects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -88,22 +93,33 @@ pub async fn restore_bucket(
         .collect();
     progress.listed(bucket, stats.objects, stats.bytes);
 
+    let (mut sentinels, rest): (Vec<&ObjectEntry>, Vec<&ObjectEntry>) = entries
+        .iter()
+        .partition(|e| wal_e::is_stop_sentinel(&e.key));
+    sentinels.sort_by(|a, b| (wal_e::modified(a), &a.key).cmp(&(wal_e::modified(b), &b.key)));
     // Per object: the bytes uploaded, or `None` when it was already there.
-    let done: Vec<Option<u64>> = futures::stream::iter(entries)
-        .map(|e| {
-            let (there, ctx) = (&there, &ctx);
-            async move {
-                let upload = there.get(e.key.as_str()) != Some(&(e.size, e.etag.as_str()));
-                if upload {
-                    restore_object(gateway, repo, bucket, ctx, e).await?;
-                }
-                progress.object_done(bucket, &e.key, e.size, upload);
-                Ok::<_, Error>(upload.then_some(e.size))
+    let put = |e: &'_ ObjectEntry| {
+        let (there, ctx) = (&there, &ctx);
+        let e = e.clone();
+        async move {
+            let upload = there.get(e.key.as_str()) != Some(&(e.size, e.etag.as_str()));
+            if upload {
+                restore_object(gateway, repo, bucket, ctx, &e).await?;
             }
-        })
+            progress.object_done(bucket, &e.key, e.size, upload);
+            Ok::<_, Error>(upload.then_some(e.size))
+        }
+    };
+    let mut done: Vec<Option<u64>> = futures::stream::iter(rest)
+        .map(&put)
         .buffer_unordered(gateway.max_concurrency())
         .try_collect()
         .await?;
+    for e in sentinels {
+        done.push(put(e).await?);
+        // Distinct modification times, in order, at the gateway's millisecond resolution.
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     for d in done {
         match d {
             Some(size) => {

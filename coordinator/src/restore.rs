@@ -210,7 +210,51 @@ pub async fn restore(
             report.next = "deisctl start platform (the database already holds the dump)".into();
         }
     }
+    if let Some(next) = recovery_next(manifest, &report) {
+        report.next = next;
+    }
     Ok(report)
+}
+
+/// What the operator does next when the database bucket was restored and the database is to
+/// restore itself from it (no `--database-sql`): what `deisctl start platform` will do, from which
+/// base backup, on which PostgreSQL, and the base backup to take afterwards (deis/postgres#104:
+/// until the restored database pushes a base backup of its new timeline, a second restore
+/// replays only the old one). `None` when no such recovery follows.
+fn recovery_next(manifest: &Manifest, report: &Report) -> Option<String> {
+    let chain = manifest.wal_e.as_ref()?;
+    if report.steps.iter().any(|s| s.what == "database-sql") {
+        return None;
+    }
+    // The bucket step's target: `db_wal`, or `<name> (was db_wal)` when the target names it so.
+    let was = format!("(was {})", chain.bucket);
+    let bucket = report
+        .steps
+        .iter()
+        .find(|s| s.what == "bucket" && (s.target == chain.bucket || s.target.ends_with(&was)))?
+        .target
+        .split(' ')
+        .next()?;
+    if let Some(problem) = chain.problem() {
+        return Some(format!(
+            "warning: {problem}. The buckets and the store are back; deisctl start platform \
+             starts a database that will not recover: restore the dump with --database-sql"
+        ));
+    }
+    let b = chain.latest.as_ref()?;
+    let postgres = chain.postgres_major().map_or_else(String::new, |v| {
+        format!(
+            " The base backup is PostgreSQL {v}: the target's deis-database image must run \
+             PostgreSQL {v} (another major version does not start on it, deis/deis#4709)."
+        )
+    });
+    Some(format!(
+        "deisctl start platform: deis-database finds base backup {} in {}, fetches it, replays \
+         WAL {} to {} and on to the end of the restored WAL, then accepts connections (its log \
+         says `database: restoring from backup...`).{postgres} Once it runs, take a base backup \
+         of its new timeline: deis-backup snapshot --pre-hook wal-e-backup-push",
+        b.name, bucket, b.wal_start, b.wal_stop
+    ))
 }
 
 /// The plan: every step the options ask for, with the preflight's findings.

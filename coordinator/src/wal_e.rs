@@ -8,8 +8,8 @@
 //! - Reads the listing and the stop sentinels (small JSON objects) only, never a base backup.
 //! - "Newest" is what `wal-e backup-fetch LATEST` (Deis' boot) picks: the sentinel modified last;
 //!   equal times go to the greater name, the later WAL position.
-//! - A base backup needs the segments from its sentinel's `wal_segment_backup_start` to its
-//!   `wal_segment_backup_stop`, both included, on the start's timeline. Segments are 16 MiB
+//! - A base backup needs the segments from the one its name starts with (`base_<segment>_…`) to
+//!   its sentinel's `wal_segment_backup_stop`, both included, on the start's timeline. Segments are 16 MiB
 //!   (PostgreSQL's default, which WAL-E assumes): 256 to a log file since PostgreSQL 9.3.
 //! - A listing holds a restorable chain by construction when it is one ascending pass over the
 //!   bucket ([`crate::s3`]'s listing is): `basebackups_005/` sorts before `wal_005/`, WAL-E writes
@@ -101,6 +101,11 @@ fn sentinel_key(key: &str) -> Option<(&str, &str)> {
     .then_some((version, name))
 }
 
+/// Whether `key` is a WAL-E stop sentinel (the file whose presence makes a base backup).
+pub fn is_stop_sentinel(key: &str) -> bool {
+    sentinel_key(key).is_some()
+}
+
 /// `wal_005/<segment>.lzo` → (`005`, the segment). History and backup label files are not
 /// segments.
 fn wal_key(key: &str) -> Option<(&str, Segment)> {
@@ -114,10 +119,11 @@ fn layout_version(v: &str) -> bool {
     v.len() == 3 && v.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// The part of a stop sentinel that says which WAL a base backup needs.
+/// The part of a stop sentinel that says where a base backup's WAL ends. Where it starts is in
+/// the base backup's name (WAL-E 1.x writes no `wal_segment_backup_start`; 0.x did, with the
+/// same value).
 #[derive(Deserialize)]
 struct Sentinel {
-    wal_segment_backup_start: String,
     wal_segment_backup_stop: String,
 }
 
@@ -161,6 +167,16 @@ where
             break;
         }
     }
+    let postgres_version = match restorable.as_ref().or(latest.as_ref()) {
+        Some(b) => {
+            let key = format!("basebackups_{layout}/{}/extended_version.txt", b.name);
+            match entries.iter().find(|e| e.key == key) {
+                Some(e) => version_line(&read(e).await?),
+                None => None,
+            }
+        }
+        None => None,
+    };
     Ok(Some(WalChain {
         bucket: bucket.to_owned(),
         layout: layout.to_owned(),
@@ -168,6 +184,7 @@ where
         wal_segments: segments.len() as u64,
         latest,
         restorable,
+        postgres_version,
     }))
 }
 
@@ -213,7 +230,14 @@ pub fn needed_and_vanished<'a>(chain: &WalChain, vanished: &'a [String]) -> Opti
     })
 }
 
-fn modified(e: &ObjectEntry) -> Option<OffsetDateTime> {
+/// The first line of an `extended_version.txt` (`SELECT version()`), when it names PostgreSQL.
+fn version_line(body: &[u8]) -> Option<String> {
+    let line = std::str::from_utf8(body).ok()?.lines().next()?.trim();
+    (line.starts_with("PostgreSQL ") && line.len() <= 512).then(|| line.to_owned())
+}
+
+/// When the source modified `e`, as its listing said.
+pub fn modified(e: &ObjectEntry) -> Option<OffsetDateTime> {
     let t = e.last_modified.as_deref()?;
     OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
 }
@@ -229,20 +253,22 @@ fn needs(name: &str, sentinel: &[u8], present: &BTreeSet<Segment>) -> BaseBackup
         missing: 1,
         first_missing: Some(why.to_owned()),
     };
+    let start = name
+        .strip_prefix("base_")
+        .and_then(|n| n.split_once('_'))
+        .and_then(|(seg, _)| seg.parse::<Segment>().ok())
+        .expect("sentinel_key checked the name");
     let Ok(s) = serde_json::from_slice::<Sentinel>(sentinel) else {
         return broken(
             "(its stop sentinel is not WAL-E's JSON)",
-            String::new(),
+            start.to_string(),
             String::new(),
         );
     };
-    let (Ok(start), Ok(stop)) = (
-        s.wal_segment_backup_start.parse::<Segment>(),
-        s.wal_segment_backup_stop.parse::<Segment>(),
-    ) else {
+    let Ok(stop) = s.wal_segment_backup_stop.parse::<Segment>() else {
         return broken(
             "(its stop sentinel names no WAL segment)",
-            s.wal_segment_backup_start,
+            start.to_string(),
             s.wal_segment_backup_stop,
         );
     };
@@ -306,12 +332,12 @@ mod tests {
             let key = format!("basebackups_005/base_{start}_00000028_backup_stop_sentinel.json");
             bodies.insert(
                 key.clone(),
+                // What WAL-E 1.1.1 writes (the start is in the name).
                 serde_json::to_vec(&serde_json::json!({
-                    "wal_segment_backup_start": start,
-                    "wal_segment_offset_backup_start": "00000028",
                     "wal_segment_backup_stop": stop,
                     "wal_segment_offset_backup_stop": "00000138",
                     "expanded_size_bytes": 1234,
+                    "spec": {"base_prefix": "/var/lib/postgresql/13/main/", "tablespaces": []},
                 }))
                 .unwrap(),
             );
@@ -322,6 +348,16 @@ mod tests {
                 ),
                 modified,
             ));
+            let version = format!("basebackups_005/base_{start}_00000028/extended_version.txt");
+            bodies.insert(
+                version.clone(),
+                format!(
+                    "PostgreSQL 13.{} (Debian) on x86_64-pc-linux-gnu\n",
+                    &start[22..]
+                )
+                .into_bytes(),
+            );
+            entries.push(entry(&version, modified));
         }
         for w in wal {
             entries.push(entry(&format!("wal_005/{w}.lzo"), "2026-01-01T00:00:00Z"));
@@ -393,6 +429,11 @@ mod tests {
         assert_eq!(latest.name, "base_0000000100000000000000FE_00000028");
         assert_eq!((latest.segments, latest.missing), (4, 0));
         assert_eq!(c.restorable, c.latest);
+        assert_eq!(
+            c.postgres_version.as_deref(),
+            Some("PostgreSQL 13.FE (Debian) on x86_64-pc-linux-gnu")
+        );
+        assert_eq!(c.postgres_major().as_deref(), Some("13"));
         assert!(c.recovers_by_itself());
         assert_eq!(c.problem(), None);
     }
@@ -494,6 +535,33 @@ mod tests {
 
         let registry = [entry("images/abc/json", "2026-01-01T00:00:00Z")];
         assert_eq!(run(&registry, &HashMap::new()).await, None);
+    }
+
+    #[test]
+    fn major_versions_as_postgresql_counts_them() {
+        let with = |v: &str| WalChain {
+            bucket: "db_wal".into(),
+            layout: "005".into(),
+            base_backups: 0,
+            wal_segments: 0,
+            latest: None,
+            restorable: None,
+            postgres_version: Some(v.into()),
+        };
+        for (v, major) in [
+            (
+                "PostgreSQL 9.3.25 on x86_64-unknown-linux-gnu, compiled by gcc",
+                Some("9.3"),
+            ),
+            (
+                "PostgreSQL 13.16 (Debian 13.16-0+deb11u1) on x86_64-pc-linux-gnu",
+                Some("13"),
+            ),
+            ("PostgreSQL 15beta1 on x86_64", Some("15")),
+            ("MySQL 8.0", None),
+        ] {
+            assert_eq!(with(v).postgres_major().as_deref(), major, "{v}");
+        }
     }
 
     #[tokio::test]

@@ -178,7 +178,7 @@ impl Fresh {
     }
 }
 
-fn s3_client(access: &str, secret: &str) -> aws_sdk_s3::Client {
+pub(super) fn s3_client(access: &str, secret: &str) -> aws_sdk_s3::Client {
     let creds = aws_sdk_s3::config::Credentials::new(access, secret, None, None, "etcd");
     let conf = aws_sdk_s3::Config::builder()
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())

@@ -160,12 +160,25 @@ pub struct Target {
 
 impl Target {
     pub fn up(name: &str) -> Target {
+        Self::up_with(name, &[])
+    }
+
+    /// `tests/cluster/target up NAME ARGS…` (`--no-database`, `--database-flavour wal-e`).
+    pub fn up_with(name: &str, args: &[&str]) -> Target {
         Cluster::get();
-        let env = run_script("target", &["up", name]);
+        let mut all = vec!["up", name];
+        all.extend_from_slice(args);
+        let env = run_script("target", &all);
         Target {
             name: name.to_owned(),
             env,
         }
+    }
+
+    /// Starts the database of a target brought up with `--no-database`, as `deisctl start
+    /// platform` does after a restore, and waits until it accepts writes.
+    pub fn start_database(&mut self) {
+        self.env = run_script("target", &["database", &self.name]);
     }
 
     pub fn var(&self, key: &str) -> &str {

@@ -1,6 +1,7 @@
 //! A loopback HTTP proxy in front of the gateway that misbehaves on purpose: it stands in for Ceph
 //! Hammer (refusing `AWS4-HMAC-SHA256` requests) and for an overloaded or flaky gateway (answering
-//! `503 SlowDown`, cutting connections in the middle of a response).
+//! `503 SlowDown`, cutting connections in the middle of a response), or holding object downloads
+//! until released (so something can change at the source between a listing and its downloads).
 //!
 //! Invariants: it listens on 127.0.0.1 only and forwards only to the given upstream; every request
 //! gets its own upstream connection (`Connection: close` is forced), so every request is judged;
@@ -38,11 +39,16 @@ pub struct Counts {
     pub rejected_v4: AtomicU64,
     pub slow_downs: AtomicU64,
     pub resets: AtomicU64,
+    /// Object GETs that waited at the gate.
+    pub held: AtomicU64,
 }
 
 pub struct Proxy {
     pub addr: SocketAddr,
     pub counts: Arc<Counts>,
+    /// Closed (true): object GETs wait until [`Proxy::open_gate`]. Open from the start unless
+    /// started with [`Proxy::start_gated`].
+    gate: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -58,23 +64,58 @@ impl Proxy {
     }
 
     pub async fn start(upstream: SocketAddr, behaviour: Behaviour) -> Proxy {
+        Self::start_with(upstream, behaviour, false).await
+    }
+
+    /// A proxy that holds every object GET (a download, not a listing) until
+    /// [`Proxy::open_gate`]; the others pass.
+    pub async fn start_gated(upstream: SocketAddr) -> Proxy {
+        Self::start_with(upstream, Behaviour::default(), true).await
+    }
+
+    async fn start_with(upstream: SocketAddr, behaviour: Behaviour, closed: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let counts = Arc::new(Counts::default());
+        let (gate, _) = tokio::sync::watch::channel(closed);
         let c = Arc::clone(&counts);
+        let g = gate.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 let c = Arc::clone(&c);
+                let closed = g.subscribe();
                 tokio::spawn(async move {
-                    let _ = serve(client, upstream, behaviour, &c).await;
+                    let _ = serve(client, upstream, behaviour, &c, closed).await;
                 });
             }
         });
-        Proxy { addr, counts, task }
+        Proxy {
+            addr,
+            counts,
+            gate,
+            task,
+        }
     }
+
+    /// Lets held and later object GETs through.
+    pub fn open_gate(&self) {
+        self.gate.send_replace(false);
+    }
+}
+
+/// Whether the request line is a GET of an object (`GET /bucket/key`), not of a bucket (a listing).
+fn is_object_get(head: &str) -> bool {
+    let line = head.lines().next().unwrap_or_default();
+    let Some(target) = line.strip_prefix("GET ") else {
+        return false;
+    };
+    let path = target.split([' ', '?']).next().unwrap_or_default();
+    path.trim_start_matches('/')
+        .split_once('/')
+        .is_some_and(|(_, key)| !key.is_empty())
 }
 
 /// How the request with this head is signed: "v4", "v2", or `None` (the `Authorization` header;
@@ -108,6 +149,7 @@ async fn serve(
     upstream: SocketAddr,
     b: Behaviour,
     c: &Counts,
+    mut closed: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     // Read the request head.
     let mut buf = Vec::with_capacity(8192);
@@ -134,6 +176,10 @@ async fn serve(
     }
     .fetch_add(1, Ordering::Relaxed);
     let body_start = buf[head_end..].to_vec();
+    if *closed.borrow() && is_object_get(&head) {
+        c.held.fetch_add(1, Ordering::Relaxed);
+        let _ = closed.wait_for(|closed| !closed).await;
+    }
 
     if b.reject_v4 && head.contains("AWS4-HMAC-SHA256") {
         c.rejected_v4.fetch_add(1, Ordering::Relaxed);

@@ -24,9 +24,32 @@ pub struct WalChain {
     /// `None`: no base backup in the snapshot can be recovered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restorable: Option<BaseBackupChain>,
+    /// The PostgreSQL that made the restorable base backup (else the latest), as its
+    /// `extended_version.txt` says (`PostgreSQL 13.16 (Debian …) on x86_64-pc-linux-gnu, …`): a
+    /// database image of another major version does not start on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_version: Option<String>,
 }
 
 impl WalChain {
+    /// The major version in [`Self::postgres_version`]: `13`, or `9.3` before PostgreSQL 10.
+    pub fn postgres_major(&self) -> Option<String> {
+        let v = self
+            .postgres_version
+            .as_deref()?
+            .strip_prefix("PostgreSQL ")?;
+        let number = v
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .next()?;
+        let mut parts = number.split('.');
+        let first = parts.next().filter(|p| !p.is_empty())?;
+        Some(match first.parse::<u32>() {
+            Ok(n) if n < 10 => format!("{first}.{}", parts.next()?),
+            Ok(_) => first.to_owned(),
+            Err(_) => return None,
+        })
+    }
+
     /// Whether the database, booting on this snapshot's bucket, can recover by itself: the base
     /// backup it fetches (LATEST) has every WAL segment from its start to its stop.
     pub fn recovers_by_itself(&self) -> bool {
