@@ -11,6 +11,7 @@ mod integration {
 
     mod agent;
     mod agent_bounds;
+    mod drill;
     mod faults;
     mod gateway;
     mod integrity;

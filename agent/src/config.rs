@@ -142,6 +142,10 @@ pub struct Config {
     /// false].
     #[arg(long)]
     pub restore_database: Option<bool>,
+    /// Serve DrillDatabase: a snapshot's dump loaded into a throwaway container of the database
+    /// container's image, with no network, removed afterwards [default: true].
+    #[arg(long)]
+    pub drill: Option<bool>,
     /// Longest line RestoreDatabase accepts in the SQL, in bytes [default: 64 MiB].
     #[arg(long)]
     pub max_sql_line: Option<u64>,
@@ -188,6 +192,8 @@ pub struct RestorePolicy {
 pub struct DatabaseRestorePolicy {
     /// Whether RestoreDatabase is served at all.
     pub enabled: bool,
+    /// Whether DrillDatabase is served.
+    pub drill: bool,
     /// Longest SQL line accepted, in bytes.
     pub max_line: u64,
     /// Where the SQL is spooled before its digest is checked.
@@ -317,6 +323,7 @@ impl Config {
     pub fn database_restore_policy(&self) -> DatabaseRestorePolicy {
         DatabaseRestorePolicy {
             enabled: self.restore_database.unwrap_or(false),
+            drill: self.drill.unwrap_or(true),
             max_line: self.max_sql_line.unwrap_or(64 << 20),
             spool_dir: self.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
         }
@@ -498,6 +505,7 @@ mod tests {
             max_zstd_level: Some(9),
             max_zstd_window_log: Some(20),
             restore_database: Some(true),
+            drill: Some(false),
             max_sql_line: Some(6),
             spool_dir: Some("/sp".into()),
             max_connections: Some(2),
@@ -745,6 +753,13 @@ mod tests {
                 ("false", None, "true"),
                 ["false", "", "true", "false"],
                 |c| c.database_restore_policy().enabled.to_string(),
+            ),
+            Case::opt(
+                "drill",
+                "drill",
+                ("true", None, "false"),
+                ["true", "", "false", "true"],
+                |c| c.database_restore_policy().drill.to_string(),
             ),
             Case::opt(
                 "max-sql-line",

@@ -1,7 +1,9 @@
 //! The Docker engine as the agent uses it: connect and negotiate the API version, look containers
-//! up by name, and run fixed commands in them with `exec`.
+//! up by name, run fixed commands in them with `exec`, and run the drill's throwaway containers.
 //!
 //! Invariants:
+//! - The only containers the agent creates are throwaway ones ([`Throwaway`]): no network, no
+//!   mount, labelled as the agent's, and only ever removed by that label or by the name it gave.
 //! - Commands are never run through a shell; their argv comes from the agent's code or config.
 //! - Running as a user needs Engine API ≥ 1.19 (`User` on exec); below that the command is wrapped
 //!   as `sudo -u <user> …`, as the Deis v1 docs do.
@@ -29,6 +31,17 @@ pub struct ContainerInfo {
     pub name: String,
     pub running: bool,
     pub image: String,
+}
+
+/// A container the agent creates for a job and removes afterwards: from `image` (an image id),
+/// running `entrypoint` as `user`, with no network and no mount, labelled `label`.
+#[derive(Debug, Clone)]
+pub struct Throwaway {
+    pub name: String,
+    pub image: String,
+    pub entrypoint: Vec<String>,
+    pub user: String,
+    pub label: (String, String),
 }
 
 /// A connection to the local Docker engine, version negotiated.
@@ -161,6 +174,111 @@ impl Engine {
                 source,
             }),
         }
+    }
+
+    /// The image id (`sha256:…`) the container named `name` runs.
+    pub async fn image_of(&self, name: &str) -> Result<String> {
+        match self.docker.inspect_container(name, None).await {
+            Ok(c) => c.image.ok_or_else(|| Error::Internal {
+                what: format!("Docker reports no image for container '{name}'"),
+            }),
+            Err(e) if is_not_found(&e) => Err(Error::NoContainer {
+                name: name.to_owned(),
+            }),
+            Err(source) => Err(self.docker_error(source)),
+        }
+    }
+
+    fn docker_error(&self, source: bollard::errors::Error) -> Error {
+        Error::Docker {
+            socket: self.socket.clone(),
+            source,
+        }
+    }
+
+    /// Creates and starts `t`.
+    pub async fn run_throwaway(&self, t: &Throwaway) -> Result<()> {
+        use bollard::models::{ContainerCreateBody, HostConfig};
+        use bollard::query_parameters::CreateContainerOptions;
+        let body = ContainerCreateBody {
+            image: Some(t.image.clone()),
+            entrypoint: Some(t.entrypoint.clone()),
+            cmd: Some(Vec::new()),
+            user: Some(t.user.clone()),
+            network_disabled: Some(true),
+            labels: Some([t.label.clone()].into_iter().collect()),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                ..HostConfig::default()
+            }),
+            ..ContainerCreateBody::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(t.name.clone()),
+            ..CreateContainerOptions::default()
+        };
+        self.docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| self.docker_error(e))?;
+        self.docker
+            .start_container(&t.name, None)
+            .await
+            .map_err(|e| self.docker_error(e))
+    }
+
+    /// Removes the container `name` (and its volumes), running or not; gone already is fine.
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        use bollard::query_parameters::RemoveContainerOptions;
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..RemoveContainerOptions::default()
+        };
+        match self.docker.remove_container(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(self.docker_error(e)),
+        }
+    }
+
+    /// Removes every container labelled `key=value` (running or not); returns their names.
+    pub async fn remove_labelled(&self, key: &str, value: &str) -> Result<Vec<String>> {
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(
+                [("label".to_owned(), vec![format!("{key}={value}")])]
+                    .into_iter()
+                    .collect(),
+            ),
+            ..ListContainersOptions::default()
+        };
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| self.docker_error(e))?;
+        let mut removed = Vec::new();
+        for c in list {
+            // Checked again here: the filter is the engine's, the promise is ours.
+            if c.labels
+                .as_ref()
+                .and_then(|l| l.get(key))
+                .map(String::as_str)
+                != Some(value)
+            {
+                continue;
+            }
+            let Some(id) = c.id else { continue };
+            self.remove(&id).await?;
+            removed.extend(
+                c.names
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|n| n.trim_start_matches('/').to_owned()),
+            );
+        }
+        Ok(removed)
     }
 
     /// Fails unless `name` exists and runs.

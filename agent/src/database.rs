@@ -514,6 +514,7 @@ mod tests {
         let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&z).into();
         let policy = DatabaseRestorePolicy {
             enabled: true,
+            drill: true,
             max_line: 1024,
             spool_dir: dir.path().to_owned(),
         };

@@ -18,6 +18,7 @@ pub mod chunks;
 pub mod config;
 pub mod container;
 pub mod database;
+pub mod drill;
 pub mod error;
 pub mod hooks;
 pub mod listener;

@@ -56,6 +56,7 @@ pub enum Call {
     RestoreStore,
     RestoreDatabase,
     RunHook,
+    DrillDatabase,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,7 +126,11 @@ impl Metrics {
         for call in [Call::DumpDatabase, Call::ArchiveStore] {
             m.sent.get_or_create_owned(&StreamLabels { call });
         }
-        for call in [Call::RestoreStore, Call::RestoreDatabase] {
+        for call in [
+            Call::RestoreStore,
+            Call::RestoreDatabase,
+            Call::DrillDatabase,
+        ] {
             m.received.get_or_create_owned(&StreamLabels { call });
         }
         let r = &mut m.registry;

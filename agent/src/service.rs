@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use deis_backup_proto::v1::{
-    ArchiveStoreRequest, Chunk, ContainerState, DescribeReply, DescribeRequest,
+    ArchiveStoreRequest, Chunk, ContainerState, DescribeReply, DescribeRequest, DrillDatabaseReply,
     DumpDatabaseRequest, RestoreDatabaseReply, RestoreDatabaseRequest, RestoreStoreReply,
     RestoreStoreRequest, RunHookReply, RunHookRequest, agent_server, chunk,
     restore_database_request, restore_store_request,
@@ -33,7 +33,7 @@ use crate::config::{DatabaseRestorePolicy, Hook, RestorePolicy};
 use crate::container::Engine;
 use crate::error::{Error, Result};
 use crate::metrics::{Call, Counted, Metrics};
-use crate::{database, hooks, store};
+use crate::{database, drill, hooks, store};
 
 /// What the service needs, resolved from the configuration once at start.
 #[derive(Debug, Clone)]
@@ -321,6 +321,57 @@ impl agent_server::Agent for AgentService {
             let reply = database::restore(
                 &self.engine,
                 container,
+                policy,
+                self.settings.restore.max_window_log,
+                sha256,
+                rx,
+                broken,
+            )
+            .await?;
+            Ok(Response::new(reply))
+        }
+        .await;
+        call.answer(answer)
+    }
+
+    async fn drill_database(
+        &self,
+        request: Request<Streaming<RestoreDatabaseRequest>>,
+    ) -> Result<Response<DrillDatabaseReply>, Status> {
+        let call = self.metrics.call(Call::DrillDatabase);
+        let answer = async {
+            let policy = &self.settings.database_restore;
+            if !policy.drill {
+                return Err(Error::Disabled {
+                    what: "this agent serves no restore drill (its config says drill = false); \
+                           enable it with --drill true"
+                        .into(),
+                }
+                .into());
+            }
+            let mut stream = request.into_inner();
+            let Some(RestoreDatabaseRequest {
+                kind: Some(restore_database_request::Kind::Header(header)),
+            }) = stream.message().await?
+            else {
+                return Err(Error::BadRequest {
+                    what: "a DrillDatabase stream must start with its header".into(),
+                }
+                .into());
+            };
+            let sha256 = database::check_digest(&header.sha256)?;
+            let received = self.metrics.received(Call::DrillDatabase);
+            let (rx, broken) =
+                forward(stream, received, |m: RestoreDatabaseRequest| match m.kind {
+                    Some(restore_database_request::Kind::Data(d)) => Ok(d),
+                    _ => Err(Status::invalid_argument(
+                        "a DrillDatabase stream carries one header, then data only",
+                    )),
+                });
+            let reply = drill::drill(
+                &self.engine,
+                &self.settings.host_id,
+                &self.settings.database_container,
                 policy,
                 self.settings.restore.max_window_log,
                 sha256,

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use deis_backup_coordinator::agents::{self, AgentOptions};
+use deis_backup_coordinator::drill;
 use deis_backup_coordinator::history::{self, Moved, Run};
 use deis_backup_coordinator::hold::Hold;
 use deis_backup_coordinator::lease::{self, Lease, Operation};
@@ -111,6 +112,17 @@ enum Command {
         read_data_subset: Option<verify::Subset>,
         #[command(flatten)]
         repository: RepositoryOptions,
+    },
+    /// A restore drill that needs no second cluster: the dump loaded into a throwaway container of
+    /// the database's image by its host's agent, every table's rows counted against the dump, the
+    /// registry's image ancestry and the db_wal chain checked. One line per check.
+    Drill {
+        /// Snapshot id, or `latest`.
+        id: String,
+        #[command(flatten)]
+        repository: RepositoryOptions,
+        #[command(flatten)]
+        agents: AgentOptions,
     },
     /// Restore a snapshot onto a (fresh) cluster, in the order the Deis docs give.
     Restore {
@@ -264,6 +276,33 @@ pub async fn run() -> Result<ExitCode> {
                 ExitCode::from(6)
             } else {
                 ExitCode::SUCCESS
+            })
+        }
+        Command::Drill {
+            id,
+            repository,
+            agents,
+        } => {
+            let repo = Repository::open(&file.merged("repository", repository)?).await?;
+            let agents = file.merged("agents", agents)?;
+            let id = resolve_id(&repo, &id).await?;
+            let cluster =
+                Cluster::discover(etcd.clone(), &agents, &GatewayOptions::default(), true).await?;
+            // No cluster lock: a drill changes nothing of the cluster. Its lease (a verify's)
+            // keeps a prune from deleting what it reads.
+            let (lease, _) =
+                Lease::take_to_read(&repo, Operation::Verify, vec![id.clone()], None).await?;
+            let hold = Hold::new(None, lease);
+            let r =
+                async { drill::drill(&repo, &repo.manifest(&id).await?, &cluster.agents).await }
+                    .await;
+            release(hold).await;
+            let report = r?;
+            out.drill(&report);
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(7)
             })
         }
         Command::Restore {
@@ -847,6 +886,28 @@ mod tests {
         let timer = include_str!("../../systemd/deis-backup-verify.timer");
         assert!(timer.contains("OnCalendar=weekly"));
         assert!(timer.contains("[X-Fleet]\nMachineOf=deis-backup-verify.service"));
+        let timer = include_str!("../../systemd/deis-backup-drill.timer");
+        assert!(timer.contains("OnCalendar=Sun *-*-* 04:00:00"));
+        assert!(timer.contains("[X-Fleet]\nMachineOf=deis-backup-drill.service"));
+    }
+
+    #[test]
+    fn the_weekly_drill_unit_drills_the_latest_snapshot_with_the_agents_credentials() {
+        let unit = include_str!("../../systemd/deis-backup-drill.service");
+        let args = unit_args(unit);
+        let cli = Cli::try_parse_from(std::iter::once("deis-backup".to_owned()).chain(args))
+            .unwrap_or_else(|e| panic!("systemd/deis-backup-drill.service: {e}"));
+        let Command::Drill { id, agents, .. } = cli.command else {
+            panic!("the unit does not run `drill`");
+        };
+        assert_eq!(id, "latest");
+        assert_eq!(
+            agents.token_file.as_deref(),
+            Some(std::path::Path::new("/etc/deis-backup/token"))
+        );
+        assert!(!agents.insecure_plaintext);
+        assert!(unit.contains("\nOnFailure=deis-backup-failed@%n.service\n"));
+        assert!(unit.contains("Type=oneshot"));
     }
 
     #[test]
@@ -854,6 +915,7 @@ mod tests {
         for unit in [
             include_str!("../../systemd/deis-backup.service"),
             include_str!("../../systemd/deis-backup-verify.service"),
+            include_str!("../../systemd/deis-backup-drill.service"),
         ] {
             assert!(
                 unit.contains("\nOnFailure=deis-backup-failed@%n.service\n"),

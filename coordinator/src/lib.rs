@@ -9,6 +9,7 @@
 
 pub mod agents;
 pub mod bucket_restore;
+pub mod drill;
 pub mod error;
 pub mod gateway;
 pub mod history;

@@ -590,7 +590,15 @@ async fn restore_store(
     ))
 }
 
-async fn restore_database(repo: &Repository, manifest: &Manifest, agent: &Agent) -> Result<String> {
+/// The snapshot's dump as the stream RestoreDatabase and DrillDatabase take: its header (the
+/// digest), then its bytes; the [`ReadFailure`] says whether reading the blob cut it short.
+pub(crate) fn dump_requests(
+    repo: &Repository,
+    manifest: &Manifest,
+) -> Result<(
+    impl futures::Stream<Item = RestoreDatabaseRequest> + Send + 'static,
+    ReadFailure,
+)> {
     let blob = single_blob(manifest, DATABASE_PART)?;
     let header = RestoreDatabaseRequest {
         kind: Some(DbKind::Header(RestoreDatabaseHeader {
@@ -601,6 +609,11 @@ async fn restore_database(repo: &Repository, manifest: &Manifest, agent: &Agent)
     let requests = futures::stream::iter([header]).chain(data.map(|d| RestoreDatabaseRequest {
         kind: Some(DbKind::Data(d)),
     }));
+    Ok((requests, read_failure))
+}
+
+async fn restore_database(repo: &Repository, manifest: &Manifest, agent: &Agent) -> Result<String> {
+    let (requests, read_failure) = dump_requests(repo, manifest)?;
     let mut c = agent.client.clone();
     let reply = c.restore_database(requests).await;
     read_failure.check(DATABASE_PART)?;
@@ -615,7 +628,7 @@ async fn restore_database(repo: &Repository, manifest: &Manifest, agent: &Agent)
 }
 
 /// The one blob of part `name`.
-fn single_blob(manifest: &Manifest, name: &str) -> Result<BlobRef> {
+pub(crate) fn single_blob(manifest: &Manifest, name: &str) -> Result<BlobRef> {
     manifest.parts[name].single().ok_or_else(|| {
         Error::repository(format!(
             "part {name} of snapshot {} is segmented, but this part is always one blob",
@@ -631,7 +644,7 @@ fn digest_bytes(blob: &BlobRef) -> Vec<u8> {
 
 /// Where [`blob_chunks`] leaves the error that ended its stream early.
 #[derive(Debug, Clone, Default)]
-struct ReadFailure(std::sync::Arc<std::sync::Mutex<Option<Error>>>);
+pub(crate) struct ReadFailure(std::sync::Arc<std::sync::Mutex<Option<Error>>>);
 
 impl ReadFailure {
     fn set(&self, e: Error) {
@@ -644,7 +657,7 @@ impl ReadFailure {
 
     /// The read error, if the stream ended on one: it, not what the agent made of the short
     /// stream, is what failed.
-    fn check(&self, part: &str) -> Result<()> {
+    pub(crate) fn check(&self, part: &str) -> Result<()> {
         let taken = self
             .0
             .lock()

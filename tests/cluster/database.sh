@@ -9,8 +9,10 @@
 #   tests/cluster/database-wal-e/, image deis-database:wal-e. Boots as Deis v1.13's database:
 #   archives every WAL segment to the bucket named in etcd, pushes base backups on a timer, and on
 #   a first boot restores itself from that bucket's LATEST base backup when there is one
-#   (docs/DATABASE.md). Proven by tests/cluster/wal-e-check; not yet the cluster's default (the
-#   synthetic db_wal seed would make it try to restore from objects that are not WAL-E's).
+#   (docs/DATABASE.md). Proven by tests/cluster/wal-e-check and by the target clusters the WAL-E
+#   end-to-end tests make (tests/cluster/target --database-flavour wal-e); not the source
+#   cluster's default (the synthetic db_wal seed would make it try to restore from objects that
+#   are not WAL-E's). `up` builds its image in any case (database_image_wal_e).
 # Owns:
 # - the images $DATABASE_BASE_IMAGE (a Debian rootfs made by mmdebstrap with the flavour's
 #   packages; the tarball is cached under $DEIS_CACHE, and the wal-e flavour's pip downloads too)
@@ -181,6 +183,20 @@ database_image() {
   fi
   # The image it replaces, unless a container still uses it.
   [[ -z $old ]] || docker rmi "$old" >/dev/null 2>&1 || true
+}
+
+# database_image_wal_e — the wal-e image as well, when the cluster runs the plain flavour: target
+# clusters of that flavour (tests/cluster/target --database-flavour wal-e) run it, and building it
+# once here keeps tests that start such targets side by side from building it twice at once.
+database_image_wal_e() {
+  [[ $DATABASE_FLAVOUR == wal-e ]] && return 0
+  (
+    export DEIS_DATABASE_FLAVOUR=wal-e
+    unset DEIS_DATABASE_IMAGE DEIS_DATABASE_BASE_IMAGE
+    # shellcheck source=database.sh
+    source "$CLUSTER_LIB_DIR/database.sh"
+    database_image
+  )
 }
 
 # database_ours — the container exists and carries our label for this $D.

@@ -452,6 +452,68 @@ async fn wal_e_objects_deleted_by_retain_during_the_mirror_are_listed_as_vanishe
     assert_eq!(v["recovers"], true, "{v}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_e_the_dump_restores_with_database_sql_into_a_running_database_of_the_image() {
+    let src = WalCluster::new("walsql", true).await;
+    src.sql(
+        "postgres",
+        "CREATE ROLE walapp LOGIN PASSWORD 'walapp-seed'",
+    );
+    src.sql("postgres", "CREATE DATABASE walapp OWNER walapp");
+    src.sql(
+        "walapp",
+        "CREATE TABLE ticks (n bigint PRIMARY KEY, pad text, at timestamptz DEFAULT now()); \
+         INSERT INTO ticks (n, pad) SELECT g, md5(g::text) FROM generate_series(1, 5000) g",
+    );
+    let (_d, repo) = repo_dir("e2e-wal-e-sql");
+    let repo = repo.display().to_string();
+    let snap = ok(&src.run(&["snapshot", "--json", "-r", &repo]), "snapshot");
+    assert!(
+        snap["manifest"]["part-info"]["database/pg_dumpall.sql.zst"]["state"]
+            .as_str()
+            .is_some_and(|s| s.contains("version=13")),
+        "the dump does not record PostgreSQL 13: {snap}"
+    );
+
+    // A running database of its own (its own db_wal, which the restore leaves alone).
+    let dst = WalCluster::new("walsqldst", true).await;
+    ok(
+        &dst.run(&[
+            "restore",
+            &snapshot_id(&snap),
+            "--json",
+            "--database-sql",
+            "--no-buckets",
+            "-r",
+            &repo,
+        ]),
+        "restore --database-sql",
+    );
+    assert_eq!(contents(&dst), contents(&src));
+
+    // The drill of the same snapshot: PostgreSQL 13 in a throwaway container of the wal-e image.
+    let report = ok(
+        &src.run(&["drill", &snapshot_id(&snap), "--json", "-r", &repo]),
+        "drill",
+    );
+    let checks = report["checks"].as_array().unwrap();
+    let line = |name: &str| checks.iter().find(|c| c["check"] == name).unwrap();
+    assert!(
+        line("database")["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("deis-database:wal-e") && d.contains("PostgreSQL 13.")),
+        "{report}"
+    );
+    assert_eq!(line("tables")["outcome"], "ok", "{report}");
+    assert!(
+        line("tables")["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("5000 rows")),
+        "{report}"
+    );
+    assert_eq!(line("db_wal")["outcome"], "ok", "{report}");
+}
+
 #[tokio::test]
 async fn wal_e_a_chain_missing_a_segment_is_warned_at_snapshot_and_named_by_verify() {
     let src = Fresh::new();

@@ -592,6 +592,7 @@ mod tests {
     fn policy(dir: &Path, max_line: u64) -> DatabaseRestorePolicy {
         DatabaseRestorePolicy {
             enabled: true,
+            drill: true,
             max_line,
             spool_dir: dir.to_owned(),
         }

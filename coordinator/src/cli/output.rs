@@ -6,6 +6,7 @@
 
 use deis_backup_coordinator::Result;
 use deis_backup_coordinator::agents::Agent;
+use deis_backup_coordinator::drill;
 use deis_backup_coordinator::history;
 use deis_backup_coordinator::prune;
 use deis_backup_coordinator::repository::{Manifest, PartInfo, PartRef, Repository, SnapshotId};
@@ -174,6 +175,18 @@ impl Output {
         for w in &r.warnings {
             println!("warning: {w}");
         }
+    }
+
+    pub fn drill(&self, r: &drill::Report) {
+        if self.json {
+            Self::emit_json(r);
+            return;
+        }
+        println!("drill of snapshot {}", r.snapshot);
+        for c in &r.checks {
+            println!("{:<7} {:<9} {}", c.outcome.as_str(), c.check, c.detail);
+        }
+        println!("drill {}", if r.ok() { "passed" } else { "FAILED" });
     }
 
     pub fn runs(&self, runs: &[(history::Run, history::State)]) {

@@ -24,10 +24,10 @@ use std::sync::{Arc, Mutex};
 
 use deis_backup_proto::v1::agent_server::{Agent, AgentServer};
 use deis_backup_proto::v1::{
-    ArchiveStoreRequest, Chunk, ContainerState, DescribeReply, DescribeRequest,
+    ArchiveStoreRequest, Chunk, ContainerState, DescribeReply, DescribeRequest, DrillDatabaseReply,
     DumpDatabaseRequest, RestoreDatabaseReply, RestoreDatabaseRequest, RestoreStoreHeader,
     RestoreStoreReply, RestoreStoreRequest, RunHookReply, RunHookRequest, SegmentEnd, StoreCounts,
-    StorePath, Trailer, chunk, restore_database_request, restore_store_request,
+    StorePath, TableRows, Trailer, chunk, restore_database_request, restore_store_request,
 };
 use futures::Stream;
 use sha2::Digest as _;
@@ -642,6 +642,43 @@ impl Agent for Service {
         };
         self.lock().calls.database_restores.push((digest, data));
         Ok(Response::new(reply))
+    }
+
+    /// Loads nothing: checks the digest, then counts the dump's `COPY` rows as a database that
+    /// loaded it whole would (`drill::dump_tables`).
+    async fn drill_database(
+        &self,
+        request: Request<Streaming<RestoreDatabaseRequest>>,
+    ) -> Result<Response<DrillDatabaseReply>, Status> {
+        self.admit("DrillDatabase", &request)?;
+        let (digest, data) = upload(request.into_inner(), |m: RestoreDatabaseRequest| {
+            match m.kind? {
+                restore_database_request::Kind::Header(h) => Some(Ok(h.sha256)),
+                restore_database_request::Kind::Data(d) => Some(Err(d)),
+            }
+        })
+        .await?;
+        if sha256(&data) != digest {
+            let s = Status::invalid_argument("the SQL does not match its sha256; nothing was run");
+            return Err(self.refuse("DrillDatabase", Some(s)).unwrap_err());
+        }
+        let sql = zstd::decode_all(data.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("the SQL is not zstd: {e}")))?;
+        let tables = crate::drill::dump_tables(sql.as_slice())
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|((database, table), rows)| TableRows {
+                database,
+                table,
+                rows,
+            })
+            .collect();
+        Ok(Response::new(DrillDatabaseReply {
+            server_version_num: 130_023,
+            raw_bytes: sql.len() as u64,
+            duration_ms: 1,
+            tables,
+        }))
     }
 
     async fn run_hook(
