@@ -86,6 +86,38 @@ impl AgentService {
         }
     }
 
+    /// A SQL upload (RestoreDatabase, DrillDatabase): its header's digest, checked, and its data
+    /// forwarded to a channel (counted in the metrics of `call`), with the flag a broken stream
+    /// sets.
+    async fn sql_upload(
+        &self,
+        request: Request<Streaming<RestoreDatabaseRequest>>,
+        call: Call,
+    ) -> std::result::Result<([u8; 32], mpsc::Receiver<Bytes>, Arc<AtomicBool>), Status> {
+        let mut stream = request.into_inner();
+        let Some(RestoreDatabaseRequest {
+            kind: Some(restore_database_request::Kind::Header(header)),
+        }) = stream.message().await?
+        else {
+            return Err(Error::BadRequest {
+                what: format!("a {call:?} stream must start with its header"),
+            }
+            .into());
+        };
+        let sha256 = database::check_digest(&header.sha256)?;
+        let (rx, broken) = forward(
+            stream,
+            self.metrics.received(call),
+            move |m: RestoreDatabaseRequest| match m.kind {
+                Some(restore_database_request::Kind::Data(d)) => Ok(d),
+                _ => Err(Status::invalid_argument(format!(
+                    "a {call:?} stream carries one header, then data only"
+                ))),
+            },
+        );
+        Ok((sha256, rx, broken))
+    }
+
     /// Streams the result of `work` (which sends data chunks on the sender it gets) and its trailer.
     fn download<F, Fut>(work: F) -> ChunkStream
     where
@@ -297,26 +329,9 @@ impl agent_server::Agent for AgentService {
         let answer = async {
             let policy = &self.settings.database_restore;
             database::check_enabled(policy)?;
-            let mut stream = request.into_inner();
-            let Some(RestoreDatabaseRequest {
-                kind: Some(restore_database_request::Kind::Header(header)),
-            }) = stream.message().await?
-            else {
-                return Err(Error::BadRequest {
-                    what: "a RestoreDatabase stream must start with its header".into(),
-                }
-                .into());
-            };
-            let sha256 = database::check_digest(&header.sha256)?;
+            let (sha256, rx, broken) = self.sql_upload(request, Call::RestoreDatabase).await?;
             let container = &self.settings.database_container;
             self.engine.require_running(container).await?;
-            let received = self.metrics.received(Call::RestoreDatabase);
-            let (rx, broken) = forward(stream, received, |m: RestoreDatabaseRequest| match m.kind {
-                Some(restore_database_request::Kind::Data(d)) => Ok(d),
-                _ => Err(Status::invalid_argument(
-                    "a RestoreDatabase stream carries one header, then data only",
-                )),
-            });
             tracing::info!(%container, spool_dir = %policy.spool_dir.display(), "database restore starts");
             let reply = database::restore(
                 &self.engine,
@@ -349,25 +364,7 @@ impl agent_server::Agent for AgentService {
                 }
                 .into());
             }
-            let mut stream = request.into_inner();
-            let Some(RestoreDatabaseRequest {
-                kind: Some(restore_database_request::Kind::Header(header)),
-            }) = stream.message().await?
-            else {
-                return Err(Error::BadRequest {
-                    what: "a DrillDatabase stream must start with its header".into(),
-                }
-                .into());
-            };
-            let sha256 = database::check_digest(&header.sha256)?;
-            let received = self.metrics.received(Call::DrillDatabase);
-            let (rx, broken) =
-                forward(stream, received, |m: RestoreDatabaseRequest| match m.kind {
-                    Some(restore_database_request::Kind::Data(d)) => Ok(d),
-                    _ => Err(Status::invalid_argument(
-                        "a DrillDatabase stream carries one header, then data only",
-                    )),
-                });
+            let (sha256, rx, broken) = self.sql_upload(request, Call::DrillDatabase).await?;
             let reply = drill::drill(
                 &self.engine,
                 &self.settings.host_id,

@@ -497,6 +497,28 @@ fn matches_segments(header: &RestoreStoreHeader, data: &[u8]) -> bool {
     rest.is_empty()
 }
 
+impl Service {
+    /// A SQL upload's digest and data; refused (as the agent refuses it) when they do not match.
+    async fn sql_upload(
+        &self,
+        call: &str,
+        request: Request<Streaming<RestoreDatabaseRequest>>,
+    ) -> Result<(Vec<u8>, Vec<u8>), Status> {
+        let (digest, data) = upload(request.into_inner(), |m: RestoreDatabaseRequest| {
+            match m.kind? {
+                restore_database_request::Kind::Header(h) => Some(Ok(h.sha256)),
+                restore_database_request::Kind::Data(d) => Some(Err(d)),
+            }
+        })
+        .await?;
+        if sha256(&data) != digest {
+            let s = Status::invalid_argument("the SQL does not match its sha256; nothing was run");
+            return Err(self.refuse(call, Some(s)).unwrap_err());
+        }
+        Ok((digest, data))
+    }
+}
+
 #[tonic::async_trait]
 impl Agent for Service {
     async fn describe(
@@ -624,17 +646,7 @@ impl Agent for Service {
             let s = Status::failed_precondition("database restores are off on this agent");
             return Err(self.refuse("RestoreDatabase", Some(s)).unwrap_err());
         }
-        let (digest, data) = upload(request.into_inner(), |m: RestoreDatabaseRequest| {
-            match m.kind? {
-                restore_database_request::Kind::Header(h) => Some(Ok(h.sha256)),
-                restore_database_request::Kind::Data(d) => Some(Err(d)),
-            }
-        })
-        .await?;
-        if sha256(&data) != digest {
-            let s = Status::invalid_argument("the SQL does not match its sha256; nothing was run");
-            return Err(self.refuse("RestoreDatabase", Some(s)).unwrap_err());
-        }
+        let (digest, data) = self.sql_upload("RestoreDatabase", request).await?;
         let reply = RestoreDatabaseReply {
             raw_bytes: 3 * data.len() as u64,
             duration_ms: 1,
@@ -651,17 +663,7 @@ impl Agent for Service {
         request: Request<Streaming<RestoreDatabaseRequest>>,
     ) -> Result<Response<DrillDatabaseReply>, Status> {
         self.admit("DrillDatabase", &request)?;
-        let (digest, data) = upload(request.into_inner(), |m: RestoreDatabaseRequest| {
-            match m.kind? {
-                restore_database_request::Kind::Header(h) => Some(Ok(h.sha256)),
-                restore_database_request::Kind::Data(d) => Some(Err(d)),
-            }
-        })
-        .await?;
-        if sha256(&data) != digest {
-            let s = Status::invalid_argument("the SQL does not match its sha256; nothing was run");
-            return Err(self.refuse("DrillDatabase", Some(s)).unwrap_err());
-        }
+        let (_, data) = self.sql_upload("DrillDatabase", request).await?;
         let sql = zstd::decode_all(data.as_slice())
             .map_err(|e| Status::invalid_argument(format!("the SQL is not zstd: {e}")))?;
         let tables = crate::drill::dump_tables(sql.as_slice())
