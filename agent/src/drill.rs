@@ -1,12 +1,15 @@
 //! The restore drill: a snapshot's dump loaded into a throwaway container of the database
-//! container's image, and the rows of every table it then holds counted.
+//! container's image, and the rows of every table it then holds counted; and the probe of that
+//! image's PostgreSQL versions, in the same kind of container.
 //!
 //! Invariants:
 //! - Nothing of the cluster is touched: the container is the agent's own (`deis-backup-drill-*`,
 //!   labelled with the host id), from the database container's image, with no network and no
 //!   mount; its PostgreSQL is a fresh cluster in the container's /tmp with no TCP listener.
 //! - The container is removed when the drill ends, whatever the outcome; containers a killed
-//!   agent left behind (same label) are removed before the next drill creates its own.
+//!   agent left behind (same label) are removed before the next drill creates its own. One
+//!   throwaway job runs at a time ([`JOBS`]), so a container with the label that is not the
+//!   running job's is a leftover.
 //! - The SQL goes through the same spool, checks and psql as a database restore (`database`).
 //! - The script the container runs is fixed here; nothing of the caller's reaches a command line.
 
@@ -15,7 +18,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deis_backup_proto::v1::{DrillDatabaseReply, TableRows};
+use deis_backup_proto::v1::{DrillDatabaseReply, ProbeDatabaseImageReply, TableRows};
 use tokio::sync::mpsc;
 
 use crate::chunks::Tail;
@@ -57,6 +60,80 @@ AND n.nspname !~ '^pg_' ORDER BY 1";
 /// Field separator of psql's unaligned output (a name cannot hold it).
 const SEP: &str = "\u{1f}";
 
+/// Held by the throwaway job that runs (a drill or a probe), from before its container is
+/// created until it is removed.
+static JOBS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The throwaway container of a job, from `database_container`'s image, after removing what
+/// earlier jobs left behind.
+async fn throwaway(
+    engine: &Engine,
+    host_id: &str,
+    database_container: &str,
+    entrypoint: &str,
+) -> Result<Throwaway> {
+    let image = engine.image_of(database_container).await?;
+    let left = engine.remove_labelled(LABEL, host_id).await?;
+    if !left.is_empty() {
+        tracing::warn!(containers = ?left, "removed drill containers an earlier job left behind");
+    }
+    Ok(Throwaway {
+        name: format!("deis-backup-drill-{:016x}", fastrand::u64(..)),
+        image,
+        entrypoint: vec!["/bin/sh".into(), "-c".into(), entrypoint.into()],
+        user: "0".into(),
+        label: (LABEL.into(), host_id.into()),
+    })
+}
+
+/// The PostgreSQL versions `database_container`'s image holds: `ls /usr/lib/postgresql` in a
+/// throwaway container of it.
+pub async fn probe(
+    engine: &Engine,
+    host_id: &str,
+    database_container: &str,
+) -> Result<ProbeDatabaseImageReply> {
+    let image = engine
+        .container(database_container)
+        .await?
+        .ok_or_else(|| Error::NoContainer {
+            name: database_container.to_owned(),
+        })?
+        .image;
+    let _job = JOBS.lock().await;
+    let t = throwaway(engine, host_id, database_container, "exec sleep 600").await?;
+    let listed = async {
+        engine.run_throwaway(&t).await?;
+        let argv = ["ls", "-1", "/usr/lib/postgresql"].map(String::from);
+        let mut exec = engine.exec(&t.name, None, &argv, false).await?;
+        let mut out = Tail::new(1 << 16);
+        exec.drain(|piece| {
+            if let Piece::Stdout(m) = piece {
+                out.push(&m);
+            }
+        })
+        .await;
+        // A missing directory is an image without PostgreSQL: no versions, not an error.
+        engine.exit_code(&exec.id, &exec.container).await?;
+        Ok::<_, Error>(out.text())
+    }
+    .await;
+    let removed = engine.remove(&t.name).await;
+    let listed = listed?;
+    removed?;
+    let mut postgres_versions: Vec<String> = listed
+        .lines()
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .map(str::to_owned)
+        .collect();
+    postgres_versions.sort();
+    Ok(ProbeDatabaseImageReply {
+        image,
+        postgres_versions,
+    })
+}
+
 /// Runs a drill of the SQL arriving on `data` (checked against `expected_sha`) in a throwaway
 /// container of `database_container`'s image.
 #[allow(clippy::too_many_arguments)]
@@ -71,18 +148,8 @@ pub async fn drill(
     broken: Arc<AtomicBool>,
 ) -> Result<DrillDatabaseReply> {
     let start = Instant::now();
-    let image = engine.image_of(database_container).await?;
-    let left = engine.remove_labelled(LABEL, host_id).await?;
-    if !left.is_empty() {
-        tracing::warn!(containers = ?left, "removed drill containers an earlier drill left behind");
-    }
-    let t = Throwaway {
-        name: format!("deis-backup-drill-{:016x}", fastrand::u64(..)),
-        image,
-        entrypoint: vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()],
-        user: "0".into(),
-        label: (LABEL.into(), host_id.into()),
-    };
+    let _job = JOBS.lock().await;
+    let t = throwaway(engine, host_id, database_container, SCRIPT).await?;
     tracing::info!(container = %t.name, "drill: throwaway database starts");
     let outcome = async {
         engine.run_throwaway(&t).await?;

@@ -57,6 +57,7 @@ pub enum Call {
     RestoreDatabase,
     RunHook,
     DrillDatabase,
+    ProbeDatabaseImage,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use deis_backup_proto::v1::{
     ArchiveStoreRequest, Chunk, ContainerState, DescribeReply, DescribeRequest, DrillDatabaseReply,
-    DumpDatabaseRequest, RestoreDatabaseReply, RestoreDatabaseRequest, RestoreStoreReply,
-    RestoreStoreRequest, RunHookReply, RunHookRequest, agent_server, chunk,
-    restore_database_request, restore_store_request,
+    DumpDatabaseRequest, ProbeDatabaseImageReply, ProbeDatabaseImageRequest, RestoreDatabaseReply,
+    RestoreDatabaseRequest, RestoreStoreReply, RestoreStoreRequest, RunHookReply, RunHookRequest,
+    agent_server, chunk, restore_database_request, restore_store_request,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -374,6 +374,24 @@ impl agent_server::Agent for AgentService {
                 sha256,
                 rx,
                 broken,
+            )
+            .await?;
+            Ok(Response::new(reply))
+        }
+        .await;
+        call.answer(answer)
+    }
+
+    async fn probe_database_image(
+        &self,
+        _request: Request<ProbeDatabaseImageRequest>,
+    ) -> Result<Response<ProbeDatabaseImageReply>, Status> {
+        let call = self.metrics.call(Call::ProbeDatabaseImage);
+        let answer = async {
+            let reply = drill::probe(
+                &self.engine,
+                &self.settings.host_id,
+                &self.settings.database_container,
             )
             .await?;
             Ok(Response::new(reply))

@@ -8,7 +8,9 @@
 //!   sha256 and every object's blob exists; the gateway takes the cluster's *current* keys; no
 //!   platform container runs on any host; the target buckets and store directories are empty; each
 //!   store's filesystem has room for the archive's files beside what it holds (an overwrite keeps
-//!   the old content until the new one is in place). `--force` overrides the last four only.
+//!   the old content until the new one is in place); a database image that does not hold the
+//!   PostgreSQL major version of the `db_wal` base backup it would recover from (when the buckets
+//!   are restored for that, not with `--database-sql`). `--force` overrides all but the first two.
 //! - `--dry-run` runs the preflight and prints the plan, and writes nothing.
 //! - A failure after writing began says exactly which steps completed.
 //! - A restore that writes holds the target cluster's lock and a lease on the repository (taken by
@@ -20,8 +22,8 @@ use std::time::Instant;
 use deis_backup_proto::v1::restore_database_request::Kind as DbKind;
 use deis_backup_proto::v1::restore_store_request::Kind as StoreKind;
 use deis_backup_proto::v1::{
-    Digest, RestoreDatabaseHeader, RestoreDatabaseRequest, RestoreStoreHeader, RestoreStoreRequest,
-    StorePath,
+    Digest, ProbeDatabaseImageRequest, RestoreDatabaseHeader, RestoreDatabaseRequest,
+    RestoreStoreHeader, RestoreStoreRequest, StorePath,
 };
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
@@ -279,6 +281,9 @@ async fn plan<'a>(
             }
         }
     }
+    if !options.no_buckets && !options.database_sql {
+        postgres_check(&mut plan, manifest, agents).await;
+    }
     if !options.no_buckets && !manifest.buckets.is_empty() {
         plan_buckets(&mut plan, manifest, target, options).await?;
     }
@@ -314,6 +319,49 @@ async fn plan<'a>(
         plan.steps.push((Action::EtcdKeys, step));
     }
     Ok(plan)
+}
+
+/// Refuses to put back a `db_wal` whose base backup only another PostgreSQL major version than the
+/// target's database image holds can start (deis/deis#4709): asked of every agent with a
+/// database container, running or not. With none, or an agent that cannot say, the closing
+/// message names the version the image must run.
+async fn postgres_check(plan: &mut Plan<'_>, manifest: &Manifest, agents: &[Described]) {
+    let Some((chain, major)) = manifest
+        .wal_e
+        .as_ref()
+        .and_then(|c| c.postgres_major().map(|m| (c, m)))
+    else {
+        return;
+    };
+    for d in agents.iter().filter(|d| d.info.database.is_some()) {
+        let mut c = d.agent.client.clone();
+        match c.probe_database_image(ProbeDatabaseImageRequest {}).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                if !r.postgres_versions.contains(&major) {
+                    plan.refusals.push(format!(
+                        "the base backup in {} is PostgreSQL {major}, but the database image {} \
+                         on {} holds PostgreSQL {}: the database would not start on it \
+                         (deis/deis#4709); run an image of PostgreSQL {major}, or restore with \
+                         --database-sql",
+                        chain.bucket,
+                        r.image,
+                        d.agent.host_id,
+                        if r.postgres_versions.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            r.postgres_versions.join(", ")
+                        }
+                    ));
+                }
+            }
+            Err(s) => tracing::warn!(
+                host = %d.agent.host_id,
+                "cannot learn the PostgreSQL version of the database image: {}",
+                s.message()
+            ),
+        }
+    }
 }
 
 async fn plan_buckets<'a>(
@@ -943,6 +991,66 @@ mod tests {
                     && !e.message().contains("not empty"),
                 "{e}"
             );
+        }
+
+        #[tokio::test]
+        async fn a_base_backup_of_another_postgresql_than_the_image_is_refused_unless_sql() {
+            let (repo, _) = testkit::memory_repo();
+            let mut writer = repo.start_snapshot(SnapshotId::generate());
+            let dump = repo.write_blob_from(DUMP).await.unwrap().blob;
+            writer.add_part(DATABASE_PART, dump).unwrap();
+            writer.wal_chain(crate::repository::WalChain {
+                bucket: "db_wal".into(),
+                layout: "005".into(),
+                base_backups: 1,
+                wal_segments: 1,
+                latest: None,
+                restorable: None,
+                postgres_version: Some(
+                    "PostgreSQL 13.23 (Debian 13.23-0+deb11u4) on x86_64".into(),
+                ),
+            });
+            let m = writer.commit().await.unwrap();
+            let (a, b) = fresh_cluster().await;
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let deis_way = RestoreOptions {
+                no_store: true,
+                ..RestoreOptions::default()
+            };
+            // Deis v1.13's image: 9.3.
+            let refused = restore(&repo, &m, &cluster, &deis_way, &NoProgress, None)
+                .await
+                .unwrap_err();
+            assert_eq!(refused.kind(), ErrorKind::Preflight);
+            assert!(
+                refused.message().contains(
+                    "the base backup in db_wal is PostgreSQL 13, but the database image \
+                     deis/database:v1.13.4 on a holds PostgreSQL 9.3"
+                ),
+                "{refused}"
+            );
+            // The same image holding 13 as well: no refusal.
+            a.update_host(|h| h.postgres_versions = vec!["13".into(), "9.3".into()]);
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            restore(&repo, &m, &cluster, &deis_way, &NoProgress, None)
+                .await
+                .unwrap();
+            // The dump does not care which base backup db_wal holds.
+            a.update_host(|h| {
+                h.postgres_versions = vec!["9.3".into()];
+                h.database.as_mut().unwrap().running = true;
+                h.running_platform_containers.push("deis-database".into());
+            });
+            let cluster = testkit::cluster(&[&a, &b]).await;
+            let sql = RestoreOptions {
+                database_sql: true,
+                no_store: true,
+                no_buckets: true,
+                ..RestoreOptions::default()
+            };
+            restore(&repo, &m, &cluster, &sql, &NoProgress, None)
+                .await
+                .unwrap();
         }
 
         #[tokio::test]

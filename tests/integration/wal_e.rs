@@ -512,6 +512,46 @@ async fn wal_e_the_dump_restores_with_database_sql_into_a_running_database_of_th
         "{report}"
     );
     assert_eq!(line("db_wal")["outcome"], "ok", "{report}");
+
+    // Its db_wal's base backup is PostgreSQL 13: a cluster whose database image holds only 15
+    // (the plain flavour), its database stopped, is refused before anything is written.
+    let plain = Fresh::new();
+    let stopped = Command::new("docker")
+        .args(["stop", plain.target.database_container()])
+        .output()
+        .unwrap();
+    assert!(stopped.status.success());
+    let out = deis_backup(
+        &plain.agent.token_file,
+        &[
+            "restore",
+            &snapshot_id(&snap),
+            "--etcd",
+            plain.target.etcd_endpoints(),
+            "--agent",
+            plain.agent.spec(),
+            "-r",
+            &repo,
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("is PostgreSQL 13, but the database image deis-database:local")
+            && err.contains("holds PostgreSQL 15"),
+        "{err}"
+    );
+    assert!(
+        plain
+            .s3()
+            .await
+            .head_bucket()
+            .bucket("db_wal")
+            .send()
+            .await
+            .is_err(),
+        "a bucket was written"
+    );
 }
 
 #[tokio::test]

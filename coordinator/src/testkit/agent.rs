@@ -25,9 +25,10 @@ use std::sync::{Arc, Mutex};
 use deis_backup_proto::v1::agent_server::{Agent, AgentServer};
 use deis_backup_proto::v1::{
     ArchiveStoreRequest, Chunk, ContainerState, DescribeReply, DescribeRequest, DrillDatabaseReply,
-    DumpDatabaseRequest, RestoreDatabaseReply, RestoreDatabaseRequest, RestoreStoreHeader,
-    RestoreStoreReply, RestoreStoreRequest, RunHookReply, RunHookRequest, SegmentEnd, StoreCounts,
-    StorePath, TableRows, Trailer, chunk, restore_database_request, restore_store_request,
+    DumpDatabaseRequest, ProbeDatabaseImageReply, ProbeDatabaseImageRequest, RestoreDatabaseReply,
+    RestoreDatabaseRequest, RestoreStoreHeader, RestoreStoreReply, RestoreStoreRequest,
+    RunHookReply, RunHookRequest, SegmentEnd, StoreCounts, StorePath, TableRows, Trailer, chunk,
+    restore_database_request, restore_store_request,
 };
 use futures::Stream;
 use sha2::Digest as _;
@@ -48,6 +49,8 @@ pub struct Host {
     pub hooks: Vec<String>,
     /// Whether the agent's config allows RestoreDatabase (`restore-database = true`).
     pub restore_database: bool,
+    /// The PostgreSQL versions the database container's image holds (Deis v1.13's: 9.3).
+    pub postgres_versions: Vec<String>,
 }
 
 impl Host {
@@ -60,6 +63,7 @@ impl Host {
             running_platform_containers: Vec::new(),
             hooks: Vec::new(),
             restore_database: false,
+            postgres_versions: vec!["9.3".to_owned()],
         }
     }
 
@@ -680,6 +684,23 @@ impl Agent for Service {
             raw_bytes: sql.len() as u64,
             duration_ms: 1,
             tables,
+        }))
+    }
+
+    async fn probe_database_image(
+        &self,
+        request: Request<ProbeDatabaseImageRequest>,
+    ) -> Result<Response<ProbeDatabaseImageReply>, Status> {
+        self.admit("ProbeDatabaseImage", &request)?;
+        let inner = self.lock();
+        let Some(db) = &inner.host.database else {
+            drop(inner);
+            let s = Status::not_found("no database container on this host");
+            return Err(self.refuse("ProbeDatabaseImage", Some(s)).unwrap_err());
+        };
+        Ok(Response::new(ProbeDatabaseImageReply {
+            image: db.image.clone(),
+            postgres_versions: inner.host.postgres_versions.clone(),
         }))
     }
 
