@@ -5,8 +5,8 @@
 //! keys, domains and users named one by one). Then the registry listing must hold every layer of
 //! every image's ancestry, and the database bucket's WAL-E chain must be whole.
 //!
-//! Owns: [`Report`] (one [`Check`] per line), [`dump_tables`] (the rows a dump's `COPY` blocks
-//! carry, per database and table), the registry's ancestry check.
+//! Owns: [`Report`] (one [`Check`] per line), the comparison of the loaded database's rows with
+//! the dump's ([`crate::dump_rows`]), the registry's ancestry check.
 //! Invariants:
 //! - Reads the repository only; touches no container but the agent's throwaway one.
 //! - Every check is run and reported, whatever the others found; a check that cannot be made
@@ -20,21 +20,12 @@ use serde::Serialize;
 use tokio::io::AsyncReadExt as _;
 
 use crate::agents::{self, Described};
+use crate::dump_rows::{self, DEIS_DATABASE, DEIS_TABLES, Tables};
 use crate::error::{Error, Result};
 use crate::repository::{Manifest, ObjectEntry, Repository};
 use crate::restore;
 use crate::snapshot::{self, BUCKET_REGISTRY_LABEL, DATABASE_PART};
 use crate::wal_e;
-
-/// The Deis controller's tables a drill names, in its database `deis`.
-const DEIS_TABLES: [(&str, &str); 5] = [
-    ("apps", "public.api_app"),
-    ("releases", "public.api_release"),
-    ("keys", "public.api_key"),
-    ("domains", "public.api_domain"),
-    ("users", "public.auth_user"),
-];
-const DEIS_DATABASE: &str = "deis";
 
 /// One line of the drill.
 #[derive(Debug, Clone, Serialize)]
@@ -84,9 +75,6 @@ impl Report {
     }
 }
 
-/// Rows per (database, `schema.table`) in a dump.
-pub type Tables = BTreeMap<(String, String), u64>;
-
 /// Runs the drill of `manifest`'s snapshot with the cluster's `agents`.
 pub async fn drill(repo: &Repository, manifest: &Manifest, agents: &[Described]) -> Result<Report> {
     let mut report = Report {
@@ -111,15 +99,12 @@ async fn database_checks(
         return Ok(());
     }
     let blob = restore::single_blob(manifest, DATABASE_PART)?;
-    let expected = {
-        let file = repo.blob_file(&blob.sha256).await?;
-        let path = file.path().to_owned();
-        let counted = tokio::task::spawn_blocking(move || dump_tables_in(&path))
-            .await
-            .map_err(|e| Error::io("count the dump's rows", std::io::Error::other(e)))?;
-        drop(file);
-        counted?
-    };
+    let expected = dump_rows::count(repo, &blob).await?;
+    let recorded = manifest
+        .part_info
+        .get(DATABASE_PART)
+        .map(|i| i.figures.clone())
+        .unwrap_or_default();
     let (agent, described) = snapshot::database_agent(agents)
         .map_err(|e| e.context("a drill needs the agent on the database's host"))?;
     let agent = agent.agent;
@@ -157,7 +142,7 @@ async fn database_checks(
         .into_iter()
         .map(|t| ((t.database, t.table), t.rows))
         .collect();
-    compare(&expected, &loaded, report);
+    compare(&expected, &recorded, &loaded, report);
     Ok(())
 }
 
@@ -170,15 +155,31 @@ fn version_name(num: u32) -> String {
     }
 }
 
-/// The Deis tables one line each, then every table of the dump.
-fn compare(expected: &Tables, loaded: &Tables, report: &mut Report) {
+/// The Deis tables one line each (against the dump and the figures `recorded` at snapshot
+/// time), then every table of the dump.
+fn compare(
+    expected: &Tables,
+    recorded: &BTreeMap<String, u64>,
+    loaded: &Tables,
+    report: &mut Report,
+) {
     for (what, table) in DEIS_TABLES {
         let key = (DEIS_DATABASE.to_owned(), table.to_owned());
         match (expected.get(&key), loaded.get(&key)) {
             (None, None) => {}
-            (Some(want), Some(got)) if want == got => {
-                report.push(what, Outcome::Ok, format!("{got}, as in the dump"));
-            }
+            (Some(want), Some(got)) if want == got => match recorded.get(what) {
+                Some(r) if r == got => report.push(
+                    what,
+                    Outcome::Ok,
+                    format!("{got}, as in the dump and as recorded at snapshot time"),
+                ),
+                Some(r) => report.push(
+                    what,
+                    Outcome::Failed,
+                    format!("{got} loaded, as in the dump, but {r} recorded at snapshot time"),
+                ),
+                None => report.push(what, Outcome::Ok, format!("{got}, as in the dump")),
+            },
             (want, got) => report.push(
                 what,
                 Outcome::Failed,
@@ -226,76 +227,6 @@ fn compare(expected: &Tables, loaded: &Tables, report: &mut Report) {
             ),
         );
     }
-}
-
-/// [`dump_tables`] of a zstd-compressed dump in the file at `path`.
-fn dump_tables_in(path: &std::path::Path) -> Result<Tables> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io("open the dump", e))?;
-    let z = zstd::stream::read::Decoder::new(f).map_err(|e| Error::io("read the dump", e))?;
-    dump_tables(std::io::BufReader::new(z)).map_err(|e| Error::io("read the dump", e))
-}
-
-/// The rows each table's `COPY … FROM stdin;` block holds in a `pg_dumpall` dump, by the
-/// database its `\connect` put it in. Rows are lines: COPY's text format escapes newlines.
-pub fn dump_tables(reader: impl std::io::BufRead) -> std::io::Result<Tables> {
-    let mut out = Tables::new();
-    let mut database = String::new();
-    let mut copying: Option<(String, u64)> = None;
-    for line in reader.split(b'\n') {
-        let line = line?;
-        let line = line.strip_suffix(b"\r").unwrap_or(&line);
-        if let Some((table, rows)) = &mut copying {
-            if line == b"\\." {
-                *out.entry((database.clone(), std::mem::take(table)))
-                    .or_default() += *rows;
-                copying = None;
-            } else {
-                *rows += 1;
-            }
-            continue;
-        }
-        let Ok(text) = std::str::from_utf8(line) else {
-            continue;
-        };
-        if let Some(target) = text.strip_prefix("\\connect ") {
-            database = connect_target(target);
-        } else if let Some(rest) = text.strip_prefix("COPY ")
-            && text.ends_with(" FROM stdin;")
-        {
-            copying = Some((qualified_name(rest).to_owned(), 0));
-        }
-    }
-    Ok(out)
-}
-
-/// The table name a `COPY` line starts with: up to the first space outside double quotes.
-fn qualified_name(rest: &str) -> &str {
-    let mut quoted = false;
-    for (i, c) in rest.char_indices() {
-        match c {
-            '"' => quoted = !quoted,
-            ' ' if !quoted => return &rest[..i],
-            _ => {}
-        }
-    }
-    rest
-}
-
-/// The database a `\connect` line names: `deis`, `"my db"`, or
-/// `-reuse-previous=on "dbname='my db'"` (what pg_dumpall writes for a name that needs quoting).
-fn connect_target(target: &str) -> String {
-    let t = target.trim();
-    let t = t.strip_prefix("-reuse-previous=on ").unwrap_or(t);
-    if let Some(inner) = t
-        .strip_prefix("\"dbname='")
-        .and_then(|r| r.strip_suffix("'\""))
-    {
-        return inner.replace("\\'", "'").replace("\\\\", "\\");
-    }
-    if let Some(inner) = t.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
-        return inner.replace("\"\"", "\"");
-    }
-    t.to_owned()
 }
 
 /// Every image's ancestry names layers the registry listing holds (Docker registry v1:
@@ -440,30 +371,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_dump_is_counted_per_database_and_table() {
-        let dump = "\
---\n-- PostgreSQL database cluster dump\n--\nCREATE ROLE deis;\n\
-\\connect template1\n\
-\\connect deis\n\
-COPY public.api_app (id, uuid, \"structure\") FROM stdin;\n1\ta\t{}\n2\tb\t{\"x\": \"a\\\\nb\"}\n\\.\n\
-COPY public.auth_user (id) FROM stdin;\n\\.\n\
-COPY public.\"Weird (name)\" (id) FROM stdin;\n7\n\\.\n\
-\\connect -reuse-previous=on \"dbname='a b'\"\n\
-COPY s.t FROM stdin;\n1\n2\n3\n\\.\n\
-SELECT pg_catalog.lo_create('424201');\n";
-        let t = dump_tables(dump.as_bytes()).unwrap();
-        let get = |d: &str, n: &str| t.get(&(d.to_owned(), n.to_owned())).copied();
-        assert_eq!(get("deis", "public.api_app"), Some(2));
-        assert_eq!(get("deis", "public.auth_user"), Some(0));
-        assert_eq!(get("deis", "public.\"Weird (name)\""), Some(1));
-        assert_eq!(get("a b", "s.t"), Some(3));
-        assert_eq!(t.len(), 4, "{t:?}");
-        assert_eq!(connect_target("-reuse-previous=on \"dbname='a b'\""), "a b");
-        assert_eq!(connect_target("\"Quoted\"\"db\""), "Quoted\"db");
-        assert_eq!(connect_target("deis"), "deis");
-    }
-
-    #[test]
     fn counts_are_compared_table_by_table_and_named() {
         let key = |d: &str, n: &str| (d.to_owned(), n.to_owned());
         let expected: Tables = [
@@ -477,8 +384,19 @@ SELECT pg_catalog.lo_create('424201');\n";
             snapshot: "s".into(),
             checks: Vec::new(),
         };
-        compare(&expected, &expected, &mut report);
+        let recorded = dump_rows::deis_figures(&expected);
+        assert_eq!(
+            recorded,
+            [("apps".to_owned(), 3), ("releases".to_owned(), 9)]
+                .into_iter()
+                .collect()
+        );
+        compare(&expected, &recorded, &expected, &mut report);
         assert!(report.ok());
+        assert_eq!(
+            report.checks[0].detail,
+            "3, as in the dump and as recorded at snapshot time"
+        );
         assert_eq!(
             report
                 .checks
@@ -495,7 +413,7 @@ SELECT pg_catalog.lo_create('424201');\n";
             snapshot: "s".into(),
             checks: Vec::new(),
         };
-        compare(&expected, &short, &mut report);
+        compare(&expected, &BTreeMap::new(), &short, &mut report);
         assert!(!report.ok());
         let failed: Vec<&str> = report
             .checks

@@ -10,6 +10,7 @@
 pub mod agents;
 pub mod bucket_restore;
 pub mod drill;
+pub mod dump_rows;
 pub mod error;
 pub mod gateway;
 pub mod history;

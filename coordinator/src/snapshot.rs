@@ -27,6 +27,7 @@ use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 
 use crate::agents::{self, Agent, AgentOptions, Described};
+use crate::dump_rows;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gateway::DeisBuckets;
 use crate::hold::Hold;
@@ -496,9 +497,19 @@ async fn dump_database(
         ..PartInfo::default()
     };
     match (blob, trailer.unchanged, previous) {
-        (Some(blob), false, _) => Ok((PartRef::Blob(blob), info)),
+        (Some(blob), false, _) => {
+            // What the dump holds of the Deis controller, for `show` and a later drill.
+            match dump_rows::count(repo, &blob).await {
+                Ok(tables) => info.figures = dump_rows::deis_figures(&tables),
+                Err(e) => info
+                    .warnings
+                    .push(format!("its rows could not be counted: {}", e.message())),
+            }
+            Ok((PartRef::Blob(blob), info))
+        }
         (None, true, Some((part, before, taken_in))) => {
             info.raw_bytes = before.raw_bytes;
+            info.figures.clone_from(&before.figures);
             info.taken_in = Some(taken_in.clone());
             Ok((part.clone(), info))
         }

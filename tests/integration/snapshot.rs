@@ -899,6 +899,13 @@ async fn unchanged_database_and_store_segments_are_reused_and_changes_taken_agai
          INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g;",
     )
     .unwrap();
+    support::psql(src.database_container(), "postgres", "CREATE DATABASE deis").unwrap();
+    support::psql(
+        src.database_container(),
+        "deis",
+        "CREATE TABLE api_app (id int PRIMARY KEY); INSERT INTO api_app VALUES (1), (2);",
+    )
+    .unwrap();
     // Entries changed in the last 5 s are not fingerprinted; let the new tree settle.
     tokio::time::sleep(Duration::from_secs(6)).await;
 
@@ -962,6 +969,13 @@ async fn unchanged_database_and_store_segments_are_reused_and_changes_taken_agai
         "{db2_info}"
     );
     assert_eq!(db2_info["state"], db1_info["state"]);
+    // The seeded controller's figures, counted when the dump was taken, go with it.
+    assert_eq!(
+        db1_info["figures"],
+        serde_json::json!({"apps": 2}),
+        "{db1_info}"
+    );
+    assert_eq!(db2_info["figures"], db1_info["figures"]);
     assert_eq!(st2["segments"], st1["segments"]);
     assert_eq!(
         st2_info["segments-reused"].as_u64(),

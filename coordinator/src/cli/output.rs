@@ -120,6 +120,16 @@ impl Output {
             t.row(vec![name.clone(), b.objects.to_string(), size(b.bytes)]);
         }
         print!("{}", t.render());
+        for (name, info) in &m.part_info {
+            if !info.figures.is_empty() {
+                let figures: Vec<String> = info
+                    .figures
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
+                println!("  {name} holds: {}", figures.join(", "));
+            }
+        }
         for line in chain_lines(m) {
             println!("  {line}");
         }

@@ -338,6 +338,11 @@ pub struct PartInfo {
     /// For a segmented part: how many segments were carried over from the previous snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub segments_reused: Option<u64>,
+    /// For the database dump: the rows it holds of the Deis controller's tables (`apps`,
+    /// `releases`, `keys`, `domains`, `users`), counted from the dump when it was taken; a
+    /// restore drill compares the loaded database with them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub figures: BTreeMap<String, u64>,
 }
 
 /// `blobs/sha256/ab/ab12...`.

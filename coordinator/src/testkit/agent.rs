@@ -661,7 +661,7 @@ impl Agent for Service {
     }
 
     /// Loads nothing: checks the digest, then counts the dump's `COPY` rows as a database that
-    /// loaded it whole would (`drill::dump_tables`).
+    /// loaded it whole would (`dump_rows::dump_tables`).
     async fn drill_database(
         &self,
         request: Request<Streaming<RestoreDatabaseRequest>>,
@@ -670,7 +670,7 @@ impl Agent for Service {
         let (_, data) = self.sql_upload("DrillDatabase", request).await?;
         let sql = zstd::decode_all(data.as_slice())
             .map_err(|e| Status::invalid_argument(format!("the SQL is not zstd: {e}")))?;
-        let tables = crate::drill::dump_tables(sql.as_slice())
+        let tables = crate::dump_rows::dump_tables(sql.as_slice())
             .map_err(|e| Status::internal(e.to_string()))?
             .into_iter()
             .map(|((database, table), rows)| TableRows {
