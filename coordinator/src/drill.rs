@@ -17,11 +17,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
-use tokio::io::AsyncReadExt as _;
 
 use crate::agents::{self, Described};
 use crate::dump_rows::{self, DEIS_DATABASE, DEIS_TABLES, Tables};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::repository::{Manifest, ObjectEntry, Repository};
 use crate::restore;
 use crate::snapshot::{self, BUCKET_REGISTRY_LABEL, DATABASE_PART};
@@ -290,13 +289,7 @@ async fn ancestry_gaps(repo: &Repository, listing: &[ObjectEntry]) -> Result<(u6
             continue;
         }
         images += 1;
-        let mut body = Vec::new();
-        repo.open_blob(&e.sha256)
-            .await?
-            .take(16 << 20)
-            .read_to_end(&mut body)
-            .await
-            .map_err(|err| Error::io(format!("reading {}", e.key), err))?;
+        let body = repo.read_blob(&e.sha256, 16 << 20, &e.key).await?;
         let Ok(ancestry) = serde_json::from_slice::<Vec<String>>(&body) else {
             gaps.push(format!("{image}: its ancestry is not a JSON list of ids"));
             continue;

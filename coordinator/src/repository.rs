@@ -384,6 +384,19 @@ impl Repository {
         })
     }
 
+    /// A small blob's bytes, at most `max` of them (a listing's JSON object, an export): read
+    /// whole, `what` naming it in an error.
+    pub async fn read_blob(&self, sha256: &Sha256, max: u64, what: &str) -> Result<Vec<u8>> {
+        let mut body = Vec::new();
+        self.open_blob(sha256)
+            .await?
+            .take(max)
+            .read_to_end(&mut body)
+            .await
+            .map_err(|e| Error::io(format!("reading {what}"), e))?;
+        Ok(body)
+    }
+
     /// A writer for a new blob; [`BlobWriter::finish`] stores it (once).
     // Async and fallible for callers' sake: a backend may need to prepare staging; today the
     // staging file is only created once a blob outgrows the in-memory buffer.

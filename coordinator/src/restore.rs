@@ -27,7 +27,6 @@ use deis_backup_proto::v1::{
 };
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt as _;
 use tokio_util::io::ReaderStream;
 
 use crate::agents::{self, Agent, Described};
@@ -502,12 +501,9 @@ async fn restore_etcd_keys(
     etcd: &deis_backup_etcd::Client,
 ) -> Result<String> {
     let blob = single_blob(manifest, ETCD_PART)?;
-    let mut data = Vec::new();
-    repo.open_blob(&blob.sha256)
-        .await?
-        .read_to_end(&mut data)
-        .await
-        .map_err(|e| Error::io("read the etcd export", e))?;
+    let data = repo
+        .read_blob(&blob.sha256, u64::MAX, "the etcd export")
+        .await?;
     let export: platform_keys::Export = serde_json::from_slice(&data)
         .map_err(|e| Error::repository(format!("{ETCD_PART} is not an etcd export: {e}")))?;
     let r = platform_keys::import(etcd, &export, false).await?;
@@ -930,8 +926,7 @@ mod tests {
             let m = snapshot(&repo).await;
             let (a, b) = fresh_cluster().await;
             a.update_host(|h| {
-                h.database.as_mut().unwrap().running = true;
-                h.running_platform_containers.push("deis-database".into());
+                h.start_database();
                 h.store_paths[0].free_bytes = Some(4000);
                 h.store_paths[1].empty = false;
             });
@@ -1038,8 +1033,7 @@ mod tests {
             // The dump does not care which base backup db_wal holds.
             a.update_host(|h| {
                 h.postgres_versions = vec!["9.3".into()];
-                h.database.as_mut().unwrap().running = true;
-                h.running_platform_containers.push("deis-database".into());
+                h.start_database();
             });
             let cluster = testkit::cluster(&[&a, &b]).await;
             let sql = RestoreOptions {
@@ -1059,8 +1053,7 @@ mod tests {
             let m = snapshot(&repo).await;
             let (a, b) = fresh_cluster().await;
             a.update_host(|h| {
-                h.database.as_mut().unwrap().running = true;
-                h.running_platform_containers.push("deis-database".into());
+                h.start_database();
             });
             let cluster = testkit::cluster(&[&a, &b]).await;
             let sql = RestoreOptions {
@@ -1116,8 +1109,7 @@ mod tests {
             let (a, b) = fresh_cluster().await;
             a.update_host(|h| {
                 h.restore_database = false;
-                h.database.as_mut().unwrap().running = true;
-                h.running_platform_containers.push("deis-database".into());
+                h.start_database();
             });
             let cluster = testkit::cluster(&[&a, &b]).await;
             let sql = RestoreOptions {

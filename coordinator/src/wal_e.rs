@@ -26,9 +26,7 @@ use std::str::FromStr;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use tokio::io::AsyncReadExt as _;
-
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::repository::{BaseBackupChain, ObjectEntry, Repository, WalChain};
 
 /// Segments in one log file (`0xFFFFFFFF / 16 MiB`, rounded up: 9.3+ uses all 256).
@@ -196,17 +194,8 @@ pub async fn chain_in(
     entries: &[ObjectEntry],
 ) -> Result<Option<WalChain>> {
     chain(bucket, entries, |e: &ObjectEntry| {
-        let (sha256, key) = (e.sha256, e.key.clone());
-        async move {
-            let mut body = Vec::new();
-            repo.open_blob(&sha256)
-                .await?
-                .take(MAX_SENTINEL)
-                .read_to_end(&mut body)
-                .await
-                .map_err(|e| Error::io(format!("reading s3://{bucket}/{key}"), e))?;
-            Ok(body)
-        }
+        let (sha256, what) = (e.sha256, format!("s3://{bucket}/{}", e.key));
+        async move { repo.read_blob(&sha256, MAX_SENTINEL, &what).await }
     })
     .await
 }

@@ -73,14 +73,26 @@ impl Host {
     pub fn with_database(mut self, running: bool) -> Self {
         self.database = Some(ContainerState {
             name: DATABASE_CONTAINER.to_owned(),
-            running,
+            running: false,
             image: "deis/database:v1.13.4".to_owned(),
         });
         if running {
+            self.start_database();
+        }
+        self
+    }
+
+    /// Its database container starts (and so runs as a platform container).
+    pub fn start_database(&mut self) {
+        let db = self
+            .database
+            .as_mut()
+            .expect("a host with a database container");
+        if !db.running {
+            db.running = true;
             self.running_platform_containers
                 .push(DATABASE_CONTAINER.to_owned());
         }
-        self
     }
 
     /// With `path` on the cluster's CephFS (the same filesystem on every host), empty, with
