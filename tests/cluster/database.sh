@@ -2,17 +2,16 @@
 # The local stand-in for the Deis v1 `deis-database` container (sourced after lib.sh, never run).
 #
 # Flavours ($DEIS_DATABASE_FLAVOUR, or `up --database-flavour`):
-# - plain (default): Debian bookworm, PostgreSQL 15, built from tests/cluster/database/, image
-#   deis-database:local. Only the database server: no WAL-E, nothing is archived, the bucket
-#   db_wal holds the synthetic objects of seed_gateway.py and the database never reads them.
-# - wal-e: Debian bullseye, PostgreSQL 13, WAL-E 1.1.1 (PyPI), built from
-#   tests/cluster/database-wal-e/, image deis-database:wal-e. Boots as Deis v1.13's database:
-#   archives every WAL segment to the bucket named in etcd, pushes base backups on a timer, and on
-#   a first boot restores itself from that bucket's LATEST base backup when there is one
-#   (docs/DATABASE.md). Proven by tests/cluster/wal-e-check and by the target clusters the WAL-E
-#   end-to-end tests make (tests/cluster/target --database-flavour wal-e); not the source
-#   cluster's default (the synthetic db_wal seed would make it try to restore from objects that
-#   are not WAL-E's). `up` builds its image in any case (database_image_wal_e).
+# - wal-e (the source cluster's default): Debian bullseye, PostgreSQL 13, WAL-E 1.1.1 (PyPI),
+#   built from tests/cluster/database-wal-e/, image deis-database:wal-e. Boots as Deis v1.13's
+#   database: archives every WAL segment to the bucket named in etcd (db_wal), pushes base backups
+#   on a timer, and on a first boot restores itself from that bucket's LATEST base backup when
+#   there is one (docs/DATABASE.md). So the source's db_wal is real WAL-E output; the gateway seed
+#   puts its synthetic WAL-E-shaped objects in a bucket of their own (publish.sh).
+# - plain (the target clusters' default, tests/cluster/target): Debian bookworm, PostgreSQL 15,
+#   built from tests/cluster/database/, image deis-database:local. Only the database server: no
+#   WAL-E, nothing archived, no bucket touched; a `--database-sql` restore loads into it.
+#   `up` builds the other flavour's image as well (database_image_other).
 # Owns:
 # - the images $DATABASE_BASE_IMAGE (a Debian rootfs made by mmdebstrap with the flavour's
 #   packages; the tarball is cached under $DEIS_CACHE, and the wal-e flavour's pip downloads too)
@@ -48,7 +47,7 @@
 # two dumps of the same data differ there (filter them before comparing), and only a psql of the
 # same patch level or newer can replay such a dump. Deis' own 9.3 dumps have no such lines.
 
-DATABASE_FLAVOUR=${DEIS_DATABASE_FLAVOUR:-plain}
+DATABASE_FLAVOUR=${DEIS_DATABASE_FLAVOUR:-wal-e}
 DATABASE_LABEL=com.deis-backup.cluster
 DEIS_CACHE=${DEIS_CACHE:-$HOME/.cache/deis-backup}
 # Per flavour: the Debian suite, the packages of the base rootfs (the cached tarball's name carries
@@ -185,14 +184,14 @@ database_image() {
   [[ -z $old ]] || docker rmi "$old" >/dev/null 2>&1 || true
 }
 
-# database_image_wal_e — the wal-e image as well, when the cluster runs the plain flavour: target
-# clusters of that flavour (tests/cluster/target --database-flavour wal-e) run it, and building it
-# once here keeps tests that start such targets side by side from building it twice at once.
-database_image_wal_e() {
-  [[ $DATABASE_FLAVOUR == wal-e ]] && return 0
+# database_image_other — the image of the other flavour as well: target clusters run plain by
+# default and wal-e on request (tests/cluster/target), and building both once here keeps tests that
+# start targets side by side from building one twice at once.
+database_image_other() {
   (
-    export DEIS_DATABASE_FLAVOUR=wal-e
+    if [[ $DATABASE_FLAVOUR == wal-e ]]; then export DEIS_DATABASE_FLAVOUR=plain; else export DEIS_DATABASE_FLAVOUR=wal-e; fi
     unset DEIS_DATABASE_IMAGE DEIS_DATABASE_BASE_IMAGE
+    DATABASE_IMAGE=deis-database:local
     # shellcheck source=database.sh
     source "$CLUSTER_LIB_DIR/database.sh"
     database_image
@@ -298,8 +297,23 @@ database_seed() {
   rm -f "$D"/seeded-database-*
   log "seeding $DATABASE_CONTAINER ($CLUSTER_SIZE)"
   database_seed_sql | PGOPTIONS='-c client_min_messages=warning' database_psql postgres >/dev/null
+  # wal-e: the seed's WAL is in db_wal before anyone looks, so the bucket settles at once instead
+  # of an archive_timeout later.
+  if [[ $DATABASE_FLAVOUR == wal-e ]]; then database_archive_now; fi
   echo "$id" >"$marker"
   log "seeded $DATABASE_CONTAINER in $((SECONDS - t0))s"
+}
+
+# database_archive_now — ends the current WAL segment and waits (up to 120 s) until WAL-E has
+# pushed it to the bucket (pg_stat_archiver).
+database_archive_now() {
+  local seg deadline=$((SECONDS + 120)) done
+  seg=$(database_psql postgres -At <<<"SELECT pg_walfile_name(pg_switch_wal())")
+  until done=$(database_psql postgres -At <<<"SELECT coalesce(last_archived_wal, '') >= '$seg' FROM pg_stat_archiver") &&
+    [[ $done == t ]]; do
+    ((SECONDS < deadline)) || die "WAL segment $seg was not archived within 120 s (docker logs $DATABASE_CONTAINER)"
+    sleep 0.5
+  done
 }
 
 # database_seed_sql — the seed script (psql, run as postgres against db postgres).

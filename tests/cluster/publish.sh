@@ -111,18 +111,22 @@ publish_gateway() {
 # publish_down — always TERM (instant): its trap also ends the pending `sleep`, which KILL would orphan.
 publish_down() { stop_daemon etcd-publisher TERM; }
 
-# seed_gateway — fills the buckets named in etcd with the deterministic seed of $CLUSTER_SIZE, once per
-# store (ceph_up forgets the marker when it rebuilds the store). Seeding one size removes the other's
-# objects, so the buckets hold exactly what $D/seed/gateway-<size>.json lists.
+# seed_gateway — fills the buckets with the deterministic seed of $CLUSTER_SIZE, once per store
+# (ceph_up forgets the marker when it rebuilds the store). Seeding one size removes the other's
+# objects, so the buckets hold exactly what $D/seed/gateway-<size>.json lists. The registry bucket is
+# etcd's; the WAL-E-shaped objects go to etcd's database bucket for the plain database flavour, and
+# to $SYNTHETIC_WAL_BUCKET for wal-e, whose database writes db_wal itself (database.sh).
+SYNTHETIC_WAL_BUCKET=db_wal_synthetic
 seed_gateway() {
-  local marker=$D/seeded-gateway-$CLUSTER_SIZE t0=$EPOCHREALTIME
+  local marker=$D/seeded-gateway-$CLUSTER_SIZE t0=$EPOCHREALTIME into=()
+  if [[ ${DATABASE_FLAVOUR:-plain} == wal-e ]]; then into=(--database-bucket "$SYNTHETIC_WAL_BUCKET"); fi
   if [[ -e $marker ]]; then
     log "gateway: seed '$CLUSTER_SIZE' already there"
     return 0
   fi
   rm -f "$D"/seeded-gateway-* "$D"/seed/gateway-*
   mkdir -p "$D/seed"
-  "$TOOLS_VENV/bin/python" "$CLUSTER_LIB_DIR/seed_gateway.py" --size "$CLUSTER_SIZE" \
+  "$TOOLS_VENV/bin/python" "$CLUSTER_LIB_DIR/seed_gateway.py" --size "$CLUSTER_SIZE" "${into[@]}" \
     --manifest "$D/seed/gateway-$CLUSTER_SIZE.json" --marker "$marker" >&2 ||
     die "seeding the gateway failed"
   log "gateway: seeded '$CLUSTER_SIZE' in $(elapsed_since "$t0") s"

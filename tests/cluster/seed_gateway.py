@@ -8,7 +8,10 @@ Invariants:
 - Deterministic: the same --size gives the same keys, bytes, content types and metadata on every run and
   every cluster (fixed PRNG seeds, one per object); nothing depends on time, keys or thread order.
 - The gateway endpoint, its S3 keys and the bucket names are read from etcd (v2 API), as a Deis
-  component reads them; nothing about the cluster is hard-coded.
+  component reads them; nothing about the cluster is hard-coded. `--database-bucket` puts the
+  WAL-E-shaped objects in another bucket: the source cluster's database (the wal-e flavour) writes
+  its own `db_wal`, and these synthetic ones (multipart objects, metadata) stay for the gateway
+  and mirror tests.
 - After a successful run each bucket holds exactly the manifest's objects (a listing checks every size
   and ETag; objects not in the manifest are deleted), then the manifest is written, then the marker.
 - Objects of CHUNK bytes or more are uploaded in CHUNK-sized multipart parts, so the manifest's ETags
@@ -298,7 +301,7 @@ def log(msg: str) -> None:
     print(f"[seed_gateway {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def seed(size: str, manifest_path: str, marker_path: str, etcd: str) -> None:
+def seed(size: str, manifest_path: str, marker_path: str, etcd: str, database_bucket: str | None) -> None:
     import boto3
     from boto3.s3.transfer import TransferConfig
     from botocore.config import Config
@@ -308,7 +311,7 @@ def seed(size: str, manifest_path: str, marker_path: str, etcd: str) -> None:
     host = etcd_get(etcd, "/deis/store/gateway/host")
     port = etcd_get(etcd, "/deis/store/gateway/port")
     buckets = {
-        "database": etcd_get(etcd, "/deis/database/bucketName"),
+        "database": database_bucket or etcd_get(etcd, "/deis/database/bucketName"),
         "registry": etcd_get(etcd, "/deis/registry/bucketName"),
     }
     s3 = boto3.client(
@@ -420,6 +423,7 @@ def main() -> None:
     ap.add_argument("--manifest", help="where to write the manifest (JSON)")
     ap.add_argument("--marker", help="file written last, once the buckets match the manifest")
     ap.add_argument("--etcd", default=os.environ.get("DEIS_ETCD_ENDPOINT", "http://127.0.0.1:4001"))
+    ap.add_argument("--database-bucket", help="bucket of the WAL-E-shaped objects (default: etcd's bucketName)")
     ap.add_argument("--plan", action="store_true", help="print what the size holds, touch nothing")
     args = ap.parse_args()
     if args.plan:
@@ -434,7 +438,7 @@ def main() -> None:
         return
     if not (args.manifest and args.marker):
         ap.error("--manifest and --marker are required unless --plan")
-    seed(args.size, args.manifest, args.marker, args.etcd)
+    seed(args.size, args.manifest, args.marker, args.etcd, args.database_bucket)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use deis_backup_coordinator::ErrorKind;
 use deis_backup_coordinator::gateway::{
-    DeisBuckets, Gateway, GatewayOptions, ObjectMeta, SecretString, Signature,
+    Gateway, GatewayOptions, ObjectMeta, SecretString, Signature,
 };
 use deis_backup_coordinator::mirror::{MirrorStats, Mirrored, NoProgress, mirror_bucket};
 use deis_backup_coordinator::repository::{ObjectEntry, Repository, RepositoryOptions};
@@ -170,12 +170,18 @@ pub async fn local_repo() -> (tempfile::TempDir, Repository) {
     (dir, repo)
 }
 
-/// The seeded buckets' names, from etcd.
+/// The seeded buckets' names, from the seed manifest: `registry`, and the WAL-E-shaped objects'
+/// bucket (`db_wal_synthetic` beside the source's WAL-E database, which writes `db_wal` itself).
 pub async fn seeded_buckets() -> Vec<String> {
-    DeisBuckets::discover(&Cluster::get().etcd())
-        .await
-        .unwrap()
-        .all()
+    let manifest = Cluster::get().gateway_seed();
+    let mut buckets: Vec<String> = manifest["buckets"]
+        .as_object()
+        .expect("seed buckets")
+        .values()
+        .map(|b| b.as_str().expect("a bucket name").to_owned())
+        .collect();
+    buckets.sort();
+    buckets
 }
 
 /// One seeded object as the seed manifest records it.

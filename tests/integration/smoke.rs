@@ -1,6 +1,7 @@
 //! Smoke tests that prove the local cluster is the real thing: the gateway keys come from etcd over
-//! the v2 HTTP API exactly as Deis publishes them, radosgw serves the seeded `db_wal` bucket, and
-//! `pg_dumpall` runs inside the `deis-database` container through the Docker API.
+//! the v2 HTTP API exactly as Deis publishes them, radosgw serves the seeded buckets, the database
+//! archives to `db_wal` through WAL-E as Deis' does, and `pg_dumpall` runs inside the
+//! `deis-database` container through the Docker API.
 
 use std::collections::BTreeSet;
 
@@ -8,7 +9,7 @@ use bollard::Docker;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use futures::StreamExt;
 
-use super::support::Cluster;
+use super::support::{self, Cluster};
 
 #[tokio::test]
 async fn gateway_is_published_in_etcd_as_deis_does() {
@@ -54,22 +55,20 @@ async fn gateway_serves_the_seeded_buckets() {
     let cluster = Cluster::get();
     let s3 = cluster.s3().await;
     let seed = cluster.gateway_seed();
-    for bucket in ["db_wal", "registry"] {
+    let buckets = seed["buckets"].as_object().expect("seed buckets");
+    for bucket in buckets.values().map(|b| b.as_str().unwrap()) {
         let want: BTreeSet<String> = seed_keys(&seed, bucket);
         assert!(!want.is_empty(), "seed manifest lists nothing for {bucket}");
-        let mut got = BTreeSet::new();
-        let mut pages = s3.list_objects_v2().bucket(bucket).into_paginator().send();
-        while let Some(page) = pages.next().await {
-            let page = page.unwrap_or_else(|e| panic!("listing {bucket}: {e:?}"));
-            got.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_owned)),
-            );
-        }
-        assert_eq!(got, want, "bucket {bucket} differs from its seed manifest");
+        assert_eq!(
+            bucket_keys(&s3, bucket).await,
+            want,
+            "bucket {bucket} differs from its seed manifest"
+        );
     }
-    let wal: Vec<_> = seed_keys(&seed, "db_wal").into_iter().collect();
+    // The WAL-E-shaped objects are in a bucket of their own: the database writes db_wal.
+    let synthetic = buckets["database"].as_str().unwrap();
+    assert_ne!(synthetic, "db_wal");
+    let wal: Vec<_> = seed_keys(&seed, synthetic).into_iter().collect();
     assert!(
         wal.iter()
             .any(|k| k.starts_with("basebackups_005/base_") && k.contains("/tar_partitions/part_"))
@@ -78,11 +77,98 @@ async fn gateway_serves_the_seeded_buckets() {
         wal.iter()
             .any(|k| k.ends_with("_backup_stop_sentinel.json"))
     );
-    assert!(wal.iter().any(|k| {
-        k.strip_prefix("wal_005/")
-            .and_then(|n| n.split('.').next())
-            .is_some_and(|n| n.len() == 24 && n.chars().all(|c| c.is_ascii_hexdigit()))
-    }));
+    assert!(wal.iter().any(|k| is_segment(k)));
+}
+
+/// The cluster's database is Deis' (WAL-E): `db_wal` holds what it archived through the gateway,
+/// a base backup of PostgreSQL 13 and WAL segments, and WAL-E itself lists that base backup.
+#[tokio::test]
+async fn the_database_archives_to_db_wal_through_wal_e() {
+    let cluster = Cluster::get();
+    assert_eq!(
+        cluster
+            .etcd()
+            .get("/deis/database/bucketName")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("db_wal")
+    );
+    let s3 = cluster.s3().await;
+    let keys = bucket_keys(&s3, "db_wal").await;
+    let base = keys
+        .iter()
+        .find_map(|k| {
+            k.strip_prefix("basebackups_005/")?
+                .strip_suffix("_backup_stop_sentinel.json")
+        })
+        .unwrap_or_else(|| panic!("no base backup in db_wal: {keys:?}"));
+    assert!(keys.iter().any(|k| is_segment(k)), "{keys:?}");
+    let version = s3
+        .get_object()
+        .bucket("db_wal")
+        .key(format!("basebackups_005/{base}/extended_version.txt"))
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    let version = String::from_utf8_lossy(&version);
+    assert!(version.starts_with("PostgreSQL 13."), "{version}");
+
+    let db = cluster.database_container();
+    let archiver = support::psql(
+        db,
+        "postgres",
+        "SELECT archived_count > 0, failed_count FROM pg_stat_archiver",
+    )
+    .unwrap();
+    assert_eq!(archiver, "t|0", "pg_stat_archiver: archived any, failed");
+    let out = std::process::Command::new("docker")
+        .args(["exec", "-u", "postgres", db])
+        .args([
+            "envdir",
+            "/etc/wal-e.d/env",
+            "wal-e",
+            "--terse",
+            "backup-list",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.lines().any(|l| l.split('\t').next() == Some(base)),
+        "wal-e backup-list: {listed}"
+    );
+}
+
+/// `wal_005/<24 hex digits>.lzo`: a WAL segment as WAL-E names it.
+fn is_segment(key: &str) -> bool {
+    key.strip_prefix("wal_005/")
+        .and_then(|n| n.split('.').next())
+        .is_some_and(|n| n.len() == 24 && n.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+async fn bucket_keys(s3: &aws_sdk_s3::Client, bucket: &str) -> BTreeSet<String> {
+    let mut got = BTreeSet::new();
+    let mut pages = s3.list_objects_v2().bucket(bucket).into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.unwrap_or_else(|e| panic!("listing {bucket}: {e:?}"));
+        got.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned)),
+        );
+    }
+    got
 }
 
 #[tokio::test]

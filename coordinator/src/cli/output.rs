@@ -575,8 +575,11 @@ fn chain_lines(m: &Manifest) -> Vec<String> {
         return Vec::new();
     };
     let mut out = vec![format!(
-        "{} (WAL-E {}): {} base backups, {} WAL segments",
-        c.bucket, c.layout, c.base_backups, c.wal_segments
+        "{} (WAL-E {}): {}, {}",
+        c.bucket,
+        c.layout,
+        counted(c.base_backups, "base backup"),
+        counted(c.wal_segments, "WAL segment")
     )];
     if let Some(r) = c.restorable.as_ref().filter(|_| c.recovers_by_itself()) {
         out.push(format!(
@@ -588,6 +591,11 @@ fn chain_lines(m: &Manifest) -> Vec<String> {
         out.push(format!("warning: {p}"));
     }
     out
+}
+
+/// `1 base backup`, `7 WAL segments`.
+fn counted(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 fn total_bytes(m: &Manifest) -> u64 {
