@@ -12,6 +12,7 @@ mod integration {
     mod agent;
     mod agent_bounds;
     mod drill;
+    mod encryption;
     mod faults;
     mod gateway;
     mod integrity;

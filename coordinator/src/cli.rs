@@ -17,7 +17,7 @@ use deis_backup_coordinator::hold::Hold;
 use deis_backup_coordinator::lease::{self, Lease, Operation};
 use deis_backup_coordinator::lock::Lock;
 use deis_backup_coordinator::prune::{self, PruneOptions};
-use deis_backup_coordinator::repository::{Repository, RepositoryOptions, SnapshotId};
+use deis_backup_coordinator::repository::{Init, Repository, RepositoryOptions, SnapshotId, seal};
 use deis_backup_coordinator::restore::{self, RestoreOptions};
 use deis_backup_coordinator::s3::GatewayOptions;
 use deis_backup_coordinator::snapshot::{self, Cluster, SnapshotOptions};
@@ -53,6 +53,18 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create a repository: encrypted to the operators' age recipients (the default), or --plain.
+    /// An encrypted one gets a new key for the snapshot host (--host-key-file, mode 600): with it
+    /// a host takes and prunes snapshots, but reads no snapshot's data.
+    Init {
+        #[command(flatten)]
+        repository: RepositoryOptions,
+        /// Every file in the clear: only for a local disk the operator trusts. Without it,
+        /// --recipients-file (`age-keygen -y IDENTITY` prints a recipient) and --host-key-file
+        /// (where the snapshot host's new key goes) are needed.
+        #[arg(long)]
+        plain: bool,
+    },
     /// Take one snapshot of the whole cluster.
     Snapshot {
         #[command(flatten)]
@@ -217,6 +229,26 @@ pub async fn run() -> Result<ExitCode> {
     tracing::debug!(command = matches.subcommand_name(), "starting");
 
     match cli.command {
+        Command::Init { repository, plain } => {
+            let repository = file.merged("repository", repository)?;
+            let how = match (plain, &repository.recipients_file) {
+                (true, _) => Init::Plain,
+                (false, Some(recipients)) => Init::Encrypted {
+                    recipients: seal::read_recipients(recipients)?,
+                    host_key_file: repository.host_key_file.clone().ok_or_else(|| {
+                        Error::config(
+                            "an encrypted repository gets a key for the snapshot host: give \
+                             --host-key-file (where to write it)",
+                        )
+                    })?,
+                },
+                (false, None) => {
+                    return Err(Error::config("give --recipients-file, or --plain"));
+                }
+            };
+            out.initialized(&Repository::init(&repository, how).await?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Snapshot {
             repository,
             gateway,
@@ -423,7 +455,7 @@ async fn cmd_snapshot(
     }
     // The lock before the repository: a refused snapshot creates nothing.
     let opened = match Lock::acquire(&cluster.etcd, "snapshot").await {
-        Ok(lock) => match Repository::open_or_init(inputs.repository).await {
+        Ok(lock) => match Repository::open(inputs.repository).await {
             Ok(repo) => Ok((lock, repo)),
             Err(e) => {
                 release(Hold::new(Some(lock), None)).await;
@@ -441,6 +473,13 @@ async fn cmd_snapshot(
             return Err(e);
         }
     };
+    if !repo.encrypted() && inputs.repository.location().starts_with("s3://") {
+        tracing::warn!(
+            "{} is not encrypted: whoever reads it reads the cluster's secrets (database \
+             password, TLS keys, app config); make an encrypted one with `deis-backup init`",
+            repo.location()
+        );
+    }
     let result = take_snapshot(out, &cluster, &repo, options, lock, &mut run).await;
     run.snapshot = result.as_ref().ok().map(|o| o.manifest.id.clone());
     run.end(result.as_ref().map(moved_by_snapshot));

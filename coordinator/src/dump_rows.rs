@@ -2,8 +2,8 @@
 //! its `\connect` put it in. A snapshot records the Deis controller's figures from it; a drill
 //! compares a loaded database with it.
 //!
-//! Owns: [`Tables`], [`dump_tables`] (the parse), [`count`] (of a stored zstd dump),
-//! [`deis_figures`] and the Deis tables a drill names.
+//! Owns: [`Tables`], [`dump_tables`] (the parse), [`count`] (of a stored zstd dump), [`Counter`]
+//! (of a zstd dump as it streams by), [`deis_figures`] and the Deis tables a drill names.
 //! Invariant: a row is a line: COPY's text format escapes newlines, so a block's lines between
 //! its `COPY … FROM stdin;` and `\.` are its rows, whatever they hold.
 
@@ -34,6 +34,73 @@ pub async fn count(repo: &Repository, blob: &BlobRef) -> Result<Tables> {
         .map_err(|e| Error::io("count the dump's rows", std::io::Error::other(e)))?;
     drop(file);
     counted
+}
+
+/// Counts a zstd dump's rows ([`dump_tables`]) as its bytes arrive, on a blocking thread of its
+/// own: a snapshot reads the stored dump no second time (which the snapshot host of an encrypted
+/// repository could not: it holds no key to its blobs).
+#[derive(Debug)]
+pub struct Counter {
+    tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    task: tokio::task::JoinHandle<std::io::Result<Tables>>,
+}
+
+impl Counter {
+    pub fn start() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let task = tokio::task::spawn_blocking(move || {
+            let chunks = ChannelReader {
+                rx,
+                chunk: Vec::new(),
+                at: 0,
+            };
+            dump_tables(std::io::BufReader::new(zstd::stream::read::Decoder::new(
+                chunks,
+            )?))
+        });
+        Self { tx: Some(tx), task }
+    }
+
+    /// The next bytes of the dump. A counter that stopped (bytes that are no zstd dump) takes no
+    /// more; [`Counter::finish`] says why.
+    pub async fn feed(&mut self, data: &[u8]) {
+        if let Some(tx) = &self.tx
+            && tx.send(data.to_vec()).await.is_err()
+        {
+            self.tx = None;
+        }
+    }
+
+    /// The rows of every table, once the dump's last bytes were fed.
+    pub async fn finish(mut self) -> Result<Tables> {
+        self.tx = None;
+        self.task
+            .await
+            .map_err(|e| Error::io("count the dump's rows", std::io::Error::other(e)))?
+            .map_err(|e| Error::io("count the dump's rows", e))
+    }
+}
+
+/// The chunks a [`Counter`] is fed, as one byte stream.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(c) => (self.chunk, self.at) = (c, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// The Deis controller's figures among `tables`: `apps`, `releases`, … with their rows.

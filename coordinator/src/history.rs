@@ -11,7 +11,6 @@
 //! - Entries hold no secret: the error line is the run's own one-line error, which never carries
 //!   one (`crate::error`).
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -214,9 +213,7 @@ fn failed_part(message: &str) -> Option<String> {
 /// Writes (or rewrites) `run`'s entry in `repo`.
 pub async fn write(repo: &Repository, run: &Run) -> Result<()> {
     let data = serde_json::to_vec_pretty(run).expect("a run serialises");
-    repo.backend()
-        .replace_bytes(&run.file_name(), Bytes::from(data))
-        .await
+    repo.replace_meta(&run.file_name(), data).await
 }
 
 /// Publishes `run` as the cluster's last run in etcd, and as its last success when it is a
@@ -242,7 +239,14 @@ pub async fn runs(repo: &Repository) -> Result<Vec<(Run, State)>> {
     let now = OffsetDateTime::now_utc();
     let mut out = Vec::new();
     for (name, _) in repo.backend().list(DIR).await? {
-        let data = repo.backend().get_bytes(&name).await?;
+        let data = match repo.get_meta(&name).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == ErrorKind::Integrity => {
+                tracing::warn!("{name} does not open: {}", e.message());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let run: Run = match serde_json::from_slice(&data) {
             Ok(r) => r,
             Err(e) => {

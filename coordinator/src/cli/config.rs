@@ -172,6 +172,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one case per option of `RepositoryOptions`, in its order"
+    )]
     fn repository_options_take_the_flag_over_the_environment_over_the_file_over_the_default() {
         type O = RepositoryOptions;
         let cases: Vec<Case<O>> = vec![
@@ -226,6 +230,27 @@ mod tests {
                 ("true", None, "false"),
                 ["true", "", "false", "true"],
                 |o: &O| o.fsync().to_string(),
+            ),
+            Case::opt(
+                "identity-file",
+                "identity_file",
+                ("/id/flag", Some("/id/env"), "\"/id/file\""),
+                ["/id/flag", "/id/env", "/id/file", ""],
+                |o: &O| path(o.identity_file.as_ref()),
+            ),
+            Case::opt(
+                "host-key-file",
+                "host_key_file",
+                ("/hk/flag", Some("/hk/env"), "\"/hk/file\""),
+                ["/hk/flag", "/hk/env", "/hk/file", ""],
+                |o: &O| path(o.host_key_file.as_ref()),
+            ),
+            Case::opt(
+                "recipients-file",
+                "recipients_file",
+                ("/rc/flag", Some("/rc/env"), "\"/rc/file\""),
+                ["/rc/flag", "/rc/env", "/rc/file", ""],
+                |o: &O| path(o.recipients_file.as_ref()),
             ),
         ];
         check(

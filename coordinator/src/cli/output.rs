@@ -9,7 +9,9 @@ use deis_backup_coordinator::agents::Agent;
 use deis_backup_coordinator::drill;
 use deis_backup_coordinator::history;
 use deis_backup_coordinator::prune;
-use deis_backup_coordinator::repository::{Manifest, PartInfo, PartRef, Repository, SnapshotId};
+use deis_backup_coordinator::repository::{
+    Initialized, Manifest, PartInfo, PartRef, Repository, SnapshotId,
+};
 use deis_backup_coordinator::restore;
 use deis_backup_coordinator::rfc3339::rfc3339;
 use deis_backup_coordinator::snapshot::{Outcome, Plan};
@@ -244,6 +246,34 @@ impl Output {
         } else {
             println!("{}", s.line);
         }
+    }
+
+    pub fn initialized(&self, r: &Initialized) {
+        if self.json {
+            Self::emit_json(r);
+            return;
+        }
+        if !r.encrypted {
+            println!(
+                "created the plain repository {} (nothing encrypted)",
+                r.location
+            );
+            return;
+        }
+        println!("created the encrypted repository {}", r.location);
+        for recipient in &r.recipients {
+            println!("  sealed to        {recipient}");
+        }
+        if let (Some(file), Some(public)) = (&r.host_key_file, &r.host_recipient) {
+            println!(
+                "  snapshot host key {} (public key {public})",
+                file.display()
+            );
+        }
+        println!(
+            "snapshot and prune need the host key (--host-key-file); restore, verify --read-data \
+             and drill need an operator's identity (--identity-file), which stays off the cluster"
+        );
     }
 
     pub fn prune(&self, r: &prune::Report) {

@@ -36,6 +36,12 @@ pub const SNAPSHOTS_DIR: &str = "snapshots/";
 pub const BLOBS_DIR: &str = "blobs/sha256/";
 /// The manifest's file name inside a snapshot directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// Where an encrypted repository's blobs live: `blobs/keyed/<ab>/<hmac>.<sealed size>`.
+pub const BLOBS_KEYED_DIR: &str = "blobs/keyed/";
+/// An encrypted repository's name key, sealed to its operators and its snapshot host.
+pub const KEYS_FILE: &str = "keys.age";
+/// How an encrypted repository seals its files: zstd, then age to X25519 recipients.
+pub const SCHEME: &str = "age-x25519+zstd/1";
 
 /// The repository's marker file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -44,6 +50,21 @@ pub struct RepositoryConfig {
     pub format: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,
+    /// Absent: a plain repository (every file in the clear).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// An encrypted repository's public half: who its files are sealed to. No secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Encryption {
+    /// [`SCHEME`].
+    pub scheme: String,
+    /// The operators' age recipients (`age1…`): every file is sealed to them.
+    pub recipients: Vec<String>,
+    /// The snapshot host's recipient: metadata is sealed to it as well, blobs are not.
+    pub host_recipient: String,
 }
 
 /// A snapshot's name: `YYYYMMDDTHHMMSS.mmmZ-xxxx` (UTC start time to the millisecond, a random
@@ -260,6 +281,16 @@ pub struct ObjectEntry {
     pub last_modified: Option<String>,
     #[serde(flatten)]
     pub meta: ObjectMeta,
+}
+
+impl ObjectEntry {
+    /// The blob holding the object.
+    pub fn blob(&self) -> BlobRef {
+        BlobRef {
+            sha256: self.sha256,
+            size: self.size,
+        }
+    }
 }
 
 /// A bucket in a snapshot: its listing file and totals.

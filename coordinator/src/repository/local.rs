@@ -193,7 +193,9 @@ impl Backend for LocalBackend {
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         let root = self.root.clone();
-        let start = self.path(prefix.trim_end_matches('/'))?;
+        // A prefix is a directory (`blobs/`) or a file name's start (`blobs/keyed/ab/12.`): the
+        // walk starts at the directory either way.
+        let start = self.path(prefix.rsplit_once('/').map_or("", |(dir, _)| dir))?;
         let prefix = prefix.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();

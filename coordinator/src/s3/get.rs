@@ -245,4 +245,32 @@ impl Client {
         })
         .await
     }
+
+    /// A small object's bytes (a WAL-E sentinel): more than `max` is an error.
+    pub async fn get_small(&self, bucket: &str, key: &str, max: u64) -> Result<Vec<u8>> {
+        let mut sink = SmallSink(Vec::new(), max);
+        self.get_object(bucket, key, &mut sink).await?;
+        Ok(sink.0)
+    }
+}
+
+/// Collects an object of at most `.1` bytes in memory.
+struct SmallSink(Vec<u8>, u64);
+
+impl ChunkSink for SmallSink {
+    async fn reset(&mut self) -> std::io::Result<()> {
+        self.0.clear();
+        Ok(())
+    }
+
+    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        if (self.0.len() + chunk.len()) as u64 > self.1 {
+            return Err(std::io::Error::other(format!(
+                "more than {} bytes: not the small object expected",
+                self.1
+            )));
+        }
+        self.0.extend_from_slice(chunk);
+        Ok(())
+    }
 }
