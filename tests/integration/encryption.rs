@@ -69,6 +69,18 @@ async fn source() -> Fresh {
         &format!("CREATE TABLE secrets (t text); INSERT INTO secrets VALUES ('{ROW_TEXT}');"),
     )
     .unwrap();
+    support::psql(
+        src.target.database_container(),
+        "postgres",
+        "CREATE DATABASE deis",
+    )
+    .unwrap();
+    support::psql(
+        src.target.database_container(),
+        "deis",
+        "CREATE TABLE api_app (id int PRIMARY KEY); INSERT INTO api_app VALUES (1), (2);",
+    )
+    .unwrap();
     src.target
         .etcd()
         .set("/deis/router/sslKey", ETCD_SECRET, None)
@@ -172,8 +184,9 @@ async fn encrypted_snapshots_taken_with_the_host_key_reuse_and_only_the_operator
         "first snapshot",
     );
     // Counted as the dump streamed by, and the chain read with sentinels from the gateway.
-    assert!(
-        part_info(&first, "database")["figures"].is_object(),
+    assert_eq!(
+        part_info(&first, "database")["figures"]["apps"],
+        2,
         "{first}"
     );
     assert_eq!(

@@ -38,8 +38,11 @@ impl LocalBackend {
         if !meta.is_ok_and(|m| m.is_dir()) {
             return Err(Error::new(
                 crate::ErrorKind::Repository,
-                format!("{} is not a directory", root.display()),
-                "check --repository, or take a first snapshot to create one",
+                format!(
+                    "{} is not a deis-backup repository: no such directory",
+                    root.display()
+                ),
+                "check --repository, or create one with `deis-backup init`",
             ));
         }
         let staging = root.join("tmp");
