@@ -10,7 +10,8 @@
 #      /tmp/deis-backup-bench-snapshot), DEIS_CLUSTER_DIR (default /tmp/deis-backup-cluster).
 #
 # Builds the release binaries, runs the agent as its container image, prints a Markdown table of
-# seconds and ratios (procedure / deis-backup). Secrets go to 0600 files, never to argv or stdout.
+# seconds and ratios (procedure / deis-backup), and the same snapshots into an encrypted repository
+# beside the plain one (wall and CPU seconds). Secrets go to 0600 files, never to argv or stdout.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -69,22 +70,37 @@ procedure() {
   docker exec "$DATABASE_CONTAINER" sudo -u postgres pg_dumpall >"$W/manual/dump_all.sql"
   echo "$(now) - $t0" | bc
 }
-ours() {
-  local t0
-  t0=$(now)
-  DEIS_BACKUP_TOKEN_FILE=$AGENT_TOKEN_FILE "$BIN" snapshot --etcd "$ETCD" --agent "$AGENT_ADDRESS" \
-    -r "$W/repository" --json >"$W/ours.json"
-  echo "$(now) - $t0" | bc
+# timed CMD... — runs it; prints its wall seconds and the CPU seconds it and its children used.
+timed() {
+  python3 -c 'import resource, subprocess, sys, time
+t = time.monotonic(); subprocess.run(sys.argv[1:], check=True)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"{time.monotonic() - t:.2f} {r.ru_utime + r.ru_stime:.2f}")' "$@"
 }
+# ours REPO OUT [ARGS...] — one snapshot into REPO, its JSON to OUT; prints "wall cpu".
+ours() {
+  local repo=$1 out=$2
+  shift 2
+  DEIS_BACKUP_TOKEN_FILE=$AGENT_TOKEN_FILE timed sh -c '"$@" >"$0"' "$out" "$BIN" snapshot \
+    --etcd "$ETCD" --agent "$AGENT_ADDRESS" -r "$repo" --json "$@"
+}
+# A plain repository, and an encrypted one (an operator's age key; the host key only to write).
+"$BIN" init --plain -r "$W/repository" >/dev/null
+age-keygen -o "$W/operator.key" 2>/dev/null
+age-keygen -y "$W/operator.key" >"$W/recipients.txt"
+"$BIN" init -r "$W/encrypted" --recipients-file "$W/recipients.txt" --host-key-file "$W/host.key" >/dev/null
+sealed=(--host-key-file "$W/host.key")
 
 echo "first run: the procedure" >&2
 p1=$(procedure)
-echo "first run: deis-backup snapshot" >&2
-o1=$(ours)
+echo "first run: deis-backup snapshot, plain and encrypted" >&2
+read -r o1 c1 < <(ours "$W/repository" "$W/ours.json")
+read -r e1 ec1 < <(ours "$W/encrypted" "$W/encrypted.json" "${sealed[@]}")
 echo "nothing changed: the procedure" >&2
 p2=$(procedure)
-echo "nothing changed: deis-backup snapshot" >&2
-o2=$(ours)
+echo "nothing changed: deis-backup snapshot, plain and encrypted" >&2
+read -r o2 c2 < <(ours "$W/repository" "$W/ours.json")
+read -r e2 ec2 < <(ours "$W/encrypted" "$W/encrypted.json" "${sealed[@]}")
 
 sum() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sum(b[sys.argv[2]] for b in d["buckets"].values()))' "$W/ours.json" "$1"; }
 objects=$(sum objects)
@@ -100,6 +116,13 @@ echo "| run | Deis docs' procedure (s) | deis-backup snapshot (s) | speed-up |"
 echo "|---|---|---|---|"
 echo "| first snapshot | $(secs "$p1") | $(secs "$o1") | $(ratio "$p1" "$o1") |"
 echo "| nothing changed | $(secs "$p2") | $(secs "$o2") | $(ratio "$p2" "$o2") |"
+echo
+echo "Encrypted repository (age X25519 + zstd, keyed names; the coordinator's CPU, the agent's is the same):"
+echo
+echo "| run | plain: wall / CPU (s) | encrypted: wall / CPU (s) | encrypted / plain (wall) |"
+echo "|---|---|---|---|"
+echo "| first snapshot | $(secs "$o1") / $(secs "$c1") | $(secs "$e1") / $(secs "$ec1") | $(ratio "$e1" "$o1") |"
+echo "| nothing changed | $(secs "$o2") / $(secs "$c2") | $(secs "$e2") / $(secs "$ec2") | $(ratio "$e2" "$o2") |"
 echo
 echo "The unchanged deis-backup run downloaded $downloaded of $objects objects; $(python3 - "$W/ours.json" <<'PY'
 import json, sys

@@ -165,12 +165,7 @@ async fn would_delete(repo: &Repository, decisions: &[Decision]) -> Result<Prune
         }
     }
     let stored = repo.blobs().await?;
-    let doomed = repo.unreferenced(&stored, &keep);
-    Ok(PruneStats {
-        blobs_deleted: doomed.len() as u64,
-        bytes_deleted: doomed.iter().map(|(_, n)| n).sum(),
-        blobs_kept: (stored.len() - doomed.len()) as u64,
-    })
+    Ok(PruneStats::of(&stored, &repo.unreferenced(&stored, &keep)))
 }
 
 #[cfg(test)]

@@ -22,7 +22,8 @@
 //!   before that may lose or shorten blobs no manifest names yet; a blob is taken as present only
 //!   with its full size, so such a blob is written again by the next snapshot.
 //! - Bytes stream through staging files; no blob is held in memory whole.
-//! - Nothing stored holds a secret.
+//! - No file holds a key of the repository's; what holds the cluster's secrets (blobs: the dump, the
+//!   etcd export) is sealed in an encrypted repository.
 
 pub mod format;
 pub mod local;
@@ -249,6 +250,17 @@ pub struct PruneStats {
     pub blobs_kept: u64,
 }
 
+impl PruneStats {
+    /// Deleting `doomed` of the `stored` blobs ([`Repository::unreferenced`] of them).
+    pub fn of(stored: &[(String, u64)], doomed: &[&(String, u64)]) -> Self {
+        Self {
+            blobs_deleted: doomed.len() as u64,
+            bytes_deleted: doomed.iter().map(|(_, n)| n).sum(),
+            blobs_kept: (stored.len() - doomed.len()) as u64,
+        }
+    }
+}
+
 impl Repository {
     /// Opens an existing repository (made by [`Repository::init`]); an encrypted one with the
     /// identities `options` names.
@@ -334,10 +346,9 @@ impl Repository {
     /// Opens the repository, making it a plain one when it does not exist: for tests and tools,
     /// never the CLI (whose repositories are made by `init`).
     pub async fn open_or_init(options: &RepositoryOptions) -> Result<Self> {
-        match Self::init(options, Init::Plain).await {
-            Ok(_) => {}
-            Err(e) if e.message().contains("is a deis-backup repository already") => {}
-            Err(e) => return Err(e),
+        let backend = Self::backend_for(options, true).await?;
+        if backend.size(format::CONFIG_FILE).await?.is_none() {
+            Self::init(options, Init::Plain).await?;
         }
         Self::open(options).await
     }
@@ -950,20 +961,9 @@ impl Repository {
     pub async fn prune_blobs(&self, still_held: impl Fn() -> Result<()>) -> Result<PruneStats> {
         let keep = self.referenced_blobs().await?;
         let stored = self.blobs().await?;
-        let doomed: Vec<String> = self
-            .unreferenced(&stored, &keep)
-            .into_iter()
-            .map(|(name, _)| name.clone())
-            .collect();
-        let stats = PruneStats {
-            blobs_deleted: doomed.len() as u64,
-            bytes_deleted: self
-                .unreferenced(&stored, &keep)
-                .iter()
-                .map(|(_, n)| n)
-                .sum(),
-            blobs_kept: (stored.len() - doomed.len()) as u64,
-        };
+        let unreferenced = self.unreferenced(&stored, &keep);
+        let stats = PruneStats::of(&stored, &unreferenced);
+        let doomed: Vec<String> = unreferenced.into_iter().map(|(n, _)| n.clone()).collect();
         for batch in doomed.chunks(PRUNE_BATCH) {
             still_held()?;
             self.backend.delete(batch).await?;

@@ -203,6 +203,12 @@ async fn encrypted_snapshots_taken_with_the_host_key_reuse_and_only_the_operator
         assert_eq!(b["downloaded_objects"], 0, "{bucket}: {b}");
         assert_eq!(b["unchanged_objects"], 3, "{bucket}: {b}");
     }
+    // The dump too: the database did not move, and the host compared states, not bytes.
+    assert_eq!(
+        part_info(&second, "database")["taken-in"],
+        first["manifest"]["id"],
+        "{second}"
+    );
     let store = part_info(&second, "store/");
     assert!(
         store["segments-reused"].as_u64().unwrap_or(0) > 0,
@@ -282,21 +288,11 @@ async fn encrypted_snapshots_taken_with_the_host_key_reuse_and_only_the_operator
         std::fs::read(dst.target.store_dir().join(STORE_FILE)).unwrap(),
         std::fs::read(src.target.store_dir().join(STORE_FILE)).unwrap()
     );
-    let got = dst
-        .s3()
-        .await
-        .get_object()
-        .bucket("registry")
-        .key(BUCKET_KEY)
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
-    assert_eq!(got.len(), 64 << 10);
+    let got = support::object_bytes(&dst.s3().await, "registry", BUCKET_KEY).await;
+    assert_eq!(
+        got,
+        support::object_bytes(&src.s3().await, "registry", BUCKET_KEY).await
+    );
 
     // Pruned with the host key: the first snapshot goes, the second still reads whole.
     let pruned = run(
@@ -527,19 +523,7 @@ async fn encrypted_an_s3_repository_reveals_nothing_either() {
     while let Some(page) = pages.next().await {
         for o in page.unwrap().contents() {
             let key = o.key().unwrap().to_owned();
-            let body = s3
-                .get_object()
-                .bucket(&bucket)
-                .key(&key)
-                .send()
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap()
-                .into_bytes()
-                .to_vec();
+            let body = support::object_bytes(&s3, &bucket, &key).await;
             objects.push((key, body));
         }
     }

@@ -104,18 +104,12 @@ async fn the_database_archives_to_db_wal_through_wal_e() {
         })
         .unwrap_or_else(|| panic!("no base backup in db_wal: {keys:?}"));
     assert!(keys.iter().any(|k| is_segment(k)), "{keys:?}");
-    let version = s3
-        .get_object()
-        .bucket("db_wal")
-        .key(format!("basebackups_005/{base}/extended_version.txt"))
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
+    let version = support::object_bytes(
+        &s3,
+        "db_wal",
+        &format!("basebackups_005/{base}/extended_version.txt"),
+    )
+    .await;
     let version = String::from_utf8_lossy(&version);
     assert!(version.starts_with("PostgreSQL 13."), "{version}");
 

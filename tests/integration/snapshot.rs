@@ -639,10 +639,12 @@ async fn two_snapshots_at_once_one_is_refused_with_the_holder() {
         "{msg}"
     );
     assert_eq!(msg.trim().lines().count(), 1, "not one line: {msg}");
-    assert!(
-        !repo_b.exists(),
-        "the refused snapshot created its repository"
-    );
+    for written in ["snapshots", "runs", "blobs"] {
+        assert!(
+            !repo_b.join(written).exists(),
+            "the refused snapshot wrote {written} into its repository"
+        );
+    }
     assert!(
         etcd.get("/deis/backup/lock").await.unwrap().is_none(),
         "the lock was not released"

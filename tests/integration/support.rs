@@ -463,6 +463,22 @@ pub fn psql(container: &str, db: &str, sql: &str) -> Result<String, String> {
     }
 }
 
+/// The bytes of `bucket/key`.
+pub async fn object_bytes(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
+    s3.get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("get {bucket}/{key}: {e:?}"))
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes()
+        .to_vec()
+}
+
 /// `pg_dumpall` run in `container` as postgres, as the Deis docs run it.
 pub fn pg_dumpall(container: &str) -> String {
     let out = Command::new("docker")

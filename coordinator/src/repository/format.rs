@@ -10,7 +10,7 @@
 //! - A snapshot is the directory `snapshots/<id>/`; it is complete only when its `manifest.json`
 //!   exists, and the manifest is written after everything it names.
 //! - Listings are JSON Lines, one object per line, sorted by key.
-//! - Nothing here holds a secret.
+//! - Nothing here holds a secret: an encrypted repository's config names public keys only.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -243,16 +243,28 @@ pub fn read_recipients(path: &Path) -> Result<Vec<Recipient>> {
 }
 
 /// The identities in `path` (`AGE-SECRET-KEY-1…` lines, `#` comments), a file only its owner
-/// can read.
+/// can read. A file that is itself sealed with a passphrase (`age -p`, for a single operator's
+/// key) opens with the passphrase in the file `$DEIS_BACKUP_PASSPHRASE_FILE` names (mode 600).
 pub fn read_identities(path: &Path, what: &str) -> Result<Vec<Identity>> {
+    let passphrase = std::env::var_os(PASSPHRASE_FILE_ENV).map(std::path::PathBuf::from);
+    identities_in(path, what, passphrase.as_deref())
+}
+
+/// [`read_identities`], the passphrase (if the file needs one) in `passphrase_file`.
+fn identities_in(path: &Path, what: &str, passphrase_file: Option<&Path>) -> Result<Vec<Identity>> {
     crate::pki::check_private(path)?;
-    let file = std::fs::File::open(path)
-        .map_err(|e| Error::config(format!("cannot read the {what} {}: {e}", path.display())))?;
+    let cannot = |e: &dyn fmt::Display| {
+        Error::config(format!("cannot read the {what} {}: {e}", path.display()))
+    };
+    let raw = std::fs::read(path).map_err(|e| cannot(&e))?;
+    let text = if raw.starts_with(b"age-encryption.org/") {
+        unlock(&raw, path, what, passphrase_file)?
+    } else {
+        raw
+    };
     let mut out = Vec::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| {
-            Error::config(format!("cannot read the {what} {}: {e}", path.display()))
-        })?;
+    for (n, line) in BufReader::new(&text[..]).lines().enumerate() {
+        let line = line.map_err(|e| cannot(&e))?;
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
@@ -272,6 +284,43 @@ pub fn read_identities(path: &Path, what: &str) -> Result<Vec<Identity>> {
             path.display()
         )));
     }
+    Ok(out)
+}
+
+/// The variable naming the file of an identity file's passphrase.
+pub const PASSPHRASE_FILE_ENV: &str = "DEIS_BACKUP_PASSPHRASE_FILE";
+
+/// The identity file `sealed`, opened with the passphrase of [`PASSPHRASE_FILE_ENV`].
+fn unlock(
+    sealed: &[u8],
+    path: &Path,
+    what: &str,
+    passphrase_file: Option<&Path>,
+) -> Result<Vec<u8>> {
+    let file = passphrase_file.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Config,
+            format!("the {what} {} is sealed with a passphrase", path.display()),
+            "put the passphrase in a file (mode 600) and name it in $DEIS_BACKUP_PASSPHRASE_FILE",
+        )
+    })?;
+    let passphrase = crate::secret::from_file(file, "passphrase")?;
+    let identity = age::scrypt::Identity::new(age::secrecy::SecretString::from(
+        passphrase.expose_secret().to_owned(),
+    ));
+    let label = format!("the {what} {}", path.display());
+    let decryptor = age::Decryptor::new_buffered(sealed).map_err(|e| decrypt_error(&e, &label))?;
+    let mut out = Vec::new();
+    decryptor
+        .decrypt(std::iter::once(&identity as &dyn age::Identity))
+        .map_err(|e| match e {
+            age::DecryptError::DecryptionFailed | age::DecryptError::NoMatchingKeys => {
+                Error::config(format!("the passphrase does not open {label}"))
+            }
+            other => decrypt_error(&other, &label),
+        })?
+        .read_to_end(&mut out)
+        .map_err(|e| Error::integrity(format!("{label} does not open: {e}")))?;
     Ok(out)
 }
 
@@ -506,6 +555,45 @@ mod tests {
         assert!(e.to_string().contains("no key given opens repo"), "{e}");
         let e = Keys::open(&enc, vec![], &file, "repo").unwrap_err();
         assert!(e.to_string().contains("no key was given"), "{e}");
+    }
+
+    #[test]
+    fn a_passphrase_sealed_identity_file_opens_with_its_passphrase_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let private = |p: &Path| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        let id = Identity::generate();
+        let sealed = {
+            let mut out = Vec::new();
+            let enc = age::Encryptor::with_user_passphrase(age::secrecy::SecretString::from(
+                "correct horse".to_owned(),
+            ));
+            let mut w = enc.wrap_output(&mut out).unwrap();
+            writeln!(w, "{}", id.to_string().expose_secret()).unwrap();
+            w.finish().unwrap();
+            out
+        };
+        let key = dir.path().join("operator.key.age");
+        std::fs::write(&key, sealed).unwrap();
+        private(&key);
+        let Err(e) = identities_in(&key, "identity file", None) else {
+            panic!("opened without a passphrase")
+        };
+        assert!(e.to_string().contains("DEIS_BACKUP_PASSPHRASE_FILE"), "{e}");
+        let wrong = dir.path().join("wrong");
+        std::fs::write(&wrong, "battery staple\n").unwrap();
+        private(&wrong);
+        let Err(e) = identities_in(&key, "identity file", Some(&wrong)) else {
+            panic!("opened with the wrong passphrase")
+        };
+        assert!(e.message().contains("passphrase does not open"), "{e}");
+        let right = dir.path().join("right");
+        std::fs::write(&right, "correct horse\n").unwrap();
+        private(&right);
+        let got = identities_in(&key, "identity file", Some(&right)).unwrap();
+        assert_eq!(got[0].to_public().to_string(), id.to_public().to_string());
     }
 
     #[test]
