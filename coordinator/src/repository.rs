@@ -614,6 +614,16 @@ impl Repository {
     pub async fn check_blob(&self, blob: &BlobRef, rehash: bool) -> Result<(BlobCheck, u64)> {
         let name = match self.find_blob(blob).await? {
             Found::Missing => return Ok((BlobCheck::Missing, 0)),
+            Found::Cut(name, n) if self.keys.is_some() => {
+                let said = name.rsplit_once('.').map_or("?", |(_, s)| s);
+                return Ok((
+                    BlobCheck::Unreadable(format!(
+                        "blob {} is cut short: {n} bytes stored, its name says {said}",
+                        blob.sha256
+                    )),
+                    0,
+                ));
+            }
             Found::Cut(_, n) => return Ok((BlobCheck::WrongSize(n), 0)),
             Found::Whole(_) if !rehash => return Ok((BlobCheck::Intact, 0)),
             Found::Whole(name) => name,
@@ -988,7 +998,8 @@ pub enum BlobCheck {
     WrongSize(u64),
     /// The right size, but the bytes hash to this instead of the blob's name.
     Corrupt(Sha256),
-    /// Sealed, and it does not open: changed or cut bytes (age's authentication says so).
+    /// Sealed, and cut short (shorter than its name says), or it does not open: changed or cut
+    /// bytes (age's authentication says so). The text says which.
     Unreadable(String),
 }
 

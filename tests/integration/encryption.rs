@@ -533,3 +533,124 @@ async fn encrypted_an_s3_repository_reveals_nothing_either() {
     }
     let _ = s3.delete_bucket().bucket(&bucket).send().await;
 }
+
+/// The sealed blob files of the repository at `repo`: path and bytes, largest first.
+fn sealed_blobs(repo: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out: Vec<(PathBuf, Vec<u8>)> = files(&repo.join("blobs/keyed"))
+        .into_iter()
+        .map(|(p, b)| (PathBuf::from(p), b))
+        .collect();
+    out.sort_by_key(|(_, b)| std::cmp::Reverse(b.len()));
+    out
+}
+
+/// `path` renamed to end in `.<len>`, the sealed size its name must state.
+fn renamed_for(path: &Path, len: usize) -> PathBuf {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let stem = name.rsplit_once('.').unwrap().0;
+    path.with_file_name(format!("{stem}.{len}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_flipped_swapped_and_cut_blobs_are_caught_before_anything_is_written() {
+    let src = source().await;
+    let op = Operator::new();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let r = repo.display().to_string();
+    assert!(init(&op, &r, &[]).status.success());
+    let id = snapshot_id(&ok(
+        &run(
+            &src,
+            &with_host(&op, &snapshot_args(&src, &r, &["--no-buckets"])),
+        ),
+        "snapshot",
+    ));
+    let dst = Fresh::new();
+    let untouched = |what: &str| {
+        assert!(
+            std::fs::read_dir(dst.target.store_dir())
+                .unwrap()
+                .next()
+                .is_none(),
+            "{what}: the store was written"
+        );
+        assert_eq!(
+            support::psql(
+                dst.target.database_container(),
+                "postgres",
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'secrets'"
+            ),
+            Ok("0".to_owned()),
+            "{what}: the database was written"
+        );
+    };
+    let check = |what: &str, verify_args: &[&str], problem: &str| {
+        let verify = run(
+            &src,
+            &with_operator(&op, &[&["verify", &id, "-r", &r][..], verify_args].concat()),
+        );
+        assert_eq!(verify.status.code(), Some(3), "{what}: {}", stderr(&verify));
+        let said = String::from_utf8_lossy(&verify.stdout);
+        assert!(said.contains(problem), "{what}: {said}");
+        let restore = run(
+            &dst,
+            &with_operator(
+                &op,
+                &[
+                    "restore",
+                    &id,
+                    "--database-sql",
+                    "--etcd",
+                    dst.target.etcd_endpoints(),
+                    "--agent",
+                    dst.agent.spec(),
+                    "-r",
+                    &r,
+                ],
+            ),
+        );
+        one_line_error(&restore, &["damaged, nothing was restored"]);
+        untouched(what);
+    };
+    let blobs = sealed_blobs(&repo);
+    let (big, big_bytes) = &blobs[0];
+    let (other, other_bytes) = &blobs[1];
+
+    // Flipped: one byte in the middle of the biggest blob (a part).
+    let mut flipped = big_bytes.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x01;
+    std::fs::write(big, &flipped).unwrap();
+    check("flipped", &["--read-data"], "does not open");
+    std::fs::write(big, big_bytes).unwrap();
+
+    // Swapped: each file holds the other's sealed bytes, named for their sizes.
+    let (big_as, other_as) = (
+        renamed_for(big, other_bytes.len()),
+        renamed_for(other, big_bytes.len()),
+    );
+    std::fs::remove_file(big).unwrap();
+    std::fs::remove_file(other).unwrap();
+    std::fs::write(&big_as, other_bytes).unwrap();
+    std::fs::write(&other_as, big_bytes).unwrap();
+    check("swapped", &["--read-data"], "now hashes to");
+    std::fs::remove_file(&big_as).unwrap();
+    std::fs::remove_file(&other_as).unwrap();
+    std::fs::write(big, big_bytes).unwrap();
+    std::fs::write(other, other_bytes).unwrap();
+
+    // Cut: shorter than its name says; sizes alone tell.
+    std::fs::write(big, &big_bytes[..big_bytes.len() - 7]).unwrap();
+    check("cut", &[], "cut short");
+    std::fs::write(big, big_bytes).unwrap();
+
+    // Whole again: it verifies and restores.
+    ok(
+        &run(
+            &src,
+            &with_operator(&op, &["verify", &id, "--read-data", "-r", &r]),
+        ),
+        "verify after repair",
+    );
+}
