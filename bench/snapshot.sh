@@ -11,7 +11,8 @@
 #
 # Builds the release binaries, runs the agent as its container image, prints a Markdown table of
 # seconds and ratios (procedure / deis-backup), and the same snapshots into an encrypted repository
-# beside the plain one (wall and CPU seconds). Secrets go to 0600 files, never to argv or stdout.
+# beside the plain one, and a restore of each onto a fresh target cluster (wall and CPU seconds of the
+# coordinator). Secrets go to 0600 files, never to argv or stdout.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -41,6 +42,8 @@ rm -rf "$W"
 mkdir -p "$W/manual"
 cleanup() {
   "$ROOT/tests/cluster/agent" down bench-source >/dev/null 2>&1 || true
+  "$ROOT/tests/cluster/agent" down bench-target >/dev/null 2>&1 || true
+  "$ROOT/tests/cluster/target" down benchtarget >/dev/null 2>&1 || true
   rm -rf "$W"
 }
 trap cleanup EXIT
@@ -54,6 +57,10 @@ trap cleanup EXIT
 )
 eval "$("$ROOT/tests/cluster/agent" up bench-source --etcd "$ETCD" --store "$STORE_DIR" --port 4292 \
   --database-container "$DATABASE_CONTAINER" --binary "$ROOT/target/release/deis-backup-agent" | sed 's/^/export /')"
+
+# The coordinator's certificate, which tests/cluster/agent made with the cluster's CA.
+export DEIS_BACKUP_TLS_CA=$AGENT_PKI_DIR/ca.pem DEIS_BACKUP_TLS_CERT=$AGENT_PKI_DIR/coordinator.pem \
+  DEIS_BACKUP_TLS_KEY=$AGENT_PKI_DIR/coordinator.key
 
 now() { date +%s.%N; }
 # The procedure of the Deis docs, step by step, into $W/manual.
@@ -84,6 +91,22 @@ ours() {
   DEIS_BACKUP_TOKEN_FILE=$AGENT_TOKEN_FILE timed sh -c '"$@" >"$0"' "$out" "$BIN" snapshot \
     --etcd "$ETCD" --agent "$AGENT_ADDRESS" -r "$repo" --json "$@"
 }
+# restore_into REPO [ARGS...] — `restore latest --database-sql` of REPO onto a fresh target cluster
+# (its etcd, gateway tenant, store, database and agent, gone afterwards); prints "wall cpu".
+restore_into() {
+  local repo=$1
+  shift
+  (
+    eval "$("$ROOT/tests/cluster/target" up benchtarget | sed 's/^/export /')"
+    "$ROOT/tests/cluster/agent" up bench-target --etcd "$TARGET_ETCD_ENDPOINTS" \
+      --store "$TARGET_STORE_DIR" --port 4293 --database-container "$TARGET_DATABASE_CONTAINER" \
+      --binary "$ROOT/target/release/deis-backup-agent" >/dev/null
+    DEIS_BACKUP_TOKEN_FILE=$AGENT_TOKEN_FILE timed sh -c '"$@" >/dev/null' restore "$BIN" restore latest \
+      --etcd "$TARGET_ETCD_ENDPOINTS" -r "$repo" --database-sql "$@"
+  )
+  "$ROOT/tests/cluster/agent" down bench-target >/dev/null 2>&1 || true
+  "$ROOT/tests/cluster/target" down benchtarget >/dev/null 2>&1 || true
+}
 # A plain repository, and an encrypted one (an operator's age key; the host key only to write).
 "$BIN" init --plain -r "$W/repository" >/dev/null
 age-keygen -o "$W/operator.key" 2>/dev/null
@@ -101,6 +124,9 @@ p2=$(procedure)
 echo "nothing changed: deis-backup snapshot, plain and encrypted" >&2
 read -r o2 c2 < <(ours "$W/repository" "$W/ours.json")
 read -r e2 ec2 < <(ours "$W/encrypted" "$W/encrypted.json" "${sealed[@]}")
+echo "restore onto a fresh cluster: plain and encrypted" >&2
+read -r r1 rc1 < <(restore_into "$W/repository")
+read -r r2 rc2 < <(restore_into "$W/encrypted" --identity-file "$W/operator.key")
 
 sum() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sum(b[sys.argv[2]] for b in d["buckets"].values()))' "$W/ours.json" "$1"; }
 objects=$(sum objects)
@@ -123,6 +149,7 @@ echo "| run | plain: wall / CPU (s) | encrypted: wall / CPU (s) | encrypted / pl
 echo "|---|---|---|---|"
 echo "| first snapshot | $(secs "$o1") / $(secs "$c1") | $(secs "$e1") / $(secs "$ec1") | $(ratio "$e1" "$o1") |"
 echo "| nothing changed | $(secs "$o2") / $(secs "$c2") | $(secs "$e2") / $(secs "$ec2") | $(ratio "$e2" "$o2") |"
+echo "| restore --database-sql | $(secs "$r1") / $(secs "$rc1") | $(secs "$r2") / $(secs "$rc2") | $(ratio "$r2" "$r1") |"
 echo
 echo "The unchanged deis-backup run downloaded $downloaded of $objects objects; $(python3 - "$W/ours.json" <<'PY'
 import json, sys

@@ -528,7 +528,40 @@ async fn encrypted_an_s3_repository_reveals_nothing_either() {
         }
     }
     assert_reveals_nothing(&objects);
-    for (key, _) in &objects {
+
+    // A plain repository in a bucket works, and warns on every snapshot.
+    let plain = format!("s3://{bucket}/plain");
+    let made = Command::new(support::binary("deis-backup"))
+        .args(["init", "--plain", "-r", &plain])
+        .args(s3_args(Vec::new()))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "init --plain: {}", stderr(&made));
+    for _ in 0..2 {
+        let mut args: Vec<String> = snapshot_args(&src, &plain, &[])
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        args = s3_args(args);
+        let out = run(&src, &args);
+        ok(&out, "plain snapshot");
+        assert!(
+            stderr(&out).contains("is not encrypted: whoever reads it reads the cluster's secrets"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let mut pages = s3.list_objects_v2().bucket(&bucket).into_paginator().send();
+    let mut objects = Vec::new();
+    while let Some(page) = pages.next().await {
+        objects.extend(
+            page.unwrap()
+                .contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned)),
+        );
+    }
+    for key in &objects {
         let _ = s3.delete_object().bucket(&bucket).key(key).send().await;
     }
     let _ = s3.delete_bucket().bucket(&bucket).send().await;
