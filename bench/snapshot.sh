@@ -89,7 +89,7 @@ ours() {
   local repo=$1 out=$2
   shift 2
   DEIS_BACKUP_TOKEN_FILE=$AGENT_TOKEN_FILE timed sh -c '"$@" >"$0"' "$out" "$BIN" snapshot \
-    --etcd "$ETCD" --agent "$AGENT_ADDRESS" -r "$repo" --json "$@"
+    --etcd "$ETCD" --agent "$AGENT_NAME@$AGENT_ADDRESS" -r "$repo" --json "$@"
 }
 # restore_into REPO [ARGS...] — `restore latest --database-sql` of REPO onto a fresh target cluster
 # (its etcd, gateway tenant, store, database and agent, gone afterwards); prints "wall cpu".
@@ -125,8 +125,11 @@ echo "nothing changed: deis-backup snapshot, plain and encrypted" >&2
 read -r o2 c2 < <(ours "$W/repository" "$W/ours.json")
 read -r e2 ec2 < <(ours "$W/encrypted" "$W/encrypted.json" "${sealed[@]}")
 echo "restore onto a fresh cluster: plain and encrypted" >&2
-read -r r1 rc1 < <(restore_into "$W/repository")
-read -r r2 rc2 < <(restore_into "$W/encrypted" --identity-file "$W/operator.key")
+# Captured whole first: each restore's target is gone before the next one's comes up.
+restored=$(restore_into "$W/repository")
+read -r r1 rc1 <<<"$restored"
+restored=$(restore_into "$W/encrypted" --identity-file "$W/operator.key")
+read -r r2 rc2 <<<"$restored"
 
 sum() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sum(b[sys.argv[2]] for b in d["buckets"].values()))' "$W/ours.json" "$1"; }
 objects=$(sum objects)
