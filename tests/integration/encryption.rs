@@ -257,23 +257,11 @@ async fn encrypted_snapshots_taken_with_the_host_key_reuse_and_only_the_operator
 
     // Restored by the operator onto another fresh cluster: the row, the objects, the store.
     let dst = Fresh::new();
-    let restored = run(
-        &dst,
-        &with_operator(
-            &op,
-            &[
-                "restore",
-                &id,
-                "--database-sql",
-                "--json",
-                "--etcd",
-                dst.target.etcd_endpoints(),
-                "--agent",
-                dst.agent.spec(),
-                "-r",
-                &repo,
-            ],
-        ),
+    let identity = op.identity().display().to_string();
+    let restored = dst.restore(
+        Path::new(&repo),
+        &id,
+        &["--database-sql", "--identity-file", &identity],
     );
     ok(&restored, "restore");
     assert_eq!(
@@ -343,23 +331,12 @@ async fn encrypted_wrong_or_missing_keys_give_one_line_exit_2_and_write_nothing(
     // No key; a stranger's key: exit 2, one line, and the target untouched.
     let dst = Fresh::new();
     let restore = |key: Option<&Path>| {
-        let mut args: Vec<String> = [
-            "restore",
-            id.as_str(),
-            "--database-sql",
-            "--etcd",
-            dst.target.etcd_endpoints(),
-            "--agent",
-            dst.agent.spec(),
-            "-r",
-            &repo,
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        if let Some(k) = key {
-            args.extend(["--identity-file".into(), k.display().to_string()]);
+        let key = key.map(|k| k.display().to_string());
+        let mut extra = vec!["--database-sql"];
+        if let Some(k) = &key {
+            extra.extend(["--identity-file", k.as_str()]);
         }
-        run(&dst, &args)
+        dst.restore(Path::new(&repo), &id, &extra)
     };
     for (key, words) in [
         (None, &["is encrypted and no key was given"][..]),
@@ -626,22 +603,11 @@ async fn encrypted_flipped_swapped_and_cut_blobs_are_caught_before_anything_is_w
         assert_eq!(verify.status.code(), Some(3), "{what}: {}", stderr(&verify));
         let said = String::from_utf8_lossy(&verify.stdout);
         assert!(said.contains(problem), "{what}: {said}");
-        let restore = run(
-            &dst,
-            &with_operator(
-                &op,
-                &[
-                    "restore",
-                    &id,
-                    "--database-sql",
-                    "--etcd",
-                    dst.target.etcd_endpoints(),
-                    "--agent",
-                    dst.agent.spec(),
-                    "-r",
-                    &r,
-                ],
-            ),
+        let identity = op.identity().display().to_string();
+        let restore = dst.restore(
+            &repo,
+            &id,
+            &["--database-sql", "--identity-file", &identity],
         );
         one_line_error(&restore, &["damaged, nothing was restored"]);
         untouched(what);
