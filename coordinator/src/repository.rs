@@ -748,6 +748,7 @@ impl Repository {
         Ok(BlobWriter {
             repo: self.clone(),
             staged: None,
+            sealer: None,
             buf: Vec::with_capacity(64 * 1024),
             hasher: sha2::Sha256::new(),
             size: 0,
@@ -1030,11 +1031,14 @@ pub struct StoredBlob {
 
 /// Writes a blob while computing its SHA-256; `finish` stores it under its hash unless a blob
 /// with that hash exists. Up to 1 MiB stays in a buffer (small objects never touch a staging file
-/// and are stored with one atomic write); larger blobs stream through a staging file.
+/// and are stored with one atomic write); larger blobs stream through a staging file, which in an
+/// encrypted repository holds them sealed as they arrive (never in the clear).
 #[derive(Debug)]
 pub struct BlobWriter {
     repo: Repository,
     staged: Option<(tokio::fs::File, tempfile::TempPath)>,
+    /// Encrypted repositories: a blob that outgrew the buffer, sealed as it is written.
+    sealer: Option<seal::Sealer>,
     buf: Vec<u8>,
     hasher: sha2::Sha256,
     size: u64,
@@ -1044,6 +1048,17 @@ impl BlobWriter {
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
         self.hasher.update(data);
         self.size += data.len() as u64;
+        if let Some(keys) = &self.repo.keys
+            && (self.sealer.is_some() || self.buf.len() + data.len() > BUF_SIZE)
+        {
+            if self.sealer.is_none() {
+                let mut s =
+                    seal::Sealer::start(self.repo.backend.staging_dir(), &keys.blob_recipients())?;
+                s.write(&std::mem::take(&mut self.buf))?;
+                self.sealer = Some(s);
+            }
+            return self.sealer.as_mut().expect("started above").write(data);
+        }
         if self.buf.len() + data.len() > BUF_SIZE {
             self.flush_buf().await?;
         }
@@ -1093,6 +1108,7 @@ impl BlobWriter {
     /// Forgets everything written (a download starts over).
     pub async fn reset(&mut self) -> Result<()> {
         self.buf.clear();
+        self.sealer = None;
         self.hasher = sha2::Sha256::new();
         self.size = 0;
         if let Some((file, temp)) = &mut self.staged {
@@ -1118,6 +1134,17 @@ impl BlobWriter {
         };
         if self.repo.has_blob(&blob).await? {
             return Ok(StoredBlob { blob, new: false });
+        }
+        if let Some(sealer) = self.sealer.take() {
+            let (temp, size) = sealer.finish()?;
+            let keys = self
+                .repo
+                .keys
+                .as_ref()
+                .expect("sealed only in a sealed repository");
+            let name = format!("{}{size}", keys.blob_prefix(&blob.sha256));
+            let new = self.repo.backend.put_file(&name, &temp, size).await?;
+            return Ok(StoredBlob { blob, new });
         }
         if self.staged.is_none() {
             // Small: one atomic (and durable) write, no staging file of our own.

@@ -410,6 +410,58 @@ pub fn seal_file(plain: &Path, sealed: &Path, to: &[&Recipient]) -> Result<u64> 
     Ok(file.metadata().map_err(io)?.len())
 }
 
+/// A blob sealed as its bytes arrive (compressed, to the recipients), into a staging file: no copy
+/// in the clear ever reaches the disk. Writes are blocking, buffered (1 MiB) file writes.
+pub struct Sealer {
+    out: zstd::stream::write::Encoder<
+        'static,
+        age::stream::StreamWriter<std::io::BufWriter<std::fs::File>>,
+    >,
+    temp: tempfile::TempPath,
+}
+
+impl fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sealer")
+            .field("temp", &self.temp)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sealer {
+    /// A new staging file in `dir` (named `.blob-*`, as the staging files a run cleans up).
+    pub fn start(dir: &Path, to: &[&Recipient]) -> Result<Self> {
+        let io =
+            |e: std::io::Error| Error::io(format!("create a staging file in {}", dir.display()), e);
+        let (file, temp) = tempfile::Builder::new()
+            .prefix(".blob-")
+            .tempfile_in(dir)
+            .map_err(io)?
+            .into_parts();
+        let w = encryptor(to)?
+            .wrap_output(std::io::BufWriter::with_capacity(1 << 20, file))
+            .map_err(io)?;
+        let out = zstd::stream::write::Encoder::new(w, BLOB_LEVEL).map_err(io)?;
+        Ok(Self { out, temp })
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.out
+            .write_all(data)
+            .map_err(|e| Error::io(format!("write {}", self.temp.display()), e))
+    }
+
+    /// The sealed file and its size.
+    pub fn finish(self) -> Result<(tempfile::TempPath, u64)> {
+        let io = |e: std::io::Error| Error::io(format!("write {}", self.temp.display()), e);
+        let mut buffered = self.out.finish().map_err(io)?.finish().map_err(io)?;
+        buffered.flush().map_err(io)?;
+        let file = buffered.into_inner().map_err(|e| io(e.into_error()))?;
+        let size = file.metadata().map_err(io)?.len();
+        Ok((self.temp, size))
+    }
+}
+
 /// Opens the sealed blob `sealed` into the file `plain`; returns the SHA-256 and size of what it
 /// holds. A file that does not open (damaged, cut short, sealed to others) is an error naming
 /// `what`. Blocking.
