@@ -481,21 +481,24 @@ impl Repository {
     /// Stores a small file that changes in place (a run's entry), sealed as [`Repository::put_meta`]
     /// seals.
     pub async fn replace_meta(&self, name: &str, data: Vec<u8>) -> Result<()> {
-        let data = match &self.keys {
+        let data = self.seal_meta(data)?;
+        self.backend.replace_bytes(name, data).await
+    }
+
+    /// A small file's bytes as stored: sealed to the operators and the snapshot host when the
+    /// repository is encrypted.
+    fn seal_meta(&self, data: Vec<u8>) -> Result<Bytes> {
+        Ok(Bytes::from(match &self.keys {
             None => data,
             Some(k) => seal::seal_bytes(&data, &k.metadata_recipients())?,
-        };
-        self.backend.replace_bytes(name, Bytes::from(data)).await
+        }))
     }
 
     /// Stores a small file (manifest, listing, run), sealed to the operators and the snapshot
     /// host when the repository is encrypted. False when it existed already (kept).
     pub async fn put_meta(&self, name: &str, data: Vec<u8>) -> Result<bool> {
-        let data = match &self.keys {
-            None => data,
-            Some(k) => seal::seal_bytes(&data, &k.metadata_recipients())?,
-        };
-        self.backend.put_bytes(name, Bytes::from(data)).await
+        let data = self.seal_meta(data)?;
+        self.backend.put_bytes(name, data).await
     }
 
     pub fn location(&self) -> String {
@@ -838,11 +841,10 @@ impl Repository {
                 .put_file(&format::blob_path(&blob.sha256), plain, blob.size)
                 .await;
         };
-        let sealed = self.staging_file().await?;
-        let (src, dst) = (plain.to_owned(), sealed.to_path_buf());
+        let (src, dir) = (plain.to_owned(), self.backend.staging_dir().to_owned());
         let k = keys.clone();
-        let size =
-            tokio::task::spawn_blocking(move || seal::seal_file(&src, &dst, &k.blob_recipients()))
+        let (sealed, size) =
+            tokio::task::spawn_blocking(move || seal::seal_file(&src, &dir, &k.blob_recipients()))
                 .await
                 .map_err(|e| Error::repository(format!("sealing a blob failed: {e}")))??;
         let name = format!("{}{size}", keys.blob_prefix(&blob.sha256));

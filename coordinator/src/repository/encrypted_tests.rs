@@ -322,3 +322,27 @@ async fn prune_deletes_only_what_no_snapshot_names() {
     assert_eq!((stats.blobs_deleted, stats.blobs_kept), (2, 0));
     assert!(host.blobs().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_staged_download_is_stored_sealed_and_reads_back() {
+    let f = Fixture::new().await;
+    let host = f.as_host().await;
+    let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 253) as u8).collect();
+    let temp = host.staging_file().await.unwrap();
+    std::fs::write(&temp, &data).unwrap();
+    let blob = BlobRef {
+        sha256: Sha256::of(&data),
+        size: data.len() as u64,
+    };
+    assert!(host.store_staged(temp, blob).await.unwrap().new);
+    assert!(host.has_blob(&blob).await.unwrap());
+    let op = f.as_operator().await;
+    let got = std::fs::read(op.blob_file(&blob.sha256).await.unwrap().path()).unwrap();
+    assert_eq!(got, data);
+    assert!(
+        f.files()
+            .iter()
+            .all(|(_, bytes)| !bytes.windows(64).any(|w| w == &data[..64])),
+        "stored in the clear"
+    );
+}

@@ -389,25 +389,15 @@ pub fn open_bytes(sealed: &[u8], identities: &[Identity], what: &str) -> Result<
     Ok(out)
 }
 
-/// Seals the file `plain` into the new file `sealed` (compressed, to `to`); returns the sealed
-/// size. Blocking.
-pub fn seal_file(plain: &Path, sealed: &Path, to: &[&Recipient]) -> Result<u64> {
-    let io = |e: std::io::Error| Error::io(format!("seal into {}", sealed.display()), e);
-    let mut src = std::fs::File::open(plain).map_err(io)?;
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(sealed)
-        .map_err(io)?;
-    let w = encryptor(to)?
-        .wrap_output(std::io::BufWriter::with_capacity(1 << 20, out))
-        .map_err(io)?;
-    let mut z = zstd::stream::write::Encoder::new(w, BLOB_LEVEL).map_err(io)?;
-    std::io::copy(&mut src, &mut z).map_err(io)?;
-    let mut buffered = z.finish().map_err(io)?.finish().map_err(io)?;
-    buffered.flush().map_err(io)?;
-    let file = buffered.into_inner().map_err(|e| io(e.into_error()))?;
-    Ok(file.metadata().map_err(io)?.len())
+/// Seals the file `plain` into a new staging file in `dir` ([`Sealer`]); returns it and its size.
+/// Blocking.
+pub fn seal_file(plain: &Path, dir: &Path, to: &[&Recipient]) -> Result<(tempfile::TempPath, u64)> {
+    let mut src = std::fs::File::open(plain)
+        .map_err(|e| Error::io(format!("read {}", plain.display()), e))?;
+    let mut sealer = Sealer::start(dir, to)?;
+    std::io::copy(&mut src, &mut sealer.out)
+        .map_err(|e| Error::io(format!("write {}", sealer.temp.display()), e))?;
+    sealer.finish()
 }
 
 /// A blob sealed as its bytes arrive (compressed, to the recipients), into a staging file: no copy
@@ -528,16 +518,11 @@ mod tests {
             );
         }
         let dir = tempfile::tempdir().unwrap();
-        let (plain, sealed, back) = (
-            dir.path().join("p"),
-            dir.path().join("s"),
-            dir.path().join("b"),
-        );
+        let (plain, back) = (dir.path().join("p"), dir.path().join("b"));
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&plain, &data).unwrap();
-        std::fs::write(&sealed, b"").unwrap();
         std::fs::write(&back, b"").unwrap();
-        let size = seal_file(&plain, &sealed, &keys.blob_recipients()).unwrap();
+        let (sealed, size) = seal_file(&plain, dir.path(), &keys.blob_recipients()).unwrap();
         assert_eq!(std::fs::metadata(&sealed).unwrap().len(), size);
         assert!(size < data.len() as u64, "compressed before sealing");
         let (sha, n) = open_file(&sealed, &back, std::slice::from_ref(&operator), "b").unwrap();
@@ -552,18 +537,13 @@ mod tests {
     fn a_flipped_or_cut_byte_does_not_open() {
         let (keys, operator, _) = keys();
         let dir = tempfile::tempdir().unwrap();
-        let (plain, sealed, back) = (
-            dir.path().join("p"),
-            dir.path().join("s"),
-            dir.path().join("b"),
-        );
+        let (plain, back) = (dir.path().join("p"), dir.path().join("b"));
         // Incompressible, so the sealed file is as long as the data.
         let mut data = vec![0u8; 200_000];
         fastrand::Rng::with_seed(7).fill(&mut data);
         std::fs::write(&plain, &data).unwrap();
-        std::fs::write(&sealed, b"").unwrap();
         std::fs::write(&back, b"").unwrap();
-        seal_file(&plain, &sealed, &keys.blob_recipients()).unwrap();
+        let (sealed, _) = seal_file(&plain, dir.path(), &keys.blob_recipients()).unwrap();
         let good = std::fs::read(&sealed).unwrap();
         let mut flipped = good.clone();
         let at = flipped.len() / 2;
