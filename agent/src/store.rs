@@ -5,9 +5,10 @@
 //! - A requested path is used only when it equals an allow-listed path (after removing trailing
 //!   slashes); no prefix or sub-path matching, so `..` tricks have nothing to match.
 //! - The filesystem identity follows the rule documented on `StorePath.fs_identity` in the proto:
-//!   shared (network) filesystems are named by type, statfs `f_fsid` (CephFS: derived from the Ceph
-//!   cluster fsid, or the fsid itself when the mount source names it) and the path inside them;
-//!   anything else is host-local and includes the machine id.
+//!   CephFS (kernel client or ceph-fuse) is named by the Ceph cluster fsid and the directory's
+//!   CephFS inode number, so every host and both clients agree; other shared (network)
+//!   filesystems by type, statfs `f_fsid` and the path inside them; anything else is host-local
+//!   and includes the machine id.
 //! - A store counts as empty (Describe) when it holds nothing but restore staging directories
 //!   (named `restore::STAGING_PREFIX`...): a killed restore's debris never makes it look used.
 
@@ -124,6 +125,38 @@ fn ceph_cluster_fsid(source: &str) -> Option<String> {
         .then(|| fsid.to_owned())
 }
 
+/// The CephFS client types (kernel and FUSE).
+const CEPHFS_TYPES: &[&str] = &["ceph", "fuse.ceph-fuse"];
+
+/// Bits of a `.snap` directory's inode number that hold its directory's CephFS inode number
+/// (ceph-fuse marks snapshot directories above them; the kernel client shows the number as is).
+const CEPH_INO_BITS: u64 = (1 << 48) - 1;
+
+/// The identity of a CephFS directory: cluster fsid and CephFS inode number (the proto's rule).
+fn cephfs_identity(dir: &Path, mount: &Mount) -> Result<String> {
+    let mut buf = [0u8; 128];
+    let fsid = rustix::fs::getxattr(dir, "ceph.cluster_fsid", &mut buf[..])
+        .ok()
+        .map(|n| String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+        .filter(|f| !f.is_empty())
+        .or_else(|| ceph_cluster_fsid(&mount.source))
+        .ok_or_else(|| Error::Config {
+            what: format!(
+                "{} is on CephFS, but CephFS serves no ceph.cluster_fsid there and the mount \
+                 source names no fsid",
+                dir.display()
+            ),
+        })?;
+    let ino = match std::fs::metadata(dir.join(".snap")) {
+        Ok(md) => md.ino() & CEPH_INO_BITS,
+        // snapshots hidden or off: the directory's own number, right unless it is a FUSE root
+        Err(_) => std::fs::metadata(dir)
+            .map_err(Error::io("cannot stat", dir))?
+            .ino(),
+    };
+    Ok(format!("shared:cephfs:{fsid}:ino:{ino}"))
+}
+
 /// Describes one allow-listed path for Describe.
 pub fn describe(path: &Path, machine_id: &str) -> Result<StorePath> {
     let canon = path
@@ -138,7 +171,10 @@ pub fn describe(path: &Path, machine_id: &str) -> Result<StorePath> {
         .as_ref()
         .map_or_else(String::new, |m| m.fs_type.clone());
     let shared = SHARED_TYPES.contains(&fs_type.as_str());
-    let fs_identity = if shared {
+    let fs_identity = if CEPHFS_TYPES.contains(&fs_type.as_str()) {
+        let m = mount.as_ref().expect("a CephFS type came from a mount");
+        cephfs_identity(&canon, m)?
+    } else if shared {
         let vfs = rustix::fs::statvfs(&canon)
             .map_err(|e| Error::io("cannot statfs", &canon)(e.into()))?;
         let m = mount.as_ref().expect("a shared type came from a mount");

@@ -257,7 +257,7 @@ pub async fn describe_all(agents: &[Agent]) -> Vec<(Agent, Result<DescribeReply>
         .await
         .map_err(|_| {
             Error::new(
-                ErrorKind::Agent,
+                ErrorKind::AgentUnreachable,
                 format!(
                     "agent {} ({}) did not answer Describe within 15 s",
                     a.host_id, a.address
@@ -275,24 +275,57 @@ pub async fn describe_all(agents: &[Agent]) -> Vec<(Agent, Result<DescribeReply>
 /// one it was reached as, is an error naming it.
 pub async fn describe_required(agents: &[Agent]) -> Result<Vec<Described>> {
     let mut out = Vec::new();
-    for (mut agent, r) in describe_all(agents).await {
-        let info = r?;
-        if agent.host_id == agent.address && !info.machine_id.is_empty() {
-            // A plain address (--insecure-plaintext only): the host names itself.
-            agent.host_id.clone_from(&info.machine_id);
-        } else if info.machine_id != agent.host_id {
-            return Err(Error::new(
-                ErrorKind::Agent,
-                format!(
-                    "agent {} ({}) reports host id '{}'",
-                    agent.host_id, agent.address, info.machine_id
-                ),
-                "the agent's --host-id must be the id it registers under and its certificate names",
-            ));
-        }
-        out.push(Described { agent, info });
+    for (agent, r) in describe_all(agents).await {
+        out.push(checked(agent, r?)?);
     }
     Ok(out)
+}
+
+/// An agent whose host did not answer (down, or cut off from this one).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Unanswered {
+    pub host: String,
+    pub address: String,
+    /// Why, in one line.
+    pub reason: String,
+}
+
+/// The agents that answer, described and checked as by [`describe_required`], and those that did
+/// not answer at all. Any other failure (a certificate or token refused, another host id) is an
+/// error: only silence may be planned around, never a wrong answer.
+pub async fn describe_answering(agents: &[Agent]) -> Result<(Vec<Described>, Vec<Unanswered>)> {
+    let mut answered = Vec::new();
+    let mut silent = Vec::new();
+    for (agent, r) in describe_all(agents).await {
+        match r {
+            Ok(info) => answered.push(checked(agent, info)?),
+            Err(e) if e.kind() == ErrorKind::AgentUnreachable => silent.push(Unanswered {
+                host: agent.host_id.clone(),
+                address: agent.address.clone(),
+                reason: e.message().to_owned(),
+            }),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((answered, silent))
+}
+
+/// `agent` with what it reported, once its host id is the one it was reached as.
+fn checked(mut agent: Agent, info: DescribeReply) -> Result<Described> {
+    if agent.host_id == agent.address && !info.machine_id.is_empty() {
+        // A plain address (--insecure-plaintext only): the host names itself.
+        agent.host_id.clone_from(&info.machine_id);
+    } else if info.machine_id != agent.host_id {
+        return Err(Error::new(
+            ErrorKind::Agent,
+            format!(
+                "agent {} ({}) reports host id '{}'",
+                agent.host_id, agent.address, info.machine_id
+            ),
+            "the agent's --host-id must be the id it registers under and its certificate names",
+        ));
+    }
+    Ok(Described { agent, info })
 }
 
 /// A gRPC status from `agent`'s `call` as one error.
@@ -312,8 +345,14 @@ pub fn status_error(agent: &Agent, call: &str, s: &tonic::Status) -> Error {
         }
         _ => "see the agent's log on that host (journalctl -u deis-backup-agent)",
     };
+    // Silence, not an answer: the transport failed (no status came from the agent itself).
+    let kind = if std::error::Error::source(s).is_some() && !is_tls_refusal(s) {
+        ErrorKind::AgentUnreachable
+    } else {
+        ErrorKind::Agent
+    };
     Error::new(
-        ErrorKind::Agent,
+        kind,
         format!(
             "agent {} ({}) {call}: {}",
             agent.host_id,

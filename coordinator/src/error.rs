@@ -33,8 +33,10 @@ pub enum ErrorKind {
     Integrity,
     /// A local file system operation failed.
     Io,
-    /// An agent could not be reached, refused the call, or failed its job.
+    /// An agent refused the call, or failed its job.
     Agent,
+    /// An agent did not answer: its host is down or cut off from this one.
+    AgentUnreachable,
     /// Another deis-backup holds the cluster lock.
     Locked,
     /// A restore's preflight check failed; nothing was written.

@@ -266,6 +266,7 @@ mod tests {
                     ..MirrorStats::default()
                 },
             )]),
+            gateways: Vec::new(),
         };
         let text = render(&Figures {
             run: Some(&run),

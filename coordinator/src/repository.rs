@@ -895,6 +895,7 @@ impl Repository {
             buckets: BTreeMap::new(),
             part_info: BTreeMap::new(),
             wal_e: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -1175,6 +1176,7 @@ pub struct SnapshotWriter {
     buckets: BTreeMap<String, BucketRef>,
     part_info: BTreeMap<String, format::PartInfo>,
     wal_e: Option<WalChain>,
+    warnings: Vec<String>,
 }
 
 impl SnapshotWriter {
@@ -1256,6 +1258,11 @@ impl SnapshotWriter {
         self.wal_e = Some(chain);
     }
 
+    /// Records a warning about the snapshot as a whole (never a secret).
+    pub fn warn(&mut self, warning: impl Into<String>) {
+        self.warnings.push(warning.into());
+    }
+
     /// Writes the manifest, last: from now on the snapshot is complete.
     pub async fn commit(self) -> Result<Manifest> {
         let m = Manifest {
@@ -1268,6 +1275,7 @@ impl SnapshotWriter {
             buckets: self.buckets,
             part_info: self.part_info,
             wal_e: self.wal_e,
+            warnings: self.warnings,
         };
         let data = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
         // Everything the manifest names reaches the disk before the manifest does.

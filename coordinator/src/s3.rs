@@ -15,6 +15,10 @@
 //! Invariants:
 //! - Every endpoint of the [`Target`] is used (requests go round-robin), path-style (a bucket such
 //!   as `db_wal` is not a DNS name); the probe drops the unreachable ones as long as one answers.
+//!   An endpoint that cannot be reached during operation rests for [`REST`] (requests go to the
+//!   others; when all rest, round-robin goes on), so a gateway that dies mid-run costs one failed
+//!   attempt per rest, not half of all attempts. Requests and failures are counted per endpoint
+//!   ([`EndpointStats`]).
 //! - `signature = auto` starts with V4 and, on the first authentication failure, switches to V2
 //!   once and for good (Ceph Hammer only speaks V2); `v2` and `v4` never switch.
 //! - Every request passes through the adaptive [`load::Limiter`] and the optional bandwidth cap;
@@ -72,6 +76,17 @@ pub struct Target {
     pub secret_key: SecretString,
 }
 
+/// How long an endpoint that could not be reached is passed over.
+pub const REST: Duration = Duration::from_secs(5);
+
+/// What one endpoint served: attempts sent to it, and those that failed (any retried failure).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointStats {
+    pub endpoint: String,
+    pub requests: u64,
+    pub failures: u64,
+}
+
 /// Counters of what the client did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -96,6 +111,10 @@ struct Endpoint {
     url: String,
     v4: aws_sdk_s3::Client,
     v2: aws_sdk_s3::Client,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    /// Passed over until this many milliseconds after the client's `epoch` (0: in use).
+    resting_until_ms: AtomicU64,
 }
 
 /// A client for a set of S3 endpoints sharing one store (the store-gateway's hosts, or one S3
@@ -104,6 +123,7 @@ struct Endpoint {
 pub struct Client {
     endpoints: Vec<Endpoint>,
     next: AtomicUsize,
+    epoch: std::time::Instant,
     signature: Signature,
     v2_active: AtomicBool,
     limiter: Arc<Limiter>,
@@ -164,6 +184,9 @@ impl Client {
                     url: url.clone(),
                     v4: aws_sdk_s3::Client::from_conf(v4),
                     v2: aws_sdk_s3::Client::from_conf(v2),
+                    requests: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
+                    resting_until_ms: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -171,6 +194,7 @@ impl Client {
         Ok(Self {
             endpoints,
             next: AtomicUsize::new(0),
+            epoch: std::time::Instant::now(),
             signature: options.signature(),
             v2_active: AtomicBool::new(options.signature() == Signature::V2),
             limiter: Limiter::new(max, 1, max),
@@ -194,6 +218,18 @@ impl Client {
         } else {
             Signature::V4
         }
+    }
+
+    /// Requests and failures per endpoint in use, in the order of the endpoints.
+    pub fn endpoint_stats(&self) -> Vec<EndpointStats> {
+        self.endpoints
+            .iter()
+            .map(|e| EndpointStats {
+                endpoint: e.url.clone(),
+                requests: e.requests.load(Ordering::Relaxed),
+                failures: e.failures.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// The most requests ever in flight (the configured concurrency).

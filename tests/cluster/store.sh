@@ -71,11 +71,12 @@ store_seed() {
   [[ -n $s && $s == "$D"/* ]] || die "STORE_DIR ($s) must be inside $D"
   [[ -z $(missing_cmds python3) ]] || die "python3 is needed to seed the store"
   log "seeding $s ($CLUSTER_SIZE)"
-  rm -rf "$s"
+  # emptied, not removed: on a multi-host cluster $s is a CephFS mount point
+  mkdir -p "$s"
+  find "$s" -mindepth 1 -delete
   (
     umask 022
     set -e
-    mkdir -p "$s"
     cd "$s"
 
     # logs/: what deis-logger writes, one file per component and per app.
@@ -237,7 +238,7 @@ PY
 store_writer_start() {
   log "starting the store log writer"
   # shellcheck disable=SC2016,SC2086 # the script is for the child bash; the file list splits
-  start_daemon store-writer bash -c '
+  start_daemon "${STORE_WRITER:-store-writer}" bash -c '
     set -u
     dir=$1
     shift
@@ -252,7 +253,7 @@ store_writer_start() {
       sleep 0.05
     done' store-writer "$STORE_DIR" $STORE_LIVE_FILES
   if ! wait_for 5 "the store writer's first line" grep -q 'live line' "$STORE_DIR/logs/myapp.log"; then
-    show_log store-writer
+    show_log "${STORE_WRITER:-store-writer}"
     die "the store writer does not write"
   fi
 }

@@ -487,7 +487,7 @@ mod tests {
         check(
             "snapshot_options_take_the_flag_over_the_file_over_the_default",
             "snapshot",
-            &["dry_run"],
+            &["dry_run", "forget_hosts"],
             cases,
             &["snapshot"],
             |c| match c {

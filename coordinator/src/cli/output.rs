@@ -93,6 +93,9 @@ impl Output {
         for (k, v) in &m.labels {
             println!("  {k} = {v}");
         }
+        for w in &m.warnings {
+            println!("  warning: {w}");
+        }
         let mut t = Table::new(&["PART", "SIZE", "RAW", "SECONDS", "SHA256", "WARNINGS"]);
         for (name, b) in &m.parts {
             let info = m.part_info.get(name);
@@ -318,16 +321,17 @@ impl Output {
                     match &d.database {
                         Some(c) if c.running => "running here".to_owned(),
                         Some(_) => "stopped here".to_owned(),
-                        None => "-".to_owned(),
+                        None => "not on this host".to_owned(),
                     },
                     d.store_paths
                         .iter()
                         .map(|p| {
                             format!(
-                                "{} ({}, {})",
+                                "{} ({}, {} {})",
                                 p.path,
                                 p.fs_type,
-                                if p.shared { "shared" } else { "host-local" }
+                                if p.shared { "shared" } else { "host-local" },
+                                p.fs_identity
                             )
                         })
                         .collect::<Vec<_>>()
@@ -353,6 +357,9 @@ impl Output {
             return;
         }
         println!("plan (dry run, nothing written) into {repository}:");
+        for w in &p.warnings {
+            println!("  warning   {w}");
+        }
         if let Some(h) = &p.pre_hook
             && let Some(db) = &p.database
         {
@@ -415,6 +422,9 @@ impl Output {
             return;
         }
         println!("snapshot {} complete", m.id);
+        for w in &m.warnings {
+            println!("  warning: {w}");
+        }
         for (b, s) in &o.buckets {
             println!(
                 "  bucket {b}: {} objects ({}), {} downloaded ({}), {} unchanged{}",
@@ -428,6 +438,18 @@ impl Output {
                         ", {} vanished (deleted at the source meanwhile: deis-backup show {})",
                         s.vanished_objects, m.id
                     )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        for g in &o.gateways {
+            println!(
+                "  gateway {}: {} requests{}",
+                g.endpoint,
+                g.requests,
+                if g.failures > 0 {
+                    format!(", {} failed and were retried", g.failures)
                 } else {
                     String::new()
                 }

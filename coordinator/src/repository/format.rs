@@ -335,6 +335,10 @@ pub struct Manifest {
     /// The database bucket's WAL-E chain, when it holds WAL-E's layout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal_e: Option<WalChain>,
+    /// What the coordinator warns about the snapshot as a whole (a host that did not take part
+    /// and who covered for it, ...). The snapshot is complete nonetheless.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What the coordinator recorded about a part beyond its bytes.
@@ -356,6 +360,10 @@ pub struct PartInfo {
     /// For store archives: whether the filesystem was shared by several hosts (CephFS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared: Option<bool>,
+    /// For a shared store archive: the other hosts that saw the same filesystem (not archived
+    /// again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_on: Vec<String>,
     /// What the producer reported (files that changed while read, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,

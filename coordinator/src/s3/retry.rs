@@ -4,7 +4,9 @@
 //! Owns: the choice of endpoint and signature for each attempt, the retry loop, and the switch
 //! from SigV4 to SigV2 during operation.
 //! Invariants:
-//! - Attempts go round-robin over the endpoints, with the signature in use at that moment.
+//! - Attempts go round-robin over the endpoints that are not resting, with the signature in use
+//!   at that moment; an attempt that cannot reach its endpoint sends it to rest for
+//!   [`REST`](super::REST). Every attempt is counted on its endpoint, every retried failure too.
 //! - Every attempt holds a permit of the adaptive [`Limiter`](super::load::Limiter) while it runs;
 //!   a success may let the limit grow, an overload or an unreachable endpoint cuts it.
 //! - Overloads, transient failures and unreachable endpoints are retried with jittered exponential
@@ -22,9 +24,20 @@ use super::{Client, Endpoint, Signature, load};
 use crate::error::Result;
 
 impl Client {
-    /// Round-robin over the gateways, with the signature in use.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Round-robin over the gateways not resting (over all of them when all rest), with the
+    /// signature in use.
     fn pick(&self) -> (&Endpoint, aws_sdk_s3::Client) {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let now = self.now_ms();
+        let i = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| self.endpoints[i].resting_until_ms.load(Ordering::Relaxed) <= now)
+            .unwrap_or(start);
         let ep = &self.endpoints[i];
         let c = if self.v2_active.load(Ordering::Relaxed) {
             ep.v2.clone()
@@ -46,6 +59,7 @@ impl Client {
             let (ep, client) = self.pick();
             let permit = self.limiter.acquire().await;
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            ep.requests.fetch_add(1, Ordering::Relaxed);
             let r = op(client).await;
             drop(permit);
             let f = match r {
@@ -55,6 +69,19 @@ impl Client {
                 }
                 Err(f) => f,
             };
+            if matches!(
+                f.class,
+                Class::Overload | Class::Transient | Class::Unreachable
+            ) {
+                ep.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            if f.class == Class::Unreachable {
+                let until = self
+                    .now_ms()
+                    .saturating_add(u64::try_from(super::REST.as_millis()).unwrap_or(u64::MAX));
+                ep.resting_until_ms.store(until, Ordering::Relaxed);
+                tracing::warn!(endpoint = %ep.url, "gateway unreachable; passing it over for {} s", super::REST.as_secs());
+            }
             match f.class {
                 Class::Auth
                     if self.signature == Signature::Auto

@@ -1,0 +1,157 @@
+# shellcheck shell=bash
+# The pieces that make several Deis hosts on this one machine (sourced after lib.sh and ceph.sh,
+# never run): a real CephFS for /var/lib/deis/store, and per host its own address, Docker engine,
+# CephFS mount and (on the first two hosts) its own store-gateway. `tests/cluster/target up NAME
+# --hosts N` puts them together into a cluster. Recipes: shared/notes/cephfs.md.
+#
+# Owns:
+# - the CephFS `deisfs` of the local Ceph (pools deisfs_meta, deisfs_data), its MDS (daemon
+#   cephfs-mds, data in $CEPH_DIR/mds) and the admin mount $D/cephfs (daemon cephfs-admin) through
+#   which cluster directories are made and removed; made once, on first use;
+# - per host (a name such as NAME-h1): the daemons NAME-hI-docker (dockerd, everything under
+#   DIR/docker), NAME-hI-store (ceph-fuse of /clusters/NAME at DIR/store) and NAME-hI-rgw (radosgw
+#   on the host's address, port $GATEWAY_PORT, as Deis runs store-gateway on every host).
+# Invariants:
+# - A host's address is 127.0.K.I (K per cluster, I per host): all loopback, nothing leaves the
+#   machine. Everything a host serves binds that address only.
+# - A host's Docker engine sees only its own containers: its own socket, data root and exec root,
+#   no bridge, no iptables; images are copied in from the machine's engine (docker save | load) when
+#   the engine lacks that image id.
+# - Every host of a cluster mounts the same CephFS directory with its own ceph-fuse (the kernel
+#   client is not available here), as store-volume mounts the one CephFS on every Deis host.
+# - Every daemon has its PID in $D/run; mounts are recorded in $D/run/<daemon>.mountpoint so that
+#   hosts_down_all (the cluster's `down`) unmounts them before Ceph stops.
+
+CEPHFS_NAME=deisfs
+CEPHFS_ADMIN_MOUNT=$D/cephfs
+
+cephfs_active() { ceph_cli mds stat 2>/dev/null | grep -q 'up:active'; }
+cephfs_mounted() { mountpoint -q "$1" && stat -f -c %T "$1" 2>/dev/null | grep -q fuse; }
+
+# fuse_mount DAEMON MOUNTPOINT CEPHFS-DIR — ceph-fuse of CEPHFS-DIR at MOUNTPOINT as daemon DAEMON.
+fuse_mount() {
+  local name=$1 point=$2 root=$3
+  if pid_alive "$name" && cephfs_mounted "$point"; then return 0; fi
+  stop_daemon "$name"
+  fusermount -u -z "$point" 2>/dev/null || true
+  mkdir -p "$point"
+  echo "$point" >"$D/run/$name.mountpoint"
+  start_daemon "$name" ceph-fuse -f -c "$CEPH_CONF" -n client.admin --keyring "$CEPH_DIR/keyring" \
+    --client_mountpoint "$root" "$point"
+  wait_for 30 "ceph-fuse at $point" cephfs_mounted "$point" || {
+    show_log "$name"
+    die "ceph-fuse did not mount $root at $point"
+  }
+}
+
+# fuse_unmount DAEMON — unmounts what DAEMON mounted and stops it.
+fuse_unmount() {
+  local f=$D/run/$1.mountpoint
+  if [[ -s $f ]]; then
+    fusermount -u "$(cat "$f")" 2>/dev/null || fusermount -u -z "$(cat "$f")" 2>/dev/null || true
+  fi
+  stop_daemon "$1"
+  rm -f "$f"
+}
+
+# cephfs_up — the filesystem, its MDS and the admin mount, once per Ceph (one at a time).
+cephfs_up() {
+  local fd t0=$EPOCHREALTIME
+  exec {fd}>"$D/cephfs.lock"
+  flock -w 300 "$fd" || die "cannot lock $D/cephfs.lock"
+  if ! ceph_cli fs ls 2>/dev/null | grep -q "name: $CEPHFS_NAME,"; then
+    ceph_cli osd pool create "${CEPHFS_NAME}_meta" 8 >/dev/null 2>&1 || die "cannot create pool ${CEPHFS_NAME}_meta"
+    ceph_cli osd pool create "${CEPHFS_NAME}_data" 8 >/dev/null 2>&1 || die "cannot create pool ${CEPHFS_NAME}_data"
+    ceph_cli fs new "$CEPHFS_NAME" "${CEPHFS_NAME}_meta" "${CEPHFS_NAME}_data" >/dev/null 2>&1 ||
+      die "ceph fs new $CEPHFS_NAME failed"
+  fi
+  if ! pid_alive cephfs-mds; then
+    mkdir -p "$CEPH_DIR/mds"
+    ceph_cli auth get-or-create mds.a mon 'allow profile mds' osd 'allow rwx' mds 'allow' \
+      -o "$CEPH_DIR/mds/keyring" >/dev/null 2>&1 || die "cannot make the MDS keyring"
+    start_daemon cephfs-mds ceph-mds -f -i a -c "$CEPH_CONF" --mds-data "$CEPH_DIR/mds" --keyring "$CEPH_DIR/mds/keyring"
+  fi
+  wait_for 60 "the CephFS MDS to be active" cephfs_active || {
+    show_log cephfs-mds
+    die "ceph-mds did not become active"
+  }
+  fuse_mount cephfs-admin "$CEPHFS_ADMIN_MOUNT" /
+  mkdir -p "$CEPHFS_ADMIN_MOUNT/clusters"
+  exec {fd}>&-
+  log "cephfs: $CEPHFS_NAME active, admin mount $CEPHFS_ADMIN_MOUNT ($(elapsed_since "$t0") s)"
+}
+
+# host_docker — the docker CLI of host DIR: `host_docker DIR ARGS...`.
+host_docker() {
+  local dir=$1
+  shift
+  docker -H "unix://$dir/docker/docker.sock" "$@"
+}
+
+host_docker_answers() { host_docker "$1" version >/dev/null 2>&1; }
+
+# host_docker_up NAME DIR — dockerd of host NAME with everything under DIR/docker.
+host_docker_up() {
+  local name=$1 dir=$2
+  if pid_alive "$name-docker" && host_docker_answers "$dir"; then return 0; fi
+  stop_daemon "$name-docker"
+  mkdir -p "$dir/docker/data" "$dir/docker/exec"
+  echo '{}' >"$dir/docker/daemon.json"
+  start_daemon "$name-docker" dockerd --config-file "$dir/docker/daemon.json" \
+    --host "unix://$dir/docker/docker.sock" --data-root "$dir/docker/data" --exec-root "$dir/docker/exec" \
+    --pidfile "$dir/docker/docker.pid" --bridge none --iptables=false --ip6tables=false \
+    --storage-driver fuse-overlayfs
+  wait_for 60 "dockerd of $name" host_docker_answers "$dir" || {
+    show_log "$name-docker"
+    die "dockerd of $name did not come up"
+  }
+}
+
+# host_image DIR IMAGE — copies IMAGE from the machine's engine into host DIR's engine unless it holds
+# that image id already.
+host_image() {
+  local dir=$1 image=$2 want
+  want=$(env -u DOCKER_HOST docker image inspect -f '{{.Id}}' "$image") || die "no image $image in the machine's engine"
+  [[ $(host_docker "$dir" image inspect -f '{{.Id}}' "$image" 2>/dev/null) == "$want" ]] && return 0
+  env -u DOCKER_HOST docker save "$image" | host_docker "$dir" load >/dev/null ||
+    die "cannot load $image into the engine of $dir"
+}
+
+rgw_answers() { curl -s -m 2 -o /dev/null "http://$1:$GATEWAY_PORT/"; }
+
+# host_rgw_up NAME ADDRESS — a radosgw of the local Ceph serving ADDRESS:$GATEWAY_PORT.
+host_rgw_up() {
+  local name=$1 address=$2 keyring=$CEPH_DIR/rgw/$1.keyring
+  if pid_alive "$name-rgw" && rgw_answers "$address"; then return 0; fi
+  stop_daemon "$name-rgw"
+  ceph_cli auth get-or-create "client.rgw.$name" mon 'allow rw' osd 'allow rwx' mgr 'allow rw' \
+    -o "$keyring" >/dev/null 2>&1 || die "cannot make the keyring of gateway $name"
+  start_daemon "$name-rgw" radosgw -f -c "$CEPH_CONF" -n "client.rgw.$name" --keyring "$keyring" \
+    --rgw_frontends "beast endpoint=$address:$GATEWAY_PORT" --rgw_relaxed_s3_bucket_names true \
+    --rgw_gc_obj_min_wait 10 --rgw_gc_processor_period 10 --rgw_data "$CEPH_DIR/rgw"
+  wait_for 60 "gateway $name on $address:$GATEWAY_PORT" rgw_answers "$address" || {
+    show_log "$name-rgw"
+    die "radosgw $name did not come up"
+  }
+}
+
+# hosts_down_all — every host piece of every cluster under $D (the cluster's `down`): mounts first,
+# then engines (their containers with them), gateways, the MDS.
+hosts_down_all() {
+  local f name
+  for f in "$D"/run/*-store-writer.pid; do
+    [[ -e $f ]] || continue
+    name=${f##*/}
+    stop_daemon "${name%.pid}"
+  done
+  for f in "$D"/run/*-store.pid "$D"/run/cephfs-admin.pid; do
+    [[ -e $f ]] || continue
+    name=${f##*/}
+    fuse_unmount "${name%.pid}"
+  done
+  for f in "$D"/run/*-docker.pid "$D"/run/*-rgw.pid "$D"/run/cephfs-mds.pid; do
+    [[ -e $f ]] || continue
+    name=${f##*/}
+    stop_daemon "${name%.pid}"
+  done
+}
