@@ -132,6 +132,10 @@ enum Action<'a> {
         part: String,
         info: Box<PartInfo>,
         agent: &'a Agent,
+        /// For a shared filesystem: the other agents with the path, which must see the restored
+        /// tree on the same filesystem (`identity`) once `agent` has written it.
+        seen_by: Vec<Agent>,
+        identity: String,
     },
     /// The SQL dump into the database that `agent` runs.
     DatabaseSql { agent: &'a Agent },
@@ -433,6 +437,25 @@ fn plan_stores<'a>(
                 agent.host_id
             ));
         }
+        let identity = there.map(|p| p.fs_identity.clone()).unwrap_or_default();
+        let mut seen_by = Vec::new();
+        if info.shared == Some(true) {
+            // Written once, through `agent`; every other host with the path must be on the same
+            // filesystem, or the restored tree would reach only some of them.
+            for d in agents.iter().filter(|d| d.agent.host_id != agent.host_id) {
+                if let Some(p) = d.info.store_paths.iter().find(|p| p.path == path) {
+                    if p.fs_identity != identity {
+                        plan.refusals.push(format!(
+                            "store {path} is one shared filesystem in the snapshot, but {} has \
+                             another filesystem there than {} ({} against {}): the restored \
+                             tree would reach only some hosts",
+                            d.agent.host_id, agent.host_id, p.fs_identity, identity
+                        ));
+                    }
+                    seen_by.push(d.agent.clone());
+                }
+            }
+        }
         let step = Step {
             what: "store".into(),
             target: format!("{path} on {}", agent.host_id),
@@ -443,6 +466,8 @@ fn plan_stores<'a>(
             part: name.clone(),
             info: Box::new(info),
             agent,
+            seen_by,
+            identity,
         };
         plan.steps.push((action, step));
     }
@@ -478,10 +503,24 @@ async fn execute(
                 stats.objects, stats.uploaded_objects, stats.uploaded_bytes
             ))
         }
-        Action::Store { part, info, agent } => {
+        Action::Store {
+            part,
+            info,
+            agent,
+            seen_by,
+            identity,
+        } => {
             progress.part_started(part, &format!("agent {}", agent.host_id));
             let overwrite = options.overwrite_store || options.force;
-            let r = restore_store(repo, manifest, part, info, agent, overwrite).await;
+            let mut r = restore_store(repo, manifest, part, info, agent, overwrite).await;
+            if let Ok(done) = &r
+                && !seen_by.is_empty()
+            {
+                let path = info.path.as_deref().unwrap_or_default();
+                r = confirm_seen(seen_by, path, identity)
+                    .await
+                    .map(|hosts| format!("{done}; the same tree seen from {hosts}"));
+            }
             progress.part_finished(part, r.is_ok());
             r
         }
@@ -493,6 +532,38 @@ async fn execute(
         }
         Action::EtcdKeys => restore_etcd_keys(repo, manifest, etcd).await,
     }
+}
+
+/// Asks every agent of `seen_by` whether it sees the restored shared store: `path` on the
+/// filesystem `identity`, no longer empty. Their host ids, or the error naming one that does not.
+async fn confirm_seen(seen_by: &[Agent], path: &str, identity: &str) -> Result<String> {
+    let mut hosts = Vec::new();
+    for (agent, r) in agents::describe_all(seen_by).await {
+        let info = r.map_err(|e| {
+            e.context(format!(
+                "the shared store {path} was restored, but {} could not confirm it sees it",
+                agent.host_id
+            ))
+        })?;
+        let seen = info
+            .store_paths
+            .iter()
+            .find(|p| p.path == path)
+            .is_some_and(|p| p.fs_identity == identity && !p.empty);
+        if !seen {
+            return Err(Error::new(
+                ErrorKind::Agent,
+                format!(
+                    "the shared store {path} was restored, but {} does not see it (another \
+                     filesystem, or still empty there)",
+                    agent.host_id
+                ),
+                "check that every host mounts the same CephFS at the store path (store-volume)",
+            ));
+        }
+        hosts.push(agent.host_id);
+    }
+    Ok(hosts.join(", "))
 }
 
 async fn restore_etcd_keys(
@@ -899,7 +970,9 @@ mod tests {
             let b = Host::new("b")
                 .with_shared_store(STORE, Some(1 << 30))
                 .with_local_store("/srv/x", Some(1 << 30));
-            (FakeAgent::start(host_a).await, FakeAgent::start(b).await)
+            let a = FakeAgent::start(host_a).await;
+            let b = FakeAgent::start_beside(b, &a).await;
+            (a, b)
         }
 
         fn options() -> RestoreOptions {
@@ -1067,6 +1140,15 @@ mod tests {
             assert_eq!(
                 report.next,
                 "deisctl start platform (the database already holds the dump)"
+            );
+            let shared = report
+                .steps
+                .iter()
+                .find(|s| s.target == format!("{STORE} on a"))
+                .unwrap();
+            assert!(
+                shared.detail.ends_with("; the same tree seen from b"),
+                "written once through a, confirmed by b: {shared:?}"
             );
             let calls = a.calls();
             let restored: Vec<_> = calls

@@ -125,6 +125,8 @@ pub struct Plan {
     /// Hosts not taking part and who covers for them (docs/OPERATIONS.md, "A host down"); they
     /// go into the manifest.
     pub warnings: Vec<String>,
+    /// Hosts not taking part that the next snapshot still expects.
+    pub absent_hosts: Vec<String>,
 }
 
 /// Parts of the previous snapshot offered for reuse; every blob named here is in the repository.
@@ -242,12 +244,16 @@ pub async fn plan(
         store_tasks(&cluster.agents)
     };
     // Hosts not taking part first: a missing database host is named as such.
-    let warnings = absent::check(
+    let absent = absent::check(
         &absent::absent_hosts(cluster, previous_manifest.as_ref()),
         previous_manifest.as_ref(),
-        found_database.as_ref().ok().map(|(a, _)| a),
+        found_database.as_ref().ok().map(|(a, _)| a.host.as_str()),
         !options.no_database,
-        &stores,
+        &stores
+            .iter()
+            .filter(|t| t.shared)
+            .map(|t| (t.path.as_str(), t.agent.host.as_str()))
+            .collect::<Vec<_>>(),
         &options.forget_hosts,
     )?;
     let database = if options.no_database {
@@ -291,7 +297,8 @@ pub async fn plan(
         reusable_dump: reuse.database.is_some(),
         reuse,
         etcd_export: true,
-        warnings,
+        warnings: absent.warnings,
+        absent_hosts: absent.still_expected,
     })
 }
 
@@ -433,6 +440,9 @@ async fn start(cluster: &Cluster, repo: &Repository, plan: &Plan) -> Result<Snap
     for w in &plan.warnings {
         tracing::warn!("{w}");
         snapshot.warn(w);
+    }
+    if !plan.absent_hosts.is_empty() {
+        snapshot.label(absent::ABSENT_LABEL, plan.absent_hosts.join(","));
     }
     if let Some(b) = &cluster.deis_buckets {
         snapshot.label(BUCKET_DATABASE_LABEL, &b.database);

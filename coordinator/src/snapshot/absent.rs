@@ -20,12 +20,15 @@
 
 use std::collections::BTreeSet;
 
-use super::{AgentRef, Cluster, DATABASE_PART, STORE_PREFIX, StoreTask};
+use super::{Cluster, DATABASE_PART, STORE_PREFIX};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repository::Manifest;
 
 /// Manifest label listing the hosts whose agents took part (comma-separated, sorted).
 pub const HOSTS_LABEL: &str = "cluster.hosts";
+/// Manifest label listing the hosts that did not take part and were covered for (so the next
+/// snapshot still expects them until they come back or are forgotten).
+pub const ABSENT_LABEL: &str = "cluster.hosts-absent";
 
 /// A host expected in the snapshot that is not taking part.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,8 +59,8 @@ pub fn absent_hosts(cluster: &Cluster, previous: Option<&Manifest>) -> Vec<Absen
         if !known.contains(host.as_str()) {
             absent.push(Absent {
                 reason: format!(
-                    "{host} took part in snapshot {} but no agent of it is registered now \
-                     (stopped, or down for longer than its registration lasts)",
+                    "no agent registered for it, stopped or down for longer than a \
+                     registration lasts; snapshot {} expected it",
                     previous.map(|m| m.id.to_string()).unwrap_or_default()
                 ),
                 host,
@@ -67,33 +70,39 @@ pub fn absent_hosts(cluster: &Cluster, previous: Option<&Manifest>) -> Vec<Absen
     absent
 }
 
+/// The hosts `m` took part from, and those it expected but went on without.
 fn previous_hosts(m: &Manifest) -> Vec<String> {
-    m.labels
-        .get(HOSTS_LABEL)
-        .map(|h| {
-            h.split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
+    [HOSTS_LABEL, ABSENT_LABEL]
+        .iter()
+        .filter_map(|l| m.labels.get(*l))
+        .flat_map(|h| h.split(','))
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
-/// Applies the policy: the warnings to record when the snapshot can go on without the absent
-/// hosts, or the error naming the first host it cannot do without. `database` is the answering
-/// agent that runs the database (when the snapshot takes one), `stores` the archives planned.
+/// What the policy decided: warnings for the manifest, and the absent hosts still expected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub warnings: Vec<String>,
+    pub still_expected: Vec<String>,
+}
+
+/// Applies the policy: what to record when the snapshot can go on without the absent hosts, or
+/// the error naming the first host it cannot do without. `database` is the answering host that
+/// runs the database, `shared_stores` the shared store paths planned with the host archiving each.
 pub fn check(
     absent: &[Absent],
     previous: Option<&Manifest>,
-    database: Option<&AgentRef>,
+    database: Option<&str>,
     database_wanted: bool,
-    stores: &[StoreTask],
+    shared_stores: &[(&str, &str)],
     forget: &[String],
-) -> Result<Vec<String>> {
-    let mut warnings = Vec::new();
+) -> Result<Decision> {
+    let mut decision = Decision::default();
     for a in absent {
         if forget.contains(&a.host) {
-            warnings.push(format!(
+            decision.warnings.push(format!(
                 "host {} did not take part ({}); it was forgotten (--forget-host): anything \
                  only it held is not in this snapshot",
                 a.host, a.reason
@@ -126,7 +135,7 @@ pub fn check(
             && database_wanted
         {
             match database {
-                Some(db) => covered.push(format!("the database dump is taken on {}", db.host)),
+                Some(db) => covered.push(format!("the database dump is taken on {db}")),
                 None => return Err(fail("the database (it dumped it last time)".to_owned())),
             }
         }
@@ -140,10 +149,9 @@ pub fn check(
                 if !there && !info.also_on.contains(&a.host) {
                     continue;
                 }
-                match stores.iter().find(|t| t.shared && t.path == path) {
-                    Some(t) => covered.push(format!(
-                        "its store {path} is the shared filesystem, archived through {}",
-                        t.agent.host
+                match shared_stores.iter().find(|(p, _)| *p == path) {
+                    Some((_, by)) => covered.push(format!(
+                        "its store {path} is the shared filesystem, archived through {by}"
                     )),
                     None => {
                         return Err(fail(format!(
@@ -155,7 +163,8 @@ pub fn check(
                 return Err(fail(format!("the host-local store directory {path}")));
             }
         }
-        warnings.push(format!(
+        decision.still_expected.push(a.host.clone());
+        decision.warnings.push(format!(
             "host {} did not take part ({}); {}",
             a.host,
             a.reason,
@@ -166,5 +175,130 @@ pub fn check(
             }
         ));
     }
-    Ok(warnings)
+    Ok(decision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STORE: &str = "/var/lib/deis/store";
+
+    /// A previous snapshot of hosts a (database, shared store, also seen by b) and c (a host-local
+    /// store).
+    fn previous() -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "format": "deis-backup/1",
+            "id": "20261207T110000.000Z-abcd",
+            "started": "2026-12-07T11:00:00Z",
+            "completed": "2026-12-07T11:01:00Z",
+            "labels": {HOSTS_LABEL: "a,b,c"},
+            "part-info": {
+                DATABASE_PART: {"source": "agent a", "duration-ms": 1, "host": "a"},
+                "store/shared/var-lib-deis-store.tar.zst": {
+                    "source": "agent a", "duration-ms": 1, "host": "a", "path": STORE,
+                    "shared": true, "also-on": ["b"]
+                },
+                "store/c/srv-local.tar.zst": {
+                    "source": "agent c", "duration-ms": 1, "host": "c", "path": "/srv/local",
+                    "shared": false
+                }
+            }
+        }))
+        .unwrap()
+    }
+
+    fn gone(host: &str) -> Vec<Absent> {
+        vec![Absent {
+            host: host.to_owned(),
+            reason: "did not answer".to_owned(),
+        }]
+    }
+
+    #[test]
+    fn a_host_that_only_saw_the_shared_store_is_covered_with_a_warning() {
+        let d = check(
+            &gone("b"),
+            Some(&previous()),
+            Some("a"),
+            true,
+            &[(STORE, "a")],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(d.still_expected, ["b"]);
+        assert_eq!(d.warnings.len(), 1);
+        assert!(
+            d.warnings[0].contains("host b did not take part (did not answer)")
+                && d.warnings[0].contains("archived through a"),
+            "{d:?}"
+        );
+        // The archiving host itself is covered when another host sees the filesystem and the
+        // database runs elsewhere now.
+        let d = check(
+            &gone("a"),
+            Some(&previous()),
+            Some("b"),
+            true,
+            &[(STORE, "b")],
+            &[],
+        )
+        .unwrap();
+        assert!(
+            d.warnings[0].contains("the database dump is taken on b"),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_host_that_held_what_no_one_else_has_fails_the_snapshot_by_name() {
+        let prev = previous();
+        let e = check(
+            &gone("c"),
+            Some(&prev),
+            Some("a"),
+            true,
+            &[(STORE, "a")],
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AgentUnreachable);
+        assert!(
+            e.message().contains("host c") && e.message().contains("/srv/local"),
+            "{e}"
+        );
+        let e = check(&gone("a"), Some(&prev), None, true, &[(STORE, "b")], &[]).unwrap_err();
+        assert!(e.message().contains("held the database"), "{e}");
+        // Without the database wanted, the database host only held the shared store.
+        assert!(check(&gone("a"), Some(&prev), None, false, &[(STORE, "b")], &[]).is_ok());
+        let e = check(&gone("a"), Some(&prev), None, false, &[], &[]).unwrap_err();
+        assert!(e.message().contains("no answering agent sees"), "{e}");
+        // A host no earlier snapshot had: nothing is known of it.
+        for prev in [None, Some(&prev)] {
+            let e = check(&gone("new"), prev, Some("a"), true, &[(STORE, "a")], &[]).unwrap_err();
+            assert!(e.message().contains("never took part"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_forgotten_host_is_a_warning_and_expected_no_more() {
+        let d = check(
+            &gone("c"),
+            Some(&previous()),
+            Some("a"),
+            true,
+            &[(STORE, "a")],
+            &["c".to_owned()],
+        )
+        .unwrap();
+        assert!(d.still_expected.is_empty());
+        assert!(d.warnings[0].contains("--forget-host"), "{d:?}");
+    }
+
+    #[test]
+    fn hosts_the_previous_snapshot_expected_are_read_from_both_labels() {
+        let mut m = previous();
+        m.labels.insert(ABSENT_LABEL.to_owned(), "d".to_owned());
+        assert_eq!(previous_hosts(&m), ["a", "b", "c", "d"]);
+    }
 }

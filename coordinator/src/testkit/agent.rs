@@ -15,7 +15,9 @@
 //! - RestoreStore and RestoreDatabase take a header, then data; data that does not match the
 //!   header's digests is INVALID_ARGUMENT, a non-empty store without `overwrite` and a database
 //!   restore the host does not allow are FAILED_PRECONDITION. Only accepted restores are recorded
-//!   (a restored store path stops being empty); refused ones are counted in [`Calls::refused`].
+//!   (a restored store path stops being empty, on every fake started beside this one when the
+//!   path is shared: they mount the same filesystem); refused ones are counted in
+//!   [`Calls::refused`].
 //! - The server stops when the [`FakeAgent`] is dropped.
 
 use std::collections::BTreeMap;
@@ -220,6 +222,8 @@ struct Inner {
     stores: BTreeMap<String, StoreFixture>,
     fault: Option<Fault>,
     calls: Calls,
+    /// Identities of the shared filesystems written to, as every fake beside this one sees them.
+    filesystems: Arc<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -235,6 +239,19 @@ pub struct FakeAgent {
 impl FakeAgent {
     /// Serves `host` on 127.0.0.1 (a free port), with no dump and no store archive yet.
     pub async fn start(host: Host) -> Self {
+        Self::start_on(host, Arc::default()).await
+    }
+
+    /// Serves `host` like [`FakeAgent::start`], mounting the same shared filesystems as `other`.
+    pub async fn start_beside(host: Host, other: &FakeAgent) -> Self {
+        let filesystems = other.inner.lock().unwrap().filesystems.clone();
+        Self::start_on(host, filesystems).await
+    }
+
+    async fn start_on(
+        host: Host,
+        filesystems: Arc<Mutex<std::collections::BTreeSet<String>>>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let inner = Arc::new(Mutex::new(Inner {
@@ -244,6 +261,7 @@ impl FakeAgent {
             stores: BTreeMap::new(),
             fault: None,
             calls: Calls::default(),
+            filesystems,
         }));
         let service = AgentServer::new(Service(inner.clone()))
             .max_decoding_message_size(deis_backup_proto::MAX_MESSAGE_BYTES)
@@ -551,7 +569,18 @@ impl Agent for Service {
             agent_version: "fake".to_owned(),
             docker_api_version: "1.23".to_owned(),
             database: h.database.clone(),
-            store_paths: h.store_paths.clone(),
+            store_paths: h
+                .store_paths
+                .iter()
+                .map(|p| {
+                    let written =
+                        p.shared && inner.filesystems.lock().unwrap().contains(&p.fs_identity);
+                    StorePath {
+                        empty: p.empty && !written,
+                        ..p.clone()
+                    }
+                })
+                .collect(),
             running_platform_containers: h.running_platform_containers.clone(),
             hooks: h.hooks.clone(),
         }))
@@ -633,6 +662,7 @@ impl Agent for Service {
             drop(inner);
             return Err(self.refuse("RestoreStore", Some(s)).unwrap_err());
         }
+        let filesystems = inner.filesystems.clone();
         for p in inner
             .host
             .store_paths
@@ -640,6 +670,9 @@ impl Agent for Service {
             .filter(|p| p.path == header.path)
         {
             p.empty = false;
+            if p.shared {
+                filesystems.lock().unwrap().insert(p.fs_identity.clone());
+            }
         }
         let reply = RestoreStoreReply {
             files: header.segments.len() as u64,
