@@ -15,6 +15,7 @@ mod integration {
     mod encryption;
     mod faults;
     mod gateway;
+    mod hosts;
     mod integrity;
     mod mirror;
     mod repository;

@@ -194,8 +194,11 @@ pub fn describe(path: &Path, machine_id: &str) -> Result<StorePath> {
             break;
         }
     }
+    // A filesystem that reports no size at all (CephFS while its cluster has no usage figures)
+    // says nothing about its free space: unknown, not zero.
     let free_bytes = rustix::fs::statvfs(&canon)
         .ok()
+        .filter(|v| v.f_blocks > 0)
         .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
     Ok(StorePath {
         path: path.display().to_string(),

@@ -222,7 +222,10 @@ pub fn connect(options: &AgentOptions, locations: &[Location]) -> Result<Vec<Age
                 .map_err(|e| Error::config(format!("agent address {}: {e}", l.address)))?
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_keepalive(Some(Duration::from_secs(30)))
-                .http2_keep_alive_interval(Duration::from_secs(20))
+                // A host cut off mid-stream sends nothing, not even a reset: a ping unanswered
+                // for 10 s ends the call (about 20 s after the cut) with a clear error.
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10))
                 .keep_alive_while_idle(true)
                 // Large HTTP/2 windows and frames: with the defaults (64 KiB window, 16 KiB
                 // frames) a fast stream spends its time on window updates and frame headers.
@@ -330,7 +333,13 @@ fn checked(mut agent: Agent, info: DescribeReply) -> Result<Described> {
 
 /// A gRPC status from `agent`'s `call` as one error.
 pub fn status_error(agent: &Agent, call: &str, s: &tonic::Status) -> Error {
+    // Silence, not an answer: the transport failed (no status came from the agent itself).
+    let silent = std::error::Error::source(s).is_some() && !is_tls_refusal(s);
     let guidance = match s.code() {
+        _ if silent => {
+            "the connection to the agent failed or was cut: check that its host is up, that the \
+             agent runs and that this host can reach it"
+        }
         tonic::Code::Unauthenticated => {
             "give the agents' token with --agent-token-file or $DEIS_BACKUP_TOKEN"
         }
@@ -345,8 +354,7 @@ pub fn status_error(agent: &Agent, call: &str, s: &tonic::Status) -> Error {
         }
         _ => "see the agent's log on that host (journalctl -u deis-backup-agent)",
     };
-    // Silence, not an answer: the transport failed (no status came from the agent itself).
-    let kind = if std::error::Error::source(s).is_some() && !is_tls_refusal(s) {
+    let kind = if silent {
         ErrorKind::AgentUnreachable
     } else {
         ErrorKind::Agent

@@ -244,16 +244,20 @@ pub async fn plan(
         store_tasks(&cluster.agents)
     };
     // Hosts not taking part first: a missing database host is named as such.
+    let shared_stores: Vec<(&str, &str)> = stores
+        .iter()
+        .filter(|t| t.shared)
+        .map(|t| (t.path.as_str(), t.agent.host.as_str()))
+        .collect();
+    let answering = absent::Answering {
+        database: found_database.as_ref().ok().map(|(a, _)| a.host.as_str()),
+        database_wanted: !options.no_database,
+        shared_stores: &shared_stores,
+    };
     let absent = absent::check(
         &absent::absent_hosts(cluster, previous_manifest.as_ref()),
         previous_manifest.as_ref(),
-        found_database.as_ref().ok().map(|(a, _)| a.host.as_str()),
-        !options.no_database,
-        &stores
-            .iter()
-            .filter(|t| t.shared)
-            .map(|t| (t.path.as_str(), t.agent.host.as_str()))
-            .collect::<Vec<_>>(),
+        answering,
         &options.forget_hosts,
     )?;
     let database = if options.no_database {

@@ -37,7 +37,7 @@ fuse_mount() {
   mkdir -p "$point"
   echo "$point" >"$D/run/$name.mountpoint"
   start_daemon "$name" ceph-fuse -f -c "$CEPH_CONF" -n client.admin --keyring "$CEPH_DIR/keyring" \
-    --client_mountpoint "$root" "$point"
+    --admin_socket "$CEPH_DIR/run/$name.asok" --client_mountpoint "$root" "$point"
   wait_for 30 "ceph-fuse at $point" cephfs_mounted "$point" || {
     show_log "$name"
     die "ceph-fuse did not mount $root at $point"

@@ -149,6 +149,114 @@ fn run_script(script: &str, args: &[&str]) -> HashMap<String, String> {
         .collect()
 }
 
+/// The hosts of a multi-host cluster (`tests/cluster/target up NAME --hosts N`), as its env lines
+/// name them with `prefix` (TARGET_ or HOSTS_): address, Docker engine and store mount of each.
+#[derive(Debug, Clone)]
+pub struct Hosts {
+    pub addresses: Vec<String>,
+    pub dockers: Vec<String>,
+    pub stores: Vec<PathBuf>,
+    pub gateways: Vec<String>,
+}
+
+impl Hosts {
+    fn from_env(env: &HashMap<String, String>, prefix: &str) -> Hosts {
+        let list = |k: &str| -> Vec<String> {
+            env.get(&format!("{prefix}{k}"))
+                .unwrap_or_else(|| panic!("no {prefix}{k}"))
+                .split(',')
+                .map(str::to_owned)
+                .collect()
+        };
+        Hosts {
+            addresses: list("HOST_ADDRESSES"),
+            dockers: list("HOST_DOCKERS"),
+            stores: list("HOST_STORE_DIRS")
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
+            gateways: list("GATEWAY_ENDPOINTS"),
+        }
+    }
+
+    /// Starts an agent on every host, named `<name>-h<I>`, each in its host's Docker engine on
+    /// its address (port 4195, as Deis'), watching `database_container`.
+    pub fn agents(&self, name: &str, etcd: &str, database_container: &str) -> Vec<AgentContainer> {
+        (0..self.addresses.len())
+            .map(|i| {
+                AgentContainer::up_on(
+                    &format!("{name}-h{}", i + 1),
+                    etcd,
+                    &self.stores[i],
+                    database_container,
+                    &self.addresses[i],
+                    &self.dockers[i],
+                )
+            })
+            .collect()
+    }
+}
+
+/// The three-host cluster `hosts` (`tests/cluster/up --hosts 3`): seeded, live, its database on
+/// host 1 and gateways on hosts 1 and 2. Tests that use it hold [`ThreeHosts::lock`] for their
+/// whole run: they stop agents and gateways, so they take turns.
+#[derive(Debug)]
+pub struct ThreeHosts {
+    env: HashMap<String, String>,
+    pub hosts: Hosts,
+    _lock: fs::File,
+}
+
+impl ThreeHosts {
+    /// Brings the cluster up (or reuses it) and waits for the test's turn.
+    pub fn lock() -> ThreeHosts {
+        Cluster::get();
+        let dir = PathBuf::from(Cluster::get().var("CLUSTER_DIR"));
+        let lock = fs::File::create(dir.join("hosts-tests.lock")).expect("the tests' lock file");
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .expect("the three-host cluster's turn");
+        let env = run_script("up", &["--hosts", "3"]);
+        let hosts = Hosts::from_env(&env, "HOSTS_");
+        ThreeHosts {
+            env,
+            hosts,
+            _lock: lock,
+        }
+    }
+
+    pub fn var(&self, key: &str) -> &str {
+        self.env
+            .get(key)
+            .unwrap_or_else(|| panic!("tests/cluster/up --hosts 3 printed no {key}"))
+    }
+
+    pub fn etcd_endpoints(&self) -> &str {
+        self.var("HOSTS_ETCD_ENDPOINTS")
+    }
+
+    pub fn database_container(&self) -> &str {
+        self.var("HOSTS_DATABASE_CONTAINER")
+    }
+
+    /// The PID file of a daemon of this cluster (`hosts-h2-rgw`, ...).
+    pub fn daemon_pid(&self, daemon: &str) -> i32 {
+        let f = PathBuf::from(self.var("CLUSTER_DIR"))
+            .join("run")
+            .join(format!("{daemon}.pid"));
+        fs::read_to_string(&f)
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Brings back whatever a test stopped (gateways, mounts, engines): `up --hosts 3` again.
+    pub fn repair(&self) {
+        let env = run_script("up", &["--hosts", "3"]);
+        assert_eq!(env, self.env, "the same cluster, repaired");
+    }
+}
+
 /// A fresh, empty Deis cluster to restore onto (`tests/cluster/target`): its own etcd with new
 /// gateway keys (a radosgw tenant, so its `db_wal` and `registry` are its own and start absent), an
 /// empty store directory and an empty database container. Torn down on drop.
@@ -202,6 +310,11 @@ impl Target {
     pub fn database_container(&self) -> &str {
         self.var("TARGET_DATABASE_CONTAINER")
     }
+
+    /// The hosts of a target brought up with `--hosts N`.
+    pub fn hosts(&self) -> Hosts {
+        Hosts::from_env(&self.env, "TARGET_")
+    }
 }
 
 impl Drop for Target {
@@ -219,6 +332,8 @@ pub struct AgentContainer {
     pub token_file: PathBuf,
     /// `HOST_ID@host:port`, as `--agent` takes it.
     spec: String,
+    /// The Docker engine it runs in (`unix://...`), when not the machine's.
+    docker: Option<String>,
 }
 
 impl AgentContainer {
@@ -244,7 +359,55 @@ impl AgentContainer {
             name: name.to_owned(),
             spec: format!("{name}@{}", env["AGENT_ADDRESS"]),
             token_file: PathBuf::from(&env["AGENT_TOKEN_FILE"]),
+            docker: None,
         }
+    }
+
+    /// An agent on one host of a multi-host cluster: in that host's Docker engine (`docker`),
+    /// serving and registering `address`:4195.
+    pub fn up_on(
+        name: &str,
+        etcd: &str,
+        store: &Path,
+        database_container: &str,
+        address: &str,
+        docker: &str,
+    ) -> AgentContainer {
+        let store = store.display().to_string();
+        let env = run_script(
+            "agent",
+            &[
+                "up",
+                name,
+                "--etcd",
+                etcd,
+                "--store",
+                &store,
+                "--port",
+                "4195",
+                "--address",
+                address,
+                "--docker-host",
+                docker,
+                "--database-container",
+                database_container,
+            ],
+        );
+        AgentContainer {
+            name: name.to_owned(),
+            spec: format!("{name}@{}", env["AGENT_ADDRESS"]),
+            token_file: PathBuf::from(&env["AGENT_TOKEN_FILE"]),
+            docker: Some(docker.to_owned()),
+        }
+    }
+
+    /// The docker CLI for the engine it runs in.
+    pub fn docker(&self) -> Command {
+        let mut c = Command::new("docker");
+        if let Some(d) = &self.docker {
+            c.args(["-H", d]);
+        }
+        c
     }
 
     /// How `--agent` names it: `HOST_ID@host:port`.
@@ -261,7 +424,12 @@ impl AgentContainer {
 impl Drop for AgentContainer {
     fn drop(&mut self) {
         let path = repo_root().join("tests/cluster/agent");
-        let _ = Command::new(path).args(["down", &self.name]).output();
+        let mut c = Command::new(path);
+        c.args(["down", &self.name]);
+        if let Some(d) = &self.docker {
+            c.args(["--docker-host", d]);
+        }
+        let _ = c.output();
     }
 }
 
@@ -435,8 +603,15 @@ pub fn comparable_dump(dump: &str) -> Vec<&str> {
 /// `sql` run by `psql` in `container` as postgres on database `db`: its unaligned, tuples-only
 /// output (trimmed), or its error output when it failed.
 pub fn psql(container: &str, db: &str, sql: &str) -> Result<String, String> {
+    psql_on("unix:///var/run/docker.sock", container, db, sql)
+}
+
+/// [`psql`] in a container of the Docker engine at `docker` (a host of a multi-host cluster).
+pub fn psql_on(docker: &str, container: &str, db: &str, sql: &str) -> Result<String, String> {
     let out = Command::new("docker")
         .args([
+            "-H",
+            docker,
             "exec",
             "-u",
             "postgres",

@@ -449,7 +449,7 @@ impl Output {
                 g.endpoint,
                 g.requests,
                 if g.failures > 0 {
-                    format!(", {} failed and were retried", g.failures)
+                    format!(", {} failed (retried)", g.failures)
                 } else {
                     String::new()
                 }

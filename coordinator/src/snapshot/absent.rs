@@ -88,15 +88,21 @@ pub struct Decision {
     pub still_expected: Vec<String>,
 }
 
+/// What the cluster answering now provides: the host running the database (when the snapshot
+/// takes one) and the shared store paths planned, with the host archiving each.
+#[derive(Debug, Clone, Copy)]
+pub struct Answering<'a> {
+    pub database: Option<&'a str>,
+    pub database_wanted: bool,
+    pub shared_stores: &'a [(&'a str, &'a str)],
+}
+
 /// Applies the policy: what to record when the snapshot can go on without the absent hosts, or
-/// the error naming the first host it cannot do without. `database` is the answering host that
-/// runs the database, `shared_stores` the shared store paths planned with the host archiving each.
+/// the error naming the first host it cannot do without.
 pub fn check(
     absent: &[Absent],
     previous: Option<&Manifest>,
-    database: Option<&str>,
-    database_wanted: bool,
-    shared_stores: &[(&str, &str)],
+    answering: Answering<'_>,
     forget: &[String],
 ) -> Result<Decision> {
     let mut decision = Decision::default();
@@ -109,12 +115,11 @@ pub fn check(
             ));
             continue;
         }
-        let fail = |held: String| {
+        let covered = covered_for(&a.host, previous, answering).map_err(|held| {
             Error::new(
                 ErrorKind::AgentUnreachable,
                 format!(
-                    "host {} is not taking part ({}), and it held {held}, which no other agent \
-                     provides; nothing was written",
+                    "host {} is not taking part ({}), and {held}; nothing was written",
                     a.host, a.reason
                 ),
                 format!(
@@ -123,46 +128,7 @@ pub fn check(
                     a.host
                 ),
             )
-        };
-        let Some(prev) = previous.filter(|m| previous_hosts(m).contains(&a.host)) else {
-            return Err(fail(
-                "what no earlier snapshot records (it never took part in one)".to_owned(),
-            ));
-        };
-        let mut covered = Vec::new();
-        if let Some(info) = prev.part_info.get(DATABASE_PART)
-            && info.host.as_deref() == Some(a.host.as_str())
-            && database_wanted
-        {
-            match database {
-                Some(db) => covered.push(format!("the database dump is taken on {db}")),
-                None => return Err(fail("the database (it dumped it last time)".to_owned())),
-            }
-        }
-        for (name, info) in &prev.part_info {
-            if !name.starts_with(STORE_PREFIX) {
-                continue;
-            }
-            let path = info.path.as_deref().unwrap_or("?");
-            let there = info.host.as_deref() == Some(a.host.as_str());
-            if info.shared == Some(true) {
-                if !there && !info.also_on.contains(&a.host) {
-                    continue;
-                }
-                match shared_stores.iter().find(|(p, _)| *p == path) {
-                    Some((_, by)) => covered.push(format!(
-                        "its store {path} is the shared filesystem, archived through {by}"
-                    )),
-                    None => {
-                        return Err(fail(format!(
-                            "the shared store {path}, which no answering agent sees"
-                        )));
-                    }
-                }
-            } else if there {
-                return Err(fail(format!("the host-local store directory {path}")));
-            }
-        }
+        })?;
         decision.still_expected.push(a.host.clone());
         decision.warnings.push(format!(
             "host {} did not take part ({}); {}",
@@ -176,6 +142,61 @@ pub fn check(
         ));
     }
     Ok(decision)
+}
+
+/// Who covers for each thing `host` held in `previous`, or what it held that no one can provide.
+fn covered_for(
+    host: &str,
+    previous: Option<&Manifest>,
+    answering: Answering<'_>,
+) -> std::result::Result<Vec<String>, String> {
+    let Some(prev) = previous.filter(|m| previous_hosts(m).iter().any(|h| h == host)) else {
+        return Err(
+            "no earlier snapshot says what it holds (it never took part in one)".to_owned(),
+        );
+    };
+    let mut covered = Vec::new();
+    if let Some(info) = prev.part_info.get(DATABASE_PART)
+        && info.host.as_deref() == Some(host)
+        && answering.database_wanted
+    {
+        match answering.database {
+            Some(db) => covered.push(format!("the database dump is taken on {db}")),
+            None => {
+                return Err(
+                    "it held the database (it dumped it last time), which no answering agent runs"
+                        .to_owned(),
+                );
+            }
+        }
+    }
+    for (name, info) in &prev.part_info {
+        if !name.starts_with(STORE_PREFIX) {
+            continue;
+        }
+        let path = info.path.as_deref().unwrap_or("?");
+        let there = info.host.as_deref() == Some(host);
+        if info.shared == Some(true) {
+            if !there && !info.also_on.iter().any(|h| h == host) {
+                continue;
+            }
+            match answering.shared_stores.iter().find(|(p, _)| *p == path) {
+                Some((_, by)) => covered.push(format!(
+                    "its store {path} is the shared filesystem, archived through {by}"
+                )),
+                None => {
+                    return Err(format!(
+                        "it held the shared store {path}, which no answering agent sees"
+                    ));
+                }
+            }
+        } else if there {
+            return Err(format!(
+                "it held the host-local store directory {path}, which no other host has"
+            ));
+        }
+    }
+    Ok(covered)
 }
 
 #[cfg(test)]
@@ -208,6 +229,22 @@ mod tests {
         .unwrap()
     }
 
+    fn decide(
+        absent: &[Absent],
+        previous: Option<&Manifest>,
+        database: Option<&str>,
+        database_wanted: bool,
+        shared_stores: &[(&str, &str)],
+        forget: &[String],
+    ) -> Result<Decision> {
+        let answering = Answering {
+            database,
+            database_wanted,
+            shared_stores,
+        };
+        check(absent, previous, answering, forget)
+    }
+
     fn gone(host: &str) -> Vec<Absent> {
         vec![Absent {
             host: host.to_owned(),
@@ -217,7 +254,7 @@ mod tests {
 
     #[test]
     fn a_host_that_only_saw_the_shared_store_is_covered_with_a_warning() {
-        let d = check(
+        let d = decide(
             &gone("b"),
             Some(&previous()),
             Some("a"),
@@ -235,7 +272,7 @@ mod tests {
         );
         // The archiving host itself is covered when another host sees the filesystem and the
         // database runs elsewhere now.
-        let d = check(
+        let d = decide(
             &gone("a"),
             Some(&previous()),
             Some("b"),
@@ -253,7 +290,7 @@ mod tests {
     #[test]
     fn a_host_that_held_what_no_one_else_has_fails_the_snapshot_by_name() {
         let prev = previous();
-        let e = check(
+        let e = decide(
             &gone("c"),
             Some(&prev),
             Some("a"),
@@ -267,22 +304,22 @@ mod tests {
             e.message().contains("host c") && e.message().contains("/srv/local"),
             "{e}"
         );
-        let e = check(&gone("a"), Some(&prev), None, true, &[(STORE, "b")], &[]).unwrap_err();
+        let e = decide(&gone("a"), Some(&prev), None, true, &[(STORE, "b")], &[]).unwrap_err();
         assert!(e.message().contains("held the database"), "{e}");
         // Without the database wanted, the database host only held the shared store.
-        assert!(check(&gone("a"), Some(&prev), None, false, &[(STORE, "b")], &[]).is_ok());
-        let e = check(&gone("a"), Some(&prev), None, false, &[], &[]).unwrap_err();
+        assert!(decide(&gone("a"), Some(&prev), None, false, &[(STORE, "b")], &[]).is_ok());
+        let e = decide(&gone("a"), Some(&prev), None, false, &[], &[]).unwrap_err();
         assert!(e.message().contains("no answering agent sees"), "{e}");
         // A host no earlier snapshot had: nothing is known of it.
         for prev in [None, Some(&prev)] {
-            let e = check(&gone("new"), prev, Some("a"), true, &[(STORE, "a")], &[]).unwrap_err();
+            let e = decide(&gone("new"), prev, Some("a"), true, &[(STORE, "a")], &[]).unwrap_err();
             assert!(e.message().contains("never took part"), "{e}");
         }
     }
 
     #[test]
     fn a_forgotten_host_is_a_warning_and_expected_no_more() {
-        let d = check(
+        let d = decide(
             &gone("c"),
             Some(&previous()),
             Some("a"),
