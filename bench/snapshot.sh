@@ -77,13 +77,8 @@ procedure() {
   docker exec "$DATABASE_CONTAINER" sudo -u postgres pg_dumpall >"$W/manual/dump_all.sql"
   echo "$(now) - $t0" | bc
 }
-# timed CMD... — runs it; prints its wall seconds and the CPU seconds it and its children used.
-timed() {
-  python3 -c 'import resource, subprocess, sys, time
-t = time.monotonic(); subprocess.run(sys.argv[1:], check=True)
-r = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(f"{time.monotonic() - t:.2f} {r.ru_utime + r.ru_stime:.2f}")' "$@"
-}
+# shellcheck source=lib.sh
+source "$ROOT/bench/lib.sh"
 # ours REPO OUT [ARGS...] — one snapshot into REPO, its JSON to OUT; prints "wall cpu".
 ours() {
   local repo=$1 out=$2

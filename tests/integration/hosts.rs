@@ -8,7 +8,7 @@
 //! and each puts back what it broke (the next `lock` brings the cluster up again whatever is
 //! left). Every test writes into its own repository; restores go to a fresh three-host target.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,17 @@ use super::support::{self, AgentContainer, Target, ThreeHosts, psql_on, unique};
 /// Files the cluster's store writer appends to while the tests run.
 const LIVE: [&str; 2] = ["logs/deis-controller.log", "logs/myapp.log"];
 const SHARED_PART: &str = "store/shared/var-lib-deis-store.tar.zst";
+
+/// The test's turn on the cluster, and an agent on each of its hosts (with their token). Bind
+/// all three: they go in reverse order, the agents before the turn.
+fn three_hosts() -> (ThreeHosts, Vec<AgentContainer>, PathBuf) {
+    let c = ThreeHosts::lock();
+    let agents = c
+        .hosts
+        .agents("hosts", c.etcd_endpoints(), c.database_container());
+    let token = agents[0].token_file.clone();
+    (c, agents, token)
+}
 
 fn specs(agents: &[AgentContainer]) -> String {
     agents
@@ -61,11 +72,7 @@ fn comparable_tree(root: &Path) -> Vec<(std::path::PathBuf, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_archive_the_shared_store_once_dump_on_the_database_host_spread_over_both_gateways_and_restore_through_one_agent()
  {
-    let c = ThreeHosts::lock();
-    let agents = c
-        .hosts
-        .agents("hosts", c.etcd_endpoints(), c.database_container());
-    let token = agents[0].token_file.clone();
+    let (c, _agents, token) = three_hosts();
     let etcd = c.etcd_endpoints();
 
     // `agents`: each host's address, its store on the one CephFS, the database on host 1 only.
@@ -96,6 +103,20 @@ async fn three_hosts_archive_the_shared_store_once_dump_on_the_database_host_spr
             "only host 1 runs deis-database"
         );
     }
+    // The rest of the platform is spread over hosts 2 and 3, each seen by its own host's agent.
+    let platform: Vec<Value> = listed
+        .iter()
+        .map(|a| a["platform_containers"].clone())
+        .collect();
+    assert_eq!(
+        platform,
+        [
+            serde_json::json!(["deis-database"]),
+            serde_json::json!(["deis-builder", "deis-registry"]),
+            serde_json::json!(["deis-controller", "deis-logger"]),
+        ],
+        "each agent sees only its own host's containers"
+    );
     let table = deis_backup(&token, &["agents", "--etcd", etcd]);
     let table = String::from_utf8_lossy(&table.stdout);
     for (i, address) in c.hosts.addresses.iter().enumerate() {
@@ -168,7 +189,7 @@ async fn three_hosts_archive_the_shared_store_once_dump_on_the_database_host_spr
         ],
     );
     let th = target.hosts();
-    let database = format!("deis-database-{}", target.name);
+    let database = "deis-database";
     let tagents = th.agents(&target.name, target.etcd_endpoints(), &database);
     {
         let etcd = target.etcd();
@@ -181,23 +202,59 @@ async fn three_hosts_archive_the_shared_store_once_dump_on_the_database_host_spr
         s3.create_bucket().bucket("registry").send().await.unwrap();
     }
     let spec = specs(&tagents);
-    let restored = ok(
-        &deis_backup(
-            &token,
-            &[
-                "restore",
-                &id,
-                "--json",
-                "--etcd",
-                target.etcd_endpoints(),
-                "--agent",
-                &spec,
-                "-r",
-                repo.to_str().unwrap(),
-            ],
-        ),
-        "restore onto three hosts",
+    let restore = |extra: &[&str]| {
+        let mut args = vec![
+            "restore",
+            &id,
+            "--json",
+            "--etcd",
+            target.etcd_endpoints(),
+            "--agent",
+            &spec,
+            "-r",
+            repo.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        deis_backup(&token, &args)
+    };
+    // A platform component left running on host 2 of the target stops the restore before any
+    // write: the preflight asks every host.
+    let standin = |args: &[&str]| {
+        let out = Command::new("docker")
+            .args(["-H", &th.dockers[1]])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    standin(&[
+        "run",
+        "-d",
+        "--name",
+        "deis-registry",
+        "--network",
+        "none",
+        "deis-backup/platform-standin:local",
+        "sleep",
+        "600",
+    ]);
+    let refused = restore(&[]);
+    standin(&["rm", "-f", "deis-registry"]);
+    assert_eq!(refused.status.code(), Some(5), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains(&format!("deis-registry runs on {}-h2", target.name)),
+        "{}",
+        stderr(&refused)
     );
+    assert!(
+        support::tree(&th.stores[0]).is_empty(),
+        "nothing was written"
+    );
+    let restored = ok(&restore(&[]), "restore onto three hosts");
     let steps: Vec<&Value> = restored["steps"]
         .as_array()
         .unwrap()
@@ -239,11 +296,7 @@ async fn three_hosts_archive_the_shared_store_once_dump_on_the_database_host_spr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_a_host_that_only_saw_the_shared_store_may_be_down_the_database_host_may_not() {
-    let c = ThreeHosts::lock();
-    let agents = c
-        .hosts
-        .agents("hosts", c.etcd_endpoints(), c.database_container());
-    let token = agents[0].token_file.clone();
+    let (c, agents, token) = three_hosts();
     let (_dir, repo) = repo_dir("hosts-down");
     ok(
         &snapshot(&c, &token, &repo, &["--json"]),
@@ -363,11 +416,7 @@ impl Drop for CutAfterOneMegabyte {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_an_agent_cut_off_mid_stream_ends_the_snapshot_with_a_clear_error_and_nothing_complete()
  {
-    let c = ThreeHosts::lock();
-    let agents = c
-        .hosts
-        .agents("hosts", c.etcd_endpoints(), c.database_container());
-    let token = agents[0].token_file.clone();
+    let (c, _agents, token) = three_hosts();
     let (_dir, repo) = repo_dir("hosts-cut");
     // Host 1 streams the dump and the store archive: both more than 1 MB.
     let cut = CutAfterOneMegabyte::new(&c.hosts.addresses[0]);
@@ -400,11 +449,7 @@ async fn three_hosts_an_agent_cut_off_mid_stream_ends_the_snapshot_with_a_clear_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_a_gateway_stopped_mid_mirror_the_snapshot_completes_through_the_other() {
-    let c = ThreeHosts::lock();
-    let agents = c
-        .hosts
-        .agents("hosts", c.etcd_endpoints(), c.database_container());
-    let token = agents[0].token_file.clone();
+    let (c, _agents, token) = three_hosts();
     let (_dir, repo) = repo_dir("hosts-gw");
     // 4 MiB/s over about 25 MiB of objects, two requests at a time: the mirror runs for seconds
     // and sends requests after the gateway dies (hard, as with its host): those fail on it once,

@@ -339,28 +339,7 @@ pub struct AgentContainer {
 impl AgentContainer {
     pub fn up(name: &str, etcd: &str, store: &Path, database_container: &str) -> AgentContainer {
         let port = free_port().to_string();
-        let store = store.display().to_string();
-        let env = run_script(
-            "agent",
-            &[
-                "up",
-                name,
-                "--etcd",
-                etcd,
-                "--store",
-                &store,
-                "--port",
-                &port,
-                "--database-container",
-                database_container,
-            ],
-        );
-        AgentContainer {
-            name: name.to_owned(),
-            spec: format!("{name}@{}", env["AGENT_ADDRESS"]),
-            token_file: PathBuf::from(&env["AGENT_TOKEN_FILE"]),
-            docker: None,
-        }
+        Self::start(name, etcd, store, database_container, &port, None)
     }
 
     /// An agent on one host of a multi-host cluster: in that host's Docker engine (`docker`),
@@ -373,31 +352,48 @@ impl AgentContainer {
         address: &str,
         docker: &str,
     ) -> AgentContainer {
+        Self::start(
+            name,
+            etcd,
+            store,
+            database_container,
+            "4195",
+            Some((address, docker)),
+        )
+    }
+
+    /// `tests/cluster/agent up`, on the machine's engine and loopback address or on `host`'s
+    /// (address, engine).
+    fn start(
+        name: &str,
+        etcd: &str,
+        store: &Path,
+        database_container: &str,
+        port: &str,
+        host: Option<(&str, &str)>,
+    ) -> AgentContainer {
         let store = store.display().to_string();
-        let env = run_script(
-            "agent",
-            &[
-                "up",
-                name,
-                "--etcd",
-                etcd,
-                "--store",
-                &store,
-                "--port",
-                "4195",
-                "--address",
-                address,
-                "--docker-host",
-                docker,
-                "--database-container",
-                database_container,
-            ],
-        );
+        let mut args = vec![
+            "up",
+            name,
+            "--etcd",
+            etcd,
+            "--store",
+            &store,
+            "--port",
+            port,
+            "--database-container",
+            database_container,
+        ];
+        if let Some((address, docker)) = host {
+            args.extend(["--address", address, "--docker-host", docker]);
+        }
+        let env = run_script("agent", &args);
         AgentContainer {
             name: name.to_owned(),
             spec: format!("{name}@{}", env["AGENT_ADDRESS"]),
             token_file: PathBuf::from(&env["AGENT_TOKEN_FILE"]),
-            docker: Some(docker.to_owned()),
+            docker: host.map(|(_, d)| d.to_owned()),
         }
     }
 

@@ -8,6 +8,10 @@
 //!   took, the host-local store directories it archived, and the shared filesystem it saw
 //!   (archived by it, or recorded in `also-on`). Nothing is assumed about a host no earlier
 //!   snapshot had.
+//! - The previous snapshot's hosts are expected only when it shares a host with the cluster now
+//!   (registered or answering): one with none of them is of another set of hosts (a cluster
+//!   restored onto new machines, or another cluster sharing the repository), whose hosts this one
+//!   never had.
 //! - A snapshot goes on without a host only when everything that host held comes from another one:
 //!   the database from the answering agent whose host runs it now, a shared filesystem from an
 //!   answering agent that sees the same filesystem at the same path. The manifest then carries a
@@ -21,6 +25,7 @@
 use std::collections::BTreeSet;
 
 use super::{Cluster, DATABASE_PART, STORE_PREFIX};
+use crate::agents::Unanswered;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repository::Manifest;
 
@@ -38,24 +43,40 @@ pub struct Absent {
     pub reason: String,
 }
 
-/// The hosts that will not take part: agents that did not answer, and hosts of `previous` that
-/// are neither answering nor registered.
+/// The hosts that will not take part in a snapshot of `cluster`.
 pub fn absent_hosts(cluster: &Cluster, previous: Option<&Manifest>) -> Vec<Absent> {
-    let mut absent: Vec<Absent> = cluster
-        .unanswered
+    let answering: Vec<&str> = cluster
+        .agents
+        .iter()
+        .map(|d| d.agent.host_id.as_str())
+        .collect();
+    absent_among(&answering, &cluster.unanswered, previous)
+}
+
+/// Agents that did not answer, and hosts of `previous` neither answering nor registered (when
+/// `previous` shares a host with them at all).
+fn absent_among(
+    answering: &[&str],
+    unanswered: &[Unanswered],
+    previous: Option<&Manifest>,
+) -> Vec<Absent> {
+    let mut absent: Vec<Absent> = unanswered
         .iter()
         .map(|u| Absent {
             host: u.host.clone(),
             reason: u.reason.clone(),
         })
         .collect();
-    let known: BTreeSet<&str> = cluster
-        .agents
+    let known: BTreeSet<&str> = answering
         .iter()
-        .map(|d| d.agent.host_id.as_str())
-        .chain(cluster.unanswered.iter().map(|u| u.host.as_str()))
+        .copied()
+        .chain(unanswered.iter().map(|u| u.host.as_str()))
         .collect();
-    for host in previous.map(previous_hosts).unwrap_or_default() {
+    let before = previous.map(previous_hosts).unwrap_or_default();
+    if !before.iter().any(|h| known.contains(h.as_str())) {
+        return absent;
+    }
+    for host in before {
         if !known.contains(host.as_str()) {
             absent.push(Absent {
                 reason: format!(
@@ -330,6 +351,27 @@ mod tests {
         .unwrap();
         assert!(d.still_expected.is_empty());
         assert!(d.warnings[0].contains("--forget-host"), "{d:?}");
+    }
+
+    #[test]
+    fn the_previous_hosts_are_expected_only_when_one_of_them_is_still_here() {
+        let silent = [Unanswered {
+            host: "x".to_owned(),
+            address: "10.0.0.9:4195".to_owned(),
+            reason: "did not answer".to_owned(),
+        }];
+        let hosts = |v: Vec<Absent>| v.into_iter().map(|a| a.host).collect::<Vec<_>>();
+        // a and b answer, x is silent: c (of the previous snapshot) is expected too.
+        assert_eq!(
+            hosts(absent_among(&["a", "b"], &silent, Some(&previous()))),
+            ["x", "c"]
+        );
+        // New machines (a restored cluster, another cluster on the repository): none expected.
+        assert_eq!(
+            hosts(absent_among(&["n1", "n2"], &[], Some(&previous()))),
+            Vec::<String>::new()
+        );
+        assert_eq!(hosts(absent_among(&["a"], &[], None)), Vec::<String>::new());
     }
 
     #[test]
