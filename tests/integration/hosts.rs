@@ -190,7 +190,7 @@ async fn three_hosts_archive_the_shared_store_once_dump_on_the_database_host_spr
     );
     let th = target.hosts();
     let database = "deis-database";
-    let tagents = th.agents(&target.name, target.etcd_endpoints(), &database);
+    let tagents = th.agents(&target.name, target.etcd_endpoints(), database);
     {
         let etcd = target.etcd();
         let key = async |k: &str| etcd.get(k).await.unwrap().unwrap();
@@ -289,7 +289,7 @@ async fn three_hosts_archive_the_shared_store_once_dump_on_the_database_host_spr
     let source_apps = psql_on(&c.hosts.dockers[0], c.database_container(), "deis", count).unwrap();
     target.start_database();
     assert_eq!(
-        psql_on(&th.dockers[0], &database, "deis", count).unwrap(),
+        psql_on(&th.dockers[0], database, "deis", count).unwrap(),
         source_apps
     );
 }
