@@ -9,6 +9,9 @@
 //!   the error names the part.
 //! - The shared store (CephFS, the same filesystem on every host) is archived once; each host-local
 //!   store directory once per host.
+//! - A host that does not take part (its agent silent, or no longer registered) is planned around
+//!   only as `absent` allows: when another host provides all it held; otherwise the plan fails
+//!   naming it, before anything is written.
 //! - Reuse (unless `--full`): only blobs of the previous complete snapshot that are present in the
 //!   repository with their recorded size are offered — the dump when the database is still in the
 //!   state it was taken in, store segments whose fingerprints the agent finds again. The agent
@@ -41,7 +44,7 @@ use crate::s3::{self, GatewayOptions};
 use crate::wal_e;
 
 mod absent;
-pub use absent::HOSTS_LABEL;
+use absent::HOSTS_LABEL;
 
 /// Part name of the database dump.
 pub const DATABASE_PART: &str = "database/pg_dumpall.sql.zst";
@@ -122,7 +125,7 @@ pub struct Plan {
     #[serde(skip)]
     pub reuse: Reuse,
     pub etcd_export: bool,
-    /// Hosts not taking part and who covers for them (docs/OPERATIONS.md, "A host down"); they
+    /// Hosts not taking part and who covers for them (README, "A host down"); they
     /// go into the manifest.
     pub warnings: Vec<String>,
     /// Hosts not taking part that the next snapshot still expects.

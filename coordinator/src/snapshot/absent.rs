@@ -1,7 +1,7 @@
 //! The policy for hosts that do not take part in a snapshot: an agent that did not answer (its
 //! host is down, or cut off from the coordinator), or a host the previous snapshot had that no
 //! longer registers in etcd (stopped, or down for longer than the registration's TTL). Operators
-//! read it in docs/OPERATIONS.md, "A host down".
+//! read it in the README, "A host down".
 //!
 //! Invariants:
 //! - What a host holds is known from the previous complete snapshot only: the database dump it
