@@ -46,9 +46,15 @@ fuse_mount() {
   }
 }
 
-# host_docker_down NAME — stops host NAME's dockerd (its containers with it) and removes its bridge.
+# host_docker_down NAME — removes host NAME's containers (at once: a stand-in ignores SIGTERM, and an
+# engine killed while it waits leaves them running), stops its dockerd and removes its bridge.
 host_docker_down() {
-  local f=$D/run/$1-docker.bridge
+  local f=$D/run/$1-docker.bridge socket=$D/run/$1-docker.socket ids
+  if [[ -s $socket ]] && ids=$(docker -H "$(cat "$socket")" ps -aq 2>/dev/null) && [[ -n $ids ]]; then
+    # shellcheck disable=SC2086 # one id per word
+    docker -H "$(cat "$socket")" rm -f $ids >/dev/null 2>&1 || true
+  fi
+  rm -f "$socket"
   stop_daemon "$1-docker"
   if [[ -s $f ]]; then
     ip link del "$(cat "$f")" 2>/dev/null || true
@@ -113,6 +119,7 @@ host_docker_up() {
       die "cannot make the bridge $bridge"
   fi
   echo "$bridge" >"$D/run/$name-docker.bridge"
+  echo "unix://$dir/docker/docker.sock" >"$D/run/$name-docker.socket"
   mkdir -p "$dir/docker/data" "$dir/docker/exec"
   echo '{}' >"$dir/docker/daemon.json"
   start_daemon "$name-docker" dockerd --config-file "$dir/docker/daemon.json" \
@@ -180,8 +187,8 @@ host_rgw_up() {
   }
 }
 
-# hosts_down_all — every host piece of every cluster under $D (the cluster's `down`): mounts first,
-# then engines (their containers with them), gateways, the MDS.
+# hosts_down_all — every host piece of every cluster under $D (the cluster's `down`): log writers,
+# engines (their containers first, which hold the store mounts), mounts, gateways, the MDS.
 hosts_down_all() {
   local f name
   for f in "$D"/run/*-store-writer.pid; do
@@ -189,19 +196,21 @@ hosts_down_all() {
     name=${f##*/}
     stop_daemon "${name%.pid}"
   done
-  for f in "$D"/run/*-store.pid "$D"/run/cephfs-admin.pid; do
-    [[ -e $f ]] || continue
-    name=${f##*/}
-    fuse_unmount "${name%.pid}"
-  done
   for f in "$D"/run/*-docker.pid; do
     [[ -e $f ]] || continue
     name=${f##*/}
     host_docker_down "${name%-docker.pid}"
+  done
+  for f in "$D"/run/*-store.pid "$D"/run/cephfs-admin.pid; do
+    [[ -e $f ]] || continue
+    name=${f##*/}
+    fuse_unmount "${name%.pid}"
   done
   for f in "$D"/run/*-rgw.pid "$D"/run/cephfs-mds.pid; do
     [[ -e $f ]] || continue
     name=${f##*/}
     stop_daemon "${name%.pid}"
   done
+  # whatever an engine left mounted (network namespaces, image layers) under $D
+  awk -v t="$D/" 'index($2, t) == 1 { print $2 }' /proc/mounts | sort -r | xargs -r -n1 umount -l
 }
