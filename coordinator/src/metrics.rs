@@ -207,6 +207,32 @@ fn snapshot_figures(r: &mut Registry, m: &Manifest, o: &snapshot::Outcome) {
         &[],
         ratio,
     );
+    let per_gateway = gauge(
+        r,
+        "deis_backup_snapshot_gateway_requests",
+        "Requests the last snapshot sent each store-gateway, by outcome: sent, failed (retried).",
+    );
+    for g in &o.gateways {
+        set(
+            &per_gateway,
+            &[("endpoint", &g.endpoint), ("outcome", "sent")],
+            float(g.requests),
+        );
+        set(
+            &per_gateway,
+            &[("endpoint", &g.endpoint), ("outcome", "failed")],
+            float(g.failures),
+        );
+    }
+    set(
+        &gauge(
+            r,
+            "deis_backup_snapshot_warnings",
+            "Warnings of the last snapshot as a whole, such as a host that did not take part.",
+        ),
+        &[],
+        float(m.warnings.len() as u64),
+    );
 }
 
 /// Replaces the file at `path` with `text`, atomically.
@@ -266,7 +292,11 @@ mod tests {
                     ..MirrorStats::default()
                 },
             )]),
-            gateways: Vec::new(),
+            gateways: vec![s3::EndpointStats {
+                endpoint: "http://10.0.0.2:8888".to_owned(),
+                requests: 11,
+                failures: 1,
+            }],
         };
         let text = render(&Figures {
             run: Some(&run),
@@ -321,6 +351,22 @@ mod tests {
             400.0
         );
         assert!((value("deis_backup_snapshot_reused_objects_ratio", &[]) - 0.6).abs() < 1e-9);
+        let gw = [("endpoint", "http://10.0.0.2:8888")];
+        assert_eq!(
+            value(
+                "deis_backup_snapshot_gateway_requests",
+                &[gw[0], ("outcome", "sent")]
+            ),
+            11.0
+        );
+        assert_eq!(
+            value(
+                "deis_backup_snapshot_gateway_requests",
+                &[gw[0], ("outcome", "failed")]
+            ),
+            1.0
+        );
+        assert_eq!(value("deis_backup_snapshot_warnings", &[]), 0.0);
         assert_eq!(
             value(
                 "deis_backup_last_run_gateway_requests",
