@@ -87,6 +87,7 @@ pub fn render(f: &Figures<'_>) -> String {
     }
     if let Some(o) = f.outcome {
         snapshot_figures(&mut r, &o.manifest, o);
+        spread_figures(&mut r, &o.manifest, o);
     }
     if let Some(s) = f.gateway {
         let g = gauge(
@@ -207,6 +208,10 @@ fn snapshot_figures(r: &mut Registry, m: &Manifest, o: &snapshot::Outcome) {
         &[],
         ratio,
     );
+}
+
+/// Per store-gateway requests and the snapshot's warnings.
+fn spread_figures(r: &mut Registry, m: &Manifest, o: &snapshot::Outcome) {
     let per_gateway = gauge(
         r,
         "deis_backup_snapshot_gateway_requests",
