@@ -455,6 +455,8 @@ async fn three_hosts_a_gateway_stopped_mid_mirror_the_snapshot_completes_through
     // and sends requests after the gateway dies (hard, as with its host): those fail on it once,
     // then go to the other.
     let repo_arg = repo.display().to_string();
+    let metrics = repo.with_extension("prom");
+    let metrics_arg = metrics.display().to_string();
     let child = spawn_deis_backup(
         &token,
         &[
@@ -466,6 +468,8 @@ async fn three_hosts_a_gateway_stopped_mid_mirror_the_snapshot_completes_through
             "4MiB",
             "--gateway-concurrency",
             "2",
+            "--metrics-file",
+            &metrics_arg,
             "-r",
             &repo_arg,
         ],
@@ -496,4 +500,17 @@ async fn three_hosts_a_gateway_stopped_mid_mirror_the_snapshot_completes_through
     for (bucket, s) in taken["buckets"].as_object().unwrap() {
         assert_eq!(s["objects"], s["downloaded_objects"], "{bucket}: {s}");
     }
+    // The metrics file carries the same per-gateway figures, for alerting.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let series = format!(
+        "deis_backup_snapshot_gateway_requests{{endpoint=\"{}\",outcome=\"failed\"}} ",
+        c.hosts.gateways[1]
+    );
+    let failed: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap();
+    assert!((failed - second["failures"].as_f64().unwrap()).abs() < 0.5);
 }
