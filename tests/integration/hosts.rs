@@ -220,15 +220,10 @@ async fn three_hosts_archive_the_shared_store_once_dump_on_the_database_host_spr
     // A platform component left running on host 2 of the target stops the restore before any
     // write: the preflight asks every host.
     let standin = |args: &[&str]| {
-        let out = Command::new("docker")
-            .args(["-H", &th.dockers[1]])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        support::succeed(
+            Command::new("docker")
+                .args(["-H", &th.dockers[1]])
+                .args(args),
         );
     };
     standin(&[
@@ -304,12 +299,11 @@ async fn three_hosts_a_host_that_only_saw_the_shared_store_may_be_down_the_datab
     );
 
     // Host 3's agent stopped (it deregisters): the shared store comes through host 1.
-    let stopped = agents[2]
-        .docker()
-        .args(["stop", "-t", "10", &agents[2].container()])
-        .output()
-        .unwrap();
-    assert!(stopped.status.success());
+    support::succeed(
+        agents[2]
+            .docker()
+            .args(["stop", "-t", "10", &agents[2].container()]),
+    );
     let taken = ok(
         &snapshot(&c, &token, &repo, &["--json"]),
         "snapshot without host 3",
@@ -332,12 +326,7 @@ async fn three_hosts_a_host_that_only_saw_the_shared_store_may_be_down_the_datab
     assert!(String::from_utf8_lossy(&shown.stdout).contains("warning: host hosts-h3"));
 
     // Host 1, the database host, cut off (its agent frozen: registered, silent): no snapshot.
-    let paused = agents[0]
-        .docker()
-        .args(["pause", &agents[0].container()])
-        .output()
-        .unwrap();
-    assert!(paused.status.success());
+    support::succeed(agents[0].docker().args(["pause", &agents[0].container()]));
     let refused = snapshot(&c, &token, &repo, &[]);
     let _ = agents[0]
         .docker()
@@ -393,16 +382,7 @@ impl CutAfterOneMegabyte {
         ]
         .map(str::to_owned)
         .to_vec();
-        let out = Command::new("iptables")
-            .arg("-I")
-            .args(&rule)
-            .output()
-            .expect("iptables runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        support::succeed(Command::new("iptables").arg("-I").args(&rule));
         CutAfterOneMegabyte { rule }
     }
 }

@@ -650,16 +650,22 @@ pub async fn object_bytes(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> V
         .to_vec()
 }
 
-/// `pg_dumpall` run in `container` as postgres, as the Deis docs run it.
-pub fn pg_dumpall(container: &str) -> String {
-    let out = Command::new("docker")
-        .args(["exec", "-u", "postgres", container, "pg_dumpall"])
+/// Runs `c` to completion; its output, once it succeeded (else the test fails with its stderr).
+pub fn succeed(c: &mut Command) -> std::process::Output {
+    let out = c
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
     assert!(
         out.status.success(),
-        "{}",
+        "{c:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// `pg_dumpall` run in `container` as postgres, as the Deis docs run it.
+pub fn pg_dumpall(container: &str) -> String {
+    let out =
+        succeed(Command::new("docker").args(["exec", "-u", "postgres", container, "pg_dumpall"]));
     String::from_utf8(out.stdout).unwrap()
 }
