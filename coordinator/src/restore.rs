@@ -1003,7 +1003,11 @@ mod tests {
                 h.store_paths[0].free_bytes = Some(4000);
                 h.store_paths[1].empty = false;
             });
-            b.update_host(|h| h.running_platform_containers.push("deis-registry".into()));
+            b.update_host(|h| {
+                h.running_platform_containers.push("deis-registry".into());
+                // b mounts another filesystem where a has the shared store
+                h.store_paths[0].fs_identity = format!("shared:ceph:00000000000000cd:{STORE}");
+            });
             let cluster = testkit::cluster(&[&a, &b]).await;
             let e = restore(&repo, &m, &cluster, &options(), &NoProgress, None)
                 .await
@@ -1014,6 +1018,10 @@ mod tests {
                 "deis-registry runs on b",
                 "store directory /srv/x on a is not empty",
                 &format!("store directory {STORE} on a: not enough space"),
+                &format!(
+                    "store {STORE} is one shared filesystem in the snapshot, but b has another \
+                     filesystem there than a"
+                ),
             ] {
                 assert!(e.message().contains(says), "{says}: {e}");
             }
@@ -1028,7 +1036,7 @@ mod tests {
             let report = restore(&repo, &m, &cluster, &forced, &NoProgress, None)
                 .await
                 .unwrap();
-            assert_eq!(report.forced.len(), 4, "{:?}", report.forced);
+            assert_eq!(report.forced.len(), 5, "{:?}", report.forced);
             let steps: Vec<_> = report
                 .steps
                 .iter()
