@@ -171,12 +171,15 @@ pub fn describe(path: &Path, machine_id: &str) -> Result<StorePath> {
         .as_ref()
         .map_or_else(String::new, |m| m.fs_type.clone());
     let shared = SHARED_TYPES.contains(&fs_type.as_str());
+    // Read once: the identity of a shared filesystem needs it, the free space uses it if it came.
+    let vfs = rustix::fs::statvfs(&canon);
     let fs_identity = if CEPHFS_TYPES.contains(&fs_type.as_str()) {
         let m = mount.as_ref().expect("a CephFS type came from a mount");
         cephfs_identity(&canon, m)?
     } else if shared {
-        let vfs = rustix::fs::statvfs(&canon)
-            .map_err(|e| Error::io("cannot statfs", &canon)(e.into()))?;
+        let vfs = vfs
+            .as_ref()
+            .map_err(|e| Error::io("cannot statfs", &canon)((*e).into()))?;
         let m = mount.as_ref().expect("a shared type came from a mount");
         let inside = canon.strip_prefix(&m.point).unwrap_or(Path::new(""));
         let inner = Path::new(&m.root).join(inside);
@@ -196,7 +199,7 @@ pub fn describe(path: &Path, machine_id: &str) -> Result<StorePath> {
     }
     // A filesystem that reports no size at all (CephFS while its cluster has no usage figures)
     // says nothing about its free space: unknown, not zero.
-    let free_bytes = rustix::fs::statvfs(&canon)
+    let free_bytes = vfs
         .ok()
         .filter(|v| v.f_blocks > 0)
         .map(|v| v.f_bavail.saturating_mul(v.f_frsize));

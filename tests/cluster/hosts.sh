@@ -1,8 +1,9 @@
 # shellcheck shell=bash
-# The pieces that make several Deis hosts on this one machine (sourced after lib.sh and ceph.sh,
-# never run): a real CephFS for /var/lib/deis/store, and per host its own address, Docker engine,
-# CephFS mount and (on the first two hosts) its own store-gateway. `tests/cluster/target up NAME
-# --hosts N` puts them together into a cluster. Recipes: shared/notes/cephfs.md.
+# The pieces that make several Deis hosts on this one machine (sourced after lib.sh, and ceph.sh for
+# the CephFS and gateway functions; never run): a real CephFS for /var/lib/deis/store, and per host
+# its own address, Docker engine, CephFS mount and (on the first two hosts) its own store-gateway.
+# `tests/cluster/target up NAME --hosts N` puts them together into a cluster; tests/cluster/agent
+# copies its image into a host's engine with engine_image. Recipes: shared/notes/cephfs.md.
 #
 # Owns:
 # - the CephFS `deisfs` of the local Ceph (pools deisfs_meta, deisfs_data), its MDS (daemon
@@ -99,11 +100,14 @@ cephfs_up() {
   log "cephfs: $CEPHFS_NAME active, admin mount $CEPHFS_ADMIN_MOUNT ($(elapsed_since "$t0") s)"
 }
 
+# host_engine DIR — the address of host DIR's Docker engine (unix://...).
+host_engine() { echo "unix://$1/docker/docker.sock"; }
+
 # host_docker — the docker CLI of host DIR: `host_docker DIR ARGS...`.
 host_docker() {
   local dir=$1
   shift
-  docker -H "unix://$dir/docker/docker.sock" "$@"
+  docker -H "$(host_engine "$dir")" "$@"
 }
 
 host_docker_answers() { host_docker "$1" version >/dev/null 2>&1; }
@@ -119,11 +123,11 @@ host_docker_up() {
       die "cannot make the bridge $bridge"
   fi
   echo "$bridge" >"$D/run/$name-docker.bridge"
-  echo "unix://$dir/docker/docker.sock" >"$D/run/$name-docker.socket"
+  host_engine "$dir" >"$D/run/$name-docker.socket"
   mkdir -p "$dir/docker/data" "$dir/docker/exec"
   echo '{}' >"$dir/docker/daemon.json"
   start_daemon "$name-docker" dockerd --config-file "$dir/docker/daemon.json" \
-    --host "unix://$dir/docker/docker.sock" --data-root "$dir/docker/data" --exec-root "$dir/docker/exec" \
+    --host "$(host_engine "$dir")" --data-root "$dir/docker/data" --exec-root "$dir/docker/exec" \
     --pidfile "$dir/docker/docker.pid" --bridge "$bridge" --iptables=false --ip6tables=false \
     --storage-driver fuse-overlayfs
   wait_for 60 "dockerd of $name" host_docker_answers "$dir" || {
@@ -132,14 +136,14 @@ host_docker_up() {
   }
 }
 
-# host_image DIR IMAGE — copies IMAGE from the machine's engine into host DIR's engine unless it holds
-# that image id already.
-host_image() {
-  local dir=$1 image=$2 want
+# engine_image ENGINE IMAGE — copies IMAGE from the machine's engine into the Docker engine ENGINE
+# (unix://...) unless it holds that image id already.
+engine_image() {
+  local engine=$1 image=$2 want
   want=$(env -u DOCKER_HOST docker image inspect -f '{{.Id}}' "$image") || die "no image $image in the machine's engine"
-  [[ $(host_docker "$dir" image inspect -f '{{.Id}}' "$image" 2>/dev/null) == "$want" ]] && return 0
-  env -u DOCKER_HOST docker save "$image" | host_docker "$dir" load >/dev/null ||
-    die "cannot load $image into the engine of $dir"
+  [[ $(docker -H "$engine" image inspect -f '{{.Id}}' "$image" 2>/dev/null) == "$want" ]] && return 0
+  env -u DOCKER_HOST docker save "$image" | docker -H "$engine" load >/dev/null ||
+    die "cannot load $image into $engine"
 }
 
 # platform_standin_image — a one-file image (Debian's static busybox) whose containers stand in for
@@ -155,12 +159,11 @@ platform_standin_image() {
   rm -rf "$ctx"
 }
 
-# host_platform_up DIR NAME... — stand-ins for the platform containers NAME... on host DIR.
+# host_platform_up DIR NAME... — stand-ins for the platform containers NAME... on host DIR (its
+# engine holds the stand-in image: target_hosts_up copies it to every host).
 host_platform_up() {
   local dir=$1 n
   shift
-  platform_standin_image
-  host_image "$dir" "$PLATFORM_STANDIN_IMAGE"
   for n in "$@"; do
     [[ $(host_docker "$dir" inspect -f '{{.State.Running}}' "$n" 2>/dev/null) == true ]] && continue
     host_docker "$dir" rm -f "$n" >/dev/null 2>&1 || true
