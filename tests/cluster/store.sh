@@ -237,6 +237,8 @@ PY
 
 store_writer_start() {
   log "starting the store log writer"
+  # the writer stops when logs/ goes (a test removing the store); it must be there to begin with
+  [[ -d $STORE_DIR/logs ]] || die "the store at $STORE_DIR is not seeded (no logs/): nothing for the writer to append to"
   # shellcheck disable=SC2016,SC2086 # the script is for the child bash; the file list splits
   start_daemon "${STORE_WRITER:-store-writer}" bash -c '
     set -u
