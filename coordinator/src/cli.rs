@@ -6,6 +6,8 @@ mod config;
 mod output;
 mod progress;
 
+pub use output::stdout_failed;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -703,8 +705,11 @@ fn cmd_pki(action: &PkiCommand) -> Result<ExitCode> {
             pki::issue(dir, &subject, out.as_deref())?
         }
     };
-    println!("{}", issued.cert.display());
-    println!("{}", issued.key.display());
+    output::write_stdout(format_args!(
+        "{}\n{}\n",
+        issued.cert.display(),
+        issued.key.display()
+    ));
     Ok(ExitCode::SUCCESS)
 }
 

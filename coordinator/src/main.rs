@@ -9,6 +9,9 @@
 //! | 3 | `verify` found a damaged snapshot |
 //! | 4 | another deis-backup holds the cluster lock |
 //! | 5 | `restore` refused by its preflight; nothing was written |
+//!
+//! A reader that stops reading (`deis-backup list | head`) ends the printing, not the command;
+//! any other failure to write stdout turns a success into 1, after the command ran to its end.
 
 mod cli;
 
@@ -23,7 +26,20 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(cli::run()) {
-        Ok(code) => code,
+        Ok(code) => match cli::stdout_failed() {
+            // the command itself ran to its end; only what it printed was lost
+            Some(e) => {
+                eprintln!(
+                    "deis-backup: the command ran, but its output could not be written to stdout ({e}); run it again with stdout on a terminal or a writable file"
+                );
+                if code == ExitCode::SUCCESS {
+                    ExitCode::FAILURE
+                } else {
+                    code
+                }
+            }
+            None => code,
+        },
         Err(e) => {
             eprintln!("deis-backup: {e}");
             ExitCode::from(cli::exit_code(&e))

@@ -90,6 +90,12 @@ impl Source {
     }
 
     fn snapshot(&self, repo: &Path, extra: &[&str]) -> Output {
+        self.snapshot_command(repo, extra)
+            .output()
+            .expect("deis-backup runs")
+    }
+
+    fn snapshot_command(&self, repo: &Path, extra: &[&str]) -> Command {
         let repo = repo.display().to_string();
         let mut args = vec![
             "snapshot",
@@ -102,7 +108,7 @@ impl Source {
             &repo,
         ];
         args.extend_from_slice(extra);
-        deis_backup(&self.agent.token_file, &args)
+        command(&self.agent.token_file, &args)
     }
 }
 
@@ -863,6 +869,56 @@ async fn prune_keeps_what_the_policy_says_and_what_is_left_verifies() {
             "verify after prune",
         );
     }
+}
+
+#[tokio::test]
+async fn a_reader_gone_from_stdout_ends_the_printing_not_the_snapshot() {
+    let _g = cluster_lock().await;
+    let source = Source::new();
+    let (_d, repo) = repo_dir("e2e-closed-stdout");
+    // A pipe whose reader is gone before the command starts: every write to stdout fails with
+    // EPIPE, as `deis-backup … | head` gives once head has its lines.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = source
+        .snapshot_command(&repo, &["--no-buckets"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("deis-backup starts")
+        .wait_with_output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+    let (complete, incomplete) = list_ids(&source.agent.token_file, &repo);
+    assert_eq!((complete.len(), incomplete.len()), (1, 0), "{err}");
+    ok(
+        &deis_backup(
+            &source.agent.token_file,
+            &["verify", &complete[0], "-r", repo.to_str().unwrap()],
+        ),
+        "verify",
+    );
+
+    // Any other failure to write stdout is an error, after the command ran.
+    let full = command(
+        &source.agent.token_file,
+        &["list", "-r", repo.to_str().unwrap()],
+    )
+    .stdout(std::fs::File::create("/dev/full").unwrap())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("deis-backup starts")
+    .wait_with_output()
+    .unwrap();
+    let err = stderr(&full);
+    assert_eq!(full.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("could not be written to stdout") && err.contains("No space left"),
+        "{err}"
+    );
 }
 
 pub(super) fn walk_files(dir: &Path) -> Vec<PathBuf> {

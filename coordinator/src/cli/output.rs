@@ -4,6 +4,10 @@
 //! Invariant: nothing printed here comes from a secret (manifests, listings and agent
 //! descriptions hold none).
 
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::OnceLock;
+
 use deis_backup_coordinator::Result;
 use deis_backup_coordinator::agents::Agent;
 use deis_backup_coordinator::drill;
@@ -21,6 +25,37 @@ use deis_backup_proto::v1::DescribeReply;
 use serde::Serialize;
 use serde_json::json;
 
+/// `print!` that survives its reader: see [`write_stdout`].
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` that survives its reader: see [`write_stdout`].
+macro_rules! outln {
+    ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// The first error writing to stdout other than a closed pipe, for `main` to report.
+static STDOUT_FAILED: OnceLock<io::Error> = OnceLock::new();
+
+/// Writes results to stdout. A reader that went away (`deis-backup list | head`) ends the
+/// printing, never the command: a snapshot or restore runs to its end whatever happens to its
+/// stdout, and nothing panics. Any other error (a full disk behind `>`) is kept for
+/// [`stdout_failed`], so the command still exits non-zero.
+pub fn write_stdout(args: fmt::Arguments<'_>) {
+    let mut stdout = io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush())
+        && e.kind() != io::ErrorKind::BrokenPipe
+    {
+        let _ = STDOUT_FAILED.set(e);
+    }
+}
+
+/// The error that lost part of the command's output, if one did.
+pub fn stdout_failed() -> Option<&'static io::Error> {
+    STDOUT_FAILED.get()
+}
+
 #[derive(Debug)]
 pub struct Output {
     json: bool,
@@ -37,7 +72,7 @@ impl Output {
 
     /// Prints one typed report as the command's JSON document.
     fn emit_json(report: &impl Serialize) {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(report).expect("reports serialise")
         );
@@ -71,10 +106,10 @@ impl Output {
                 size(total_bytes(m)),
             ]);
         }
-        print!("{}", t.render());
-        println!("{} snapshots in {}", rows.len(), repo.location());
+        out!("{}", t.render());
+        outln!("{} snapshots in {}", rows.len(), repo.location());
         if !incomplete.is_empty() {
-            println!(
+            outln!(
                 "{} incomplete (interrupted, never complete; `prune` removes them)",
                 incomplete.len()
             );
@@ -87,14 +122,14 @@ impl Output {
             Self::emit_json(m);
             return;
         }
-        println!("snapshot {}", m.id);
-        println!("  started   {}", rfc3339(m.started));
-        println!("  completed {}", rfc3339(m.completed));
+        outln!("snapshot {}", m.id);
+        outln!("  started   {}", rfc3339(m.started));
+        outln!("  completed {}", rfc3339(m.completed));
         for (k, v) in &m.labels {
-            println!("  {k} = {v}");
+            outln!("  {k} = {v}");
         }
         for w in &m.warnings {
-            println!("  warning: {w}");
+            outln!("  warning: {w}");
         }
         let mut t = Table::new(&["PART", "SIZE", "RAW", "SECONDS", "SHA256", "WARNINGS"]);
         for (name, b) in &m.parts {
@@ -119,12 +154,12 @@ impl Output {
                     .unwrap_or_default(),
             ]);
         }
-        print!("{}", t.render());
+        out!("{}", t.render());
         let mut t = Table::new(&["BUCKET", "OBJECTS", "SIZE"]);
         for (name, b) in &m.buckets {
             t.row(vec![name.clone(), b.objects.to_string(), size(b.bytes)]);
         }
-        print!("{}", t.render());
+        out!("{}", t.render());
         for (name, info) in &m.part_info {
             if !info.figures.is_empty() {
                 let figures: Vec<String> = info
@@ -132,22 +167,20 @@ impl Output {
                     .iter()
                     .map(|(k, v)| format!("{k} {v}"))
                     .collect();
-                println!("  {name} holds: {}", figures.join(", "));
+                outln!("  {name} holds: {}", figures.join(", "));
             }
         }
         for line in chain_lines(m) {
-            println!("  {line}");
+            outln!("  {line}");
         }
         for (name, b) in &m.buckets {
             for key in b.vanished.iter().take(20) {
-                println!(
-                    "  vanished s3://{name}/{key} (deleted at the source during the snapshot)"
-                );
+                outln!("  vanished s3://{name}/{key} (deleted at the source during the snapshot)");
             }
         }
         for (name, info) in &m.part_info {
             for w in info.warnings.iter().take(20) {
-                println!("  warning {name}: {w}");
+                outln!("  warning {name}: {w}");
             }
         }
     }
@@ -158,9 +191,9 @@ impl Output {
             return;
         }
         for p in &r.problems {
-            println!("damaged: {p}");
+            outln!("damaged: {p}");
         }
-        println!(
+        outln!(
             "snapshot {}: {} parts, {} objects, {} blobs checked, {} read again{} ({}): {}",
             r.snapshot,
             r.parts,
@@ -180,15 +213,19 @@ impl Output {
         );
         if let Some(c) = &r.wal_e {
             match c.restorable.as_ref().filter(|_| c.recovers_by_itself()) {
-                Some(b) => println!(
+                Some(b) => outln!(
                     "{}: WAL-E chain whole: base backup {} with WAL {} to {} ({} segments)",
-                    c.bucket, b.name, b.wal_start, b.wal_stop, b.segments
+                    c.bucket,
+                    b.name,
+                    b.wal_start,
+                    b.wal_stop,
+                    b.segments
                 ),
-                None => println!("{}: WAL-E chain incomplete", c.bucket),
+                None => outln!("{}: WAL-E chain incomplete", c.bucket),
             }
         }
         for w in &r.warnings {
-            println!("warning: {w}");
+            outln!("warning: {w}");
         }
     }
 
@@ -197,11 +234,11 @@ impl Output {
             Self::emit_json(r);
             return;
         }
-        println!("drill of snapshot {}", r.snapshot);
+        outln!("drill of snapshot {}", r.snapshot);
         for c in &r.checks {
-            println!("{:<7} {:<9} {}", c.outcome.as_str(), c.check, c.detail);
+            outln!("{:<7} {:<9} {}", c.outcome.as_str(), c.check, c.detail);
         }
-        println!("drill {}", if r.ok() { "passed" } else { "FAILED" });
+        outln!("drill {}", if r.ok() { "passed" } else { "FAILED" });
     }
 
     pub fn runs(&self, runs: &[(history::Run, history::State)]) {
@@ -240,14 +277,14 @@ impl Output {
                 r.error.clone().unwrap_or_default(),
             ]);
         }
-        print!("{}", t.render());
+        out!("{}", t.render());
     }
 
     pub fn status(&self, s: &status::Status) {
         if self.json {
             Self::emit_json(s);
         } else {
-            println!("{}", s.line);
+            outln!("{}", s.line);
         }
     }
 
@@ -257,23 +294,23 @@ impl Output {
             return;
         }
         if !r.encrypted {
-            println!(
+            outln!(
                 "created the plain repository {} (nothing encrypted)",
                 r.location
             );
             return;
         }
-        println!("created the encrypted repository {}", r.location);
+        outln!("created the encrypted repository {}", r.location);
         for recipient in &r.recipients {
-            println!("  sealed to        {recipient}");
+            outln!("  sealed to        {recipient}");
         }
         if let (Some(file), Some(public)) = (&r.host_key_file, &r.host_recipient) {
-            println!(
+            outln!(
                 "  snapshot host key {} (public key {public})",
                 file.display()
             );
         }
-        println!(
+        outln!(
             "snapshot and prune need the host key (--host-key-file); restore, verify --read-data \
              and drill need an operator's identity (--identity-file), which stays off the cluster"
         );
@@ -293,9 +330,9 @@ impl Output {
                 d.reasons.join(","),
             ]);
         }
-        print!("{}", t.render());
+        out!("{}", t.render());
         let verb = if r.dry_run { "would delete" } else { "deleted" };
-        println!(
+        outln!(
             "{verb} {} snapshots, {} incomplete runs, {} blobs ({}); {} blobs kept",
             r.snapshots.iter().filter(|d| !d.keep).count(),
             r.incomplete.len(),
@@ -348,7 +385,7 @@ impl Output {
                 ]),
             }
         }
-        print!("{}", t.render());
+        out!("{}", t.render());
     }
 
     pub fn plan(&self, p: &Plan, repository: &str) {
@@ -356,24 +393,25 @@ impl Output {
             Self::emit_json(&json!({ "repository": repository, "plan": p }));
             return;
         }
-        println!("plan (dry run, nothing written) into {repository}:");
+        outln!("plan (dry run, nothing written) into {repository}:");
         for w in &p.warnings {
-            println!("  warning   {w}");
+            outln!("  warning   {w}");
         }
         if let Some(h) = &p.pre_hook
             && let Some(db) = &p.database
         {
-            println!("  hook      {h} on {}", db.host);
+            outln!("  hook      {h} on {}", db.host);
         }
         match &p.database {
-            Some(db) => println!(
+            Some(db) => outln!(
                 "  database  pg_dumpall by agent {} ({})",
-                db.host, db.address
+                db.host,
+                db.address
             ),
-            None => println!("  database  skipped"),
+            None => outln!("  database  skipped"),
         }
         for s in &p.stores {
-            println!(
+            outln!(
                 "  store     {} ({}, {}) by agent {}{}",
                 s.path,
                 s.fs_type,
@@ -390,28 +428,29 @@ impl Output {
             );
         }
         for b in &p.buckets {
-            println!("  bucket    {b} from {}", p.gateways.join(", "));
+            outln!("  bucket    {b} from {}", p.gateways.join(", "));
         }
-        println!("  etcd      /deis minus ephemeral keys");
+        outln!("  etcd      /deis minus ephemeral keys");
         match &p.previous {
             Some(prev) => {
-                println!(
+                outln!(
                     "  reuse     unchanged objects of snapshot {prev} ({} objects listed there)",
                     p.reusable_objects
                 );
                 if p.reusable_dump {
-                    println!(
+                    outln!(
                         "  reuse     its database dump, if the database is still in the same state"
                     );
                 }
                 for s in p.stores.iter().filter(|s| s.reusable_segments > 0) {
-                    println!(
+                    outln!(
                         "  reuse     its store segments of {} whose files did not change ({} offered)",
-                        s.path, s.reusable_segments
+                        s.path,
+                        s.reusable_segments
                     );
                 }
             }
-            None => println!("  reuse     nothing (first snapshot)"),
+            None => outln!("  reuse     nothing (first snapshot)"),
         }
     }
 
@@ -421,12 +460,12 @@ impl Output {
             Self::emit_json(o);
             return;
         }
-        println!("snapshot {} complete", m.id);
+        outln!("snapshot {} complete", m.id);
         for w in &m.warnings {
-            println!("  warning: {w}");
+            outln!("  warning: {w}");
         }
         for (b, s) in &o.buckets {
-            println!(
+            outln!(
                 "  bucket {b}: {} objects ({}), {} downloaded ({}), {} unchanged{}",
                 s.objects,
                 size(s.bytes),
@@ -444,7 +483,7 @@ impl Output {
             );
         }
         for g in &o.gateways {
-            println!(
+            outln!(
                 "  gateway {}: {} requests{}",
                 g.endpoint,
                 g.requests,
@@ -456,7 +495,7 @@ impl Output {
             );
         }
         for line in chain_lines(m) {
-            println!("  {line}");
+            outln!("  {line}");
         }
         for (name, b) in &m.parts {
             let info = m.part_info.get(name);
@@ -470,7 +509,7 @@ impl Output {
                 }) => format!(" ({r} of {} segments unchanged)", b.segments().len()),
                 _ => String::new(),
             };
-            println!(
+            outln!(
                 "  part {name}: {}{reused}{}{}",
                 size(b.size()),
                 info.map(|i| format!(" in {:.1} s", i.duration_ms as f64 / 1000.0))
@@ -496,9 +535,9 @@ impl Output {
         } else {
             "restored"
         };
-        println!("{head}: snapshot {}", r.snapshot);
+        outln!("{head}: snapshot {}", r.snapshot);
         for s in &r.steps {
-            println!(
+            outln!(
                 "  {:<13} {:<40} {}",
                 s.what,
                 s.target,
@@ -510,10 +549,10 @@ impl Output {
             );
         }
         for f in &r.forced {
-            println!("  forced past: {f}");
+            outln!("  forced past: {f}");
         }
         if !r.dry_run {
-            println!("next: {}", r.next);
+            outln!("next: {}", r.next);
         }
     }
 }
