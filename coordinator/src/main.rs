@@ -9,6 +9,10 @@
 //! | 3 | `verify` found a damaged snapshot |
 //! | 4 | another deis-backup holds the cluster lock |
 //! | 5 | `restore` refused by its preflight; nothing was written |
+//! | 6 | `verify` found the snapshot whole, but its database would not recover by itself from its buckets |
+//! | 7 | a `drill` check failed |
+//!
+//! `status` has the monitoring plugins' codes instead (0 OK, 2 CRITICAL, 3 UNKNOWN; README).
 //!
 //! A reader that stops reading (`deis-backup list | head`) ends the printing, not the command;
 //! any other failure to write stdout turns a success into 1, after the command ran to its end.
