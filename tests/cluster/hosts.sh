@@ -126,6 +126,9 @@ host_docker_up() {
   host_engine "$dir" >"$D/run/$name-docker.socket"
   mkdir -p "$dir/docker/data" "$dir/docker/exec"
   echo '{}' >"$dir/docker/daemon.json"
+  # no dockerd of ours runs here (stopped above): a pid file left by a restarted machine would make
+  # dockerd refuse to start when its PID now belongs to another process
+  rm -f "$dir/docker/docker.pid"
   start_daemon "$name-docker" dockerd --config-file "$dir/docker/daemon.json" \
     --host "$(host_engine "$dir")" --data-root "$dir/docker/data" --exec-root "$dir/docker/exec" \
     --pidfile "$dir/docker/docker.pid" --bridge "$bridge" --iptables=false --ip6tables=false \

@@ -3,8 +3,10 @@
 #
 # Invariants:
 # - Every piece of state lives under $D (DEIS_CLUSTER_DIR, default /tmp/deis-backup-cluster).
-# - Every daemon is started in its own session (setsid) with its PID recorded in $D/run/<name>.pid;
-#   it is stopped by that PID only, never by name.
+# - Every daemon is started in its own session (setsid) with its PID recorded in $D/run/<name>.pid
+#   and the process's start time beside it (<name>.started); it is stopped by that PID only, never by
+#   name, and only while the PID is still that process. A record left by a restarted machine, or
+#   whose PID another process now has, counts as stopped and is dropped.
 # - Every wait has a timeout; a component that does not come up is a failure with its log tail printed.
 # - Progress goes to stderr; stdout is reserved for the KEY=value lines printed by `up`.
 
@@ -62,11 +64,30 @@ pid_running() {
   [[ ${stat:0:1} != Z ]]
 }
 
-# pid_alive NAME — the daemon recorded as NAME is running.
-pid_alive() {
-  local f=$D/run/$1.pid
-  [[ -s $f ]] && pid_running "$(cat "$f")"
+# pid_started PID — the process's start time (clock ticks after boot, /proc/PID/stat field 22).
+pid_started() {
+  local stat fields
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  read -ra fields <<<"${stat##*) }"
+  echo "${fields[19]}"
 }
+
+# daemon_pid NAME — prints the PID recorded for NAME while it is still the process started as NAME
+# (running, same start time). Otherwise forgets the record and fails.
+daemon_pid() {
+  local f=$D/run/$1.pid pid
+  [[ -s $f ]] || return 1
+  pid=$(cat "$f")
+  if pid_running "$pid" && [[ -s $D/run/$1.started && $(pid_started "$pid") == "$(cat "$D/run/$1.started")" ]]; then
+    echo "$pid"
+    return 0
+  fi
+  rm -f "$f" "$D/run/$1.started"
+  return 1
+}
+
+# pid_alive NAME — the daemon recorded as NAME is running.
+pid_alive() { daemon_pid "$1" >/dev/null; }
 
 # start_daemon NAME CMD... — runs CMD in its own session, output to $D/log/NAME.out, PID to $D/run/NAME.pid.
 # The daemon inherits no descriptor beyond stdin/stdout/stderr: one that kept the caller's $D.lock
@@ -84,20 +105,18 @@ start_daemon() {
     exec setsid "$@" >"$D/log/$name.out" 2>&1 </dev/null
   ) &
   echo $! >"$D/run/$name.pid"
+  pid_started $! >"$D/run/$name.started"
 }
 
 # stop_daemon NAME [SIGNAL] — stops the recorded PID (TERM, then KILL after 10 s) and forgets it.
 stop_daemon() {
-  local name=$1 sig=${2:-${SIG:-TERM}} f=$D/run/$1.pid pid
-  [[ -s $f ]] || return 0
-  pid=$(cat "$f")
-  if pid_running "$pid"; then
-    kill "-$sig" "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 10))
-    while pid_running "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$f"
+  local name=$1 sig=${2:-${SIG:-TERM}} pid
+  pid=$(daemon_pid "$name") || return 0
+  kill "-$sig" "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + 10))
+  while pid_running "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$D/run/$name.pid" "$D/run/$name.started"
 }
 
 # show_log NAME — last lines of a daemon's output, for failure messages.
