@@ -871,6 +871,16 @@ async fn prune_keeps_what_the_policy_says_and_what_is_left_verifies() {
     }
 }
 
+/// Runs `c` to completion with its stdout on `stdout`, its stderr captured.
+fn with_stdout(c: &mut Command, stdout: impl Into<std::process::Stdio>) -> Output {
+    c.stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("deis-backup starts")
+        .wait_with_output()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_reader_gone_from_stdout_ends_the_printing_not_the_snapshot() {
     let _g = cluster_lock().await;
@@ -880,14 +890,10 @@ async fn a_reader_gone_from_stdout_ends_the_printing_not_the_snapshot() {
     // EPIPE, as `deis-backup … | head` gives once head has its lines.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = source
-        .snapshot_command(&repo, &["--no-buckets"])
-        .stdout(writer)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("deis-backup starts")
-        .wait_with_output()
-        .unwrap();
+    let out = with_stdout(
+        &mut source.snapshot_command(&repo, &["--no-buckets"]),
+        writer,
+    );
     let err = stderr(&out);
     assert!(out.status.success(), "{}: {err}", out.status);
     assert!(!err.contains("panicked"), "{err}");
@@ -902,16 +908,13 @@ async fn a_reader_gone_from_stdout_ends_the_printing_not_the_snapshot() {
     );
 
     // Any other failure to write stdout is an error, after the command ran.
-    let full = command(
-        &source.agent.token_file,
-        &["list", "-r", repo.to_str().unwrap()],
-    )
-    .stdout(std::fs::File::create("/dev/full").unwrap())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("deis-backup starts")
-    .wait_with_output()
-    .unwrap();
+    let full = with_stdout(
+        &mut command(
+            &source.agent.token_file,
+            &["list", "-r", repo.to_str().unwrap()],
+        ),
+        std::fs::File::create("/dev/full").unwrap(),
+    );
     let err = stderr(&full);
     assert_eq!(full.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
